@@ -1,0 +1,1 @@
+"""``redpacket bench``: load generator, ceilings, results and plots."""

@@ -1,0 +1,1 @@
+"""The ``redpacket`` command: servers, local cluster, demo, checker, tools."""

@@ -1,0 +1,3 @@
+from redpacket.cli.main import main
+
+raise SystemExit(main())

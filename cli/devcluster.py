@@ -1,0 +1,378 @@
+"""``redpacket dev up``: a real multi-shard cluster on one machine, supervised.
+
+Per shard: one ``redis-server`` on a free port (data under ``var/<cluster>/``, no
+persistence: the node rebuilds from MySQL), one MySQL database ``<prefix>_shard_<i>`` on
+the server in ``REDPACKET_MYSQL_URL``, one node process. Plus one gateway. Children that die
+are restarted within a second or two, as Kubernetes would, and the supervisor says so.
+
+Everything a tool needs to find the cluster (URLs, pids, secrets, the ring file) is written
+to ``var/<cluster>/cluster.json`` and kept current across restarts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from redpacket.core.env import SettingsError
+from redpacket.node.ledger import parse_mysql_url
+from redpacket.sharding.ring import NodeSpec, RingDoc
+
+DEFAULT_MYSQL_URL = "mysql://root@127.0.0.1:3306"
+
+
+class Unmet(SettingsError):
+    """Something the cluster needs is missing; the message says what to install or start."""
+
+
+def free_ports(count: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def cluster_dir(var: str, name: str) -> Path:
+    return Path(var) / name
+
+
+def load_state(var: str, name: str) -> dict[str, Any]:
+    path = cluster_dir(var, name) / "cluster.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise Unmet(f"no local cluster {name!r} (looked for {path}); start one with "
+                    f"`redpacket dev up --cluster {name}`") from None
+
+
+def jwt_secret_for(cluster: str, var: str) -> str:
+    """REDPACKET_JWT_SECRET if set, else the secret of the local cluster."""
+    return os.environ.get("REDPACKET_JWT_SECRET") or load_state(var, cluster)["jwt_secret"]
+
+
+def _linux_parent_death_signal() -> None:
+    """Children die with the supervisor even if it is SIGKILLed (Linux only)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Child:
+    """One supervised process."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    proc: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+
+    async def start(self) -> None:
+        log = self.log_path.open("ab")
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv, env=self.env, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL,
+                start_new_session=True, preexec_fn=_linux_parent_death_signal,
+            )
+        finally:
+            log.close()
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.terminate()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.proc.wait()
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
+
+
+@dataclass
+class ShardPlan:
+    index: int
+    name: str
+    node_port: int
+    redis_port: int
+    database: str
+    mysql_server: str
+
+    @property
+    def node_url(self) -> str:
+        return f"http://127.0.0.1:{self.node_port}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def mysql_url(self) -> str:
+        return f"{self.mysql_server.rstrip('/')}/{self.database}"
+
+    def spec(self) -> NodeSpec:
+        return NodeSpec(self.name, self.node_url, 1, self.redis_url, self.mysql_url)
+
+
+@dataclass
+class DevCluster:
+    name: str = "dev"
+    shards: int = 2
+    port: int = 8080
+    var: str = "var"
+    db_prefix: str | None = None
+    expire_s: int = 86400
+    mysql_server: str = field(
+        default_factory=lambda: os.environ.get("REDPACKET_MYSQL_URL", DEFAULT_MYSQL_URL)
+    )
+    quiet: bool = False
+    children: dict[str, Child] = field(default_factory=dict)
+    plans: list[ShardPlan] = field(default_factory=list)
+    gateway_url: str = ""
+    jwt_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    node_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    _stopping: bool = False
+    _watchers: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def home(self) -> Path:
+        return cluster_dir(self.var, self.name)
+
+    @property
+    def ring_file(self) -> Path:
+        return self.home / "ring.json"
+
+    def say(self, message: str) -> None:
+        if not self.quiet:
+            print(f"[dev {self.name}] {message}", flush=True)
+
+    # -- start --------------------------------------------------------------------------
+
+    async def check_prerequisites(self) -> None:
+        if shutil.which("redis-server") is None:
+            raise Unmet("redis-server is not installed. Install it with "
+                        "`apt-get install redis-server` (Debian/Ubuntu) or `brew install redis`.")
+        target = parse_mysql_url(self.mysql_server)
+        import aiomysql
+
+        try:
+            conn = await aiomysql.connect(
+                host=target.host, port=target.port, user=target.user, password=target.password,
+                connect_timeout=3,
+            )
+            conn.close()
+        except Exception as exc:
+            raise Unmet(
+                f"cannot reach MySQL at {target.host}:{target.port} ({exc}). Start it "
+                "(`service mariadb start`), install it (`apt-get install mariadb-server`), "
+                "or point REDPACKET_MYSQL_URL at a server, e.g. mysql://root@127.0.0.1:3306"
+            ) from None
+
+    def plan(self) -> None:
+        prefix = self.db_prefix or ("redpacket" if self.name == "dev" else f"redpacket_{self.name}")
+        ports = free_ports(2 * self.shards + 1)
+        if self.port == 0:
+            self.port = ports.pop()
+        self.plans = [
+            ShardPlan(i, f"shard-{i}", ports[2 * i], ports[2 * i + 1], f"{prefix}_shard_{i}",
+                      self.mysql_server)
+            for i in range(self.shards)
+        ]
+        self.gateway_url = f"http://127.0.0.1:{self.port}"
+
+    def _service_env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(REDPACKET_NODE_SECRET=self.node_secret, **extra)
+        return env
+
+    def _children(self) -> list[Child]:
+        logs = self.home / "logs"
+        python = [sys.executable, "-m", "redpacket.cli"]
+        children = []
+        for plan in self.plans:
+            data = self.home / f"redis-{plan.index}"
+            data.mkdir(parents=True, exist_ok=True)
+            children.append(Child(
+                f"{plan.name}-redis",
+                ["redis-server", "--port", str(plan.redis_port), "--bind", "127.0.0.1",
+                 "--save", "", "--appendonly", "no", "--dir", str(data.resolve()),
+                 "--protected-mode", "no"],
+                dict(os.environ), logs / f"{plan.name}-redis.log",
+            ))
+            children.append(Child(
+                f"{plan.name}-node",
+                [*python, "node"],
+                self._service_env(
+                    REDPACKET_NODE_NAME=plan.name, REDPACKET_PORT=str(plan.node_port),
+                    REDPACKET_REDIS_URL=plan.redis_url, REDPACKET_MYSQL_URL=plan.mysql_url,
+                ),
+                logs / f"{plan.name}-node.log",
+            ))
+        children.append(Child(
+            "gateway",
+            [*python, "gateway"],
+            self._service_env(
+                REDPACKET_PORT=str(self.port), REDPACKET_RING_FILE=str(self.ring_file.resolve()),
+                REDPACKET_JWT_SECRET=self.jwt_secret, REDPACKET_EXPIRE_S=str(self.expire_s),
+            ),
+            logs / "gateway.log",
+        ))
+        return children
+
+    async def up(self, timeout_s: float = 60.0) -> None:
+        """Start everything and wait until the gateway says every shard is ready."""
+        await self.check_prerequisites()
+        self.plan()
+        (self.home / "logs").mkdir(parents=True, exist_ok=True)
+        RingDoc(1, tuple(p.spec() for p in self.plans)).save(self.ring_file)
+        started = time.monotonic()
+        for child in self._children():
+            self.children[child.name] = child
+            await child.start()
+            self._watchers.append(asyncio.create_task(self._supervise(child)))
+        self.write_state(ready=False)
+        await self.wait_ready(timeout_s)
+        self.write_state(ready=True)
+        self.say(f"ready in {time.monotonic() - started:.1f}s")
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        async with aiohttp.ClientSession() as session:
+            while True:
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with session.get(self.gateway_url + "/readyz",
+                                           timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                        if resp.status == 200:
+                            return
+                if time.monotonic() > deadline:
+                    raise Unmet(f"cluster not ready after {timeout_s:.0f}s; "
+                                f"see the logs in {self.home / 'logs'}")
+                await asyncio.sleep(0.2)
+
+    # -- supervise ----------------------------------------------------------------------
+
+    async def _supervise(self, child: Child) -> None:
+        """Restart a child that exits, as a Kubernetes kubelet would (with backoff)."""
+        delay = 0.5
+        while True:
+            assert child.proc is not None
+            code = await child.proc.wait()
+            if self._stopping:
+                return
+            since_start = time.monotonic()
+            self.say(f"{child.name} exited with code {code}; restarting in {delay:.1f}s")
+            await asyncio.sleep(delay)
+            if self._stopping:
+                return
+            await child.start()
+            child.restarts += 1
+            self.write_state(ready=True)
+            self.say(f"{child.name} restarted (pid {child.proc.pid if child.proc else '?'})")
+            delay = min(delay * 2, 5.0) if time.monotonic() - since_start < 10 else 0.5
+
+    def write_state(self, ready: bool) -> None:
+        state = {
+            "name": self.name,
+            "ready": ready,
+            "supervisor_pid": os.getpid(),
+            "gateway": {"url": self.gateway_url, "pid": self._pid("gateway")},
+            "ring_file": str(self.ring_file.resolve()),
+            "jwt_secret": self.jwt_secret,
+            "node_secret": self.node_secret,
+            "mysql_server": self.mysql_server,
+            "shards": [
+                {
+                    "name": p.name, "url": p.node_url, "pid": self._pid(f"{p.name}-node"),
+                    "redis": p.redis_url, "redis_pid": self._pid(f"{p.name}-redis"),
+                    "mysql": p.mysql_url,
+                }
+                for p in self.plans
+            ],
+            "restarts": {name: c.restarts for name, c in self.children.items()},
+        }
+        path = self.home / "cluster.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(path)
+
+    def _pid(self, name: str) -> int | None:
+        child = self.children.get(name)
+        return child.proc.pid if child and child.proc else None
+
+    async def down(self) -> None:
+        self._stopping = True
+        for task in self._watchers:
+            task.cancel()
+        # the gateway first, then the nodes (they finish their commits), then their stores
+        order = ["gateway", *[f"{p.name}-node" for p in self.plans],
+                 *[f"{p.name}-redis" for p in self.plans]]
+        for name in order:
+            if name in self.children:
+                await self.children[name].stop()
+        with contextlib.suppress(FileNotFoundError):
+            (self.home / "cluster.json").unlink()
+
+    def describe(self) -> str:
+        lines = [f"local cluster {self.name!r}: {self.shards} shard(s)",
+                 f"  gateway  {self.gateway_url}   (ring {self.ring_file})"]
+        for p in self.plans:
+            lines.append(f"  {p.name:<8} node {p.node_url}  redis {p.redis_url}  "
+                         f"mysql {p.mysql_url}")
+        lines += [
+            f"  logs     {self.home / 'logs'}/",
+            f"  token    redpacket token --cluster {self.name} --uid 42 --name Alice",
+            f"  demo     redpacket demo --cluster {self.name}",
+        ]
+        return "\n".join(lines)
+
+
+def run_dev_up(args: argparse.Namespace) -> int:
+    cluster = DevCluster(
+        name=args.cluster, shards=args.shards, port=args.port, var=args.var,
+        db_prefix=args.db_prefix, expire_s=args.expire_s,
+    )
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await cluster.up()
+        except Unmet as exc:
+            print(f"redpacket dev up: {exc}", file=sys.stderr)
+            await cluster.down()
+            return 2
+        print(cluster.describe(), flush=True)
+        cluster.say("running; Ctrl-C stops everything")
+        await stop.wait()
+        cluster.say("stopping")
+        await cluster.down()
+        cluster.say("stopped")
+        return 0
+
+    return asyncio.run(main())

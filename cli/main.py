@@ -1,0 +1,162 @@
+"""``redpacket <command>``: one console script for every service and tool.
+
+Each command's module is imported only when that command runs, so ``redpacket token``
+does not pay for matplotlib and ``redpacket node`` does not load the benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from redpacket.core.env import SettingsError
+
+
+def _gateway(_: argparse.Namespace) -> int:
+    from redpacket.cli.serve import serve
+    from redpacket.gateway.app import create_app
+    from redpacket.gateway.settings import GatewaySettings
+
+    settings = GatewaySettings.from_env()
+    serve(create_app(settings), settings.host, settings.port, "gateway", settings.log_level,
+          settings.access_log)
+    return 0
+
+
+def _node(_: argparse.Namespace) -> int:
+    from redpacket.cli.serve import serve
+    from redpacket.node.app import create_app
+    from redpacket.node.settings import NodeSettings
+
+    settings = NodeSettings.from_env()
+    serve(create_app(settings), settings.host, settings.port, "node", settings.log_level,
+          settings.access_log)
+    return 0
+
+
+def _db_init(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    from redpacket.node.ledger import Ledger
+
+    url = args.mysql_url or os.environ.get(
+        "REDPACKET_MYSQL_URL", "mysql://root@127.0.0.1:3306/redpacket_shard_0"
+    )
+
+    async def init() -> None:
+        ledger = await Ledger.connect(url, pool_size=1)
+        try:
+            await ledger.apply_schema()
+        finally:
+            await ledger.close()
+
+    asyncio.run(init())
+    print(f"schema applied to {url}")
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    from redpacket.cli.devcluster import jwt_secret_for
+    from redpacket.gateway.auth import mint_token
+
+    secret = jwt_secret_for(args.cluster, args.var)
+    print(mint_token(secret, args.uid, args.name, args.picture, args.ttl))
+    return 0
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from redpacket.cli.devcluster import run_dev_up
+
+    return run_dev_up(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from redpacket.cli.demo import run_demo
+
+    return run_demo(args)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from redpacket.cli.check import run_check
+
+    return run_check(args)
+
+
+def _cluster_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cluster", default="dev", help="local cluster name (default: dev)")
+    parser.add_argument("--var", default="var", help="folder of local clusters (default: ./var)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from redpacket.bench.cli import register as register_bench
+    from redpacket.sharding.cli import register as register_rebalance
+
+    parser = argparse.ArgumentParser(
+        prog="redpacket", description="WeChat-style red packet backend: services and tools."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("gateway", help="run the public gateway (settings from REDPACKET_* env)")
+    p.set_defaults(func=_gateway)
+    p = sub.add_parser("node", help="run a shard node (settings from REDPACKET_* env)")
+    p.set_defaults(func=_node)
+
+    db = sub.add_parser("db", help="database tools").add_subparsers(dest="db_command", required=True)
+    p = db.add_parser("init", help="apply the schema to a shard's MySQL database (idempotent)")
+    p.add_argument("--mysql-url", help="mysql://user:pass@host:port/database "
+                   "(default: REDPACKET_MYSQL_URL)")
+    p.set_defaults(func=_db_init)
+
+    p = sub.add_parser("token", help="print a signed user token (JWT) for local use")
+    p.add_argument("--uid", type=int, required=True)
+    p.add_argument("--name", default="")
+    p.add_argument("--picture", default="")
+    p.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
+    _cluster_args(p)
+    p.set_defaults(func=_token)
+
+    dev = sub.add_parser("dev", help="local multi-shard cluster").add_subparsers(
+        dest="dev_command", required=True
+    )
+    p = dev.add_parser("up", help="start gateway, nodes, one redis-server and one database "
+                       "per shard, in the foreground; Ctrl-C stops them all")
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--port", type=int, default=8080, help="gateway port (0: any free port)")
+    p.add_argument("--db-prefix", default=None,
+                   help="MySQL database name prefix (default: redpacket_<cluster>)")
+    p.add_argument("--expire-s", type=int, default=86400, help="red packet lifetime")
+    _cluster_args(p)
+    p.set_defaults(func=_dev)
+
+    p = sub.add_parser("demo", help="a sender, a few packets and a crowd of users, on a cluster")
+    p.add_argument("--packets", type=int, default=3)
+    p.add_argument("--users", type=int, default=300)
+    p.add_argument("--shards", type=int, default=2, help="shards of the cluster it starts")
+    p.add_argument("--url", help="gateway of a running cluster (default: start one)")
+    _cluster_args(p)
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("check", help="check the ledger invariants on every shard")
+    p.add_argument("--ring", help="ring file listing each node's redis and mysql "
+                   "(default: the local cluster's)")
+    p.add_argument("--reconcile-wait", type=float, default=10.0,
+                   help="seconds to let pending claims land before calling them violations")
+    _cluster_args(p)
+    p.set_defaults(func=_check)
+
+    register_bench(sub)
+    register_rebalance(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SettingsError as exc:
+        print(f"redpacket {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

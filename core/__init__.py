@@ -1,0 +1,1 @@
+"""Pieces both services share: JSON errors, settings from the environment, logs, metrics, money rules."""

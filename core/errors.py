@@ -1,0 +1,106 @@
+"""One error shape for every HTTP answer of the project: ``{"error": {"code", "message"}}``.
+
+Handlers raise :class:`ApiError`; :func:`error_middleware` turns it (and aiohttp's own
+HTTP exceptions, and anything unexpected) into that JSON shape, so no stack trace and no
+HTML page ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+log = logging.getLogger("redpacket.http")
+
+JSON = "application/json"
+
+
+class ApiError(Exception):
+    """A failure the client should see, with its HTTP status and a stable snake_case code."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+        self.extra = dict(extra or {})
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, **self.extra}}
+
+
+def bad_request(code: str, message: str) -> ApiError:
+    return ApiError(400, code, message)
+
+
+def unavailable(message: str, retry_after_s: int = 1) -> ApiError:
+    return ApiError(503, "unavailable", message, headers={"Retry-After": str(retry_after_s)})
+
+
+def json_response(
+    data: Any, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type=JSON, headers=headers)
+
+
+def error_response(err: ApiError) -> web.Response:
+    return json_response(err.body(), status=err.status, headers=err.headers)
+
+
+# aiohttp raises these itself (unknown route, wrong method, body over client_max_size).
+_HTTP_CODES = {
+    404: ("not_found", "no such resource"),
+    405: ("method_not_allowed", "method not allowed on this resource"),
+    413: ("payload_too_large", "request body is too large"),
+}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as err:
+        return error_response(err)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code, message = _HTTP_CODES.get(exc.status, ("http_error", exc.reason))
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+        return error_response(ApiError(exc.status, code, message, headers=headers))
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(ApiError(500, "internal_error", "internal error"))
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 that says what is wrong with it.
+
+    orjson rejects invalid UTF-8 itself, so bad bytes and bad JSON both land here as 400.
+    The size cap is aiohttp's ``client_max_size``, set per app.
+    """
+    raw = await request.read()
+    if not raw:
+        raise bad_request("invalid_json", "request body must be a JSON object")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        message = "request body is not valid UTF-8" if "utf-8" in str(exc).lower() else (
+            "request body is not valid JSON"
+        )
+        raise bad_request("invalid_json", message) from None
+    if not isinstance(data, dict):
+        raise bad_request("invalid_json", "request body must be a JSON object")
+    return data

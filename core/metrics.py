@@ -1,0 +1,77 @@
+"""Every Prometheus metric of the project, in one place so dashboards have one source.
+
+Both services expose them at ``GET /metrics``. Labels stay low-cardinality: routes are the
+route templates (``/v1/red-packets/{id}/open``), never concrete ids.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+HTTP_REQUESTS = Counter(
+    "redpacket_http_requests_total",
+    "HTTP requests served, by service, route template, method and status.",
+    ["service", "route", "method", "status"],
+)
+HTTP_LATENCY = Histogram(
+    "redpacket_http_request_duration_seconds",
+    "HTTP request latency, by service and route template.",
+    ["service", "route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+OPENS_COMMITTED = Counter(
+    "redpacket_opens_committed_total", "Shares committed to the MySQL ledger by this node."
+)
+REJECTIONS = Counter(
+    "redpacket_rejections_total",
+    "Grabs and opens answered without a share, by service and reason.",
+    ["service", "reason"],
+)
+COMMIT_BATCH_SIZE = Histogram(
+    "redpacket_commit_batch_size",
+    "Claims written per group-commit transaction.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
+COMMIT_LATENCY = Histogram(
+    "redpacket_commit_duration_seconds",
+    "Time of one group-commit transaction.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+RECONCILER_BACKLOG = Gauge(
+    "redpacket_reconciler_backlog", "Claims held in Redis that are not yet committed to MySQL."
+)
+REFUNDS = Counter("redpacket_refunds_total", "Expired red packets refunded to their sender.")
+SHARD_ERRORS = Counter(
+    "redpacket_shard_errors_total",
+    "Calls from the gateway to a shard node that failed, by shard and kind.",
+    ["shard", "kind"],
+)
+
+
+def metrics_middleware(service: str) -> Any:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        started = time.perf_counter()
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            HTTP_REQUESTS.labels(service, route, request.method, str(status)).inc()
+            HTTP_LATENCY.labels(service, route).observe(time.perf_counter() - started)
+
+    return middleware
+
+
+async def metrics_handler(_: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})

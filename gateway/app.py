@@ -1,0 +1,97 @@
+"""The gateway service: ``create_app(settings)`` and its route table."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from redpacket.core.errors import error_middleware
+from redpacket.core.ids import IdGenerator
+from redpacket.core.logs import request_id_middleware
+from redpacket.core.metrics import metrics_handler, metrics_middleware
+from redpacket.gateway import handlers
+from redpacket.gateway.auth import Authenticator
+from redpacket.gateway.finished import FinishedPackets
+from redpacket.gateway.handlers import (
+    AUTH,
+    CREATE_LIMIT,
+    FINISHED,
+    IDS,
+    OPEN_LIMIT,
+    SETTINGS,
+    SHARDS,
+)
+from redpacket.gateway.ratelimit import RateLimiter
+from redpacket.gateway.settings import GatewaySettings
+from redpacket.gateway.shards import RingWatcher, Shards
+from redpacket.sharding.ring import RingDoc
+
+OPENAPI_PATH = Path(__file__).with_name("openapi.json")
+RING_WATCHER = web.AppKey("ring_watcher", RingWatcher)
+
+
+async def openapi(_: web.Request) -> web.Response:
+    return web.Response(body=OPENAPI_PATH.read_bytes(), content_type="application/json")
+
+
+ROUTES = [
+    web.post("/v1/red-packets", handlers.create_packet),
+    web.get("/v1/red-packets/{id}", handlers.get_packet),
+    web.post("/v1/red-packets/{id}/grab", handlers.grab),
+    web.post("/v1/red-packets/{id}/open", handlers.open_packet),
+    web.get("/v1/red-packets/{id}/records", handlers.list_records),
+    web.get("/healthz", handlers.healthz),
+    web.get("/readyz", handlers.readyz),
+    web.get("/openapi.json", openapi),
+    web.get("/metrics", metrics_handler),
+]
+
+
+async def shards_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Keep-alive connections to every shard node, and the ring, watched for changes."""
+    settings = app[SETTINGS]
+    connector = aiohttp.TCPConnector(
+        limit=0, limit_per_host=settings.node_connections, keepalive_timeout=60, ttl_dns_cache=60
+    )
+    session = aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=settings.node_timeout_s),
+        json_serialize=lambda obj: orjson.dumps(obj).decode(),
+        auto_decompress=False,
+    )
+    shards = Shards(
+        RingDoc.load(settings.ring_file), session, settings.node_secret, settings.frozen_retry_s
+    )
+    app[SHARDS] = shards
+    watcher = RingWatcher(settings.ring_file, shards)
+    app[RING_WATCHER] = watcher
+    task = asyncio.create_task(watcher.run(settings.ring_poll_s))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await session.close()
+
+
+def create_app(settings: GatewaySettings) -> web.Application:
+    app = web.Application(
+        middlewares=[request_id_middleware, metrics_middleware("gateway"), error_middleware],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[SETTINGS] = settings
+    app[AUTH] = Authenticator(settings.jwt_secret)
+    app[IDS] = IdGenerator(settings.generator_id)
+    app[FINISHED] = FinishedPackets(settings.finished_cache_size, settings.finished_ttl_s)
+    app[CREATE_LIMIT] = RateLimiter(settings.create_per_s, settings.create_burst)
+    app[OPEN_LIMIT] = RateLimiter(settings.open_per_s, settings.open_burst)
+    app.cleanup_ctx.append(shards_ctx)
+    app.add_routes(ROUTES)
+    return app

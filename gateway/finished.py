@@ -1,0 +1,50 @@
+"""Memory of finished red packets, so the crowd that arrives after the last share never
+reaches a shard.
+
+Once a packet is sold out or expired, nothing about it changes: its winners are final. The
+gateway asks the owning node for them once (only after every claim has committed, so a
+remembered winner is always a committed one) and from then on answers every grab and open
+for that packet itself: winners get their amount (``replayed: true`` / ``already_opened``),
+everybody else the final reason. Bounded in size and held for a short TTL.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    reason: str  # "sold_out" or "expired"
+    winners: dict[int, int]  # uid -> amount in cents
+    until: float  # monotonic time after which it is forgotten
+
+
+class FinishedPackets:
+    def __init__(self, max_entries: int, ttl_s: float) -> None:
+        self._entries: OrderedDict[int, Finished] = OrderedDict()
+        self._max_entries = max_entries
+        self._ttl_s = ttl_s
+        self.learning: set[int] = set()  # packets whose winners are being fetched
+
+    def get(self, packet_id: int) -> Finished | None:
+        entry = self._entries.get(packet_id)
+        if entry is None:
+            return None
+        if entry.until < time.monotonic():
+            del self._entries[packet_id]
+            return None
+        return entry
+
+    def remember(self, packet_id: int, reason: str, winners: dict[int, int]) -> None:
+        if self._max_entries <= 0:
+            return
+        self._entries[packet_id] = Finished(reason, winners, time.monotonic() + self._ttl_s)
+        self._entries.move_to_end(packet_id)
+        while len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+
+    def forget(self, packet_id: int) -> None:
+        self._entries.pop(packet_id, None)

@@ -1,0 +1,253 @@
+"""The public API (docs/api.md, gateway/openapi.json): authenticate, check, route, answer.
+
+Every handler starts the same way: the user comes from the verified token (never from the
+body), the red packet id from the path. Node answers are passed through as they are; the
+node already speaks the public error shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from redpacket.core.amounts import parse_new_packet, refuse_unknown_fields
+from redpacket.core.errors import ApiError, json_response, read_json_object
+from redpacket.core.ids import IdGenerator, parse_packet_id
+from redpacket.core.metrics import REJECTIONS
+from redpacket.gateway.auth import Authenticator, User
+from redpacket.gateway.finished import FinishedPackets
+from redpacket.gateway.ratelimit import RateLimiter
+from redpacket.gateway.settings import GatewaySettings
+from redpacket.gateway.shards import Shards, Upstream
+
+log = logging.getLogger("redpacket.gateway")
+
+SETTINGS = web.AppKey("settings", GatewaySettings)
+AUTH = web.AppKey("auth", Authenticator)
+SHARDS = web.AppKey("shards", Shards)
+IDS = web.AppKey("ids", IdGenerator)
+FINISHED = web.AppKey("finished", FinishedPackets)
+CREATE_LIMIT = web.AppKey("create_limit", RateLimiter)
+OPEN_LIMIT = web.AppKey("open_limit", RateLimiter)
+
+_FINAL_REASONS = ("sold_out", "expired")
+MAX_ID_ATTEMPTS = 3
+
+
+def passthrough(upstream: Upstream) -> web.Response:
+    headers = {"Retry-After": upstream.retry_after} if upstream.retry_after else None
+    return web.Response(
+        body=upstream.body, status=upstream.status, content_type="application/json",
+        headers=headers,
+    )
+
+
+def _user(request: web.Request) -> User:
+    return request.app[AUTH].user(request.headers.get("Authorization"))
+
+
+async def _empty_body(request: web.Request) -> None:
+    """grab and open take no fields: the uid comes from the token, so a body may only be {}."""
+    if request.can_read_body:
+        refuse_unknown_fields(await read_json_object(request), frozenset())
+
+
+def _valid_idempotency_key(raw: str) -> str:
+    if not (0 < len(raw) <= 255 and raw.isascii() and raw.isprintable()):
+        raise ApiError(400, "invalid_idempotency_key",
+                       "Idempotency-Key must be 1 to 255 printable ASCII characters")
+    return raw
+
+
+# -- create ---------------------------------------------------------------------------------
+
+
+async def create_packet(request: web.Request) -> web.Response:
+    app = request.app
+    user = _user(request)
+    app[CREATE_LIMIT].take(user.uid)
+    new = parse_new_packet(await read_json_object(request), app[SETTINGS].limits)
+    shards, ids = app[SHARDS], app[IDS]
+    fields: dict[str, Any] = {
+        "uid": str(user.uid),
+        "total_amount": new.total_amount,
+        "total_packet": new.total_packet,
+        "greeting": new.greeting,
+        "expire_seconds": app[SETTINGS].expire_s,
+    }
+    raw_key = request.headers.get("Idempotency-Key")
+    if raw_key is None:
+        fields["create_token"] = secrets.token_hex(16)
+        for _ in range(MAX_ID_ATTEMPTS):
+            packet_id = ids.next_id()
+            upstream = await shards.packet_call(
+                packet_id, "POST", "/internal/v1/packets",
+                body={**fields, "red_packet_id": str(packet_id)},
+            )
+            if upstream.error_code() != "id_collision":
+                return passthrough(upstream)
+            log.warning("red packet id %s collided; retrying with a new id", packet_id)
+        raise ApiError(503, "unavailable", "could not allocate a red packet id; retry",
+                       headers={"Retry-After": "1"})
+
+    key = _valid_idempotency_key(raw_key)
+    request_hash = hashlib.sha256(
+        orjson.dumps([new.total_amount, new.total_packet, new.greeting])
+    ).hexdigest()
+    fields["create_token"] = hashlib.sha256(f"{user.uid}:{key}".encode()).hexdigest()[:32]
+    bound = await shards.call(
+        shards.user_owner(user.uid), "POST", "/internal/v1/idempotency-keys",
+        body={"uid": str(user.uid), "key": key, "request_hash": request_hash,
+              "red_packet_id": str(ids.next_id())},
+    )
+    if bound.status != 200:
+        return passthrough(bound)
+    binding = bound.json()
+    if binding["request_hash"] != request_hash:
+        raise ApiError(422, "idempotency_key_reused",
+                       "this Idempotency-Key was already used for a different red packet")
+    packet_id = int(binding["red_packet_id"])
+    upstream = await shards.packet_call(
+        packet_id, "POST", "/internal/v1/packets", body={**fields, "red_packet_id": str(packet_id)}
+    )
+    if upstream.error_code() == "id_collision":
+        # The id bound to this key belongs to someone else's packet (two gateways made the
+        # same id in the same millisecond). Never merge: refuse, the client retries with a
+        # new key. Astronomically rare; see docs/api.md.
+        raise ApiError(409, "id_collision", "retry this create with a new Idempotency-Key")
+    if upstream.status in (200, 201):  # 200: the node already had it, a replayed create
+        response = passthrough(Upstream(201, upstream.body, None))
+        if upstream.status == 200:
+            response.headers["Idempotent-Replayed"] = "true"
+        return response
+    return passthrough(upstream)
+
+
+# -- reads ----------------------------------------------------------------------------------
+
+
+async def get_packet(request: web.Request) -> web.Response:
+    _user(request)
+    packet_id = parse_packet_id(request.match_info["id"])
+    return passthrough(
+        await request.app[SHARDS].packet_call(packet_id, "GET", f"/internal/v1/packets/{packet_id}")
+    )
+
+
+async def list_records(request: web.Request) -> web.Response:
+    _user(request)
+    packet_id = parse_packet_id(request.match_info["id"])
+    params = {k: request.query[k] for k in ("limit", "cursor") if k in request.query}
+    return passthrough(
+        await request.app[SHARDS].packet_call(
+            packet_id, "GET", f"/internal/v1/packets/{packet_id}/records", params=params
+        )
+    )
+
+
+# -- grab and open --------------------------------------------------------------------------
+
+
+async def grab(request: web.Request) -> web.Response:
+    app = request.app
+    user = _user(request)
+    packet_id = parse_packet_id(request.match_info["id"])
+    await _empty_body(request)
+    finished = app[FINISHED].get(packet_id)
+    if finished is not None:
+        REJECTIONS.labels("gateway", finished.reason).inc()
+        amount = finished.winners.get(user.uid)
+        if amount is not None:
+            return json_response({"can_open": False, "reason": "already_opened", "amount": amount})
+        return json_response({"can_open": False, "reason": finished.reason})
+    upstream = await app[SHARDS].packet_call(
+        packet_id, "POST", f"/internal/v1/packets/{packet_id}/grab", body={"uid": str(user.uid)}
+    )
+    if upstream.status == 200:
+        reason = upstream.json().get("reason")
+        if reason in _FINAL_REASONS:
+            _learn_winners(app, packet_id)
+    return passthrough(upstream)
+
+
+async def open_packet(request: web.Request) -> web.Response:
+    app = request.app
+    user = _user(request)
+    packet_id = parse_packet_id(request.match_info["id"])
+    await _empty_body(request)
+    finished = app[FINISHED].get(packet_id)
+    if finished is not None:
+        amount = finished.winners.get(user.uid)
+        if amount is not None:
+            return json_response({"amount": amount, "replayed": True})
+        REJECTIONS.labels("gateway", finished.reason).inc()
+        raise _final_error(finished.reason)
+    app[OPEN_LIMIT].take(user.uid)
+    upstream = await app[SHARDS].packet_call(
+        packet_id, "POST", f"/internal/v1/packets/{packet_id}/open",
+        body={"uid": str(user.uid), "nick_name": user.nick_name, "img_url": user.img_url},
+    )
+    if upstream.status == 410:
+        _learn_winners(app, packet_id)
+    return passthrough(upstream)
+
+
+def _final_error(reason: str) -> ApiError:
+    if reason == "sold_out":
+        return ApiError(410, "sold_out", "every share of this red packet has been opened")
+    return ApiError(410, "expired", "this red packet has expired")
+
+
+def _learn_winners(app: web.Application, packet_id: int) -> None:
+    """Fetch a finished packet's winners once, in the background, to answer later calls here."""
+    finished = app[FINISHED]
+    if packet_id in finished.learning:
+        return
+    finished.learning.add(packet_id)
+
+    async def learn() -> None:
+        try:
+            upstream = await app[SHARDS].packet_call(
+                packet_id, "GET", f"/internal/v1/packets/{packet_id}/winners"
+            )
+            data = upstream.json() if upstream.status == 200 else {}
+            if data.get("final") in _FINAL_REASONS and data.get("complete"):
+                winners = {int(uid): amount for uid, amount in data["winners"].items()}
+                finished.remember(packet_id, data["final"], winners)
+        except Exception:
+            log.debug("could not learn winners of %s", packet_id, exc_info=True)
+        finally:
+            # a packet whose last commits are still landing is asked again a little later
+            asyncio.get_running_loop().call_later(0.2, finished.learning.discard, packet_id)
+
+    asyncio.ensure_future(learn())
+
+
+# -- service --------------------------------------------------------------------------------
+
+
+async def healthz(_: web.Request) -> web.Response:
+    return json_response({"ok": True})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    shards = request.app[SHARDS]
+    nodes = list(shards.ring.nodes.values())
+
+    async def probe(node: Any) -> bool:
+        try:
+            return (await shards.call(node, "GET", "/readyz")).status == 200
+        except ApiError:
+            return False
+
+    results = await asyncio.gather(*(probe(n) for n in nodes))
+    status = {n.name: ("ready" if ok else "down") for n, ok in zip(nodes, results, strict=True)}
+    if not all(results):
+        raise ApiError(503, "unavailable", "not every shard is ready", extra={"shards": status})
+    return json_response({"ready": True, "ring_version": shards.ring_doc.version, "shards": status})

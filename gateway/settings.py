@@ -1,0 +1,86 @@
+"""Everything the gateway reads from its environment, read once at start."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from redpacket.core.amounts import Limits
+from redpacket.core.env import SettingsError, env_bool, env_float, env_int, env_str, environ
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    ring_file: str = ""
+    jwt_secret: str = ""
+    node_secret: str = ""
+    node_timeout_s: float = 2.0  # a slow shard costs its own packets this much, no more
+    node_connections: int = 256  # keep-alive connections per shard node
+    frozen_retry_s: float = 3.0  # how long to retry a packet that is moving between shards
+    expire_s: int = 86400  # red packets expire after a day, as in WeChat
+    limits: Limits = field(default_factory=Limits)
+    create_per_s: float = 5.0  # per-user rate limits (per gateway replica)
+    create_burst: int = 20
+    open_per_s: float = 20.0
+    open_burst: int = 40
+    finished_cache_size: int = 50_000
+    finished_ttl_s: float = 30.0
+    generator_id: int | None = None
+    max_body_bytes: int = 4096
+    ring_poll_s: float = 1.0
+    log_level: str = "INFO"
+    access_log: bool = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> GatewaySettings:
+        env = environ() if env is None else env
+        generator = env.get("REDPACKET_ID_GENERATOR", "")
+        settings = cls(
+            host=env_str(env, "REDPACKET_HOST", cls.host),
+            port=env_int(env, "REDPACKET_PORT", cls.port, minimum=0),
+            ring_file=env_str(env, "REDPACKET_RING_FILE", ""),
+            jwt_secret=env_str(env, "REDPACKET_JWT_SECRET", ""),
+            node_secret=env_str(env, "REDPACKET_NODE_SECRET", ""),
+            node_timeout_s=env_float(env, "REDPACKET_NODE_TIMEOUT_S", cls.node_timeout_s),
+            node_connections=env_int(
+                env, "REDPACKET_NODE_CONNECTIONS", cls.node_connections, minimum=1
+            ),
+            frozen_retry_s=env_float(env, "REDPACKET_FROZEN_RETRY_S", cls.frozen_retry_s),
+            expire_s=env_int(env, "REDPACKET_EXPIRE_S", cls.expire_s, minimum=1),
+            limits=Limits(
+                max_packets=env_int(env, "REDPACKET_MAX_PACKETS", Limits.max_packets, minimum=1),
+                max_amount=env_int(env, "REDPACKET_MAX_AMOUNT", Limits.max_amount, minimum=1),
+                max_greeting_chars=env_int(
+                    env, "REDPACKET_MAX_GREETING_CHARS", Limits.max_greeting_chars, minimum=1
+                ),
+            ),
+            create_per_s=env_float(env, "REDPACKET_RATE_CREATE_PER_S", cls.create_per_s),
+            create_burst=env_int(env, "REDPACKET_RATE_CREATE_BURST", cls.create_burst, minimum=1),
+            open_per_s=env_float(env, "REDPACKET_RATE_OPEN_PER_S", cls.open_per_s),
+            open_burst=env_int(env, "REDPACKET_RATE_OPEN_BURST", cls.open_burst, minimum=1),
+            finished_cache_size=env_int(
+                env, "REDPACKET_FINISHED_CACHE_SIZE", cls.finished_cache_size, minimum=0
+            ),
+            finished_ttl_s=env_float(env, "REDPACKET_FINISHED_TTL_S", cls.finished_ttl_s),
+            generator_id=int(generator) if generator else None,
+            max_body_bytes=env_int(env, "REDPACKET_MAX_BODY_BYTES", cls.max_body_bytes, minimum=256),
+            ring_poll_s=env_float(env, "REDPACKET_RING_POLL_S", cls.ring_poll_s),
+            log_level=env_str(env, "REDPACKET_LOG_LEVEL", cls.log_level),
+            access_log=env_bool(env, "REDPACKET_ACCESS_LOG", cls.access_log),
+        )
+        missing = [
+            name
+            for name, value in (
+                ("REDPACKET_RING_FILE", settings.ring_file),
+                ("REDPACKET_JWT_SECRET", settings.jwt_secret),
+                ("REDPACKET_NODE_SECRET", settings.node_secret),
+            )
+            if not value
+        ]
+        if missing:
+            raise SettingsError(f"the gateway needs {', '.join(missing)} to be set")
+        if len(settings.jwt_secret.encode()) < 32:
+            raise SettingsError("REDPACKET_JWT_SECRET must be at least 32 bytes (HS256 key)")
+        return settings

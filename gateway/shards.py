@@ -1,0 +1,178 @@
+"""The gateway's side of the shard nodes: the ring, and pooled keep-alive HTTP to every node.
+
+A node that is down, slow or refusing costs only its own packets: every call has a timeout
+(default 2 s) and failures become 503 ``unavailable`` for that call alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+from redpacket.core.errors import ApiError, unavailable
+from redpacket.core.logs import REQUEST_ID_HEADER, request_id
+from redpacket.core.metrics import SHARD_ERRORS
+from redpacket.sharding.ring import NodeSpec, Ring, RingDoc, RingError, user_key
+
+log = logging.getLogger("redpacket.gateway.shards")
+
+NODE_SECRET_HEADER = "X-Redpacket-Node-Secret"
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """A node's answer, body untouched so the gateway can pass it on without re-encoding."""
+
+    status: int
+    body: bytes
+    retry_after: str | None
+
+    def json(self) -> dict:
+        return orjson.loads(self.body)
+
+    def error_code(self) -> str | None:
+        if self.status < 400:
+            return None
+        try:
+            return self.json()["error"]["code"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return None
+
+
+class Shards:
+    def __init__(
+        self,
+        ring_doc: RingDoc,
+        session: aiohttp.ClientSession,
+        node_secret: str,
+        frozen_retry_s: float,
+    ) -> None:
+        self._session = session
+        self._secret = node_secret
+        self._frozen_retry_s = frozen_retry_s
+        self.ring_doc = ring_doc
+        self.ring: Ring = ring_doc.ring()
+
+    # -- the ring -----------------------------------------------------------------------
+
+    def use_ring(self, doc: RingDoc) -> None:
+        """Switch to a new ring; calls already under way finish against the node they chose."""
+        ring = doc.ring()
+        self.ring_doc, self.ring = doc, ring
+
+    def owner(self, packet_id: int) -> NodeSpec:
+        return self.ring.owner(packet_id)
+
+    def user_owner(self, uid: int) -> NodeSpec:
+        return self.ring.owner_of_key(user_key(uid))
+
+    # -- calls --------------------------------------------------------------------------
+
+    async def call(
+        self,
+        node: NodeSpec,
+        method: str,
+        path: str,
+        *,
+        body: Mapping[str, object] | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> Upstream:
+        headers = {NODE_SECRET_HEADER: self._secret, REQUEST_ID_HEADER: request_id.get()}
+        data = None
+        if body is not None:
+            data = orjson.dumps(body)
+            headers["Content-Type"] = "application/json"
+        try:
+            async with self._session.request(
+                method, node.url + path, data=data, params=params, headers=headers
+            ) as resp:
+                payload = await resp.read()
+                upstream = Upstream(resp.status, payload, resp.headers.get("Retry-After"))
+        except TimeoutError:
+            SHARD_ERRORS.labels(node.name, "timeout").inc()
+            raise unavailable(f"shard {node.name} did not answer in time") from None
+        except aiohttp.ClientError:
+            SHARD_ERRORS.labels(node.name, "connect").inc()
+            raise unavailable(f"shard {node.name} is unavailable") from None
+        if upstream.status == 401:
+            SHARD_ERRORS.labels(node.name, "auth").inc()
+            log.error("shard %s refused the gateway's node secret", node.name)
+            raise ApiError(502, "bad_gateway", "the gateway is misconfigured for this shard")
+        if upstream.status >= 500:
+            SHARD_ERRORS.labels(node.name, f"http_{upstream.status}").inc()
+            if upstream.status != 503:
+                raise ApiError(502, "bad_gateway", f"shard {node.name} failed to answer")
+        return upstream
+
+    async def packet_call(
+        self,
+        packet_id: int,
+        method: str,
+        path: str,
+        *,
+        body: Mapping[str, object] | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> Upstream:
+        """Call the node that owns a packet; wait out a handoff and follow where it moved."""
+        node = self.owner(packet_id)
+        delay, waited = 0.02, 0.0
+        for _ in range(50):
+            upstream = await self.call(node, method, path, body=body, params=params)
+            code = upstream.error_code()
+            if code == "packet_moved":
+                moved_to = self.ring_doc.node(upstream.json()["error"].get("owner", ""))
+                if moved_to is None or moved_to.name == node.name:
+                    raise unavailable("red packet is moving between shards; retry")
+                node = moved_to
+                continue
+            if code != "packet_frozen":
+                return upstream
+            if waited >= self._frozen_retry_s:
+                raise unavailable("red packet is moving between shards; retry")
+            await asyncio.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 0.25)
+            node = self.owner(packet_id)  # the ring may have switched meanwhile
+        raise unavailable("red packet is moving between shards; retry")
+
+
+class RingWatcher:
+    """Reloads the ring file when it changes (a mounted ConfigMap is replaced in place)."""
+
+    def __init__(self, path: str, shards: Shards) -> None:
+        self._path = Path(path)
+        self._shards = shards
+        self._seen = self._stamp()
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            stat = self._path.stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
+
+    def reload(self) -> bool:
+        """Load the file now; False (and the old ring kept) if it is unreadable."""
+        self._seen = self._stamp()
+        try:
+            doc = RingDoc.load(self._path)
+        except (OSError, RingError) as exc:
+            log.error("ring file %s is unusable, keeping version %s: %s",
+                      self._path, self._shards.ring_doc.version, exc)
+            return False
+        if doc != self._shards.ring_doc:
+            self._shards.use_ring(doc)
+            log.info("ring version %s loaded (%d nodes)", doc.version, len(doc.nodes))
+        return True
+
+    async def run(self, poll_s: float) -> None:
+        while True:
+            await asyncio.sleep(poll_s)
+            if self._stamp() != self._seen:
+                self.reload()

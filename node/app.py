@@ -1,0 +1,129 @@
+"""The shard node service: ``create_app(settings)`` and its route table.
+
+A node owns one Redis shard (live counters, Lua scripts) and one MySQL shard (the ledger).
+Only the gateway may call it: every ``/internal/`` route needs the shared node secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from redpacket.core.errors import ApiError, error_middleware, unavailable
+from redpacket.core.logs import request_id_middleware
+from redpacket.core.metrics import metrics_handler, metrics_middleware
+from redpacket.node import handlers
+from redpacket.node.counters import Counters, connect_redis
+from redpacket.node.handlers import SETTINGS, SHARD
+from redpacket.node.ledger import Ledger, LedgerUnavailable
+from redpacket.node.reconciler import Reconciler
+from redpacket.node.settings import NodeSettings
+from redpacket.node.shard import Shard
+from redpacket.node.sweeper import Sweeper
+
+log = logging.getLogger("redpacket.node")
+
+NODE_SECRET_HEADER = "X-Redpacket-Node-Secret"
+RECONCILER = web.AppKey("reconciler", Reconciler)
+SWEEPER = web.AppKey("sweeper", Sweeper)
+
+ROUTES = [
+    web.post("/internal/v1/packets", handlers.create),
+    web.get("/internal/v1/packets/{id}", handlers.info),
+    web.post("/internal/v1/packets/{id}/grab", handlers.grab),
+    web.post("/internal/v1/packets/{id}/open", handlers.open_),
+    web.get("/internal/v1/packets/{id}/records", handlers.records),
+    web.get("/internal/v1/packets/{id}/winners", handlers.winners),
+    web.post("/internal/v1/idempotency-keys", handlers.claim_idempotency_key),
+    web.get("/healthz", handlers.healthz),
+    web.get("/readyz", handlers.readyz),
+    web.get("/metrics", metrics_handler),
+]
+
+
+@web.middleware
+async def store_errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """A store that is down is a 503 the client may retry, never a 500."""
+    try:
+        return await handler(request)
+    except (RedisConnectionError, RedisTimeoutError, LedgerUnavailable) as exc:
+        log.warning("store unavailable on %s: %s", request.path, exc)
+        raise unavailable("a store of this shard is unavailable; retry") from None
+
+
+def node_auth_middleware(secret: str) -> Any:
+    expected = secret.encode()
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path.startswith("/internal/"):
+            given = request.headers.get(NODE_SECRET_HEADER, "").encode()
+            if not hmac.compare_digest(given, expected):
+                raise ApiError(401, "unauthenticated", "shard nodes accept calls from the gateway only")
+        return await handler(request)
+
+    return middleware
+
+
+async def stores_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Redis and MySQL of this shard: schema applied, scripts loaded, group commit running."""
+    settings = app[SETTINGS]
+    ledger = await Ledger.connect(
+        settings.mysql_url, settings.mysql_pool_size, timeout_s=settings.mysql_timeout_s
+    )
+    redis_client = connect_redis(settings.redis_url, settings.redis_cluster, settings.redis_pool_size)
+    try:
+        await ledger.apply_schema()
+        counters = Counters(redis_client)
+        await counters.register_scripts()
+        shard = Shard(settings, counters, ledger)
+        shard.committer.start()
+        app[SHARD] = shard
+        yield
+        await shard.committer.stop()
+    finally:
+        await redis_client.aclose()
+        await ledger.close()
+
+
+async def background_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The reconciler and the refund sweeper, for as long as the node runs."""
+    settings = app[SETTINGS]
+    shard = app[SHARD]
+    reconciler = Reconciler(shard, settings.reconcile_interval_s)
+    sweeper = Sweeper(shard, reconciler, settings.sweep_interval_s, settings.refund_grace_s)
+    app[RECONCILER] = reconciler
+    app[SWEEPER] = sweeper
+    tasks = [asyncio.create_task(reconciler.run()), asyncio.create_task(sweeper.run())]
+    yield
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def create_app(settings: NodeSettings) -> web.Application:
+    app = web.Application(
+        middlewares=[
+            request_id_middleware,
+            metrics_middleware("node"),
+            error_middleware,
+            node_auth_middleware(settings.node_secret),
+            store_errors_middleware,
+        ],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(stores_ctx)
+    app.cleanup_ctx.append(background_ctx)
+    app.add_routes(ROUTES)
+    return app

@@ -1,0 +1,151 @@
+"""The live state of this shard's red packets in Redis, changed only by the Lua scripts here.
+
+Each script's KEYS, ARGV and return codes are documented at the top of its ``.lua`` file.
+Scripts are loaded into Redis once at start; redis-py re-sends one transparently if Redis
+restarted and forgot it (NOSCRIPT).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redpacket.node.keys import PENDING_PATTERN, packet_id_of, packet_keys
+from redpacket.node.ledger import Claim, PacketRow
+
+RedisClient = aioredis.Redis | RedisCluster
+
+
+class Outcome(enum.IntEnum):
+    """Return codes shared by open.lua and grab.lua."""
+
+    NEW_SHARE = 1  # open only
+    AVAILABLE = 1  # grab only (same code, other script)
+    ALREADY_OPENED = 2
+    NOT_LOADED = 0
+    SOLD_OUT = -1
+    EXPIRED = -2
+    FROZEN = -3
+
+
+@dataclass(frozen=True, slots=True)
+class OpenResult:
+    outcome: Outcome
+    amount: int
+    remaining_packet: int
+    pending: bool
+
+
+def _script(name: str) -> str:
+    return Path(__file__).with_name(name).read_text("utf-8")
+
+
+def connect_redis(url: str, cluster: bool, pool_size: int) -> RedisClient:
+    if cluster:
+        return RedisCluster.from_url(url, decode_responses=True, max_connections=pool_size)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, decode_responses=True, max_connections=pool_size, timeout=5
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+def claim_details(claim: Claim) -> bytes:
+    """What pending keeps of a claim so the reconciler can write its record without the client.
+
+    The amount is not in it: the script decides the amount and keeps it in claims.
+    """
+    return orjson.dumps([claim.claimed_at_ms, claim.nick_name, claim.img_url])
+
+
+class Counters:
+    def __init__(self, client: RedisClient) -> None:
+        self.client = client
+        self._open = client.register_script(_script("open.lua"))
+        self._grab = client.register_script(_script("grab.lua"))
+        self._load = client.register_script(_script("load.lua"))
+        self._freeze = client.register_script(_script("freeze.lua"))
+
+    async def register_scripts(self) -> None:
+        for script in (self._open, self._grab, self._load, self._freeze):
+            await self.client.script_load(script.script)
+
+    async def open(
+        self, packet_id: int, uid: int, rand31: int, now_ms: int, details: bytes
+    ) -> OpenResult:
+        code, amount, remaining, pending = await self._open(
+            keys=packet_keys(packet_id), args=[uid, rand31, now_ms, details]
+        )
+        return OpenResult(Outcome(code), int(amount), int(remaining), bool(pending))
+
+    async def grab(self, packet_id: int, uid: int, now_ms: int) -> tuple[Outcome, int]:
+        info, claims, _ = packet_keys(packet_id)
+        code, amount = await self._grab(keys=[info, claims], args=[uid, now_ms])
+        return Outcome(code), int(amount)
+
+    async def load(
+        self,
+        packet: PacketRow,
+        claims: dict[int, int],
+        *,
+        replace: bool,
+        drop_at_ms: int,
+    ) -> bool:
+        """Load a packet as MySQL has it; ``replace`` also discards claims MySQL never got."""
+        args: list[int | str] = [
+            "replace" if replace else "create",
+            packet.total_amount,
+            packet.total_packet,
+            packet.remaining_amount,
+            packet.remaining_packet,
+            packet.expire_time_ms,
+            drop_at_ms,
+        ]
+        for uid, amount in claims.items():
+            args += [uid, amount]
+        return bool(await self._load(keys=packet_keys(packet.red_packet_id), args=args))
+
+    async def freeze(self, packet_id: int, frozen: bool) -> bool:
+        info, _, _ = packet_keys(packet_id)
+        return bool(await self._freeze(keys=[info], args=["frozen" if frozen else ""]))
+
+    async def claims(self, packet_id: int) -> dict[int, int]:
+        _, claims, _ = packet_keys(packet_id)
+        raw = await self.client.hgetall(claims)
+        return {int(uid): int(amount) for uid, amount in raw.items()}
+
+    async def pending(self, packet_id: int) -> list[Claim]:
+        """The claims of a packet that MySQL may not hold yet."""
+        _, claims_key, pending_key = packet_keys(packet_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(pending_key)
+        pipe.hgetall(claims_key)
+        pending, claims = await pipe.execute()
+        result = []
+        for uid, details in pending.items():
+            if uid not in claims:  # only a resync drops claims, and it drops pending with them
+                continue
+            claimed_at_ms, nick_name, img_url = orjson.loads(details)
+            result.append(
+                Claim(packet_id, int(uid), int(claims[uid]), nick_name, img_url, int(claimed_at_ms))
+            )
+        return result
+
+    async def settle(self, claims: Iterable[Claim]) -> None:
+        """Forget pending entries whose claims MySQL now holds."""
+        pipe = self.client.pipeline(transaction=False)
+        for claim in claims:
+            pipe.hdel(packet_keys(claim.red_packet_id)[2], str(claim.uid))
+        await pipe.execute()
+
+    async def packets_with_pending(self) -> AsyncIterator[int]:
+        """Every packet that has claims not yet in MySQL; a full keyspace scan, for background use."""
+        async for key in self.client.scan_iter(match=PENDING_PATTERN, count=1000):
+            yield packet_id_of(key)
+
+    async def ping(self) -> None:
+        await self.client.ping()

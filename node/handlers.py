@@ -1,0 +1,242 @@
+"""The node's internal HTTP API, called only by the gateway (see docs/api.md, "Node API").
+
+Handlers turn HTTP into calls on :class:`Shard` and results into JSON; the rules live there.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+from typing import Any
+
+from aiohttp import web
+from redpacket.core.amounts import parse_new_packet, refuse_unknown_fields
+from redpacket.core.errors import (
+    ApiError,
+    bad_request,
+    json_response,
+    read_json_object,
+    unavailable,
+)
+from redpacket.core.ids import parse_packet_id, parse_uid
+from redpacket.core.metrics import REJECTIONS
+from redpacket.node.counters import Outcome
+from redpacket.node.ledger import LedgerUnavailable, PacketRow, RecordRow
+from redpacket.node.settings import NodeSettings
+from redpacket.node.shard import NewPacketRequest, Shard, not_found, now_ms
+
+SHARD = web.AppKey("shard", Shard)
+SETTINGS = web.AppKey("settings", NodeSettings)
+
+_REASONS = {
+    Outcome.SOLD_OUT: "sold_out",
+    Outcome.EXPIRED: "expired",
+    Outcome.ALREADY_OPENED: "already_opened",
+}
+
+
+def iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="milliseconds")
+
+
+def packet_status(row: PacketRow, now: int) -> str:
+    if row.status == "refunded":
+        return "refunded"
+    if row.remaining_packet == 0:
+        return "sold_out"
+    if now >= row.expire_time_ms:
+        return "expired"
+    return "active"
+
+
+def packet_json(row: PacketRow) -> dict[str, Any]:
+    return {
+        "red_packet_id": str(row.red_packet_id),
+        "uid": str(row.uid),
+        "total_amount": row.total_amount,
+        "total_packet": row.total_packet,
+        "remaining_amount": row.remaining_amount,
+        "remaining_packet": row.remaining_packet,
+        "greeting": row.greeting,
+        "status": packet_status(row, now_ms()),
+        "create_time": iso(row.create_time_ms),
+        "expire_time": iso(row.expire_time_ms),
+    }
+
+
+def record_json(row: RecordRow) -> dict[str, Any]:
+    return {
+        "uid": str(row.uid),
+        "nick_name": row.nick_name,
+        "img_url": row.img_url,
+        "amount": row.amount,
+        "create_time": iso(row.create_time_ms),
+    }
+
+
+def encode_cursor(row: RecordRow) -> str:
+    return base64.urlsafe_b64encode(f"{row.create_time_ms}:{row.uid}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(raw: str) -> tuple[int, int]:
+    try:
+        text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode("ascii")
+        ms, uid = text.split(":")
+        return int(ms), int(uid)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise bad_request("invalid_cursor", "cursor is not one this API returned") from None
+
+
+def _uid(body: dict[str, Any]) -> int:
+    uid = parse_uid(body.get("uid"))
+    if uid is None:
+        raise bad_request("invalid_field", "uid must be a positive 64-bit integer")
+    return uid
+
+
+def _str(body: dict[str, Any], field: str) -> str:
+    value = body.get(field, "")
+    if not isinstance(value, str):
+        raise bad_request("invalid_field", f"{field} must be a string")
+    return value
+
+
+CREATE_FIELDS = frozenset(
+    {"red_packet_id", "uid", "total_amount", "total_packet", "greeting", "expire_seconds",
+     "create_token"}
+)
+
+
+async def create(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    body = await read_json_object(request)
+    refuse_unknown_fields(body, CREATE_FIELDS)
+    packet_id = parse_uid(body.get("red_packet_id"))  # same range as a uid
+    if packet_id is None:
+        raise bad_request("invalid_id", "red_packet_id must be a positive 64-bit integer")
+    new = parse_new_packet(
+        {k: body[k] for k in ("total_amount", "total_packet", "greeting") if k in body},
+        settings.limits,
+    )
+    expire_s = body.get("expire_seconds")
+    if not isinstance(expire_s, int) or isinstance(expire_s, bool) or not (
+        1 <= expire_s <= settings.max_expire_s
+    ):
+        raise bad_request("invalid_field", f"expire_seconds must be 1..{settings.max_expire_s}")
+    token = _str(body, "create_token")
+    if not (len(token) == 32 and token.isascii() and token.isalnum()):
+        raise bad_request("invalid_field", "create_token must be 32 ASCII letters or digits")
+    row, created = await request.app[SHARD].create(
+        NewPacketRequest(
+            packet_id, _uid(body), new.total_amount, new.total_packet, new.greeting, expire_s, token
+        )
+    )
+    return json_response(packet_json(row), status=201 if created else 200)
+
+
+async def info(request: web.Request) -> web.Response:
+    packet_id = parse_packet_id(request.match_info["id"])
+    try:
+        row = await request.app[SHARD].ledger.get_packet(packet_id)
+    except LedgerUnavailable:
+        raise unavailable("the shard's database is unavailable") from None
+    if row is None:
+        raise not_found()
+    return json_response(packet_json(row))
+
+
+async def grab(request: web.Request) -> web.Response:
+    packet_id = parse_packet_id(request.match_info["id"])
+    body = await read_json_object(request)
+    refuse_unknown_fields(body, frozenset({"uid"}))
+    outcome, amount = await request.app[SHARD].grab(packet_id, _uid(body))
+    if outcome == Outcome.AVAILABLE:
+        return json_response({"can_open": True})
+    reason = _REASONS[outcome]
+    REJECTIONS.labels("node", reason).inc()
+    answer: dict[str, Any] = {"can_open": False, "reason": reason}
+    if outcome == Outcome.ALREADY_OPENED:
+        answer["amount"] = amount
+    return json_response(answer)
+
+
+async def open_(request: web.Request) -> web.Response:
+    packet_id = parse_packet_id(request.match_info["id"])
+    body = await read_json_object(request)
+    refuse_unknown_fields(body, frozenset({"uid", "nick_name", "img_url"}))
+    try:
+        amount, replayed = await request.app[SHARD].open(
+            packet_id, _uid(body), _str(body, "nick_name"), _str(body, "img_url")
+        )
+    except ApiError as err:
+        if err.status == 410:
+            REJECTIONS.labels("node", err.code).inc()
+        raise
+    return json_response({"amount": amount, "replayed": replayed})
+
+
+async def records(request: web.Request) -> web.Response:
+    packet_id = parse_packet_id(request.match_info["id"])
+    raw_limit = request.query.get("limit", "20")
+    if not (raw_limit.isascii() and raw_limit.isdigit() and 1 <= int(raw_limit) <= 100):
+        raise ApiError(400, "invalid_field", "limit must be an integer from 1 to 100",
+                       extra={"field": "limit"})
+    limit = int(raw_limit)
+    cursor = request.query.get("cursor")
+    after = decode_cursor(cursor) if cursor else None
+    shard = request.app[SHARD]
+    try:
+        rows = await shard.ledger.records(packet_id, limit + 1, after)
+        if not rows and after is None and await shard.ledger.get_packet(packet_id) is None:
+            raise not_found()
+    except LedgerUnavailable:
+        raise unavailable("the shard's database is unavailable") from None
+    page = rows[:limit]
+    next_cursor = encode_cursor(page[-1]) if len(rows) > limit else None
+    return json_response({"records": [record_json(r) for r in page], "next_cursor": next_cursor})
+
+
+async def winners(request: web.Request) -> web.Response:
+    packet_id = parse_packet_id(request.match_info["id"])
+    reason, claims, complete = await request.app[SHARD].winners(packet_id)
+    return json_response(
+        {
+            "final": _REASONS.get(reason) if reason is not None else None,
+            "complete": complete,
+            "winners": {str(uid): amount for uid, amount in claims.items()},
+        }
+    )
+
+
+async def claim_idempotency_key(request: web.Request) -> web.Response:
+    body = await read_json_object(request)
+    refuse_unknown_fields(body, frozenset({"uid", "key", "request_hash", "red_packet_id"}))
+    key, request_hash = _str(body, "key"), _str(body, "request_hash")
+    packet_id = parse_uid(body.get("red_packet_id"))
+    if not key or len(key) > 255 or not key.isascii() or packet_id is None or len(request_hash) != 64:
+        raise bad_request("invalid_field", "key, request_hash or red_packet_id is malformed")
+    try:
+        bound_id, bound_hash = await request.app[SHARD].ledger.claim_idempotency_key(
+            _uid(body), key, request_hash, packet_id, now_ms()
+        )
+    except LedgerUnavailable:
+        raise unavailable("the shard's database is unavailable") from None
+    return json_response({"red_packet_id": str(bound_id), "request_hash": bound_hash})
+
+
+async def healthz(_: web.Request) -> web.Response:
+    return json_response({"ok": True})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    shard = request.app[SHARD]
+    problems = {}
+    for name, check in (("redis", shard.counters.ping), ("mysql", shard.ledger.ping)):
+        try:
+            await check()
+        except Exception as exc:
+            problems[name] = type(exc).__name__
+    if problems:
+        raise ApiError(503, "unavailable", "a store of this shard is down", extra={"down": problems})
+    return json_response({"ready": True, "node": request.app[SETTINGS].name})

@@ -1,0 +1,486 @@
+"""The MySQL ledger of one shard: the record of who got what.
+
+Redis decides shares; this module makes them permanent. Every write is one transaction and
+every retry is idempotent (``UNIQUE(red_packet_id, uid)``), so the group committer and the
+reconciler can both try the same claim and it still lands exactly once.
+All SQL here is parameterised; no value is ever formatted into a statement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import aiomysql
+import pymysql
+
+# "CREATE ... IF NOT EXISTS" on something that exists is the normal case for an idempotent
+# schema, not news: keep PyMySQL from printing a warning for it at every start.
+warnings.filterwarnings("ignore", message=r".*(already exists|database exists)", category=pymysql.Warning)
+
+_EPOCH = dt.datetime(1970, 1, 1)
+_MS = dt.timedelta(milliseconds=1)
+
+# Errors that mean "MySQL is not there right now", as opposed to a bug in a statement.
+_DOWN_CODES = {1040, 1053, 1077, 1152, 2002, 2003, 2006, 2013, 2014, 2055}
+# Lock conflicts: the batch path falls back to one claim at a time, the single path retries later.
+LOCK_CODES = {1205, 1213}
+
+
+class LedgerUnavailable(Exception):
+    """MySQL did not commit; the caller answers 503 and Redis keeps the claim for the reconciler."""
+
+
+class GuardFailed(Exception):
+    """The guarded update found the packet unable to take the claim (refunded, or counters short).
+
+    Only possible when Redis and MySQL have diverged; the node then rebuilds Redis from MySQL.
+    """
+
+
+class IdCollision(Exception):
+    """A create reused an existing red_packet_id with a different creation token."""
+
+
+def to_datetime(ms: int) -> dt.datetime:
+    return _EPOCH + dt.timedelta(milliseconds=ms)
+
+
+def to_ms(value: dt.datetime) -> int:
+    return (value - _EPOCH) // _MS
+
+
+@dataclass(frozen=True, slots=True)
+class PacketRow:
+    red_packet_id: int
+    uid: int
+    total_amount: int
+    total_packet: int
+    remaining_amount: int
+    remaining_packet: int
+    greeting: str
+    status: str
+    create_token: str
+    create_time_ms: int
+    expire_time_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """One share taken in Redis, on its way to MySQL."""
+
+    red_packet_id: int
+    uid: int
+    amount: int
+    nick_name: str
+    img_url: str
+    claimed_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecordRow:
+    uid: int
+    nick_name: str
+    img_url: str
+    amount: int
+    create_time_ms: int
+
+
+@dataclass(frozen=True)
+class MysqlTarget:
+    host: str
+    port: int
+    user: str
+    password: str
+    database: str
+
+
+def parse_mysql_url(url: str) -> MysqlTarget:
+    """``mysql://user:password@host:port/database``; the database part may be empty."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mysql", "mariadb"):
+        raise ValueError(f"not a mysql:// URL: {url!r}")
+    return MysqlTarget(
+        host=parts.hostname or "127.0.0.1",
+        port=parts.port or 3306,
+        user=unquote(parts.username or "root"),
+        password=unquote(parts.password or ""),
+        database=parts.path.lstrip("/"),
+    )
+
+
+def schema_statements() -> list[str]:
+    text = Path(__file__).with_name("schema.sql").read_text("utf-8")
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("--")]
+    return [s.strip() for s in "\n".join(lines).split("\n;") if s.strip()]
+
+
+_PACKET_COLUMNS = (
+    "red_packet_id, uid, total_amount, total_packet, remaining_amount, remaining_packet, "
+    "greeting, status, create_token, create_time, expire_time"
+)
+
+
+def _packet(row: tuple[Any, ...]) -> PacketRow:
+    return PacketRow(*row[:9], to_ms(row[9]), to_ms(row[10]))
+
+
+def _is_down(exc: BaseException) -> bool:
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return True
+    return isinstance(exc, pymysql.err.OperationalError) and bool(exc.args) and (
+        exc.args[0] in _DOWN_CODES
+    )
+
+
+def _is_duplicate(exc: BaseException) -> bool:
+    return isinstance(exc, pymysql.err.IntegrityError) and exc.args[0] == 1062
+
+
+class Ledger:
+    def __init__(self, pool: aiomysql.Pool, timeout_s: float = 5.0) -> None:
+        self._pool = pool
+        self._timeout_s = timeout_s
+
+    @classmethod
+    async def connect(cls, url: str, pool_size: int = 8, timeout_s: float = 5.0) -> Ledger:
+        target = parse_mysql_url(url)
+        await ensure_database(target)
+        pool = await aiomysql.create_pool(
+            host=target.host,
+            port=target.port,
+            user=target.user,
+            password=target.password,
+            db=target.database,
+            minsize=1,
+            maxsize=pool_size,
+            autocommit=False,
+            charset="utf8mb4",
+            connect_timeout=timeout_s,
+            init_command="SET time_zone = '+00:00'",
+            pool_recycle=300,
+        )
+        return cls(pool, timeout_s)
+
+    async def close(self) -> None:
+        self._pool.close()
+        await self._pool.wait_closed()
+
+    @contextlib.asynccontextmanager
+    async def _conn(self) -> AsyncIterator[aiomysql.Connection]:
+        """A pooled connection; any failure closes it, MySQL outages become LedgerUnavailable."""
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                conn = await self._pool.acquire()
+        except Exception as exc:
+            if _is_down(exc):
+                raise LedgerUnavailable(str(exc)) from exc
+            raise
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                yield conn
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, Exception) and _is_down(exc):
+                raise LedgerUnavailable(str(exc)) from exc
+            raise
+        finally:
+            self._pool.release(conn)
+
+    async def apply_schema(self) -> None:
+        async with self._conn() as conn, conn.cursor() as cur:
+            for statement in schema_statements():
+                await cur.execute(statement)
+            await conn.commit()
+
+    async def ping(self) -> None:
+        async with self._conn() as conn, conn.cursor() as cur:
+            await cur.execute("SELECT 1")
+            await conn.rollback()
+
+    # -- packets ------------------------------------------------------------------------
+
+    async def insert_packet(self, row: PacketRow) -> tuple[PacketRow, bool]:
+        """Insert a new packet; ``(row, created)``. A retry with the same token returns the first."""
+        async with self._conn() as conn, conn.cursor() as cur:
+            try:
+                await cur.execute(
+                    f"INSERT INTO red_packet_info ({_PACKET_COLUMNS}) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    (
+                        row.red_packet_id, row.uid, row.total_amount, row.total_packet,
+                        row.remaining_amount, row.remaining_packet, row.greeting, row.status,
+                        row.create_token, to_datetime(row.create_time_ms),
+                        to_datetime(row.expire_time_ms),
+                    ),
+                )
+                await conn.commit()
+                return row, True
+            except pymysql.err.IntegrityError as exc:
+                await conn.rollback()
+                if not _is_duplicate(exc):
+                    raise
+        existing = await self.get_packet(row.red_packet_id)
+        if existing is None or existing.create_token != row.create_token:
+            raise IdCollision(row.red_packet_id)
+        return existing, False
+
+    async def get_packet(self, packet_id: int) -> PacketRow | None:
+        async with self._conn() as conn, conn.cursor() as cur:
+            await cur.execute(
+                f"SELECT {_PACKET_COLUMNS} FROM red_packet_info WHERE red_packet_id = %s",
+                (packet_id,),
+            )
+            row = await cur.fetchone()
+            await conn.rollback()
+        return _packet(row) if row else None
+
+    async def committed_claims(self, packet_id: int) -> dict[int, int]:
+        async with self._conn() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "SELECT uid, amount FROM red_packet_record WHERE red_packet_id = %s",
+                (packet_id,),
+            )
+            rows = await cur.fetchall()
+            await conn.rollback()
+        return {uid: amount for uid, amount in rows}
+
+    # -- claims -------------------------------------------------------------------------
+
+    async def commit_batch(self, claims: list[Claim]) -> None:
+        """Commit many claims in one transaction: one guarded update for all packets, one insert.
+
+        Raises GuardFailed or a duplicate-key IntegrityError when any claim cannot go in as a
+        new share; the caller then falls back to :meth:`commit_one` per claim, which sorts
+        the already-committed from the impossible.
+        """
+        per_packet: dict[int, list[int]] = {}
+        for claim in claims:
+            per_packet.setdefault(claim.red_packet_id, []).append(claim.amount)
+        packet_ids = sorted(per_packet)
+        deltas = " UNION ALL ".join(["SELECT %s AS pid, %s AS n, %s AS s"] * len(packet_ids))
+        delta_args: list[int] = []
+        for pid in packet_ids:
+            delta_args += [pid, len(per_packet[pid]), sum(per_packet[pid])]
+        async with self._conn() as conn, conn.cursor() as cur:
+            try:
+                changed = await cur.execute(
+                    "UPDATE red_packet_info i JOIN (" + deltas + ") d ON i.red_packet_id = d.pid "
+                    "SET i.remaining_amount = i.remaining_amount - d.s, "
+                    "    i.remaining_packet = i.remaining_packet - d.n "
+                    "WHERE i.status = 'active' AND i.remaining_packet >= d.n "
+                    "  AND i.remaining_amount - d.s >= i.remaining_packet - d.n",
+                    delta_args,
+                )
+                if changed != len(packet_ids):
+                    raise GuardFailed(packet_ids)
+                await cur.executemany(
+                    "INSERT INTO red_packet_record "
+                    "(red_packet_id, uid, amount, nick_name, img_url, create_time) "
+                    "VALUES (%s, %s, %s, %s, %s, %s)",
+                    [
+                        (c.red_packet_id, c.uid, c.amount, c.nick_name, c.img_url,
+                         to_datetime(c.claimed_at_ms))
+                        for c in claims
+                    ],
+                )
+                await self._mark_sold_out(cur, packet_ids)
+                await conn.commit()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await conn.rollback()
+                raise
+
+    async def commit_one(self, claim: Claim) -> tuple[int, bool]:
+        """Commit one claim idempotently: ``(amount MySQL holds for it, inserted now)``.
+
+        The guarded update runs first so the packet row lock orders every writer of the
+        packet; if the uid already has a record, the update is rolled back and that record
+        wins.
+        """
+        async with self._conn() as conn, conn.cursor() as cur:
+            try:
+                changed = await cur.execute(
+                    "UPDATE red_packet_info "
+                    "SET remaining_amount = remaining_amount - %s, "
+                    "    remaining_packet = remaining_packet - 1 "
+                    "WHERE red_packet_id = %s AND status = 'active' AND remaining_packet >= 1 "
+                    "  AND remaining_amount - %s >= remaining_packet - 1",
+                    (claim.amount, claim.red_packet_id, claim.amount),
+                )
+                await cur.execute(
+                    "SELECT amount FROM red_packet_record WHERE red_packet_id = %s AND uid = %s",
+                    (claim.red_packet_id, claim.uid),
+                )
+                existing = await cur.fetchone()
+                if existing is not None:
+                    await conn.rollback()
+                    return int(existing[0]), False
+                if changed != 1:
+                    await conn.rollback()
+                    raise GuardFailed([claim.red_packet_id])
+                await cur.execute(
+                    "INSERT INTO red_packet_record "
+                    "(red_packet_id, uid, amount, nick_name, img_url, create_time) "
+                    "VALUES (%s, %s, %s, %s, %s, %s)",
+                    (claim.red_packet_id, claim.uid, claim.amount, claim.nick_name,
+                     claim.img_url, to_datetime(claim.claimed_at_ms)),
+                )
+                await self._mark_sold_out(cur, [claim.red_packet_id])
+                await conn.commit()
+                return claim.amount, True
+            except pymysql.err.OperationalError as exc:
+                with contextlib.suppress(Exception):
+                    await conn.rollback()
+                if exc.args and exc.args[0] in LOCK_CODES:
+                    raise LedgerUnavailable(str(exc)) from exc
+                raise
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await conn.rollback()
+                raise
+
+    @staticmethod
+    async def _mark_sold_out(cur: aiomysql.Cursor, packet_ids: Iterable[int]) -> None:
+        ids = list(packet_ids)
+        await cur.execute(
+            "UPDATE red_packet_info SET status = 'sold_out' WHERE remaining_packet = 0 "
+            "AND status = 'active' AND red_packet_id IN (" + ", ".join(["%s"] * len(ids)) + ")",
+            ids,
+        )
+
+    # -- reads --------------------------------------------------------------------------
+
+    async def records(
+        self, packet_id: int, limit: int, after: tuple[int, int] | None
+    ) -> list[RecordRow]:
+        """Newest first; ``after`` is the (create_time_ms, uid) of the last record of the previous page."""
+        sql = (
+            "SELECT uid, nick_name, img_url, amount, create_time FROM red_packet_record "
+            "WHERE red_packet_id = %s"
+        )
+        args: list[Any] = [packet_id]
+        if after is not None:
+            sql += " AND (create_time < %s OR (create_time = %s AND uid < %s))"
+            when = to_datetime(after[0])
+            args += [when, when, after[1]]
+        sql += " ORDER BY create_time DESC, uid DESC LIMIT %s"
+        args.append(limit)
+        async with self._conn() as conn, conn.cursor() as cur:
+            await cur.execute(sql, args)
+            rows = await cur.fetchall()
+            await conn.rollback()
+        return [RecordRow(r[0], r[1], r[2], r[3], to_ms(r[4])) for r in rows]
+
+    # -- expiry -------------------------------------------------------------------------
+
+    async def expired_active(self, before_ms: int, limit: int) -> list[int]:
+        async with self._conn() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "SELECT red_packet_id FROM red_packet_info "
+                "WHERE status = 'active' AND expire_time <= %s ORDER BY expire_time LIMIT %s",
+                (to_datetime(before_ms), limit),
+            )
+            rows = await cur.fetchall()
+            await conn.rollback()
+        return [r[0] for r in rows]
+
+    async def refund(
+        self,
+        packet_id: int,
+        now_ms: int,
+        between_steps: Callable[[aiomysql.Connection], Awaitable[None]] | None = None,
+    ) -> int | None:
+        """Pay an expired packet's remainder back to its sender; the amount, or None if not due.
+
+        One transaction: the refund row (unique per packet) and the status change commit
+        together or not at all, so a sweeper that dies anywhere inside leaves nothing behind,
+        and running it again refunds exactly once. ``between_steps`` lets a test break the
+        connection between the two writes.
+        """
+        async with self._conn() as conn, conn.cursor() as cur:
+            try:
+                await cur.execute(
+                    "SELECT uid, remaining_amount, status, expire_time FROM red_packet_info "
+                    "WHERE red_packet_id = %s FOR UPDATE",
+                    (packet_id,),
+                )
+                row = await cur.fetchone()
+                if row is None or row[2] != "active" or to_ms(row[3]) > now_ms or row[1] <= 0:
+                    await conn.rollback()
+                    return None
+                uid, amount = row[0], row[1]
+                await cur.execute(
+                    "INSERT INTO red_packet_refund (red_packet_id, uid, amount, create_time) "
+                    "VALUES (%s, %s, %s, %s)",
+                    (packet_id, uid, amount, to_datetime(now_ms)),
+                )
+                if between_steps is not None:
+                    await between_steps(conn)
+                await cur.execute(
+                    "UPDATE red_packet_info SET status = 'refunded' WHERE red_packet_id = %s",
+                    (packet_id,),
+                )
+                await conn.commit()
+                return int(amount)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await conn.rollback()
+                raise
+
+    async def refund_of(self, packet_id: int) -> int | None:
+        async with self._conn() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "SELECT amount FROM red_packet_refund WHERE red_packet_id = %s", (packet_id,)
+            )
+            row = await cur.fetchone()
+            await conn.rollback()
+        return int(row[0]) if row else None
+
+    # -- idempotency keys ---------------------------------------------------------------
+
+    async def claim_idempotency_key(
+        self, uid: int, key: str, request_hash: str, packet_id: int, now_ms: int
+    ) -> tuple[int, str]:
+        """Bind (uid, key) to a packet id unless already bound; the binding that stands."""
+        async with self._conn() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "INSERT IGNORE INTO idempotency_key "
+                "(uid, idem_key, request_hash, red_packet_id, create_time) "
+                "VALUES (%s, %s, %s, %s, %s)",
+                (uid, key, request_hash, packet_id, to_datetime(now_ms)),
+            )
+            await cur.execute(
+                "SELECT red_packet_id, request_hash FROM idempotency_key "
+                "WHERE uid = %s AND idem_key = %s",
+                (uid, key),
+            )
+            row = await cur.fetchone()
+            await conn.commit()
+        return int(row[0]), str(row[1])
+
+
+async def ensure_database(target: MysqlTarget) -> None:
+    """Create the shard's database if missing: one database per shard, made on first start."""
+    if not target.database:
+        return
+    conn = await aiomysql.connect(
+        host=target.host, port=target.port, user=target.user, password=target.password,
+        charset="utf8mb4", connect_timeout=5,
+    )
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute(
+                "CREATE DATABASE IF NOT EXISTS `"
+                + target.database.replace("`", "``")
+                + "` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
+            )
+    finally:
+        conn.close()

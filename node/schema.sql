@@ -1,0 +1,69 @@
+-- The MySQL ledger of one shard. Applied idempotently at node start and by `redpacket db init`.
+-- Runs unchanged on MySQL 8 and MariaDB 10.11: utf8mb4_unicode_ci exists on both, and both
+-- enforce CHECK constraints. Times are UTC (the node sets time_zone = '+00:00').
+-- Statements are separated by lines holding only ';' so the loader needs no SQL parser.
+
+-- One row per red packet (the seed's table, with the fixes the issue asks for).
+CREATE TABLE IF NOT EXISTS red_packet_info (
+  id               BIGINT UNSIGNED NOT NULL AUTO_INCREMENT,
+  red_packet_id    BIGINT       NOT NULL COMMENT 'time-ordered 63-bit id made by the gateway',
+  uid              BIGINT       NOT NULL COMMENT 'sender',
+  total_amount     INT          NOT NULL COMMENT 'cents',
+  total_packet     INT          NOT NULL COMMENT 'number of shares',
+  remaining_amount INT          NOT NULL COMMENT 'cents not yet opened (committed claims only)',
+  remaining_packet INT          NOT NULL COMMENT 'shares not yet opened (committed claims only)',
+  greeting         VARCHAR(255) NOT NULL DEFAULT '',
+  status           VARCHAR(16)  NOT NULL DEFAULT 'active' COMMENT 'active | sold_out | refunded',
+  create_token     CHAR(32) CHARACTER SET ascii COLLATE ascii_bin NOT NULL
+                   COMMENT 'tells a retried create (same token) from an id collision (other token)',
+  create_time      DATETIME(3)  NOT NULL,
+  expire_time      DATETIME(3)  NOT NULL,
+  update_time      DATETIME(3)  NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3),
+  PRIMARY KEY (id),
+  UNIQUE KEY uk_red_packet_id (red_packet_id),
+  KEY idx_status_expire (status, expire_time),
+  CONSTRAINT ck_info_amounts CHECK (remaining_amount >= 0 AND remaining_packet >= 0
+                                    AND remaining_amount >= remaining_packet
+                                    AND remaining_amount <= total_amount
+                                    AND remaining_packet <= total_packet)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+;
+-- One row per opened share. UNIQUE(red_packet_id, uid) is what makes every retry idempotent.
+CREATE TABLE IF NOT EXISTS red_packet_record (
+  id            BIGINT UNSIGNED NOT NULL AUTO_INCREMENT,
+  red_packet_id BIGINT       NOT NULL,
+  uid           BIGINT       NOT NULL,
+  amount        INT          NOT NULL COMMENT 'cents',
+  nick_name     VARCHAR(64)  NOT NULL DEFAULT '',
+  img_url       VARCHAR(512) NOT NULL DEFAULT '',
+  create_time   DATETIME(3)  NOT NULL COMMENT 'when the share was taken in Redis',
+  update_time   DATETIME(3)  NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3),
+  PRIMARY KEY (id),
+  UNIQUE KEY uk_packet_uid (red_packet_id, uid),
+  KEY idx_packet_time (red_packet_id, create_time, uid),
+  CONSTRAINT ck_record_amount CHECK (amount >= 1)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+;
+-- The remainder of an expired packet, paid back to its sender exactly once.
+CREATE TABLE IF NOT EXISTS red_packet_refund (
+  id            BIGINT UNSIGNED NOT NULL AUTO_INCREMENT,
+  red_packet_id BIGINT      NOT NULL,
+  uid           BIGINT      NOT NULL COMMENT 'the sender, who receives the refund',
+  amount        INT         NOT NULL COMMENT 'cents',
+  create_time   DATETIME(3) NOT NULL,
+  PRIMARY KEY (id),
+  UNIQUE KEY uk_refund_packet (red_packet_id),
+  CONSTRAINT ck_refund_amount CHECK (amount >= 1)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+;
+-- Idempotency-Key of a create, stored on the shard that owns the *user* (the ring hashes
+-- "user:<uid>"), because the red packet id is not known until the key is claimed.
+CREATE TABLE IF NOT EXISTS idempotency_key (
+  uid           BIGINT       NOT NULL,
+  idem_key      VARCHAR(255) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+  request_hash  CHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+  red_packet_id BIGINT       NOT NULL,
+  create_time   DATETIME(3)  NOT NULL,
+  PRIMARY KEY (uid, idem_key)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+;

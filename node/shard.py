@@ -1,0 +1,302 @@
+"""What one shard node does with its red packets: create, grab, open, rebuild.
+
+The flow of one open, top to bottom:
+
+1. admission (``admission.py``): wait while as many opens run as there are shares left;
+   non-winners of a finished packet are answered from memory here;
+2. ``open.lua`` (via ``counters.py``): atomically take a share in Redis, or say why not;
+3. group commit (``committer.py`` -> ``ledger.py``): the share is written to MySQL with
+   other concurrent ones in one transaction; the caller waits for that commit;
+4. the answer: 200 only after the commit. If MySQL did not commit, 503: the share stays
+   this user's in Redis (a retry returns the same amount) and the reconciler lands it.
+
+Redis can lose a packet (restart without persistence, eviction, a handoff). The node then
+rebuilds it from MySQL before serving it again (:meth:`Shard.rebuild`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from redpacket.core.errors import ApiError, unavailable
+from redpacket.node.admission import Admission, PacketGate
+from redpacket.node.committer import GroupCommitter
+from redpacket.node.counters import Counters, OpenResult, Outcome, claim_details
+from redpacket.node.keys import packet_keys
+from redpacket.node.ledger import (
+    Claim,
+    GuardFailed,
+    IdCollision,
+    Ledger,
+    LedgerUnavailable,
+    PacketRow,
+)
+from redpacket.node.settings import NodeSettings
+
+log = logging.getLogger("redpacket.node.shard")
+
+NICK_MAX = 64
+IMG_URL_MAX = 512
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def not_found() -> ApiError:
+    return ApiError(404, "not_found", "no such red packet")
+
+
+def sold_out() -> ApiError:
+    return ApiError(410, "sold_out", "every share of this red packet has been opened")
+
+
+def expired() -> ApiError:
+    return ApiError(410, "expired", "this red packet has expired")
+
+
+def frozen() -> ApiError:
+    return ApiError(
+        409, "packet_frozen", "this red packet is moving between shards; retry shortly",
+        headers={"Retry-After": "1"},
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class NewPacketRequest:
+    red_packet_id: int
+    uid: int
+    total_amount: int
+    total_packet: int
+    greeting: str
+    expire_s: int
+    create_token: str
+
+
+class Shard:
+    def __init__(self, settings: NodeSettings, counters: Counters, ledger: Ledger) -> None:
+        self.settings = settings
+        self.counters = counters
+        self.ledger = ledger
+        self.admission = Admission(wait_s=settings.admission_wait_s)
+        self.committer = GroupCommitter(
+            ledger,
+            counters,
+            max_batch=settings.commit_max_batch,
+            workers=settings.commit_workers,
+            on_guard_failed=self.resync,
+        )
+        self._locks: dict[int, tuple[asyncio.Lock, int]] = {}
+
+    # -- create -------------------------------------------------------------------------
+
+    async def create(self, req: NewPacketRequest) -> tuple[PacketRow, bool]:
+        """MySQL first, then Redis: a packet Redis lacks is rebuilt on first use, never lost."""
+        created_ms = now_ms()
+        row = PacketRow(
+            red_packet_id=req.red_packet_id,
+            uid=req.uid,
+            total_amount=req.total_amount,
+            total_packet=req.total_packet,
+            remaining_amount=req.total_amount,
+            remaining_packet=req.total_packet,
+            greeting=req.greeting,
+            status="active",
+            create_token=req.create_token,
+            create_time_ms=created_ms,
+            expire_time_ms=created_ms + req.expire_s * 1000,
+        )
+        try:
+            stored, created = await self.ledger.insert_packet(row)
+        except IdCollision:
+            raise ApiError(
+                409, "id_collision", "red_packet_id is taken by another packet; use a new id"
+            ) from None
+        except LedgerUnavailable:
+            raise unavailable("the shard's database is unavailable") from None
+        if created:
+            with contextlib.suppress(Exception):  # Redis missing it is repaired on first use
+                await self.counters.load(stored, {}, replace=False, drop_at_ms=self._drop_at(stored))
+        return stored, created
+
+    # -- grab ---------------------------------------------------------------------------
+
+    async def grab(self, packet_id: int, uid: int) -> tuple[Outcome, int]:
+        gate = self.admission.peek(packet_id)
+        if gate is not None and (reason := gate.rejection_for(uid)) is not None:
+            return reason, 0
+        for _ in range(3):
+            outcome, amount = await self.counters.grab(packet_id, uid, now_ms())
+            if outcome != Outcome.NOT_LOADED:
+                return outcome, amount
+            await self.rebuild(packet_id)
+        raise unavailable("red packet could not be loaded")
+
+    # -- open ---------------------------------------------------------------------------
+
+    async def open(self, packet_id: int, uid: int, nick_name: str, img_url: str) -> tuple[int, bool]:
+        """``(amount, replayed)`` once MySQL holds the share; ApiError otherwise."""
+        nick_name = nick_name[:NICK_MAX]
+        img_url = img_url if len(img_url) <= IMG_URL_MAX else ""
+        for _ in range(5):
+            gate = self.admission.gate(packet_id)
+            if (reason := gate.rejection_for(uid)) is not None:
+                raise sold_out() if reason == Outcome.SOLD_OUT else expired()
+            await self.admission.enter(gate)
+            result: OpenResult | None = None
+            commit: asyncio.Future[int] | None = None
+            try:
+                claimed_at = now_ms()
+                claim = Claim(packet_id, uid, 0, nick_name, img_url, claimed_at)
+                result = await self.counters.open(
+                    packet_id, uid, secrets.randbits(31), claimed_at, claim_details(claim)
+                )
+                if result.outcome == Outcome.NEW_SHARE:
+                    commit = self.committer.submit(with_amount(claim, result.amount))
+                elif result.outcome == Outcome.ALREADY_OPENED and result.pending:
+                    commit = self.committer.submit(await self._pending_claim(claim, result.amount))
+            finally:
+                self.admission.leave(gate, result)
+            outcome = result.outcome
+            if outcome == Outcome.NOT_LOADED:
+                await self.rebuild(packet_id)
+                continue
+            if outcome == Outcome.FROZEN:
+                if not await self._wait_for_local_rebuild(packet_id):
+                    raise frozen()
+                continue
+            if outcome in (Outcome.SOLD_OUT, Outcome.EXPIRED):
+                self._learn_winners(packet_id, gate)
+                raise sold_out() if outcome == Outcome.SOLD_OUT else expired()
+            replayed = outcome == Outcome.ALREADY_OPENED
+            if commit is None:
+                return result.amount, replayed
+            return await self._committed(commit), replayed
+        raise unavailable("red packet is being rebuilt; retry")
+
+    async def _committed(self, commit: asyncio.Future[int]) -> int:
+        try:
+            return await asyncio.shield(commit)
+        except LedgerUnavailable:
+            raise unavailable("the shard's database did not commit; retry") from None
+        except GuardFailed:
+            raise unavailable("the shard is repairing this red packet; retry") from None
+
+    async def _pending_claim(self, claim: Claim, amount: int) -> Claim:
+        """The claim as first taken (its original time and profile), for a replay to commit."""
+        for pending in await self.counters.pending(claim.red_packet_id):
+            if pending.uid == claim.uid:
+                return pending
+        return with_amount(claim, amount)
+
+    def _learn_winners(self, packet_id: int, gate: PacketGate) -> None:
+        """Load a finished packet's winners once, so later non-winners never reach Redis."""
+        if gate.winners is not None or gate.loading is not None:
+            return
+
+        async def load() -> None:
+            try:
+                gate.winners = await self.counters.claims(packet_id)
+            except Exception:
+                log.warning("could not load winners of %s", packet_id, exc_info=True)
+            finally:
+                gate.loading = None
+
+        gate.loading = asyncio.ensure_future(load())
+
+    async def winners(self, packet_id: int) -> tuple[Outcome | None, dict[int, int], bool]:
+        """``(final reason or None, uid -> amount, every claim committed)`` for the gateway's memory."""
+        info, claims, pending = packet_keys(packet_id)
+        pipe = self.counters.client.pipeline(transaction=False)
+        pipe.hmget(info, "remaining_packet", "expire_at_ms")
+        pipe.hgetall(claims)
+        pipe.hlen(pending)
+        (remaining, expire_at), raw, pending_count = await pipe.execute()
+        if remaining is None:
+            await self.rebuild(packet_id)
+            return None, {}, False
+        reason = None
+        if int(expire_at) <= now_ms():
+            reason = Outcome.EXPIRED
+        elif int(remaining) == 0:
+            reason = Outcome.SOLD_OUT
+        return reason, {int(u): int(a) for u, a in raw.items()}, pending_count == 0
+
+    # -- rebuild ------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def packet_lock(self, packet_id: int) -> AsyncIterator[None]:
+        """Serialises rebuilds, resyncs, reconciliation and handoff of one packet."""
+        lock, users = self._locks.get(packet_id, (asyncio.Lock(), 0))
+        self._locks[packet_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[packet_id]
+            if users == 1:
+                del self._locks[packet_id]
+            else:
+                self._locks[packet_id] = (lock, users - 1)
+
+    async def _wait_for_local_rebuild(self, packet_id: int) -> bool:
+        """If this node froze the packet itself (a resync), wait for it; False if someone else did."""
+        entry = self._locks.get(packet_id)
+        if entry is None:
+            return False
+        async with self.packet_lock(packet_id):
+            return True
+
+    async def quiesce(self, packet_id: int) -> None:
+        """Wait until no open of this packet is between its script and its commit, nor committing."""
+        while (gate := self.admission.peek(packet_id)) is not None and not gate.idle():
+            await gate.wait_changed(0.05)
+        await self.committer.drain(packet_id)
+
+    async def rebuild(self, packet_id: int, *, replace: bool = False) -> PacketRow:
+        """Load a packet into Redis from MySQL, the ledger of record.
+
+        ``replace`` (a resync) first freezes the packet so no new share is taken, waits for
+        every claim already taken to finish committing, then replaces Redis's copy with
+        MySQL's: claims MySQL never committed were never acknowledged, so dropping them
+        loses nothing a client was told it had.
+        """
+        async with self.packet_lock(packet_id):
+            if replace:
+                await self.counters.freeze(packet_id, True)
+            await self.quiesce(packet_id)
+            try:
+                packet = await self.ledger.get_packet(packet_id)
+                if packet is None:
+                    raise not_found()
+                claims = await self.ledger.committed_claims(packet_id)
+            except LedgerUnavailable:
+                raise unavailable("the shard's database is unavailable") from None
+            await self.counters.load(
+                packet, claims, replace=replace, drop_at_ms=self._drop_at(packet)
+            )
+            self.admission.forget(packet_id)
+            return packet
+
+    async def resync(self, packet_id: int) -> None:
+        """Make Redis agree with MySQL for one packet after they were found to disagree."""
+        log.warning("red packet %s: Redis and MySQL disagree, rebuilding Redis from MySQL", packet_id)
+        try:
+            await self.rebuild(packet_id, replace=True)
+        except Exception:
+            log.exception("resync of red packet %s failed; the reconciler will retry", packet_id)
+            self.committer.failed_packets.add(packet_id)
+
+    def _drop_at(self, packet: PacketRow) -> int:
+        return packet.expire_time_ms + self.settings.redis_retention_s * 1000
+
+
+def with_amount(claim: Claim, amount: int) -> Claim:
+    return dataclasses.replace(claim, amount=amount)

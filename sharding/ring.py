@@ -1,0 +1,157 @@
+"""The consistent-hash ring: which shard node owns a red packet.
+
+The ring is described by a ring document (JSON or YAML), the one place that lists the
+shards. Hashing is ketama (uhashring), so adding a shard moves only about 1/(N+1) of the
+packets, and any ketama client in another language agrees with this one.
+
+Ring document::
+
+    version: 3                      # bumps with every change
+    nodes:
+      - name: shard-0               # stable name: the hash input, never the URL
+        url: http://10.0.0.5:9000   # where the gateway reaches the node
+        weight: 1                   # relative share of the packets
+        redis: redis://...          # optional: the node's stores, for tools like `check`
+        mysql: mysql://.../redpacket_shard_0
+    previous: {version: 2, nodes: [...]}   # only while a rebalance is moving packets
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from uhashring import HashRing
+
+
+class RingError(ValueError):
+    """The ring document is malformed."""
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    name: str
+    url: str
+    weight: int = 1
+    redis: str | None = None
+    mysql: str | None = None
+    redis_cluster: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"name": self.name, "url": self.url, "weight": self.weight}
+        if self.redis:
+            data["redis"] = self.redis
+        if self.mysql:
+            data["mysql"] = self.mysql
+        if self.redis_cluster:
+            data["redis_cluster"] = True
+        return data
+
+
+def user_key(uid: int) -> str:
+    """Ring key of a user's own data (idempotency keys; later, their sent/received history)."""
+    return f"user:{uid}"
+
+
+class Ring:
+    """The ring of one node list."""
+
+    def __init__(self, nodes: Sequence[NodeSpec]) -> None:
+        if not nodes:
+            raise RingError("a ring needs at least one node")
+        names = [n.name for n in nodes]
+        if len(set(names)) != len(names):
+            raise RingError(f"node names must be unique: {names}")
+        self.nodes: dict[str, NodeSpec] = {n.name: n for n in nodes}
+        self._hash = HashRing(
+            nodes={n.name: {"weight": n.weight} for n in nodes}, hash_fn="ketama"
+        )
+
+    def owner_of_key(self, key: str) -> NodeSpec:
+        return self.nodes[self._hash.get_node(key)]
+
+    def owner(self, packet_id: int) -> NodeSpec:
+        return self.owner_of_key(str(packet_id))
+
+
+@dataclass(frozen=True)
+class RingDoc:
+    version: int
+    nodes: tuple[NodeSpec, ...]
+    previous: RingDoc | None = field(default=None)
+
+    def ring(self) -> Ring:
+        return Ring(self.nodes)
+
+    def node(self, name: str) -> NodeSpec | None:
+        """A node by name, in this ring or the previous one (a handoff may point at either)."""
+        for spec in self.nodes:
+            if spec.name == name:
+                return spec
+        return self.previous.node(name) if self.previous else None
+
+    def as_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "version": self.version,
+            "nodes": [n.as_dict() for n in self.nodes],
+        }
+        if self.previous is not None:
+            data["previous"] = self.previous.as_dict()
+        return data
+
+    @classmethod
+    def parse(cls, data: Mapping[str, Any]) -> RingDoc:
+        if not isinstance(data, Mapping):
+            raise RingError("a ring document is a mapping with version and nodes")
+        version = data.get("version")
+        if not isinstance(version, int) or version < 0:
+            raise RingError("ring version must be a non-negative integer")
+        raw_nodes = data.get("nodes")
+        if not isinstance(raw_nodes, list) or not raw_nodes:
+            raise RingError("ring nodes must be a non-empty list")
+        nodes = []
+        for raw in raw_nodes:
+            if not isinstance(raw, Mapping) or not raw.get("name") or not raw.get("url"):
+                raise RingError(f"every ring node needs a name and a url: {raw!r}")
+            weight = raw.get("weight", 1)
+            if not isinstance(weight, int) or weight < 1:
+                raise RingError(f"node {raw['name']}: weight must be a positive integer")
+            nodes.append(
+                NodeSpec(
+                    name=str(raw["name"]),
+                    url=str(raw["url"]).rstrip("/"),
+                    weight=weight,
+                    redis=raw.get("redis"),
+                    mysql=raw.get("mysql"),
+                    redis_cluster=bool(raw.get("redis_cluster", False)),
+                )
+            )
+        previous = data.get("previous")
+        doc = cls(version, tuple(nodes), cls.parse(previous) if previous else None)
+        doc.ring()  # validates names
+        return doc
+
+    @classmethod
+    def load(cls, path: str | Path) -> RingDoc:
+        text = Path(path).read_text("utf-8")
+        try:
+            data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as exc:
+            raise RingError(f"{path}: {exc}") from None
+        return cls.parse(data)
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically (temp file + rename) so a reader never sees half a ring."""
+        target = Path(path)
+        tmp = target.with_name(f".{target.name}.tmp")
+        body = (
+            json.dumps(self.as_dict(), indent=2)
+            if target.suffix == ".json"
+            else yaml.safe_dump(self.as_dict(), sort_keys=False)
+        )
+        tmp.write_text(body + "\n", "utf-8")
+        tmp.replace(target)
