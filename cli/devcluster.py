@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-
 from redpacket.core.env import SettingsError
 from redpacket.node.ledger import parse_mysql_url
 from redpacket.sharding.ring import NodeSpec, RingDoc

@@ -6,7 +6,6 @@ import asyncio
 import logging
 
 from aiohttp import web
-
 from redpacket.core.logs import setup_logging
 
 

@@ -14,7 +14,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import jwt
-
 from redpacket.core.errors import ApiError
 from redpacket.core.ids import parse_uid
 

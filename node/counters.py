@@ -15,6 +15,10 @@ from pathlib import Path
 import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redpacket.node.keys import PENDING_PATTERN, packet_id_of, packet_keys
 from redpacket.node.ledger import Claim, PacketRow
 
@@ -46,10 +50,22 @@ def _script(name: str) -> str:
 
 
 def connect_redis(url: str, cluster: bool, pool_size: int) -> RedisClient:
+    """A pooled client that retries a command once a dropped connection is replaced.
+
+    Retrying is safe for every script here: open.lua answers a second call by the same uid
+    with the first amount, load.lua in create mode and freeze.lua are idempotent, grab.lua
+    only reads.
+    """
+    retry = Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=3)
+    errors = [RedisConnectionError, RedisTimeoutError]
     if cluster:
-        return RedisCluster.from_url(url, decode_responses=True, max_connections=pool_size)
+        return RedisCluster.from_url(
+            url, decode_responses=True, max_connections=pool_size, retry=retry,
+            retry_on_error=errors, socket_timeout=5,
+        )
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, decode_responses=True, max_connections=pool_size, timeout=5
+        url, decode_responses=True, max_connections=pool_size, timeout=5,
+        retry=retry, retry_on_error=errors, socket_timeout=5,
     )
     return aioredis.Redis(connection_pool=pool)
 
