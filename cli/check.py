@@ -55,8 +55,10 @@ class Report:
 
     def summary(self) -> str:
         verdict = "OK" if self.ok else f"{len(self.violations)} VIOLATION(S)"
-        return (f"{verdict}: {self.packets} red packets, {self.records} records, "
-                f"{self.refunds} refunds on {self.shards} shard(s)")
+        return (
+            f"{verdict}: {self.packets} red packets, {self.records} records, "
+            f"{self.refunds} refunds on {self.shards} shard(s)"
+        )
 
 
 @dataclass
@@ -77,8 +79,13 @@ class PacketLedger:
 async def _read_mysql(node: NodeSpec) -> dict[int, PacketLedger]:
     target = parse_mysql_url(node.mysql or "")
     conn = await aiomysql.connect(
-        host=target.host, port=target.port, user=target.user, password=target.password,
-        db=target.database, charset="utf8mb4", autocommit=True,
+        host=target.host,
+        port=target.port,
+        user=target.user,
+        password=target.password,
+        db=target.database,
+        charset="utf8mb4",
+        autocommit=True,
     )
     packets: dict[int, PacketLedger] = {}
     try:
@@ -121,11 +128,15 @@ def _ledger_violations(pid: int, p: PacketLedger) -> list[str]:
     out = []
     spent = sum(p.records.values())
     if spent + p.remaining_amount != p.total_amount:
-        out.append(f"{where}: records sum {spent} + remaining {p.remaining_amount} "
-                   f"!= total {p.total_amount}")
+        out.append(
+            f"{where}: records sum {spent} + remaining {p.remaining_amount} "
+            f"!= total {p.total_amount}"
+        )
     if len(p.records) + p.remaining_packet != p.total_packet:
-        out.append(f"{where}: {len(p.records)} records + {p.remaining_packet} remaining "
-                   f"!= {p.total_packet} shares")
+        out.append(
+            f"{where}: {len(p.records)} records + {p.remaining_packet} remaining "
+            f"!= {p.total_packet} shares"
+        )
     small = [uid for uid, amount in p.records.items() if amount < 1]
     if small:
         out.append(f"{where}: amounts below 1 cent for uids {small}")
@@ -139,8 +150,9 @@ def _ledger_violations(pid: int, p: PacketLedger) -> list[str]:
         if p.refund is None:
             out.append(f"{where}: status refunded but no refund row")
         elif p.refund != (p.sender, p.remaining_amount):
-            out.append(f"{where}: refund {p.refund} != (sender {p.sender}, remaining "
-                       f"{p.remaining_amount})")
+            out.append(
+                f"{where}: refund {p.refund} != (sender {p.sender}, remaining {p.remaining_amount})"
+            )
     elif p.refund is not None:
         out.append(f"{where}: a refund row exists but status is {p.status!r}")
     if p.refund_rows > 1:
@@ -173,11 +185,16 @@ async def _redis_disagreements(
             if pending:
                 found[pid] = f"{where}: {pending} claim(s) in Redis not yet committed to MySQL"
             elif (int(ra), int(rp), int(ta), int(tp)) != (
-                p.remaining_amount, p.remaining_packet, p.total_amount, p.total_packet
+                p.remaining_amount,
+                p.remaining_packet,
+                p.total_amount,
+                p.total_packet,
             ):
-                found[pid] = (f"{where}: Redis remaining {ra}/{rp} of {ta}/{tp} but MySQL "
-                              f"{p.remaining_amount}/{p.remaining_packet} of "
-                              f"{p.total_amount}/{p.total_packet}")
+                found[pid] = (
+                    f"{where}: Redis remaining {ra}/{rp} of {ta}/{tp} but MySQL "
+                    f"{p.remaining_amount}/{p.remaining_packet} of "
+                    f"{p.total_amount}/{p.total_packet}"
+                )
             elif redis_claims != p.records:
                 found[pid] = f"{where}: Redis claims differ from MySQL records"
     return found
@@ -252,5 +269,3 @@ def run_check(args: argparse.Namespace) -> int:
         print(f"  VIOLATION {violation}")
     print(report.summary())
     return 0 if report.ok else 1
-
-

@@ -60,8 +60,10 @@ def load_state(var: str, name: str) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise Unmet(f"no local cluster {name!r} (looked for {path}); start one with "
-                    f"`redpacket dev up --cluster {name}`") from None
+        raise Unmet(
+            f"no local cluster {name!r} (looked for {path}); start one with "
+            f"`redpacket dev up --cluster {name}`"
+        ) from None
 
 
 def jwt_secret_for(cluster: str, var: str) -> str:
@@ -92,8 +94,13 @@ class Child:
         log = self.log_path.open("ab")
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                *self.argv, env=self.env, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL,
-                start_new_session=True, preexec_fn=_linux_parent_death_signal,
+                *self.argv,
+                env=self.env,
+                stdout=log,
+                stderr=log,
+                stdin=asyncio.subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_linux_parent_death_signal,
             )
         finally:
             log.close()
@@ -173,14 +180,19 @@ class DevCluster:
 
     async def check_prerequisites(self) -> None:
         if shutil.which("redis-server") is None:
-            raise Unmet("redis-server is not installed. Install it with "
-                        "`apt-get install redis-server` (Debian/Ubuntu) or `brew install redis`.")
+            raise Unmet(
+                "redis-server is not installed. Install it with "
+                "`apt-get install redis-server` (Debian/Ubuntu) or `brew install redis`."
+            )
         target = parse_mysql_url(self.mysql_server)
         import aiomysql
 
         try:
             conn = await aiomysql.connect(
-                host=target.host, port=target.port, user=target.user, password=target.password,
+                host=target.host,
+                port=target.port,
+                user=target.user,
+                password=target.password,
                 connect_timeout=3,
             )
             conn.close()
@@ -197,8 +209,14 @@ class DevCluster:
         if self.port == 0:
             self.port = ports.pop()
         self.plans = [
-            ShardPlan(i, f"shard-{i}", ports[2 * i], ports[2 * i + 1], f"{prefix}_shard_{i}",
-                      self.mysql_server)
+            ShardPlan(
+                i,
+                f"shard-{i}",
+                ports[2 * i],
+                ports[2 * i + 1],
+                f"{prefix}_shard_{i}",
+                self.mysql_server,
+            )
             for i in range(self.shards)
         ]
         self.gateway_url = f"http://127.0.0.1:{self.port}"
@@ -215,31 +233,54 @@ class DevCluster:
         for plan in self.plans:
             data = self.home / f"redis-{plan.index}"
             data.mkdir(parents=True, exist_ok=True)
-            children.append(Child(
-                f"{plan.name}-redis",
-                ["redis-server", "--port", str(plan.redis_port), "--bind", "127.0.0.1",
-                 "--save", "", "--appendonly", "no", "--dir", str(data.resolve()),
-                 "--protected-mode", "no"],
-                dict(os.environ), logs / f"{plan.name}-redis.log",
-            ))
-            children.append(Child(
-                f"{plan.name}-node",
-                [*python, "node"],
+            children.append(
+                Child(
+                    f"{plan.name}-redis",
+                    [
+                        "redis-server",
+                        "--port",
+                        str(plan.redis_port),
+                        "--bind",
+                        "127.0.0.1",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--dir",
+                        str(data.resolve()),
+                        "--protected-mode",
+                        "no",
+                    ],
+                    dict(os.environ),
+                    logs / f"{plan.name}-redis.log",
+                )
+            )
+            children.append(
+                Child(
+                    f"{plan.name}-node",
+                    [*python, "node"],
+                    self._service_env(
+                        REDPACKET_NODE_NAME=plan.name,
+                        REDPACKET_PORT=str(plan.node_port),
+                        REDPACKET_REDIS_URL=plan.redis_url,
+                        REDPACKET_MYSQL_URL=plan.mysql_url,
+                    ),
+                    logs / f"{plan.name}-node.log",
+                )
+            )
+        children.append(
+            Child(
+                "gateway",
+                [*python, "gateway"],
                 self._service_env(
-                    REDPACKET_NODE_NAME=plan.name, REDPACKET_PORT=str(plan.node_port),
-                    REDPACKET_REDIS_URL=plan.redis_url, REDPACKET_MYSQL_URL=plan.mysql_url,
+                    REDPACKET_PORT=str(self.port),
+                    REDPACKET_RING_FILE=str(self.ring_file.resolve()),
+                    REDPACKET_JWT_SECRET=self.jwt_secret,
+                    REDPACKET_EXPIRE_S=str(self.expire_s),
                 ),
-                logs / f"{plan.name}-node.log",
-            ))
-        children.append(Child(
-            "gateway",
-            [*python, "gateway"],
-            self._service_env(
-                REDPACKET_PORT=str(self.port), REDPACKET_RING_FILE=str(self.ring_file.resolve()),
-                REDPACKET_JWT_SECRET=self.jwt_secret, REDPACKET_EXPIRE_S=str(self.expire_s),
-            ),
-            logs / "gateway.log",
-        ))
+                logs / "gateway.log",
+            )
+        )
         return children
 
     async def up(self, timeout_s: float = 60.0) -> None:
@@ -263,13 +304,16 @@ class DevCluster:
         async with aiohttp.ClientSession() as session:
             while True:
                 with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                    async with session.get(self.gateway_url + "/readyz",
-                                           timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                    async with session.get(
+                        self.gateway_url + "/readyz", timeout=aiohttp.ClientTimeout(total=2)
+                    ) as resp:
                         if resp.status == 200:
                             return
                 if time.monotonic() > deadline:
-                    raise Unmet(f"cluster not ready after {timeout_s:.0f}s; "
-                                f"see the logs in {self.home / 'logs'}")
+                    raise Unmet(
+                        f"cluster not ready after {timeout_s:.0f}s; "
+                        f"see the logs in {self.home / 'logs'}"
+                    )
                 await asyncio.sleep(0.2)
 
     # -- supervise ----------------------------------------------------------------------
@@ -305,8 +349,11 @@ class DevCluster:
             "mysql_server": self.mysql_server,
             "shards": [
                 {
-                    "name": p.name, "url": p.node_url, "pid": self._pid(f"{p.name}-node"),
-                    "redis": p.redis_url, "redis_pid": self._pid(f"{p.name}-redis"),
+                    "name": p.name,
+                    "url": p.node_url,
+                    "pid": self._pid(f"{p.name}-node"),
+                    "redis": p.redis_url,
+                    "redis_pid": self._pid(f"{p.name}-redis"),
                     "mysql": p.mysql_url,
                 }
                 for p in self.plans
@@ -327,8 +374,11 @@ class DevCluster:
         for task in self._watchers:
             task.cancel()
         # the gateway first, then the nodes (they finish their commits), then their stores
-        order = ["gateway", *[f"{p.name}-node" for p in self.plans],
-                 *[f"{p.name}-redis" for p in self.plans]]
+        order = [
+            "gateway",
+            *[f"{p.name}-node" for p in self.plans],
+            *[f"{p.name}-redis" for p in self.plans],
+        ]
         for name in order:
             if name in self.children:
                 await self.children[name].stop()
@@ -336,11 +386,14 @@ class DevCluster:
             (self.home / "cluster.json").unlink()
 
     def describe(self) -> str:
-        lines = [f"local cluster {self.name!r}: {self.shards} shard(s)",
-                 f"  gateway  {self.gateway_url}   (ring {self.ring_file})"]
+        lines = [
+            f"local cluster {self.name!r}: {self.shards} shard(s)",
+            f"  gateway  {self.gateway_url}   (ring {self.ring_file})",
+        ]
         for p in self.plans:
-            lines.append(f"  {p.name:<8} node {p.node_url}  redis {p.redis_url}  "
-                         f"mysql {p.mysql_url}")
+            lines.append(
+                f"  {p.name:<8} node {p.node_url}  redis {p.redis_url}  mysql {p.mysql_url}"
+            )
         lines += [
             f"  logs     {self.home / 'logs'}/",
             f"  token    redpacket token --cluster {self.name} --uid 42 --name Alice",
@@ -351,8 +404,12 @@ class DevCluster:
 
 def run_dev_up(args: argparse.Namespace) -> int:
     cluster = DevCluster(
-        name=args.cluster, shards=args.shards, port=args.port, var=args.var,
-        db_prefix=args.db_prefix, expire_s=args.expire_s,
+        name=args.cluster,
+        shards=args.shards,
+        port=args.port,
+        var=args.var,
+        db_prefix=args.db_prefix,
+        expire_s=args.expire_s,
     )
 
     async def main() -> int:

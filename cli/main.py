@@ -19,8 +19,14 @@ def _gateway(_: argparse.Namespace) -> int:
     from redpacket.gateway.settings import GatewaySettings
 
     settings = GatewaySettings.from_env()
-    serve(create_app(settings), settings.host, settings.port, "gateway", settings.log_level,
-          settings.access_log)
+    serve(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        service="gateway",
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+    )
     return 0
 
 
@@ -30,8 +36,14 @@ def _node(_: argparse.Namespace) -> int:
     from redpacket.node.settings import NodeSettings
 
     settings = NodeSettings.from_env()
-    serve(create_app(settings), settings.host, settings.port, "node", settings.log_level,
-          settings.access_log)
+    serve(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        service="node",
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+    )
     return 0
 
 
@@ -103,10 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("node", help="run a shard node (settings from REDPACKET_* env)")
     p.set_defaults(func=_node)
 
-    db = sub.add_parser("db", help="database tools").add_subparsers(dest="db_command", required=True)
+    db = sub.add_parser("db", help="database tools").add_subparsers(
+        dest="db_command", required=True
+    )
     p = db.add_parser("init", help="apply the schema to a shard's MySQL database (idempotent)")
-    p.add_argument("--mysql-url", help="mysql://user:pass@host:port/database "
-                   "(default: REDPACKET_MYSQL_URL)")
+    p.add_argument(
+        "--mysql-url", help="mysql://user:pass@host:port/database (default: REDPACKET_MYSQL_URL)"
+    )
     p.set_defaults(func=_db_init)
 
     p = sub.add_parser("token", help="print a signed user token (JWT) for local use")
@@ -120,12 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     dev = sub.add_parser("dev", help="local multi-shard cluster").add_subparsers(
         dest="dev_command", required=True
     )
-    p = dev.add_parser("up", help="start gateway, nodes, one redis-server and one database "
-                       "per shard, in the foreground; Ctrl-C stops them all")
+    p = dev.add_parser(
+        "up",
+        help="start gateway, nodes, one redis-server and one database "
+        "per shard, in the foreground; Ctrl-C stops them all",
+    )
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--port", type=int, default=8080, help="gateway port (0: any free port)")
-    p.add_argument("--db-prefix", default=None,
-                   help="MySQL database name prefix (default: redpacket_<cluster>)")
+    p.add_argument(
+        "--db-prefix",
+        default=None,
+        help="MySQL database name prefix (default: redpacket_<cluster>)",
+    )
     p.add_argument("--expire-s", type=int, default=86400, help="red packet lifetime")
     _cluster_args(p)
     p.set_defaults(func=_dev)
@@ -139,10 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("check", help="check the ledger invariants on every shard")
-    p.add_argument("--ring", help="ring file listing each node's redis and mysql "
-                   "(default: the local cluster's)")
-    p.add_argument("--reconcile-wait", type=float, default=10.0,
-                   help="seconds to let pending claims land before calling them violations")
+    p.add_argument(
+        "--ring",
+        help="ring file listing each node's redis and mysql (default: the local cluster's)",
+    )
+    p.add_argument(
+        "--reconcile-wait",
+        type=float,
+        default=10.0,
+        help="seconds to let pending claims land before calling them violations",
+    )
     _cluster_args(p)
     p.set_defaults(func=_check)
 

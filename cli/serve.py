@@ -17,8 +17,9 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def serve(app: web.Application, host: str, port: int, service: str, log_level: str,
-          access_log: bool) -> None:
+def serve(
+    app: web.Application, *, host: str, port: int, service: str, log_level: str, access_log: bool
+) -> None:
     setup_logging(service, log_level)
     logging.getLogger("aiohttp.access").setLevel(logging.INFO if access_log else logging.WARNING)
     loop = new_event_loop()
@@ -28,7 +29,9 @@ def serve(app: web.Application, host: str, port: int, service: str, log_level: s
         host=host,
         port=port,
         loop=loop,
-        print=lambda *_: logging.getLogger("redpacket").info("%s listening on %s:%s", service, host, port),
+        print=lambda *_: logging.getLogger("redpacket").info(
+            "%s listening on %s:%s", service, host, port
+        ),
         access_log=logging.getLogger("aiohttp.access") if access_log else None,
         shutdown_timeout=10,
         reuse_port=True,

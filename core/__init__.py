@@ -1,1 +1,1 @@
-"""Pieces both services share: JSON errors, settings from the environment, logs, metrics, money rules."""
+"""What both services share: JSON errors, settings from env, logs, metrics, money rules."""

@@ -38,7 +38,7 @@ def invalid(field: str, message: str) -> ApiError:
 
 
 def refuse_unknown_fields(body: Mapping[str, Any], allowed: frozenset[str]) -> None:
-    """Unknown fields are refused everywhere, so a typo like ``total_amout`` never passes silently."""
+    """Unknown fields are refused everywhere: a typo like ``total_amout`` never passes silently."""
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise ApiError(
@@ -64,7 +64,9 @@ def parse_greeting(value: Any, limits: Limits) -> str:
     if not isinstance(value, str):
         raise invalid("greeting", "greeting must be a string")
     if len(value) > limits.max_greeting_chars:
-        raise invalid("greeting", f"greeting must be at most {limits.max_greeting_chars} characters")
+        raise invalid(
+            "greeting", f"greeting must be at most {limits.max_greeting_chars} characters"
+        )
     if any(unicodedata.category(ch) in ("Cc", "Cs", "Co", "Cn") for ch in value):
         raise invalid("greeting", "greeting must not contain control or unassigned characters")
     return value or DEFAULT_GREETING

@@ -97,8 +97,10 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        message = "request body is not valid UTF-8" if "utf-8" in str(exc).lower() else (
-            "request body is not valid JSON"
+        message = (
+            "request body is not valid UTF-8"
+            if "utf-8" in str(exc).lower()
+            else ("request body is not valid JSON")
         )
         raise bad_request("invalid_json", message) from None
     if not isinstance(data, dict):

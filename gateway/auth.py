@@ -57,7 +57,9 @@ class Authenticator:
         if uid is None or not isinstance(claims.get("sub"), str):
             raise unauthenticated("token sub must be the uid as a decimal string")
         name, picture = claims.get("name", ""), claims.get("picture", "")
-        user = User(uid, name if isinstance(name, str) else "", picture if isinstance(picture, str) else "")
+        user = User(
+            uid, name if isinstance(name, str) else "", picture if isinstance(picture, str) else ""
+        )
         if "nbf" not in claims:  # a not-yet-valid token is never cached
             self._remember(token, user, float(claims["exp"]))
         return user
@@ -68,9 +70,7 @@ class Authenticator:
             self._cache.popitem(last=False)
 
 
-def mint_token(
-    secret: str, uid: int, name: str = "", picture: str = "", ttl_s: int = 3600
-) -> str:
+def mint_token(secret: str, uid: int, name: str = "", picture: str = "", ttl_s: int = 3600) -> str:
     """A token as an identity provider would issue it; for local use, demos and tests."""
     now = int(time.time())
     claims = {"sub": str(uid), "name": name, "picture": picture, "iat": now, "exp": now + ttl_s}

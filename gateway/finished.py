@@ -10,6 +10,7 @@ everybody else the final reason. Bounded in size and held for a short TTL.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ class FinishedPackets:
         self._entries: OrderedDict[int, Finished] = OrderedDict()
         self._max_entries = max_entries
         self._ttl_s = ttl_s
-        self.learning: set[int] = set()  # packets whose winners are being fetched
+        self.learning: dict[int, asyncio.Task[None]] = {}  # winners being fetched, by packet
 
     def get(self, packet_id: int) -> Finished | None:
         entry = self._entries.get(packet_id)

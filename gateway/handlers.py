@@ -42,7 +42,9 @@ MAX_ID_ATTEMPTS = 3
 def passthrough(upstream: Upstream) -> web.Response:
     headers = {"Retry-After": upstream.retry_after} if upstream.retry_after else None
     return web.Response(
-        body=upstream.body, status=upstream.status, content_type="application/json",
+        body=upstream.body,
+        status=upstream.status,
+        content_type="application/json",
         headers=headers,
     )
 
@@ -59,8 +61,11 @@ async def _empty_body(request: web.Request) -> None:
 
 def _valid_idempotency_key(raw: str) -> str:
     if not (0 < len(raw) <= 255 and raw.isascii() and raw.isprintable()):
-        raise ApiError(400, "invalid_idempotency_key",
-                       "Idempotency-Key must be 1 to 255 printable ASCII characters")
+        raise ApiError(
+            400,
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1 to 255 printable ASCII characters",
+        )
     return raw
 
 
@@ -86,14 +91,20 @@ async def create_packet(request: web.Request) -> web.Response:
         for _ in range(MAX_ID_ATTEMPTS):
             packet_id = ids.next_id()
             upstream = await shards.packet_call(
-                packet_id, "POST", "/internal/v1/packets",
+                packet_id,
+                "POST",
+                "/internal/v1/packets",
                 body={**fields, "red_packet_id": str(packet_id)},
             )
             if upstream.error_code() != "id_collision":
                 return passthrough(upstream)
             log.warning("red packet id %s collided; retrying with a new id", packet_id)
-        raise ApiError(503, "unavailable", "could not allocate a red packet id; retry",
-                       headers={"Retry-After": "1"})
+        raise ApiError(
+            503,
+            "unavailable",
+            "could not allocate a red packet id; retry",
+            headers={"Retry-After": "1"},
+        )
 
     key = _valid_idempotency_key(raw_key)
     request_hash = hashlib.sha256(
@@ -101,16 +112,25 @@ async def create_packet(request: web.Request) -> web.Response:
     ).hexdigest()
     fields["create_token"] = hashlib.sha256(f"{user.uid}:{key}".encode()).hexdigest()[:32]
     bound = await shards.call(
-        shards.user_owner(user.uid), "POST", "/internal/v1/idempotency-keys",
-        body={"uid": str(user.uid), "key": key, "request_hash": request_hash,
-              "red_packet_id": str(ids.next_id())},
+        shards.user_owner(user.uid),
+        "POST",
+        "/internal/v1/idempotency-keys",
+        body={
+            "uid": str(user.uid),
+            "key": key,
+            "request_hash": request_hash,
+            "red_packet_id": str(ids.next_id()),
+        },
     )
     if bound.status != 200:
         return passthrough(bound)
     binding = bound.json()
     if binding["request_hash"] != request_hash:
-        raise ApiError(422, "idempotency_key_reused",
-                       "this Idempotency-Key was already used for a different red packet")
+        raise ApiError(
+            422,
+            "idempotency_key_reused",
+            "this Idempotency-Key was already used for a different red packet",
+        )
     packet_id = int(binding["red_packet_id"])
     upstream = await shards.packet_call(
         packet_id, "POST", "/internal/v1/packets", body={**fields, "red_packet_id": str(packet_id)}
@@ -189,7 +209,9 @@ async def open_packet(request: web.Request) -> web.Response:
         raise _final_error(finished.reason)
     app[OPEN_LIMIT].take(user.uid)
     upstream = await app[SHARDS].packet_call(
-        packet_id, "POST", f"/internal/v1/packets/{packet_id}/open",
+        packet_id,
+        "POST",
+        f"/internal/v1/packets/{packet_id}/open",
         body={"uid": str(user.uid), "nick_name": user.nick_name, "img_url": user.img_url},
     )
     if upstream.status == 410:
@@ -208,7 +230,6 @@ def _learn_winners(app: web.Application, packet_id: int) -> None:
     finished = app[FINISHED]
     if packet_id in finished.learning:
         return
-    finished.learning.add(packet_id)
 
     async def learn() -> None:
         try:
@@ -223,9 +244,9 @@ def _learn_winners(app: web.Application, packet_id: int) -> None:
             log.debug("could not learn winners of %s", packet_id, exc_info=True)
         finally:
             # a packet whose last commits are still landing is asked again a little later
-            asyncio.get_running_loop().call_later(0.2, finished.learning.discard, packet_id)
+            asyncio.get_running_loop().call_later(0.2, finished.learning.pop, packet_id, None)
 
-    asyncio.ensure_future(learn())
+    finished.learning[packet_id] = asyncio.ensure_future(learn())
 
 
 # -- service --------------------------------------------------------------------------------

@@ -32,7 +32,9 @@ class RateLimiter:
             retry_after = max(1, math.ceil((1 - tokens) / self._per_s))
             self._buckets[uid] = (tokens, now)
             raise ApiError(
-                429, "rate_limited", "too many requests; slow down",
+                429,
+                "rate_limited",
+                "too many requests; slow down",
                 headers={"Retry-After": str(retry_after)},
             )
         self._buckets[uid] = (tokens - 1, now)

@@ -65,7 +65,9 @@ class GatewaySettings:
             ),
             finished_ttl_s=env_float(env, "REDPACKET_FINISHED_TTL_S", cls.finished_ttl_s),
             generator_id=int(generator) if generator else None,
-            max_body_bytes=env_int(env, "REDPACKET_MAX_BODY_BYTES", cls.max_body_bytes, minimum=256),
+            max_body_bytes=env_int(
+                env, "REDPACKET_MAX_BODY_BYTES", cls.max_body_bytes, minimum=256
+            ),
             ring_poll_s=env_float(env, "REDPACKET_RING_POLL_S", cls.ring_poll_s),
             log_level=env_str(env, "REDPACKET_LOG_LEVEL", cls.log_level),
             access_log=env_bool(env, "REDPACKET_ACCESS_LOG", cls.access_log),

@@ -162,8 +162,12 @@ class RingWatcher:
         try:
             doc = RingDoc.load(self._path)
         except (OSError, RingError) as exc:
-            log.error("ring file %s is unusable, keeping version %s: %s",
-                      self._path, self._shards.ring_doc.version, exc)
+            log.error(
+                "ring file %s is unusable, keeping version %s: %s",
+                self._path,
+                self._shards.ring_doc.version,
+                exc,
+            )
             return False
         if doc != self._shards.ring_doc:
             self._shards.use_ring(doc)

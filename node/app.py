@@ -66,7 +66,9 @@ def node_auth_middleware(secret: str) -> Any:
         if request.path.startswith("/internal/"):
             given = request.headers.get(NODE_SECRET_HEADER, "").encode()
             if not hmac.compare_digest(given, expected):
-                raise ApiError(401, "unauthenticated", "shard nodes accept calls from the gateway only")
+                raise ApiError(
+                    401, "unauthenticated", "shard nodes accept calls from the gateway only"
+                )
         return await handler(request)
 
     return middleware
@@ -78,7 +80,9 @@ async def stores_ctx(app: web.Application) -> AsyncIterator[None]:
     ledger = await Ledger.connect(
         settings.mysql_url, settings.mysql_pool_size, timeout_s=settings.mysql_timeout_s
     )
-    redis_client = connect_redis(settings.redis_url, settings.redis_cluster, settings.redis_pool_size)
+    redis_client = connect_redis(
+        settings.redis_url, settings.redis_cluster, settings.redis_pool_size
+    )
     try:
         await ledger.apply_schema()
         counters = Counters(redis_client)

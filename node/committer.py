@@ -54,8 +54,9 @@ class GroupCommitter:
 
     async def stop(self) -> None:
         """Finish what is queued, then stop the workers."""
-        while self._queue or any(self._inflight.values()):
-            await asyncio.sleep(0.01)
+        while self._inflight:
+            waiting = [f for futures in self._inflight.values() for f in futures]
+            await asyncio.gather(*waiting, return_exceptions=True)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -135,7 +136,9 @@ class GroupCommitter:
                     future.set_result(claim.amount)
         await self._settle(claims)
 
-    async def _commit_one_by_one(self, by_key: dict[Key, tuple[Claim, list[asyncio.Future[int]]]]) -> None:
+    async def _commit_one_by_one(
+        self, by_key: dict[Key, tuple[Claim, list[asyncio.Future[int]]]]
+    ) -> None:
         settled: list[Claim] = []
         for claim, futures in by_key.values():
             try:
@@ -176,4 +179,6 @@ class GroupCommitter:
         try:
             await self._counters.settle(claims)
         except Exception:
-            log.warning("could not clear %d settled claims from pending", len(claims), exc_info=True)
+            log.warning(
+                "could not clear %d settled claims from pending", len(claims), exc_info=True
+            )

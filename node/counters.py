@@ -60,12 +60,21 @@ def connect_redis(url: str, cluster: bool, pool_size: int) -> RedisClient:
     errors = [RedisConnectionError, RedisTimeoutError]
     if cluster:
         return RedisCluster.from_url(
-            url, decode_responses=True, max_connections=pool_size, retry=retry,
-            retry_on_error=errors, socket_timeout=5,
+            url,
+            decode_responses=True,
+            max_connections=pool_size,
+            retry=retry,
+            retry_on_error=errors,
+            socket_timeout=5,
         )
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, decode_responses=True, max_connections=pool_size, timeout=5,
-        retry=retry, retry_on_error=errors, socket_timeout=5,
+        url,
+        decode_responses=True,
+        max_connections=pool_size,
+        timeout=5,
+        retry=retry,
+        retry_on_error=errors,
+        socket_timeout=5,
     )
     return aioredis.Redis(connection_pool=pool)
 
@@ -159,7 +168,7 @@ class Counters:
         await pipe.execute()
 
     async def packets_with_pending(self) -> AsyncIterator[int]:
-        """Every packet that has claims not yet in MySQL; a full keyspace scan, for background use."""
+        """Every packet with claims not yet in MySQL: a full keyspace scan, for background use."""
         async for key in self.client.scan_iter(match=PENDING_PATTERN, count=1000):
             yield packet_id_of(key)
 

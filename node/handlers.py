@@ -103,8 +103,15 @@ def _str(body: dict[str, Any], field: str) -> str:
 
 
 CREATE_FIELDS = frozenset(
-    {"red_packet_id", "uid", "total_amount", "total_packet", "greeting", "expire_seconds",
-     "create_token"}
+    {
+        "red_packet_id",
+        "uid",
+        "total_amount",
+        "total_packet",
+        "greeting",
+        "expire_seconds",
+        "create_token",
+    }
 )
 
 
@@ -120,8 +127,10 @@ async def create(request: web.Request) -> web.Response:
         settings.limits,
     )
     expire_s = body.get("expire_seconds")
-    if not isinstance(expire_s, int) or isinstance(expire_s, bool) or not (
-        1 <= expire_s <= settings.max_expire_s
+    if (
+        not isinstance(expire_s, int)
+        or isinstance(expire_s, bool)
+        or not (1 <= expire_s <= settings.max_expire_s)
     ):
         raise bad_request("invalid_field", f"expire_seconds must be 1..{settings.max_expire_s}")
     token = _str(body, "create_token")
@@ -180,8 +189,9 @@ async def records(request: web.Request) -> web.Response:
     packet_id = parse_packet_id(request.match_info["id"])
     raw_limit = request.query.get("limit", "20")
     if not (raw_limit.isascii() and raw_limit.isdigit() and 1 <= int(raw_limit) <= 100):
-        raise ApiError(400, "invalid_field", "limit must be an integer from 1 to 100",
-                       extra={"field": "limit"})
+        raise ApiError(
+            400, "invalid_field", "limit must be an integer from 1 to 100", extra={"field": "limit"}
+        )
     limit = int(raw_limit)
     cursor = request.query.get("cursor")
     after = decode_cursor(cursor) if cursor else None
@@ -214,7 +224,13 @@ async def claim_idempotency_key(request: web.Request) -> web.Response:
     refuse_unknown_fields(body, frozenset({"uid", "key", "request_hash", "red_packet_id"}))
     key, request_hash = _str(body, "key"), _str(body, "request_hash")
     packet_id = parse_uid(body.get("red_packet_id"))
-    if not key or len(key) > 255 or not key.isascii() or packet_id is None or len(request_hash) != 64:
+    if (
+        not key
+        or len(key) > 255
+        or not key.isascii()
+        or packet_id is None
+        or len(request_hash) != 64
+    ):
         raise bad_request("invalid_field", "key, request_hash or red_packet_id is malformed")
     try:
         bound_id, bound_hash = await request.app[SHARD].ledger.claim_idempotency_key(
@@ -238,5 +254,7 @@ async def readyz(request: web.Request) -> web.Response:
         except Exception as exc:
             problems[name] = type(exc).__name__
     if problems:
-        raise ApiError(503, "unavailable", "a store of this shard is down", extra={"down": problems})
+        raise ApiError(
+            503, "unavailable", "a store of this shard is down", extra={"down": problems}
+        )
     return json_response({"ready": True, "node": request.app[SETTINGS].name})

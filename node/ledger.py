@@ -23,7 +23,9 @@ import pymysql
 
 # "CREATE ... IF NOT EXISTS" on something that exists is the normal case for an idempotent
 # schema, not news: keep PyMySQL from printing a warning for it at every start.
-warnings.filterwarnings("ignore", message=r".*(already exists|database exists)", category=pymysql.Warning)
+warnings.filterwarnings(
+    "ignore", message=r".*(already exists|database exists)", category=pymysql.Warning
+)
 
 _EPOCH = dt.datetime(1970, 1, 1)
 _MS = dt.timedelta(milliseconds=1)
@@ -135,8 +137,10 @@ def _packet(row: tuple[Any, ...]) -> PacketRow:
 def _is_down(exc: BaseException) -> bool:
     if isinstance(exc, (TimeoutError, ConnectionError)):
         return True
-    return isinstance(exc, pymysql.err.OperationalError) and bool(exc.args) and (
-        exc.args[0] in _DOWN_CODES
+    return (
+        isinstance(exc, pymysql.err.OperationalError)
+        and bool(exc.args)
+        and (exc.args[0] in _DOWN_CODES)
     )
 
 
@@ -208,16 +212,23 @@ class Ledger:
     # -- packets ------------------------------------------------------------------------
 
     async def insert_packet(self, row: PacketRow) -> tuple[PacketRow, bool]:
-        """Insert a new packet; ``(row, created)``. A retry with the same token returns the first."""
+        """Insert a packet: ``(row, created)``; a retry with the same token gets the first row."""
         async with self._conn() as conn, conn.cursor() as cur:
             try:
                 await cur.execute(
                     f"INSERT INTO red_packet_info ({_PACKET_COLUMNS}) "
                     "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                     (
-                        row.red_packet_id, row.uid, row.total_amount, row.total_packet,
-                        row.remaining_amount, row.remaining_packet, row.greeting, row.status,
-                        row.create_token, to_datetime(row.create_time_ms),
+                        row.red_packet_id,
+                        row.uid,
+                        row.total_amount,
+                        row.total_packet,
+                        row.remaining_amount,
+                        row.remaining_packet,
+                        row.greeting,
+                        row.status,
+                        row.create_token,
+                        to_datetime(row.create_time_ms),
                         to_datetime(row.expire_time_ms),
                     ),
                 )
@@ -286,8 +297,14 @@ class Ledger:
                     "(red_packet_id, uid, amount, nick_name, img_url, create_time) "
                     "VALUES (%s, %s, %s, %s, %s, %s)",
                     [
-                        (c.red_packet_id, c.uid, c.amount, c.nick_name, c.img_url,
-                         to_datetime(c.claimed_at_ms))
+                        (
+                            c.red_packet_id,
+                            c.uid,
+                            c.amount,
+                            c.nick_name,
+                            c.img_url,
+                            to_datetime(c.claimed_at_ms),
+                        )
                         for c in claims
                     ],
                 )
@@ -330,8 +347,14 @@ class Ledger:
                     "INSERT INTO red_packet_record "
                     "(red_packet_id, uid, amount, nick_name, img_url, create_time) "
                     "VALUES (%s, %s, %s, %s, %s, %s)",
-                    (claim.red_packet_id, claim.uid, claim.amount, claim.nick_name,
-                     claim.img_url, to_datetime(claim.claimed_at_ms)),
+                    (
+                        claim.red_packet_id,
+                        claim.uid,
+                        claim.amount,
+                        claim.nick_name,
+                        claim.img_url,
+                        to_datetime(claim.claimed_at_ms),
+                    ),
                 )
                 await self._mark_sold_out(cur, [claim.red_packet_id])
                 await conn.commit()
@@ -361,7 +384,7 @@ class Ledger:
     async def records(
         self, packet_id: int, limit: int, after: tuple[int, int] | None
     ) -> list[RecordRow]:
-        """Newest first; ``after`` is the (create_time_ms, uid) of the last record of the previous page."""
+        """Newest first; ``after`` is (create_time_ms, uid) of the previous page's last record."""
         sql = (
             "SELECT uid, nick_name, img_url, amount, create_time FROM red_packet_record "
             "WHERE red_packet_id = %s"
@@ -472,8 +495,12 @@ async def ensure_database(target: MysqlTarget) -> None:
     if not target.database:
         return
     conn = await aiomysql.connect(
-        host=target.host, port=target.port, user=target.user, password=target.password,
-        charset="utf8mb4", connect_timeout=5,
+        host=target.host,
+        port=target.port,
+        user=target.user,
+        password=target.password,
+        charset="utf8mb4",
+        connect_timeout=5,
     )
     try:
         async with conn.cursor() as cur:

@@ -58,9 +58,13 @@ class NodeSettings:
             port=env_int(env, "REDPACKET_PORT", cls.port, minimum=0),
             redis_url=_with_ordinal(env_str(env, "REDPACKET_REDIS_URL", cls.redis_url), ordinal),
             redis_cluster=env_bool(env, "REDPACKET_REDIS_CLUSTER", cls.redis_cluster),
-            redis_pool_size=env_int(env, "REDPACKET_REDIS_POOL_SIZE", cls.redis_pool_size, minimum=1),
+            redis_pool_size=env_int(
+                env, "REDPACKET_REDIS_POOL_SIZE", cls.redis_pool_size, minimum=1
+            ),
             mysql_url=_with_ordinal(env_str(env, "REDPACKET_MYSQL_URL", cls.mysql_url), ordinal),
-            mysql_pool_size=env_int(env, "REDPACKET_MYSQL_POOL_SIZE", cls.mysql_pool_size, minimum=1),
+            mysql_pool_size=env_int(
+                env, "REDPACKET_MYSQL_POOL_SIZE", cls.mysql_pool_size, minimum=1
+            ),
             mysql_timeout_s=env_float(env, "REDPACKET_MYSQL_TIMEOUT_S", cls.mysql_timeout_s),
             node_secret=env_str(env, "REDPACKET_NODE_SECRET", ""),
             limits=Limits(
@@ -74,7 +78,9 @@ class NodeSettings:
             redis_retention_s=env_int(
                 env, "REDPACKET_REDIS_RETENTION_S", cls.redis_retention_s, minimum=0
             ),
-            commit_max_batch=env_int(env, "REDPACKET_COMMIT_MAX_BATCH", cls.commit_max_batch, minimum=1),
+            commit_max_batch=env_int(
+                env, "REDPACKET_COMMIT_MAX_BATCH", cls.commit_max_batch, minimum=1
+            ),
             commit_workers=env_int(env, "REDPACKET_COMMIT_WORKERS", cls.commit_workers, minimum=1),
             admission_wait_s=env_float(env, "REDPACKET_ADMISSION_WAIT_S", cls.admission_wait_s),
             reconcile_interval_s=env_float(
@@ -82,7 +88,9 @@ class NodeSettings:
             ),
             sweep_interval_s=env_float(env, "REDPACKET_SWEEP_INTERVAL_S", cls.sweep_interval_s),
             refund_grace_s=env_float(env, "REDPACKET_REFUND_GRACE_S", cls.refund_grace_s),
-            max_body_bytes=env_int(env, "REDPACKET_MAX_BODY_BYTES", cls.max_body_bytes, minimum=256),
+            max_body_bytes=env_int(
+                env, "REDPACKET_MAX_BODY_BYTES", cls.max_body_bytes, minimum=256
+            ),
             log_level=env_str(env, "REDPACKET_LOG_LEVEL", cls.log_level),
             access_log=env_bool(env, "REDPACKET_ACCESS_LOG", cls.access_log),
         )

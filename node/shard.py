@@ -64,7 +64,9 @@ def expired() -> ApiError:
 
 def frozen() -> ApiError:
     return ApiError(
-        409, "packet_frozen", "this red packet is moving between shards; retry shortly",
+        409,
+        "packet_frozen",
+        "this red packet is moving between shards; retry shortly",
         headers={"Retry-After": "1"},
     )
 
@@ -123,7 +125,9 @@ class Shard:
             raise unavailable("the shard's database is unavailable") from None
         if created:
             with contextlib.suppress(Exception):  # Redis missing it is repaired on first use
-                await self.counters.load(stored, {}, replace=False, drop_at_ms=self._drop_at(stored))
+                await self.counters.load(
+                    stored, {}, replace=False, drop_at_ms=self._drop_at(stored)
+                )
         return stored, created
 
     # -- grab ---------------------------------------------------------------------------
@@ -141,7 +145,9 @@ class Shard:
 
     # -- open ---------------------------------------------------------------------------
 
-    async def open(self, packet_id: int, uid: int, nick_name: str, img_url: str) -> tuple[int, bool]:
+    async def open(
+        self, packet_id: int, uid: int, nick_name: str, img_url: str
+    ) -> tuple[int, bool]:
         """``(amount, replayed)`` once MySQL holds the share; ApiError otherwise."""
         nick_name = nick_name[:NICK_MAX]
         img_url = img_url if len(img_url) <= IMG_URL_MAX else ""
@@ -212,7 +218,7 @@ class Shard:
         gate.loading = asyncio.ensure_future(load())
 
     async def winners(self, packet_id: int) -> tuple[Outcome | None, dict[int, int], bool]:
-        """``(final reason or None, uid -> amount, every claim committed)`` for the gateway's memory."""
+        """``(final reason or None, uid -> amount, all committed)``, for the gateway's memory."""
         info, claims, pending = packet_keys(packet_id)
         pipe = self.counters.client.pipeline(transaction=False)
         pipe.hmget(info, "remaining_packet", "expire_at_ms")
@@ -247,7 +253,7 @@ class Shard:
                 self._locks[packet_id] = (lock, users - 1)
 
     async def _wait_for_local_rebuild(self, packet_id: int) -> bool:
-        """If this node froze the packet itself (a resync), wait for it; False if someone else did."""
+        """If this node froze the packet (a resync), wait for it; False if someone else did."""
         entry = self._locks.get(packet_id)
         if entry is None:
             return False
@@ -255,7 +261,7 @@ class Shard:
             return True
 
     async def quiesce(self, packet_id: int) -> None:
-        """Wait until no open of this packet is between its script and its commit, nor committing."""
+        """Wait until no open of this packet is between its script and its commit."""
         while (gate := self.admission.peek(packet_id)) is not None and not gate.idle():
             await gate.wait_changed(0.05)
         await self.committer.drain(packet_id)
@@ -287,7 +293,9 @@ class Shard:
 
     async def resync(self, packet_id: int) -> None:
         """Make Redis agree with MySQL for one packet after they were found to disagree."""
-        log.warning("red packet %s: Redis and MySQL disagree, rebuilding Redis from MySQL", packet_id)
+        log.warning(
+            "red packet %s: Redis and MySQL disagree, rebuilding Redis from MySQL", packet_id
+        )
         try:
             await self.rebuild(packet_id, replace=True)
         except Exception:

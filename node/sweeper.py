@@ -20,7 +20,9 @@ log = logging.getLogger("redpacket.node.sweeper")
 
 
 class Sweeper:
-    def __init__(self, shard: Shard, reconciler: Reconciler, interval_s: float, grace_s: float) -> None:
+    def __init__(
+        self, shard: Shard, reconciler: Reconciler, interval_s: float, grace_s: float
+    ) -> None:
         self._shard = shard
         self._reconciler = reconciler
         self._interval_s = interval_s
@@ -35,7 +37,7 @@ class Sweeper:
             await asyncio.sleep(self._interval_s)
 
     async def sweep_once(self, batch: int = 200) -> list[tuple[int, int]]:
-        """Refund every packet that is due; ``(packet id, refunded cents)`` for each one refunded."""
+        """Refund every packet that is due: ``(packet id, cents)`` for each one refunded."""
         shard = self._shard
         now = now_ms()
         refunded = []
@@ -47,5 +49,7 @@ class Sweeper:
             if amount is not None:
                 REFUNDS.inc()
                 refunded.append((packet_id, amount))
-                log.info("red packet %s expired: refunded %d cents to its sender", packet_id, amount)
+                log.info(
+                    "red packet %s expired: refunded %d cents to its sender", packet_id, amount
+                )
         return refunded

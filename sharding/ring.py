@@ -67,9 +67,7 @@ class Ring:
         if len(set(names)) != len(names):
             raise RingError(f"node names must be unique: {names}")
         self.nodes: dict[str, NodeSpec] = {n.name: n for n in nodes}
-        self._hash = HashRing(
-            nodes={n.name: {"weight": n.weight} for n in nodes}, hash_fn="ketama"
-        )
+        self._hash = HashRing(nodes={n.name: {"weight": n.weight} for n in nodes}, hash_fn="ketama")
 
     def owner_of_key(self, key: str) -> NodeSpec:
         return self.nodes[self._hash.get_node(key)]

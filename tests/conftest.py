@@ -76,9 +76,22 @@ class RedisServer:
 
 def _spawn_redis(port: int, data: Path, *extra: str) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(data), *extra],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(data),
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -94,8 +107,10 @@ def _spawn_redis(port: int, data: Path, *extra: str) -> subprocess.Popen[bytes]:
 def redis_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A factory of fresh redis-server processes, all stopped at the end of the session."""
     if shutil.which("redis-server") is None:
-        pytest.fail("redis-server is not installed: run `make test` (it installs it) or "
-                    "`apt-get install redis-server`")
+        pytest.fail(
+            "redis-server is not installed: run `make test` (it installs it) or "
+            "`apt-get install redis-server`"
+        )
     started: list[RedisServer] = []
 
     def start(*extra: str) -> RedisServer:
@@ -115,11 +130,18 @@ async def mysql_databases() -> AsyncIterator[Any]:
     """A factory of fresh MySQL databases on the test server, dropped at the end."""
     target = parse_mysql_url(MYSQL_SERVER)
     try:
-        conn = await aiomysql.connect(host=target.host, port=target.port, user=target.user,
-                                      password=target.password, autocommit=True)
+        conn = await aiomysql.connect(
+            host=target.host,
+            port=target.port,
+            user=target.user,
+            password=target.password,
+            autocommit=True,
+        )
     except Exception as exc:
-        pytest.fail(f"cannot reach MySQL at {MYSQL_SERVER} ({exc}): run `make test` "
-                    "(it installs and starts MariaDB) or set REDPACKET_MYSQL_URL")
+        pytest.fail(
+            f"cannot reach MySQL at {MYSQL_SERVER} ({exc}): run `make test` "
+            "(it installs and starts MariaDB) or set REDPACKET_MYSQL_URL"
+        )
     made: list[str] = []
 
     def make(label: str) -> str:
@@ -157,30 +179,47 @@ class NodeHandle:
         return self.app[SHARD]
 
     def spec(self) -> NodeSpec:
-        return NodeSpec(self.settings.name, self.url, 1, self.settings.redis_url,
-                        self.settings.mysql_url)
+        return NodeSpec(
+            self.settings.name, self.url, 1, self.settings.redis_url, self.settings.mysql_url
+        )
 
-    async def call(self, method: str, path: str, body: Any = None, **params: str) -> tuple[int, Any]:
+    async def call(
+        self, method: str, path: str, body: Any = None, **params: str
+    ) -> tuple[int, Any]:
         async with self.session.request(
-            method, self.url + path, json=body, params=params or None,
+            method,
+            self.url + path,
+            json=body,
+            params=params or None,
             headers={NODE_SECRET_HEADER: self.secret},
         ) as resp:
             return resp.status, await resp.json()
 
-    async def create(self, total_amount: int, total_packet: int, *, uid: int = 1,
-                     expire_seconds: int = 3600) -> int:
+    async def create(
+        self, total_amount: int, total_packet: int, *, uid: int = 1, expire_seconds: int = 3600
+    ) -> int:
         packet_id = IDS.next_id()
-        status, body = await self.call("POST", "/internal/v1/packets", {
-            "red_packet_id": str(packet_id), "uid": str(uid), "total_amount": total_amount,
-            "total_packet": total_packet, "expire_seconds": expire_seconds,
-            "create_token": secrets.token_hex(16),
-        })
+        status, body = await self.call(
+            "POST",
+            "/internal/v1/packets",
+            {
+                "red_packet_id": str(packet_id),
+                "uid": str(uid),
+                "total_amount": total_amount,
+                "total_packet": total_packet,
+                "expire_seconds": expire_seconds,
+                "create_token": secrets.token_hex(16),
+            },
+        )
         assert status == 201, body
         return packet_id
 
     async def open(self, packet_id: int, uid: int, nick: str = "") -> tuple[int, Any]:
-        return await self.call("POST", f"/internal/v1/packets/{packet_id}/open",
-                               {"uid": str(uid), "nick_name": nick or f"user{uid}", "img_url": ""})
+        return await self.call(
+            "POST",
+            f"/internal/v1/packets/{packet_id}/open",
+            {"uid": str(uid), "nick_name": nick or f"user{uid}", "img_url": ""},
+        )
 
     async def grab(self, packet_id: int, uid: int) -> tuple[int, Any]:
         return await self.call("POST", f"/internal/v1/packets/{packet_id}/grab", {"uid": str(uid)})
@@ -191,7 +230,9 @@ class NodeHandle:
         return report
 
 
-async def start_node(redis: RedisServer, mysql_url: str, **overrides: str) -> tuple[web.AppRunner, NodeHandle]:
+async def start_node(
+    redis: RedisServer, mysql_url: str, **overrides: str
+) -> tuple[web.AppRunner, NodeHandle]:
     secret = secrets.token_hex(16)
     env = {
         "REDPACKET_NODE_NAME": "shard-t",
@@ -263,8 +304,12 @@ class Cluster:
 
     def token(self, uid: int, name: str | None = None) -> str:
         if uid not in self.tokens:
-            self.tokens[uid] = mint_token(self.state["jwt_secret"], uid, name or f"user{uid}",
-                                          f"https://img.example/{uid}.png")
+            self.tokens[uid] = mint_token(
+                self.state["jwt_secret"],
+                uid,
+                name or f"user{uid}",
+                f"https://img.example/{uid}.png",
+            )
         return self.tokens[uid]
 
     def shard_of(self, packet_id: int) -> str:
@@ -301,21 +346,32 @@ class Cluster:
     def log(self) -> str:
         return self.output.read_text()[-3000:]
 
-    async def call(self, method: str, path: str, uid: int | None = None, body: Any = None,
-                   headers: dict[str, str] | None = None, **params: str) -> tuple[int, Any]:
+    async def call(
+        self,
+        method: str,
+        path: str,
+        uid: int | None = None,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        **params: str,
+    ) -> tuple[int, Any]:
         assert self.session is not None
         all_headers = dict(headers or {})
         if uid is not None:
             all_headers["Authorization"] = f"Bearer {self.token(uid)}"
-        async with self.session.request(method, self.url + path, json=body,
-                                        params=params or None, headers=all_headers) as resp:
+        async with self.session.request(
+            method, self.url + path, json=body, params=params or None, headers=all_headers
+        ) as resp:
             data = await resp.json(content_type=None)
             return resp.status, data
 
     async def create(self, uid: int, total_amount: int, total_packet: int, **extra: Any) -> str:
-        status, body = await self.call("POST", "/v1/red-packets", uid,
-                                       {"total_amount": total_amount, "total_packet": total_packet,
-                                        **extra})
+        status, body = await self.call(
+            "POST",
+            "/v1/red-packets",
+            uid,
+            {"total_amount": total_amount, "total_packet": total_packet, **extra},
+        )
         assert status == 201, body
         return body["red_packet_id"]
 
@@ -361,9 +417,24 @@ async def start_cluster(var: Path, shards: int = 2, **env: str) -> Cluster:
     }
     with output.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "redpacket.cli", "dev", "up", "--shards", str(shards),
-             "--port", "0", "--cluster", name, "--var", str(var)],
-            stdout=out, stderr=subprocess.STDOUT, env=environment,
+            [
+                sys.executable,
+                "-m",
+                "redpacket.cli",
+                "dev",
+                "up",
+                "--shards",
+                str(shards),
+                "--port",
+                "0",
+                "--cluster",
+                name,
+                "--var",
+                str(var),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=environment,
         )
     cluster = Cluster(name, var / name, proc, output)
     deadline = time.monotonic() + 60
@@ -380,7 +451,9 @@ async def start_cluster(var: Path, shards: int = 2, **env: str) -> Cluster:
 
 
 @pytest_asyncio.fixture(scope="session")
-async def cluster(tmp_path_factory: pytest.TempPathFactory, mysql_databases: Any) -> AsyncIterator[Cluster]:
+async def cluster(
+    tmp_path_factory: pytest.TempPathFactory, mysql_databases: Any
+) -> AsyncIterator[Cluster]:
     """The shared 2-shard cluster for end-to-end tests that do not break it."""
     handle = await start_cluster(tmp_path_factory.mktemp("clusters"))
     yield handle
@@ -390,7 +463,9 @@ async def cluster(tmp_path_factory: pytest.TempPathFactory, mysql_databases: Any
 
 
 @pytest_asyncio.fixture
-async def make_cluster(tmp_path_factory: pytest.TempPathFactory, mysql_databases: Any) -> AsyncIterator[Any]:
+async def make_cluster(
+    tmp_path_factory: pytest.TempPathFactory, mysql_databases: Any
+) -> AsyncIterator[Any]:
     """A factory of private clusters, for tests that kill, stop or starve parts of them."""
     made: list[Cluster] = []
 

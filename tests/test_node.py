@@ -13,7 +13,9 @@ from tests.faults import TcpProxy
 
 
 def observed(packet_id: int, results: list[tuple[int, int, Any]]) -> list[Observed]:
-    return [Observed(packet_id, uid, body["amount"]) for uid, status, body in results if status == 200]
+    return [
+        Observed(packet_id, uid, body["amount"]) for uid, status, body in results if status == 200
+    ]
 
 
 async def open_all(node: NodeHandle, packet_id: int, uids: list[int]) -> list[tuple[int, int, Any]]:
@@ -43,7 +45,7 @@ async def test_same_user_opening_50_times_at_once_gets_one_share(node: NodeHandl
     amounts = {body["amount"] for _, _, body in results}
     assert len(amounts) == 1
     assert sum(1 for _, _, body in results if not body["replayed"]) == 1
-    status, info = await node.call("GET", f"/internal/v1/packets/{packet_id}")
+    _, info = await node.call("GET", f"/internal/v1/packets/{packet_id}")
     assert info["remaining_packet"] == 9
     assert info["remaining_amount"] == 1000 - amounts.pop()
     await node.check(observed(packet_id, results))
@@ -53,8 +55,12 @@ async def test_last_share_takes_the_rest(node: NodeHandle) -> None:
     packet_id = await node.create(total_amount=500, total_packet=3)
     amounts = [(await node.open(packet_id, uid))[1]["amount"] for uid in (1, 2, 3)]
     assert sum(amounts) == 500
-    status, info = await node.call("GET", f"/internal/v1/packets/{packet_id}")
-    assert (info["remaining_amount"], info["remaining_packet"], info["status"]) == (0, 0, "sold_out")
+    _, info = await node.call("GET", f"/internal/v1/packets/{packet_id}")
+    assert (info["remaining_amount"], info["remaining_packet"], info["status"]) == (
+        0,
+        0,
+        "sold_out",
+    )
 
 
 async def test_every_share_is_at_least_one_cent_when_money_is_tight(node: NodeHandle) -> None:
@@ -90,7 +96,9 @@ async def test_grab_tells_without_taking(node: NodeHandle) -> None:
     assert (await node.grab(packet_id, 1))[1] == {"can_open": True}  # nothing was reserved
     _, first = await node.open(packet_id, 1)
     assert (await node.grab(packet_id, 1))[1] == {
-        "can_open": False, "reason": "already_opened", "amount": first["amount"]
+        "can_open": False,
+        "reason": "already_opened",
+        "amount": first["amount"],
     }
     await node.open(packet_id, 2)
     assert (await node.grab(packet_id, 3))[1] == {"can_open": False, "reason": "sold_out"}
@@ -129,32 +137,57 @@ async def test_records_are_newest_first_and_paged(node: NodeHandle) -> None:
 
 
 async def test_create_is_idempotent_and_a_reused_id_is_refused(node: NodeHandle) -> None:
-    body = {"red_packet_id": "4242424242", "uid": "9", "total_amount": 100, "total_packet": 2,
-            "expire_seconds": 60, "create_token": "a" * 32}
+    body = {
+        "red_packet_id": "4242424242",
+        "uid": "9",
+        "total_amount": 100,
+        "total_packet": 2,
+        "expire_seconds": 60,
+        "create_token": "a" * 32,
+    }
     status, first = await node.call("POST", "/internal/v1/packets", body)
     assert status in (200, 201)
     status, again = await node.call("POST", "/internal/v1/packets", body)
     assert (status, again["red_packet_id"]) == (200, first["red_packet_id"])
-    status, clash = await node.call("POST", "/internal/v1/packets", {**body, "create_token": "b" * 32})
+    status, clash = await node.call(
+        "POST", "/internal/v1/packets", {**body, "create_token": "b" * 32}
+    )
     assert (status, clash["error"]["code"]) == (409, "id_collision")
 
 
 async def test_bad_input_is_refused_and_changes_nothing(node: NodeHandle) -> None:
     packet_id = await node.create(total_amount=100, total_packet=2)
-    base = {"red_packet_id": "777000111", "uid": "9", "total_amount": 100, "total_packet": 2,
-            "expire_seconds": 60, "create_token": "c" * 32}
-    for change in ({"total_amount": -5}, {"total_amount": 1.5}, {"total_amount": "100"},
-                   {"total_amount": 1, "total_packet": 2}, {"total_packet": 101},
-                   {"total_amount": 20_001}, {"red_packet_id": "x"}, {"uid": "-1"},
-                   {"expire_seconds": 0}, {"surprise": 1}):
+    base = {
+        "red_packet_id": "777000111",
+        "uid": "9",
+        "total_amount": 100,
+        "total_packet": 2,
+        "expire_seconds": 60,
+        "create_token": "c" * 32,
+    }
+    for change in (
+        {"total_amount": -5},
+        {"total_amount": 1.5},
+        {"total_amount": "100"},
+        {"total_amount": 1, "total_packet": 2},
+        {"total_packet": 101},
+        {"total_amount": 20_001},
+        {"red_packet_id": "x"},
+        {"uid": "-1"},
+        {"expire_seconds": 0},
+        {"surprise": 1},
+    ):
         status, body = await node.call("POST", "/internal/v1/packets", {**base, **change})
         assert status == 400, (change, body)
         assert body["error"]["code"] in ("invalid_field", "invalid_id", "unknown_field")
     status, _ = await node.call("GET", "/internal/v1/packets/777000111")
     assert status == 404
     for bad_id in ("abc", "0", "-3", "99999999999999999999"):
-        status, body = await node.call("POST", f"/internal/v1/packets/{bad_id}/open",
-                                       {"uid": "1", "nick_name": "", "img_url": ""})
+        status, body = await node.call(
+            "POST",
+            f"/internal/v1/packets/{bad_id}/open",
+            {"uid": "1", "nick_name": "", "img_url": ""},
+        )
         assert (status, body["error"]["code"]) == (400, "invalid_id"), bad_id
     status, body = await node.call("POST", f"/internal/v1/packets/{packet_id}/open", {"uid": "x"})
     assert status == 400
@@ -162,8 +195,11 @@ async def test_bad_input_is_refused_and_changes_nothing(node: NodeHandle) -> Non
 
 
 async def test_calls_without_the_node_secret_are_refused(node: NodeHandle) -> None:
-    async with node.session.post(node.url + "/internal/v1/packets/1/open", json={"uid": "1"},
-                                 headers={"X-Redpacket-Node-Secret": "guess"}) as resp:
+    async with node.session.post(
+        node.url + "/internal/v1/packets/1/open",
+        json={"uid": "1"},
+        headers={"X-Redpacket-Node-Secret": "guess"},
+    ) as resp:
         assert resp.status == 401
         assert (await resp.json())["error"]["code"] == "unauthenticated"
 
@@ -174,10 +210,15 @@ async def test_redis_flushed_mid_life_is_rebuilt_from_mysql(fresh_node: Any) -> 
     before = await open_all(node, packet_id, list(range(1, 21)))
     node.redis.restart_empty()
     after = await open_all(node, packet_id, list(range(1, 101)))  # 1..20 are replays
-    replays = {uid: body["amount"] for uid, status, body in after if status == 200 and body["replayed"]}
+    replays = {
+        uid: body["amount"] for uid, status, body in after if status == 200 and body["replayed"]
+    }
     assert replays == {uid: body["amount"] for uid, _, body in before}
-    won = [body["amount"] for _, status, body in before + after
-           if status == 200 and not body["replayed"]]
+    won = [
+        body["amount"]
+        for _, status, body in before + after
+        if status == 200 and not body["replayed"]
+    ]
     assert len(won) == 50 and sum(won) == 5000
     await node.check(observed(packet_id, before + after))
 
@@ -204,7 +245,9 @@ async def test_mysql_outage_loses_no_acknowledged_share_and_the_reconciler_conve
         results = first + retried + later
         # a user refused with 503 keeps the share Redis gave them: the retry replays it
         assert all(status == 200 for _, status, _ in retried)
-        won = [body["amount"] for _, status, body in results if status == 200 and not body["replayed"]]
+        won = [
+            body["amount"] for _, status, body in results if status == 200 and not body["replayed"]
+        ]
         assert len(won) + sum(1 for _, s, b in results if s == 200 and b["replayed"]) == 100
         await node.check(observed(packet_id, results))
     finally:
