@@ -36,13 +36,13 @@ class GroupCommitter:
         *,
         max_batch: int = 256,
         workers: int = 4,
-        on_guard_failed: Callable[[int], Awaitable[None]] | None = None,
+        on_diverged: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         self._ledger = ledger
         self._counters = counters
         self._max_batch = max_batch
         self._workers = workers
-        self._on_guard_failed = on_guard_failed
+        self._on_diverged = on_diverged
         self._queue: deque[tuple[Claim, asyncio.Future[int]]] = deque()
         self._wakeup = asyncio.Event()
         self._inflight: dict[int, set[asyncio.Future[int]]] = {}
@@ -143,17 +143,21 @@ class GroupCommitter:
         for claim, futures in by_key.values():
             try:
                 amount, inserted = await self._ledger.commit_one(claim)
-            except Exception as exc:
-                if isinstance(exc, GuardFailed) and self._on_guard_failed is not None:
-                    asyncio.get_running_loop().create_task(
-                        self._on_guard_failed(claim.red_packet_id)
-                    )
+            except Exception as error:
+                exc: Exception = error
+                if isinstance(exc, pymysql.err.OperationalError):  # lock conflicts, retried
+                    exc = LedgerUnavailable(str(exc))
+                if isinstance(exc, GuardFailed) and self._on_diverged is not None:
+                    asyncio.get_running_loop().create_task(self._on_diverged(claim.red_packet_id))
                 elif isinstance(exc, LedgerUnavailable):
                     self.failed_packets.add(claim.red_packet_id)
                 for future in futures:
                     if not future.done():
                         future.set_exception(exc)
                 continue
+            if amount != claim.amount and self._on_diverged is not None:
+                # MySQL holds another amount for this uid: Redis diverged, so it follows MySQL
+                asyncio.get_running_loop().create_task(self._on_diverged(claim.red_packet_id))
             if inserted:
                 OPENS_COMMITTED.inc()
             COMMIT_BATCH_SIZE.observe(1)

@@ -93,7 +93,7 @@ class Shard:
             counters,
             max_batch=settings.commit_max_batch,
             workers=settings.commit_workers,
-            on_guard_failed=self.resync,
+            on_diverged=self.resync,
         )
         self._locks: dict[int, tuple[asyncio.Lock, int]] = {}
 
