@@ -28,6 +28,7 @@ import aiomysql
 import pytest
 import pytest_asyncio
 from aiohttp import web
+
 from redpacket.cli.check import Observed, Report, check_shards
 from redpacket.cli.devcluster import free_ports
 from redpacket.core.ids import IdGenerator
@@ -365,6 +366,14 @@ class Cluster:
             data = await resp.json(content_type=None)
             return resp.status, data
 
+    async def raw(
+        self, method: str, path: str, data: bytes, headers: dict[str, str]
+    ) -> tuple[int, Any]:
+        """A request with a body exactly as given (bad UTF-8, oversized, not JSON at all)."""
+        assert self.session is not None
+        async with self.session.request(method, self.url + path, data=data, headers=headers) as r:
+            return r.status, await r.json(content_type=None)
+
     async def create(self, uid: int, total_amount: int, total_packet: int, **extra: Any) -> str:
         status, body = await self.call(
             "POST",
@@ -402,7 +411,9 @@ class Cluster:
                 self.proc.kill()
 
 
-async def start_cluster(var: Path, shards: int = 2, **env: str) -> Cluster:
+async def start_cluster(
+    var: Path, shards: int = 2, args: tuple[str, ...] = (), **env: str
+) -> Cluster:
     name = f"t{RUN_ID}{secrets.token_hex(2)}"
     output = var / f"{name}.out"
     environment = {
@@ -431,6 +442,7 @@ async def start_cluster(var: Path, shards: int = 2, **env: str) -> Cluster:
                 name,
                 "--var",
                 str(var),
+                *args,
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -469,8 +481,8 @@ async def make_cluster(
     """A factory of private clusters, for tests that kill, stop or starve parts of them."""
     made: list[Cluster] = []
 
-    async def make(shards: int = 2, **env: str) -> Cluster:
-        made.append(await start_cluster(tmp_path_factory.mktemp("clusters"), shards, **env))
+    async def make(shards: int = 2, args: tuple[str, ...] = (), **env: str) -> Cluster:
+        made.append(await start_cluster(tmp_path_factory.mktemp("clusters"), shards, args, **env))
         return made[-1]
 
     yield make
