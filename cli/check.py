@@ -26,6 +26,7 @@ from pathlib import Path
 
 import aiomysql
 import redis.asyncio as aioredis
+
 from redpacket.node.counters import connect_redis
 from redpacket.node.keys import packet_keys
 from redpacket.node.ledger import parse_mysql_url

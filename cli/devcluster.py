@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+
 from redpacket.core.env import SettingsError
 from redpacket.node.ledger import parse_mysql_url
 from redpacket.sharding.ring import NodeSpec, RingDoc
@@ -153,7 +154,7 @@ class DevCluster:
     db_prefix: str | None = None
     expire_s: int = 86400
     mysql_server: str = field(
-        default_factory=lambda: os.environ.get("REDPACKET_MYSQL_URL", DEFAULT_MYSQL_URL)
+        default_factory=lambda: os.environ.get("REDPACKET_MYSQL_URL") or DEFAULT_MYSQL_URL
     )
     quiet: bool = False
     children: dict[str, Child] = field(default_factory=dict)

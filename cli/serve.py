@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 from aiohttp import web
+
 from redpacket.core.logs import setup_logging
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 from aiohttp import web
+
 from redpacket.core.errors import error_middleware
 from redpacket.core.ids import IdGenerator
 from redpacket.core.logs import request_id_middleware

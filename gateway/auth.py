@@ -14,6 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import jwt
+
 from redpacket.core.errors import ApiError
 from redpacket.core.ids import parse_uid
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+
 from redpacket.core.amounts import parse_new_packet, refuse_unknown_fields
 from redpacket.core.errors import ApiError, json_response, read_json_object
 from redpacket.core.ids import IdGenerator, parse_packet_id

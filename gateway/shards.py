@@ -14,6 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+
 from redpacket.core.errors import ApiError, unavailable
 from redpacket.core.logs import REQUEST_ID_HEADER, request_id
 from redpacket.core.metrics import SHARD_ERRORS

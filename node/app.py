@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import web
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from redpacket.core.errors import ApiError, error_middleware, unavailable
 from redpacket.core.logs import request_id_middleware
 from redpacket.core.metrics import metrics_handler, metrics_middleware

@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 
 import pymysql
+
 from redpacket.core.metrics import COMMIT_BATCH_SIZE, COMMIT_LATENCY, OPENS_COMMITTED
 from redpacket.node.counters import Counters
 from redpacket.node.ledger import Claim, GuardFailed, Ledger, LedgerUnavailable

@@ -19,6 +19,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from redpacket.node.keys import PENDING_PATTERN, packet_id_of, packet_keys
 from redpacket.node.ledger import Claim, PacketRow
 

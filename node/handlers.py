@@ -11,6 +11,7 @@ import datetime as dt
 from typing import Any
 
 from aiohttp import web
+
 from redpacket.core.amounts import parse_new_packet, refuse_unknown_fields
 from redpacket.core.errors import (
     ApiError,

@@ -40,7 +40,7 @@ from redpacket.node.settings import NodeSettings
 from redpacket.node.shard import Shard
 from redpacket.sharding.ring import NodeSpec, RingDoc
 
-MYSQL_SERVER = os.environ.get("REDPACKET_MYSQL_URL", "mysql://root@127.0.0.1:3306").rstrip("/")
+MYSQL_SERVER = (os.environ.get("REDPACKET_MYSQL_URL") or "mysql://root@127.0.0.1:3306").rstrip("/")
 RUN_ID = secrets.token_hex(3)
 IDS = IdGenerator()
 NODE_SECRET_HEADER = "X-Redpacket-Node-Secret"

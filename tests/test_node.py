@@ -7,7 +7,6 @@ import statistics
 from typing import Any
 
 from redpacket.cli.check import Observed
-
 from tests.conftest import NodeHandle
 from tests.faults import TcpProxy
 
