@@ -84,4 +84,6 @@ def parse_new_packet(body: Mapping[str, Any], limits: Limits) -> NewPacket:
             "total_amount",
             "total_amount must be at least total_packet: every share is at least 1 cent",
         )
+    if "greeting" in body and body["greeting"] is None:
+        raise invalid("greeting", "greeting must be a string; leave it out for the default")
     return NewPacket(total_amount, total_packet, parse_greeting(body.get("greeting"), limits))

@@ -58,6 +58,7 @@ BAD_CREATES: list[tuple[Any, str]] = [
     ({"total_amount": 100, "total_packet": 2, "uid": "1"}, "unknown_field"),
     ({"total_amount": 100, "total_packet": 2, "greeting": "x" * 65}, "invalid_field"),
     ({"total_amount": 100, "total_packet": 2, "greeting": 42}, "invalid_field"),
+    ({"total_amount": 100, "total_packet": 2, "greeting": None}, "invalid_field"),
     ({"total_amount": 100, "total_packet": 2, "greeting": "bell\x07"}, "invalid_field"),
     ([100, 2], "invalid_json"),
     ("a string", "invalid_json"),
