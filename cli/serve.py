@@ -7,7 +7,7 @@ import logging
 
 from aiohttp import web
 
-from redpacket.core.logs import setup_logging
+from redpacket.core.logs import AccessLogger, setup_logging
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -34,6 +34,7 @@ def serve(
             "%s listening on %s:%s", service, host, port
         ),
         access_log=logging.getLogger("aiohttp.access") if access_log else None,
+        access_log_class=AccessLogger,
         shutdown_timeout=10,
         reuse_port=True,
     )

@@ -50,6 +50,17 @@ def unavailable(message: str, retry_after_s: int = 1) -> ApiError:
     return ApiError(503, "unavailable", message, headers={"Retry-After": str(retry_after_s)})
 
 
+def not_found() -> ApiError:
+    return ApiError(404, "not_found", "no such red packet")
+
+
+def gone(reason: str) -> ApiError:
+    """410 for a packet with no share for this caller: ``sold_out`` or ``expired``."""
+    if reason == "sold_out":
+        return ApiError(410, "sold_out", "every share of this red packet has been opened")
+    return ApiError(410, "expired", "this red packet has expired")
+
+
 def json_response(
     data: Any, status: int = 200, headers: Mapping[str, str] | None = None
 ) -> web.Response:

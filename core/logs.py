@@ -16,6 +16,9 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import StreamResponse
 
 REQUEST_ID_HEADER = "X-Request-Id"
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -34,12 +37,30 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "service": self.service,
             "logger": record.name,
-            "request_id": request_id.get(),
+            "request_id": getattr(record, "request_id", None) or request_id.get(),
             "msg": record.getMessage(),
         }
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(entry).decode()
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One JSON line per request (when access logs are on), with the request's id.
+
+    aiohttp writes access logs after the handler returns, outside the request's context, so
+    the id is taken from the response header the middleware set.
+    """
+
+    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        self.logger.info(
+            "%s %s %s %.1fms",
+            request.method,
+            request.path,
+            response.status,
+            time * 1000,
+            extra={"request_id": response.headers.get(REQUEST_ID_HEADER, "-")},
+        )
 
 
 def setup_logging(service: str, level: str = "INFO") -> None:

@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 
 from redpacket.core.amounts import parse_new_packet, refuse_unknown_fields
-from redpacket.core.errors import ApiError, json_response, read_json_object
+from redpacket.core.errors import ApiError, gone, json_response, read_json_object
 from redpacket.core.ids import IdGenerator, parse_packet_id
 from redpacket.core.metrics import REJECTIONS
 from redpacket.gateway.auth import Authenticator, User
@@ -207,7 +207,7 @@ async def open_packet(request: web.Request) -> web.Response:
         if amount is not None:
             return json_response({"amount": amount, "replayed": True})
         REJECTIONS.labels("gateway", finished.reason).inc()
-        raise _final_error(finished.reason)
+        raise gone(finished.reason)
     app[OPEN_LIMIT].take(user.uid)
     upstream = await app[SHARDS].packet_call(
         packet_id,
@@ -218,12 +218,6 @@ async def open_packet(request: web.Request) -> web.Response:
     if upstream.status == 410:
         _learn_winners(app, packet_id)
     return passthrough(upstream)
-
-
-def _final_error(reason: str) -> ApiError:
-    if reason == "sold_out":
-        return ApiError(410, "sold_out", "every share of this red packet has been opened")
-    return ApiError(410, "expired", "this red packet has expired")
 
 
 def _learn_winners(app: web.Application, packet_id: int) -> None:

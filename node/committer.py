@@ -48,6 +48,7 @@ class GroupCommitter:
         self._wakeup = asyncio.Event()
         self._inflight: dict[int, set[asyncio.Future[int]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._repairs: set[asyncio.Task[None]] = set()
         self.failed_packets: set[int] = set()
 
     def start(self) -> None:
@@ -148,17 +149,17 @@ class GroupCommitter:
                 exc: Exception = error
                 if isinstance(exc, pymysql.err.OperationalError):  # lock conflicts, retried
                     exc = LedgerUnavailable(str(exc))
-                if isinstance(exc, GuardFailed) and self._on_diverged is not None:
-                    asyncio.get_running_loop().create_task(self._on_diverged(claim.red_packet_id))
+                if isinstance(exc, GuardFailed):
+                    self._repair(claim.red_packet_id)
                 elif isinstance(exc, LedgerUnavailable):
                     self.failed_packets.add(claim.red_packet_id)
                 for future in futures:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            if amount != claim.amount and self._on_diverged is not None:
+            if amount != claim.amount:
                 # MySQL holds another amount for this uid: Redis diverged, so it follows MySQL
-                asyncio.get_running_loop().create_task(self._on_diverged(claim.red_packet_id))
+                self._repair(claim.red_packet_id)
             if inserted:
                 OPENS_COMMITTED.inc()
             COMMIT_BATCH_SIZE.observe(1)
@@ -167,6 +168,14 @@ class GroupCommitter:
                 if not future.done():
                     future.set_result(amount)
         await self._settle(settled)
+
+    def _repair(self, packet_id: int) -> None:
+        """Have Redis rebuilt from MySQL for a packet where the two disagree (in the background)."""
+        if self._on_diverged is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._on_diverged(packet_id))
+        self._repairs.add(task)
+        task.add_done_callback(self._repairs.discard)
 
     def _fail_all(
         self, by_key: dict[Key, tuple[Claim, list[asyncio.Future[int]]]], exc: Exception

@@ -25,7 +25,7 @@ from redpacket.core.metrics import REJECTIONS
 from redpacket.node.counters import Outcome
 from redpacket.node.ledger import LedgerUnavailable, PacketRow, RecordRow
 from redpacket.node.settings import NodeSettings
-from redpacket.node.shard import NewPacketRequest, Shard, not_found, now_ms
+from redpacket.node.shard import MOVING, NewPacketRequest, Shard, now_ms
 
 SHARD = web.AppKey("shard", Shard)
 SETTINGS = web.AppKey("settings", NodeSettings)
@@ -149,10 +149,12 @@ async def info(request: web.Request) -> web.Response:
     packet_id = parse_packet_id(request.match_info["id"])
     try:
         row = await request.app[SHARD].ledger.get_packet(packet_id)
+        if row is None:
+            raise await request.app[SHARD].absent(packet_id)  # 404, or 421 if it moved
+        if row.status == MOVING:
+            raise await request.app[SHARD].moving(packet_id)  # 409 while it is handed off
     except LedgerUnavailable:
         raise unavailable("the shard's database is unavailable") from None
-    if row is None:
-        raise not_found()
     return json_response(packet_json(row))
 
 
@@ -199,8 +201,10 @@ async def records(request: web.Request) -> web.Response:
     shard = request.app[SHARD]
     try:
         rows = await shard.ledger.records(packet_id, limit + 1, after)
-        if not rows and after is None and await shard.ledger.get_packet(packet_id) is None:
-            raise not_found()
+        if not rows and await shard.ledger.get_packet(packet_id) is None:
+            missing = await shard.absent(packet_id)  # a later page may find the packet moved
+            if after is None or missing.code == "packet_moved":
+                raise missing
     except LedgerUnavailable:
         raise unavailable("the shard's database is unavailable") from None
     page = rows[:limit]
@@ -234,7 +238,7 @@ async def claim_idempotency_key(request: web.Request) -> web.Response:
     ):
         raise bad_request("invalid_field", "key, request_hash or red_packet_id is malformed")
     try:
-        bound_id, bound_hash = await request.app[SHARD].ledger.claim_idempotency_key(
+        bound_id, bound_hash = await request.app[SHARD].claim_idempotency_key(
             _uid(body), key, request_hash, packet_id, now_ms()
         )
     except LedgerUnavailable:

@@ -23,9 +23,11 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Protocol
 
-from redpacket.core.errors import ApiError, unavailable
+from redpacket.core.errors import ApiError, gone, not_found, unavailable
 from redpacket.node.admission import Admission, PacketGate
 from redpacket.node.committer import GroupCommitter
 from redpacket.node.counters import Counters, OpenResult, Outcome, claim_details
@@ -50,18 +52,6 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def not_found() -> ApiError:
-    return ApiError(404, "not_found", "no such red packet")
-
-
-def sold_out() -> ApiError:
-    return ApiError(410, "sold_out", "every share of this red packet has been opened")
-
-
-def expired() -> ApiError:
-    return ApiError(410, "expired", "this red packet has expired")
-
-
 def frozen() -> ApiError:
     return ApiError(
         409,
@@ -69,6 +59,46 @@ def frozen() -> ApiError:
         "this red packet is moving between shards; retry shortly",
         headers={"Retry-After": "1"},
     )
+
+
+def moved(owner: str, owner_url: str = "") -> ApiError:
+    """421: another shard serves this packet now (``owner`` is its ring name)."""
+    extra = {"owner": owner, **({"owner_url": owner_url} if owner_url else {})}
+    return ApiError(
+        421, "packet_moved", "this red packet is served by another shard", extra=extra
+    )
+
+
+def id_collision() -> ApiError:
+    return ApiError(
+        409, "id_collision", "red_packet_id is taken by another packet; use a new id"
+    )
+
+
+# red_packet_info.status of a copy that is being handed between shards (node/handoff.py):
+# it takes no claims and no refund, and is served by nobody until the handoff settles.
+MOVING = "moving"
+
+
+class Placement(Protocol):
+    """What this node knows of packets that live elsewhere (implemented in node/handoff.py)."""
+
+    def admitting(self) -> AbstractContextManager[None]:
+        """Counts a create or key binding in flight, so a rebalance can wait for it."""
+        ...
+
+    async def moved(self, packet_id: int) -> ApiError | None:
+        """packet_moved if this node handed the packet off (it keeps a tombstone), else None."""
+        ...
+
+    async def existing_for_create(self, packet_id: int) -> PacketRow | None:
+        """None: create it here. A row: another node owns the id now, but this one still holds
+        it (answer with it). Raises packet_moved when the id belongs to another node."""
+        ...
+
+    async def existing_key(self, uid: int, key: str) -> tuple[int, str] | None:
+        """Like :meth:`existing_for_create`, for an idempotency key of a user."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,10 +126,34 @@ class Shard:
             on_diverged=self.resync,
         )
         self._locks: dict[int, tuple[asyncio.Lock, int]] = {}
+        self.placement: Placement | None = None  # set once the node can hand packets off
+
+    async def absent(self, packet_id: int) -> ApiError:
+        """The answer for a packet this node does not hold: moved (tombstone) or not found."""
+        if self.placement is not None and (err := await self.placement.moved(packet_id)):
+            return err
+        return not_found()
+
+    async def moving(self, packet_id: int) -> ApiError:
+        """The answer for a packet frozen or inert for a handoff: moved once it has, else 409."""
+        if self.placement is not None and (err := await self.placement.moved(packet_id)):
+            return err
+        return frozen()
 
     # -- create -------------------------------------------------------------------------
 
     async def create(self, req: NewPacketRequest) -> tuple[PacketRow, bool]:
+        if self.placement is None:
+            return await self._create(req)
+        with self.placement.admitting():
+            existing = await self.placement.existing_for_create(req.red_packet_id)
+            if existing is None:
+                return await self._create(req)
+        if existing.create_token != req.create_token:
+            raise id_collision()
+        return existing, False
+
+    async def _create(self, req: NewPacketRequest) -> tuple[PacketRow, bool]:
         """MySQL first, then Redis: a packet Redis lacks is rebuilt on first use, never lost."""
         created_ms = now_ms()
         row = PacketRow(
@@ -118,9 +172,7 @@ class Shard:
         try:
             stored, created = await self.ledger.insert_packet(row)
         except IdCollision:
-            raise ApiError(
-                409, "id_collision", "red_packet_id is taken by another packet; use a new id"
-            ) from None
+            raise id_collision() from None
         except LedgerUnavailable:
             raise unavailable("the shard's database is unavailable") from None
         if created:
@@ -154,7 +206,7 @@ class Shard:
         for _ in range(5):
             gate = self.admission.gate(packet_id)
             if (reason := gate.rejection_for(uid)) is not None:
-                raise sold_out() if reason == Outcome.SOLD_OUT else expired()
+                raise gone("sold_out" if reason == Outcome.SOLD_OUT else "expired")
             await self.admission.enter(gate)
             result: OpenResult | None = None
             commit: asyncio.Future[int] | None = None
@@ -176,11 +228,11 @@ class Shard:
                 continue
             if outcome == Outcome.FROZEN:
                 if not await self._wait_for_local_rebuild(packet_id):
-                    raise frozen()
+                    raise await self.moving(packet_id)
                 continue
             if outcome in (Outcome.SOLD_OUT, Outcome.EXPIRED):
                 self._learn_winners(packet_id, gate)
-                raise sold_out() if outcome == Outcome.SOLD_OUT else expired()
+                raise gone("sold_out" if outcome == Outcome.SOLD_OUT else "expired")
             replayed = outcome == Outcome.ALREADY_OPENED
             if commit is None:
                 return result.amount, replayed
@@ -281,7 +333,9 @@ class Shard:
             try:
                 packet = await self.ledger.get_packet(packet_id)
                 if packet is None:
-                    raise not_found()
+                    raise await self.absent(packet_id)
+                if packet.status == MOVING:
+                    raise await self.moving(packet_id)
                 claims = await self.ledger.committed_claims(packet_id)
             except LedgerUnavailable:
                 raise unavailable("the shard's database is unavailable") from None
@@ -301,6 +355,20 @@ class Shard:
         except Exception:
             log.exception("resync of red packet %s failed; the reconciler will retry", packet_id)
             self.committer.failed_packets.add(packet_id)
+
+    # -- idempotency keys ---------------------------------------------------------------
+
+    async def claim_idempotency_key(
+        self, uid: int, key: str, request_hash: str, packet_id: int, now: int
+    ) -> tuple[int, str]:
+        """Bind (uid, key) here, unless a rebalance gave this user to another node."""
+        if self.placement is None:
+            return await self.ledger.claim_idempotency_key(uid, key, request_hash, packet_id, now)
+        with self.placement.admitting():
+            existing = await self.placement.existing_key(uid, key)
+            if existing is not None:
+                return existing
+            return await self.ledger.claim_idempotency_key(uid, key, request_hash, packet_id, now)
 
     def _drop_at(self, packet: PacketRow) -> int:
         return packet.expire_time_ms + self.settings.redis_retention_s * 1000

@@ -266,3 +266,23 @@ async def test_concurrent_create_open_and_records_keep_every_invariant(
         assert {(int(r["uid"]), r["amount"]) for r in page["records"]} == mine
         assert sum(amount for _, amount in mine) == 2000
     await cluster.check(observed)
+
+
+async def test_a_request_id_flows_from_the_gateway_to_the_node_logs(make_cluster: Any) -> None:
+    cluster: Cluster = await make_cluster(REDPACKET_ACCESS_LOG="true")
+    packet_id = await cluster.create(1, 100, 1)
+    shard = cluster.shard_of(int(packet_id))
+    status, _ = await cluster.call(
+        "POST", f"/v1/red-packets/{packet_id}/open", 7, headers={"X-Request-Id": "trace-me-42"}
+    )
+    assert status == 200
+    await asyncio.sleep(0.3)  # access lines are written after the response
+
+    def lines(name: str) -> list[dict[str, Any]]:
+        text = (cluster.home / "logs" / f"{name}.log").read_text()
+        return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+    gateway = [e for e in lines("gateway") if e["request_id"] == "trace-me-42"]
+    node = [e for e in lines(f"{shard}-node") if e["request_id"] == "trace-me-42"]
+    assert gateway and gateway[0]["service"] == "gateway" and "/open" in gateway[0]["msg"]
+    assert node and node[0]["service"] == "node" and "/internal/v1/packets" in node[0]["msg"]
