@@ -209,6 +209,15 @@ class DevCluster:
         ports = free_ports(2 * self.shards + 1)
         if self.port == 0:
             self.port = ports.pop()
+        else:
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", self.port))
+                except OSError:
+                    raise Unmet(
+                        f"port {self.port} is taken (another cluster?): pass --port 0 for any "
+                        "free port, or another --port"
+                    ) from None
         self.plans = [
             ShardPlan(
                 i,
