@@ -520,17 +520,28 @@ class Ledger:
 
 
 async def ensure_database(target: MysqlTarget) -> None:
-    """Create the shard's database if missing: one database per shard, made on first start."""
+    """Create the shard's database if missing: one database per shard, made on first start.
+
+    An existing database is left alone, so a user without the CREATE privilege (a managed
+    MySQL with a database made for us) works too.
+    """
     if not target.database:
         return
-    conn = await aiomysql.connect(
-        host=target.host,
-        port=target.port,
-        user=target.user,
-        password=target.password,
-        charset="utf8mb4",
-        connect_timeout=5,
-    )
+    login = {
+        "host": target.host,
+        "port": target.port,
+        "user": target.user,
+        "password": target.password,
+        "charset": "utf8mb4",
+        "connect_timeout": 5,
+    }
+    try:
+        (await aiomysql.connect(db=target.database, **login)).close()
+        return
+    except pymysql.err.OperationalError as exc:
+        if not exc.args or exc.args[0] != 1049:  # 1049: unknown database
+            raise
+    conn = await aiomysql.connect(**login)
     try:
         async with conn.cursor() as cur:
             await cur.execute(

@@ -34,6 +34,7 @@ class NodeSettings:
     mysql_url: str = "mysql://root@127.0.0.1:3306/redpacket_shard_0"
     mysql_pool_size: int = 8
     mysql_timeout_s: float = 3.0
+    startup_wait_s: float = 60.0  # how long to wait for Redis and MySQL at start
     node_secret: str = ""
     limits: Limits = field(default_factory=Limits)
     max_expire_s: int = 7 * 86400
@@ -66,6 +67,7 @@ class NodeSettings:
                 env, "REDPACKET_MYSQL_POOL_SIZE", cls.mysql_pool_size, minimum=1
             ),
             mysql_timeout_s=env_float(env, "REDPACKET_MYSQL_TIMEOUT_S", cls.mysql_timeout_s),
+            startup_wait_s=env_float(env, "REDPACKET_STARTUP_WAIT_S", cls.startup_wait_s),
             node_secret=env_str(env, "REDPACKET_NODE_SECRET", ""),
             limits=Limits(
                 max_packets=env_int(env, "REDPACKET_MAX_PACKETS", Limits.max_packets, minimum=1),

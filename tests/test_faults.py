@@ -17,7 +17,7 @@ from tests.load import OpenLoad
 
 async def until(condition: Any, timeout_s: float = 20) -> None:
     async with asyncio.timeout(timeout_s):
-        while not condition():
+        while not condition():  # noqa: ASYNC110 - the condition is counters of a running load
             await asyncio.sleep(0.02)
 
 
