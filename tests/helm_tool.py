@@ -71,8 +71,14 @@ def pip_target(package: str, version: str) -> Path:
             f"{package} from PyPI.\n{proc.stdout}{proc.stderr}"
         )
     (staging / ".installed").write_text(f"{package}=={version}\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
+    if folder.exists() and not marker.exists():  # left over from an interrupted run
+        shutil.rmtree(folder, ignore_errors=True)
+    try:
+        staging.rename(folder)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not marker.exists():  # not a concurrent run that finished first
+            raise
     return folder
 
 

@@ -1,0 +1,174 @@
+{{/*
+Chart name, at most 63 characters.
+*/}}
+{{- define "redpacket.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name: <release>-<chart>, or the release name when it already contains the chart name.
+Kept to 40 characters so that "<fullname>-mysql-<ordinal>" and the StatefulSet's
+controller-revision-hash label stay within Kubernetes' 63-character limits.
+*/}}
+{{- define "redpacket.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Chart name and version, as used by the helm.sh/chart label.
+*/}}
+{{- define "redpacket.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Standard labels (https://helm.sh/docs/chart_best_practices/labels/).
+*/}}
+{{- define "redpacket.labels" -}}
+helm.sh/chart: {{ include "redpacket.chart" . }}
+{{ include "redpacket.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: redpacket
+{{- end }}
+
+{{/*
+Selector labels: stable for the life of a release, so never the version.
+*/}}
+{{- define "redpacket.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "redpacket.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Labels and selector labels of one component. Call with (dict "root" $ "component" "node").
+*/}}
+{{- define "redpacket.componentLabels" -}}
+{{ include "redpacket.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "redpacket.componentSelectorLabels" -}}
+{{ include "redpacket.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/*
+Names of the components' workloads and Services.
+*/}}
+{{- define "redpacket.gatewayName" -}}{{ include "redpacket.fullname" . }}-gateway{{- end }}
+{{- define "redpacket.nodeName" -}}{{ include "redpacket.fullname" . }}-node{{- end }}
+{{- define "redpacket.redisName" -}}{{ include "redpacket.fullname" . }}-redis{{- end }}
+{{- define "redpacket.mysqlName" -}}{{ include "redpacket.fullname" . }}-mysql{{- end }}
+{{- define "redpacket.ringName" -}}{{ include "redpacket.fullname" . }}-ring{{- end }}
+
+{{/*
+Secret holding jwt-secret, node-secret, the store passwords and external store URLs.
+*/}}
+{{- define "redpacket.secretName" -}}
+{{- .Values.secrets.existingSecret | default (include "redpacket.fullname" .) }}
+{{- end }}
+
+{{/*
+ServiceAccount of the gateway and node pods.
+*/}}
+{{- define "redpacket.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "redpacket.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+ServiceAccount of rebalance Jobs.
+*/}}
+{{- define "redpacket.rebalanceServiceAccountName" -}}
+{{- if .Values.rebalance.serviceAccount.create }}
+{{- default (printf "%s-rebalance" (include "redpacket.fullname" .)) .Values.rebalance.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.rebalance.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The redpacket image.
+*/}}
+{{- define "redpacket.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+
+{{/*
+Name of the Secret key holding store <kind> ("redis" or "mysql") URL of shard <i>.
+*/}}
+{{- define "redpacket.storeUrlKey" -}}
+{{- printf "%s-url-%d" .kind (int .index) }}
+{{- end }}
+
+{{/*
+Address of node <i> in the ring: its stable DNS name behind the headless Service.
+*/}}
+{{- define "redpacket.nodeUrl" -}}
+{{- $node := include "redpacket.nodeName" .root -}}
+{{- printf "http://%s-%d.%s.%s.svc.%s:%d" $node (int .index) $node .root.Release.Namespace .root.Values.clusterDomain (int .root.Values.node.port) }}
+{{- end }}
+
+{{/*
+Ring document of `shards` shards (sharding/ring.py, RingDoc), as JSON.
+*/}}
+{{- define "redpacket.ringJson" -}}
+{{- $nodes := list }}
+{{- range $i := until (int .Values.shards) }}
+{{- $nodes = append $nodes (dict "name" (printf "shard-%d" $i) "url" (include "redpacket.nodeUrl" (dict "root" $ "index" $i)) "weight" (int $.Values.ring.weight)) }}
+{{- end }}
+{{- dict "version" 1 "nodes" $nodes | toPrettyJson }}
+{{- end }}
+
+{{/*
+Replicas of a shard StatefulSet: `shards`, but never fewer than are running (scaling shards
+down without `redpacket rebalance remove` would lose the packets they hold).
+Call with (dict "root" $ "name" <statefulset name>).
+*/}}
+{{- define "redpacket.shardReplicas" -}}
+{{- $want := int .root.Values.shards }}
+{{- $live := lookup "apps/v1" "StatefulSet" .root.Release.Namespace .name }}
+{{- if and $live $live.spec }}
+{{- $running := int ($live.spec.replicas | default 0) }}
+{{- if lt $want $running }}
+{{- fail (printf "shards=%d but StatefulSet %s runs %d replicas: remove shards with `redpacket rebalance remove` first (it scales the StatefulSets and rewrites the ring), or set shards=%d" $want .name $running $running) }}
+{{- end }}
+{{- end }}
+{{- $want }}
+{{- end }}
+
+{{/*
+Annotations of a pod template: checksum of the values that make the chart's own Secret (rolls
+the pods when one changes; generated values are kept, so they never change it), Prometheus scrape annotations, then the user's. Renders the whole `annotations:`
+key, or nothing. Call with (dict "root" $ "port" <metrics port or 0> "extra" <dict>).
+*/}}
+{{- define "redpacket.podAnnotations" -}}
+{{- $root := .root }}
+{{- $out := dict }}
+{{- if not $root.Values.secrets.existingSecret }}
+{{- $_ := set $out "checksum/secret" (list $root.Values.secrets $root.Values.externalStores | toJson | sha256sum) }}
+{{- end }}
+{{- if and .port $root.Values.metrics.podAnnotations }}
+{{- $_ := set $out "prometheus.io/scrape" "true" }}
+{{- $_ := set $out "prometheus.io/port" (toString .port) }}
+{{- $_ := set $out "prometheus.io/path" "/metrics" }}
+{{- end }}
+{{- $out = merge (deepCopy (.extra | default dict)) $out }}
+{{- if $out -}}
+annotations:
+  {{- toYaml $out | nindent 2 }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,777 @@
+"""The Helm chart, checked with a real helm binary and the Kubernetes JSON schemas.
+
+No cluster runs here: the chart is linted, rendered with ``helm template`` (default values,
+1, 3 and 8 shards, external stores, every option switched), and each rendered manifest is
+validated against the Kubernetes API schemas shipped by ``kubernetes-validate``. Then the
+rendered objects are checked for what matters when it runs: pod i of the node, Redis and
+MySQL StatefulSets form shard i, the ring lists exactly those shards, the gateway and node
+settings load from the env the kubelet would give them (through the project's own settings
+classes), every long-running container has probes and resources, nothing runs as root, the
+NetworkPolicies and the rebalance RBAC are as narrow as intended.
+
+What cannot be checked without a cluster: ``lookup`` (kept secrets, kept ring, the guard
+against scaling below the running shards) renders as on a first install here.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from redpacket.cli.main import build_parser
+from redpacket.gateway.settings import GatewaySettings
+from redpacket.node.ledger import parse_mysql_url
+from redpacket.node.settings import NodeSettings
+from redpacket.sharding.ring import RingDoc
+from tests.helm_tool import REPO, helm_binary
+
+CHART = REPO / "helm" / "redpacket"
+RELEASE = "rp"
+NAMESPACE = "shop"
+DOMAIN = "cluster.local"
+# Kubernetes versions whose API schemas the manifests must satisfy (strict: no unknown
+# fields): the oldest the chart declares (Chart.yaml kubeVersion) and a current one.
+K8S_VERSIONS = ("1.25", "1.33")
+APP_UID = 10001  # USER of docker/Dockerfile
+STORE_UID = 999  # user redis / mysql of the official images
+# helm keeps its cache, config and data here instead of the user's home
+HELM_HOMES = {
+    f"HELM_{kind}_HOME": str(REPO / ".cache" / "helm" / kind.lower())
+    for kind in ("CACHE", "CONFIG", "DATA")
+}
+
+
+def sets(*pairs: str) -> tuple[str, ...]:
+    return tuple(arg for pair in pairs for arg in ("--set", pair))
+
+
+def sets_json(*pairs: str) -> tuple[str, ...]:
+    return tuple(arg for pair in pairs for arg in ("--set-json", pair))
+
+
+EXTERNAL_REDIS = sets(
+    "redis.enabled=false",
+    "externalStores.redisUrls={redis://:pw@cache-a:6379/0,redis://:pw@cache-b:6379/0}",
+)
+EXTERNAL = EXTERNAL_REDIS + sets(
+    "mysql.enabled=false",
+    "externalStores.mysqlUrls={mysql://rp:pw@db-a:3306/rp,mysql://rp:pw@db-b:3306/rp}",
+)
+EVERYTHING_SWITCHED = sets(
+    "shards=3",
+    "gateway.autoscaling.enabled=false",
+    "gateway.replicas=3",
+    "gateway.podDisruptionBudget.minAvailable=50%",
+    "gateway.service.type=LoadBalancer",
+    "redis.auth.enabled=false",
+    "redis.maxmemory=512mb",
+    "redis.persistence.enabled=false",
+    "mysql.persistence.storageClass=fast",
+    "metrics.podAnnotations=false",
+    "dashboard.enabled=false",
+    "secrets.jwtSecret=0123456789abcdef0123456789abcdef",
+) + sets_json(
+    'gateway.extraEnv=[{"name":"REDPACKET_ACCESS_LOG","value":"true"}]',
+    'gateway.topologySpreadConstraints=[{"maxSkew":1,'
+    '"topologyKey":"topology.kubernetes.io/zone","whenUnsatisfiable":"ScheduleAnyway"}]',
+    'networkPolicy.nodeExtraIngressFrom=[{"namespaceSelector":'
+    '{"matchLabels":{"kubernetes.io/metadata.name":"monitoring"}}}]',
+    'imagePullSecrets=[{"name":"regcred"}]',
+)
+CASES: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "shards=1": sets("shards=1"),
+    "shards=3": sets("shards=3"),
+    "shards=8": sets("shards=8"),
+    "external-stores": EXTERNAL,
+    "external-redis-only": EXTERNAL_REDIS,
+    "everything-switched": EVERYTHING_SWITCHED,
+}
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+@functools.cache
+def helm() -> str:
+    return helm_binary()
+
+
+def run_helm(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [helm(), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, **HELM_HOMES},
+    )
+
+
+@functools.cache
+def render(case: str) -> tuple[dict[str, Any], ...]:
+    proc = run_helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *CASES[case])
+    assert proc.returncode == 0, f"helm template ({case}) failed:\n{proc.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(proc.stdout) if doc)
+
+
+def expected_shards(case: str) -> int:
+    args = CASES[case]
+    for i, arg in enumerate(args):
+        if arg == "--set" and args[i + 1].startswith("shards="):
+            return int(args[i + 1].split("=", 1)[1])
+    return yaml.safe_load((CHART / "values.yaml").read_text())["shards"]
+
+
+def of_kind(docs: tuple[dict[str, Any], ...], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs: tuple[dict[str, Any], ...], kind: str, component: str) -> dict[str, Any]:
+    found = [
+        d
+        for d in of_kind(docs, kind)
+        if d["metadata"]["labels"].get("app.kubernetes.io/component") == component
+    ]
+    assert len(found) == 1, f"expected one {kind} of component {component}, got {len(found)}"
+    return found[0]
+
+
+def statefulsets(docs: tuple[dict[str, Any], ...]) -> dict[str, dict[str, Any]]:
+    """StatefulSets by component (node, redis, mysql)."""
+    return {
+        d["metadata"]["labels"]["app.kubernetes.io/component"]: d
+        for d in of_kind(docs, "StatefulSet")
+    }
+
+
+def workloads(docs: tuple[dict[str, Any], ...]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(object, pod spec) of everything that runs containers."""
+    found = []
+    for doc in docs:
+        if doc["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+            found.append((doc, doc["spec"]["template"]["spec"]))
+        elif doc["kind"] == "Pod":
+            found.append((doc, doc["spec"]))
+    return found
+
+
+def secret_data(docs: tuple[dict[str, Any], ...]) -> dict[str, dict[str, str]]:
+    return {
+        d["metadata"]["name"]: {k: base64.b64decode(v).decode() for k, v in d["data"].items()}
+        for d in of_kind(docs, "Secret")
+    }
+
+
+def kubelet_env(
+    container: dict[str, Any],
+    secrets: dict[str, dict[str, str]],
+    pod_labels: dict[str, str],
+    hostname: str,
+) -> dict[str, str]:
+    """The environment the kubelet gives a container: values with $(VAR) expanded in order,
+    secretKeyRef and label fieldRef resolved (a missing label is an empty string)."""
+    env = {"HOSTNAME": hostname}
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = re.sub(
+                r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m[1], m[0]), var["value"]
+            )
+        elif "secretKeyRef" in var["valueFrom"]:
+            ref = var["valueFrom"]["secretKeyRef"]
+            env[var["name"]] = secrets[ref["name"]][ref["key"]]
+        else:
+            path = var["valueFrom"]["fieldRef"]["fieldPath"]
+            label = re.fullmatch(r"metadata\.labels\['([^']+)'\]", path)
+            assert label, f"unexpected fieldRef {path}"
+            env[var["name"]] = pod_labels.get(label[1], "")
+    return env
+
+
+def pod_labels(sts: dict[str, Any], ordinal: int, with_index: bool = True) -> dict[str, str]:
+    labels = dict(sts["spec"]["template"]["metadata"]["labels"])
+    labels["statefulset.kubernetes.io/pod-name"] = f"{sts['metadata']['name']}-{ordinal}"
+    if with_index:  # set by Kubernetes >= 1.28
+        labels["apps.kubernetes.io/pod-index"] = str(ordinal)
+    return labels
+
+
+def pod_dns(sts: dict[str, Any], ordinal: int) -> str:
+    return (
+        f"{sts['metadata']['name']}-{ordinal}.{sts['spec']['serviceName']}.{NAMESPACE}.svc.{DOMAIN}"
+    )
+
+
+def container_port(container: dict[str, Any], name: str) -> int:
+    return next(p["containerPort"] for p in container["ports"] if p["name"] == name)
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def command_of(container: dict[str, Any]) -> list[str]:
+    return [*container.get("command", []), *container.get("args", [])]
+
+
+def assert_real_cli(argv: list[str]) -> None:
+    """argv runs `redpacket <subcommand>` that exists in the real CLI."""
+    assert argv[0] == "redpacket", argv
+    try:
+        build_parser().parse_args(argv[1:])
+    except SystemExit:
+        pytest.fail(f"{shlex.join(argv)} is not a command of the real redpacket CLI")
+
+
+# -- helm itself ----------------------------------------------------------------------------
+
+
+def test_helm_binary_runs() -> None:
+    proc = run_helm("version", "--short")
+    assert proc.returncode == 0, proc.stderr
+    assert re.match(r"v[34]\.", proc.stdout), proc.stdout
+
+
+@pytest.mark.parametrize("case", ["default", "shards=8", "external-stores", "everything-switched"])
+def test_lint(case: str) -> None:
+    proc = run_helm("lint", "--strict", str(CHART), "--namespace", NAMESPACE, *CASES[case])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 chart(s) failed" in proc.stdout
+
+
+# -- every rendering ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("case", CASES)
+def test_manifests_validate_against_kubernetes_schemas(case: str, version: str) -> None:
+    docs = render(case)
+    assert docs
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            where = ".".join(str(p) for p in exc.path)
+            pytest.fail(
+                f"{doc['kind']}/{doc['metadata']['name']} ({case}) is not valid "
+                f"Kubernetes {version}: {where}: {exc.message}"
+            )
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_standard_labels_and_namespace(case: str) -> None:
+    for doc in render(case):
+        labels = doc["metadata"]["labels"]
+        for key in (
+            "helm.sh/chart",
+            "app.kubernetes.io/name",
+            "app.kubernetes.io/instance",
+            "app.kubernetes.io/version",
+            "app.kubernetes.io/managed-by",
+        ):
+            assert key in labels, f"{doc['kind']}/{doc['metadata']['name']} lacks label {key}"
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+        assert doc["metadata"]["namespace"] == NAMESPACE
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_shard_count_equals_statefulset_replicas(case: str) -> None:
+    shards = expected_shards(case)
+    sets = statefulsets(render(case))
+    stores = {"node"} | {s for s in ("redis", "mysql") if f"{s}.enabled=false" not in CASES[case]}
+    assert set(sets) == stores
+    for component, sts in sets.items():
+        assert sts["spec"]["replicas"] == shards, component
+        # shards are independent: all pods start at once, not one after the other
+        assert sts["spec"]["podManagementPolicy"] == "Parallel"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_each_statefulset_has_its_headless_service(case: str) -> None:
+    docs = render(case)
+    services = {s["metadata"]["name"]: s for s in of_kind(docs, "Service")}
+    for component, sts in statefulsets(docs).items():
+        svc = services[sts["spec"]["serviceName"]]
+        assert svc["spec"]["clusterIP"] == "None", component
+        assert selects(svc["spec"]["selector"], sts["spec"]["template"]["metadata"]["labels"])
+        container = sts["spec"]["template"]["spec"]["containers"][0]
+        names = {p["name"] for p in container["ports"]}
+        assert {p["targetPort"] for p in svc["spec"]["ports"]} <= names
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_ring_lists_exactly_the_shards(case: str) -> None:
+    docs = render(case)
+    shards = expected_shards(case)
+    ring_cm = one(docs, "ConfigMap", "ring")
+    ring = RingDoc.parse(json.loads(ring_cm["data"]["ring.json"]))  # the gateway's own parser
+    node_sts = statefulsets(docs)["node"]
+    port = container_port(node_sts["spec"]["template"]["spec"]["containers"][0], "http")
+    assert [n.name for n in ring.nodes] == [f"shard-{i}" for i in range(shards)]
+    assert [n.url for n in ring.nodes] == [
+        f"http://{pod_dns(node_sts, i)}:{port}" for i in range(shards)
+    ]
+    assert ring.version >= 1
+    ring.ring()  # builds the hash ring
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gateway_settings_load_from_its_pod(case: str) -> None:
+    docs = render(case)
+    deployment = one(docs, "Deployment", "gateway")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert_real_cli(command_of(container))
+    env = kubelet_env(container, secret_data(docs), {}, "gateway-abc")
+    settings = GatewaySettings.from_env(env)  # raises on a missing or short secret
+    assert settings.host == "0.0.0.0"
+    assert settings.port == container_port(container, "http")
+    # the ring file is a key of the ring ConfigMap, mounted as a directory (no subPath) so
+    # the kubelet's updates reach the running gateway
+    ring_cm = one(docs, "ConfigMap", "ring")
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mount = next(
+        m
+        for m in container["volumeMounts"]
+        if volumes[m["name"]].get("configMap", {}).get("name") == ring_cm["metadata"]["name"]
+    )
+    assert "subPath" not in mount
+    ring_path = Path(settings.ring_file)
+    assert ring_path.parent == Path(mount["mountPath"])
+    assert ring_path.name in ring_cm["data"]
+    # the node secret is the one the nodes check
+    node_env = kubelet_env(
+        statefulsets(docs)["node"]["spec"]["template"]["spec"]["containers"][0],
+        secret_data(docs),
+        {},
+        "x-0",
+    )
+    assert settings.node_secret == node_env["REDPACKET_NODE_SECRET"]
+
+
+def test_gateway_starts_with_the_charts_env(tmp_path: Path) -> None:
+    """The real `redpacket gateway` process, started with the container's command and env
+    (only the address, port and ring file's folder moved to this machine): it serves /healthz,
+    loads the ring and, with no shard reachable here, answers /readyz with 503 listing them."""
+    docs = render("default")
+    deployment = one(docs, "Deployment", "gateway")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    ring_cm = one(docs, "ConfigMap", "ring")
+    env = kubelet_env(container, secret_data(docs), {}, "gateway-abc")
+    ring_file = tmp_path / Path(env["REDPACKET_RING_FILE"]).name
+    ring_file.write_text(ring_cm["data"][ring_file.name])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env.update(
+        REDPACKET_RING_FILE=str(ring_file),
+        REDPACKET_HOST="127.0.0.1",
+        REDPACKET_PORT=str(port),
+        REDPACKET_NODE_TIMEOUT_S="0.5",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    proc = subprocess.Popen(
+        command_of(container), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None, f"the gateway exited: {proc.communicate()[1]}"
+                assert time.monotonic() < deadline, "the gateway did not serve /healthz"
+                time.sleep(0.1)
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10)
+        assert answer.value.code == 503
+        body = json.loads(answer.value.read())
+        ring = RingDoc.parse(json.loads(ring_cm["data"]["ring.json"]))
+        assert body["error"]["shards"] == {n.name: "down" for n in ring.nodes}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+@pytest.mark.parametrize("with_pod_index", [True, False], ids=["pod-index-label", "hostname"])
+@pytest.mark.parametrize("case", ["default", "shards=3", "everything-switched"])
+def test_node_pod_i_uses_redis_i_and_mysql_i(case: str, with_pod_index: bool) -> None:
+    docs = render(case)
+    sets = statefulsets(docs)
+    secrets = secret_data(docs)
+    ring = RingDoc.parse(json.loads(one(docs, "ConfigMap", "ring")["data"]["ring.json"]))
+    (node,) = sets["node"]["spec"]["template"]["spec"]["containers"]
+    assert_real_cli(command_of(node))
+    redis = sets["redis"]["spec"]["template"]["spec"]["containers"][0]
+    mysql = sets["mysql"]["spec"]["template"]["spec"]["containers"][0]
+    for i in range(expected_shards(case)):
+        hostname = f"{sets['node']['metadata']['name']}-{i}"
+        env = kubelet_env(node, secrets, pod_labels(sets["node"], i, with_pod_index), hostname)
+        settings = NodeSettings.from_env(env)  # the node's own parsing, {ordinal} included
+        assert settings.name == ring.nodes[i].name
+        assert settings.port == container_port(node, "http")
+        redis_url = urlsplit(settings.redis_url)
+        assert (redis_url.hostname, redis_url.port) == (
+            pod_dns(sets["redis"], i),
+            container_port(redis, "redis"),
+        )
+        redis_env = kubelet_env(redis, secrets, {}, "r")
+        assert (redis_url.password or None) == (redis_env.get("REDIS_PASSWORD") or None)
+        target = parse_mysql_url(settings.mysql_url)
+        mysql_env = kubelet_env(mysql, secrets, {}, "m")
+        assert (target.host, target.port) == (
+            pod_dns(sets["mysql"], i),
+            container_port(mysql, "mysql"),
+        )
+        assert (target.user, target.password, target.database) == (
+            mysql_env["MYSQL_USER"],
+            mysql_env["MYSQL_PASSWORD"],
+            mysql_env["MYSQL_DATABASE"],
+        )
+        assert not settings.redis_cluster
+
+
+@pytest.mark.parametrize("with_pod_index", [True, False], ids=["pod-index-label", "hostname"])
+def test_external_stores_pick_the_shards_url(tmp_path: Path, with_pod_index: bool) -> None:
+    """The node's start script with external stores, run by a real shell: it must pick the
+    Secret files of its own ordinal. Only the mount path is redirected to a temp folder and
+    the final `exec redpacket node` replaced by `env`, to read what the node would get."""
+    docs = render("external-stores")
+    sts = statefulsets(docs)["node"]
+    pod = sts["spec"]["template"]["spec"]
+    (node,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mount = next(m for m in node["volumeMounts"] if "secret" in volumes[m["name"]])
+    secret_name = volumes[mount["name"]]["secret"]["secretName"]
+    files = secret_data(docs)[secret_name]
+    for key, value in files.items():
+        (tmp_path / key).write_text(value)
+    assert node["command"] == ["/bin/sh", "-c"]
+    (script,) = node["args"]
+    assert script.rstrip().endswith("exec redpacket node")
+    assert_real_cli(["redpacket", "node"])
+    script = script.replace(mount["mountPath"], str(tmp_path)).replace(
+        "exec redpacket node", "exec env"
+    )
+    for i in range(expected_shards("external-stores")):
+        hostname = f"{sts['metadata']['name']}-{i}"
+        env = kubelet_env(node, secret_data(docs), pod_labels(sts, i, with_pod_index), hostname)
+        proc = subprocess.run(
+            ["/bin/sh", "-c", script],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        final = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+        settings = NodeSettings.from_env(final)
+        assert settings.name == f"shard-{i}"
+        assert settings.redis_url == files[f"redis-url-{i}"]
+        assert settings.mysql_url == files[f"mysql-url-{i}"]
+
+
+def test_external_stores_need_one_url_per_shard() -> None:
+    proc = run_helm("template", RELEASE, str(CHART), "--set", "shards=3", *EXTERNAL)
+    assert proc.returncode != 0
+    assert "needs one URL per shard (3), got 2" in proc.stderr
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_container_has_probes_and_resources(case: str) -> None:
+    """Long-running containers need liveness and readiness probes. Exempt: the `helm test`
+    hook pod, which runs once to completion (a probe would have nothing to keep alive and no
+    Service to gate). Every container, exempt or not, declares CPU and memory requests and
+    limits."""
+    for doc, pod in workloads(render(case)):
+        one_shot = doc["kind"] == "Pod" and "helm.sh/hook" in doc["metadata"].get("annotations", {})
+        for container in [*pod.get("initContainers", []), *pod["containers"]]:
+            where = f"{doc['kind']}/{doc['metadata']['name']}/{container['name']} ({case})"
+            if not one_shot:
+                assert container.get("livenessProbe"), f"{where}: no liveness probe"
+                assert container.get("readinessProbe"), f"{where}: no readiness probe"
+            resources = container.get("resources", {})
+            for kind in ("requests", "limits"):
+                for resource in ("cpu", "memory"):
+                    assert resources.get(kind, {}).get(resource), f"{where}: no {kind}.{resource}"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_no_container_runs_as_root(case: str) -> None:
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    assert re.findall(r"^USER\s+(\S+)", dockerfile, re.M)[-1].split(":")[0] == str(APP_UID)
+    for doc, pod in workloads(render(case)):
+        pod_sc = pod.get("securityContext", {})
+        for container in [*pod.get("initContainers", []), *pod["containers"]]:
+            where = f"{doc['kind']}/{doc['metadata']['name']}/{container['name']}"
+            sc = {**pod_sc, **container.get("securityContext", {})}
+            assert sc.get("runAsNonRoot") is True, f"{where}: runAsNonRoot is not true"
+            assert sc.get("runAsUser", 0) != 0, f"{where}: runs as uid 0"
+            assert sc.get("allowPrivilegeEscalation") is False, where
+            assert "ALL" in sc.get("capabilities", {}).get("drop", []), where
+            image = container["image"].split("/")[-1]
+            if image.startswith(("redis:", "mysql:")):
+                # the official images' own users; their data volumes are made writable by fsGroup
+                assert (sc["runAsUser"], pod_sc.get("fsGroup")) == (STORE_UID, STORE_UID), where
+            else:
+                assert sc["runAsUser"] == APP_UID, where
+
+
+@pytest.mark.parametrize("case", ["default", "everything-switched"])
+def test_stores_keep_their_data(case: str) -> None:
+    sets = statefulsets(render(case))
+    redis = sets["redis"]["spec"]["template"]["spec"]["containers"][0]
+    args = command_of(redis)
+    assert args[0] == "redis-server"
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    mysql = sets["mysql"]["spec"]["template"]["spec"]["containers"][0]
+    assert re.fullmatch(r"mysql:8(\.\d+)*", mysql["image"]), mysql["image"]
+    data = next(m for m in mysql["volumeMounts"] if m["name"] == "data")
+    # the data dir is a subfolder of the volume (a fresh volume's lost+found breaks init)
+    datadir = next(a for a in mysql["args"] if a.startswith("--datadir="))
+    assert datadir.split("=", 1)[1].startswith(data["mountPath"] + "/")
+    claims = {c["metadata"]["name"] for c in sets["mysql"]["spec"].get("volumeClaimTemplates", [])}
+    assert "data" in claims
+    if case == "default":
+        redis_claims = sets["redis"]["spec"]["volumeClaimTemplates"]
+        assert [c["metadata"]["name"] for c in redis_claims] == ["data"]
+
+
+@pytest.mark.parametrize("case", ["default", "everything-switched"])
+def test_gateway_autoscaling_and_disruption_budget(case: str) -> None:
+    docs = render(case)
+    deployment = one(docs, "Deployment", "gateway")
+    pod_labels_ = deployment["spec"]["template"]["metadata"]["labels"]
+    hpas = of_kind(docs, "HorizontalPodAutoscaler")
+    if case == "default":
+        (hpa,) = hpas
+        target = hpa["spec"]["scaleTargetRef"]
+        assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+        assert "replicas" not in deployment["spec"]  # the HPA owns it
+    else:
+        assert not hpas
+        assert deployment["spec"]["replicas"] == 3
+    (pdb,) = of_kind(docs, "PodDisruptionBudget")
+    assert selects(pdb["spec"]["selector"]["matchLabels"], pod_labels_)
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+
+@pytest.mark.parametrize("case", ["default", "external-stores", "everything-switched"])
+def test_network_policies(case: str) -> None:
+    docs = render(case)
+    policies = {
+        p["metadata"]["labels"]["app.kubernetes.io/component"]: p
+        for p in of_kind(docs, "NetworkPolicy")
+    }
+    sets = statefulsets(docs)
+    gateway = one(docs, "Deployment", "gateway")["spec"]["template"]["metadata"]["labels"]
+    node = sets["node"]["spec"]["template"]["metadata"]["labels"]
+    rebalance = {
+        **{
+            k: v
+            for k, v in node.items()
+            if k in ("app.kubernetes.io/name", "app.kubernetes.io/instance")
+        },
+        "app.kubernetes.io/component": "rebalance",
+    }
+    stores = [s for s in ("redis", "mysql") if s in sets]
+    assert set(policies) == {"gateway", "node", *stores}
+
+    def peers(policy: dict[str, Any]) -> list[dict[str, Any]]:
+        (rule,) = policy["spec"]["ingress"]
+        return rule.get("from", [])
+
+    def pod_peers(policy: dict[str, Any]) -> list[dict[str, str]]:
+        return [p["podSelector"]["matchLabels"] for p in peers(policy) if "podSelector" in p]
+
+    # the gateway takes traffic from anyone on its port only
+    assert selects(policies["gateway"]["spec"]["podSelector"]["matchLabels"], gateway)
+    assert peers(policies["gateway"]) == []
+    # nodes: the gateway and rebalance Jobs only (plus explicitly configured peers)
+    node_policy = policies["node"]
+    assert selects(node_policy["spec"]["podSelector"]["matchLabels"], node)
+    assert not selects(node_policy["spec"]["podSelector"]["matchLabels"], gateway)
+    allowed = pod_peers(node_policy)
+    assert len(allowed) == 2
+    assert any(selects(a, gateway) for a in allowed)
+    assert any(selects(a, rebalance) for a in allowed)
+    assert not any(selects(a, node) for a in allowed)
+    extra = [p for p in peers(node_policy) if "podSelector" not in p]
+    assert len(extra) == (1 if case == "everything-switched" else 0)
+    (rule,) = node_policy["spec"]["ingress"]
+    assert [p["port"] for p in rule["ports"]] == ["http"]
+    # stores: node pods only
+    for store in stores:
+        policy = policies[store]
+        labels = sets[store]["spec"]["template"]["metadata"]["labels"]
+        assert selects(policy["spec"]["podSelector"]["matchLabels"], labels)
+        allowed = pod_peers(policy)
+        assert len(allowed) == len(peers(policy)) == 1
+        assert selects(allowed[0], node)
+        assert not selects(allowed[0], gateway)
+
+
+@pytest.mark.parametrize("case", ["default", "external-stores"])
+def test_rebalance_rbac_is_just_enough(case: str) -> None:
+    docs = render(case)
+    (role,) = of_kind(docs, "Role")
+    (binding,) = of_kind(docs, "RoleBinding")
+    accounts = {a["metadata"]["name"]: a for a in of_kind(docs, "ServiceAccount")}
+    rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): r for r in role["rules"]}
+    assert set(rules) == {
+        (("apps",), ("statefulsets/scale",)),
+        (("",), ("pods",)),
+        (("",), ("configmaps",)),
+    }
+    scale = rules[("apps",), ("statefulsets/scale",)]
+    assert set(scale["verbs"]) == {"get", "patch"}
+    assert set(scale["resourceNames"]) == {
+        s["metadata"]["name"] for s in of_kind(docs, "StatefulSet")
+    }
+    assert set(rules[("",), ("pods",)]["verbs"]) == {"get", "list"}
+    configmaps = rules[("",), ("configmaps",)]
+    assert set(configmaps["verbs"]) == {"get", "update", "patch"}
+    assert configmaps["resourceNames"] == [one(docs, "ConfigMap", "ring")["metadata"]["name"]]
+    for rule in role["rules"]:
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    (subject,) = binding["subjects"]
+    assert subject["kind"] == "ServiceAccount" and subject["name"] in accounts
+    labels = accounts[subject["name"]]["metadata"]["labels"]
+    assert labels["app.kubernetes.io/component"] == "rebalance"
+    # the services themselves get no API token
+    for _doc, pod in workloads(docs):
+        assert pod.get("automountServiceAccountToken") is False
+        assert pod.get("serviceAccountName") != subject["name"]
+
+
+def test_helm_test_hook_calls_gateway_readyz() -> None:
+    docs = render("default")
+    (pod,) = [
+        d
+        for d in of_kind(docs, "Pod")
+        if d["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"
+    ]
+    service = one(docs, "Service", "gateway")
+    (container,) = pod["spec"]["containers"]
+    assert container["command"] == ["python", "-c"]
+    code, url, timeout = container["args"]
+    compile(code, "helm-test", "exec")
+    parts = urlsplit(url)
+    assert parts.hostname == f"{service['metadata']['name']}.{NAMESPACE}.svc.{DOMAIN}"
+    assert parts.port == service["spec"]["ports"][0]["port"]
+    assert parts.path == "/readyz"
+    assert float(timeout) > 0
+    assert pod["spec"]["restartPolicy"] == "Never"
+
+
+def test_dashboard_ships_and_uses_only_real_metrics() -> None:
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from redpacket.core import metrics
+
+    docs = render("default")
+    shipped = json.loads(one(docs, "ConfigMap", "dashboard")["data"]["redpacket.json"])
+    assert shipped == json.loads((CHART / "dashboards" / "redpacket.json").read_text())
+    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+    series: dict[str, str] = {}  # series name -> metric family
+    for value in vars(metrics).values():
+        if isinstance(value, MetricWrapperBase):
+            for family in value.describe():  # a counter's family name has no _total
+                series.update({family.name + end: family.name for end in suffixes[family.type]})
+    assert len(set(series.values())) >= 9
+    exprs = [t["expr"] for p in shipped["panels"] for t in p.get("targets", [])]
+    used = {name for e in exprs for name in re.findall(r"\bredpacket_[a-z_]+", e)}
+    assert used, "the dashboard queries nothing"
+    assert used <= set(series), f"unknown metrics in the dashboard: {used - set(series)}"
+    assert {series[u] for u in used} == set(series.values()), "metrics missing from the dashboard"
+    switched_off = of_kind(render("everything-switched"), "ConfigMap")
+    assert "dashboard" not in {
+        c["metadata"]["labels"]["app.kubernetes.io/component"] for c in switched_off
+    }
+
+
+# -- values and their schema ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (("--set", "shards=0"), "/shards"),
+        (("--set", "shards=65"), "/shards"),
+        (("--set-string", "shards=two"), "/shards"),
+        (("--set", "secrets.jwtSecret=too-short"), "/secrets/jwtSecret"),
+        (("--set", "gateway.service.type=Ingress"), "/gateway/service/type"),
+        (("--set", "redis.appendfsync=sometimes"), "/redis/appendfsync"),
+        (("--set", "externalStores.redisUrls={http://not-redis}"), "/externalStores/redisUrls"),
+        (("--set", "shard=3"), "shard"),  # a typo of a top-level key
+    ],
+    ids=[
+        "shards=0",
+        "shards=65",
+        "shards-string",
+        "short-jwt",
+        "service-type",
+        "appendfsync",
+        "redis-url",
+        "typo",
+    ],
+)
+def test_schema_rejects_bad_values(args: tuple[str, ...], complaint: str) -> None:
+    proc = run_helm("template", RELEASE, str(CHART), *args)
+    assert proc.returncode != 0, f"helm accepted {args}"
+    assert "don't meet the specifications of the schema" in proc.stderr, proc.stderr
+    assert complaint in proc.stderr, proc.stderr
+
+
+def test_default_values_match_the_schema() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    jsonschema.Draft7Validator(schema).validate(values)
+    assert not jsonschema.Draft7Validator(schema).is_valid({**values, "shards": "2"})
+
+
+def test_every_value_is_commented() -> None:
+    """Each key of values.yaml has a comment on the line(s) above it, or at the end of it."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    undocumented = []
+    for n, line in enumerate(lines):
+        if not re.match(r"^\s*[A-Za-z_][\w.-]*:", line):
+            continue
+        above = lines[n - 1].strip() if n else ""
+        if not (above.startswith("#") or " # " in line):
+            undocumented.append(f"values.yaml:{n + 1}: {line.strip()}")
+    assert not undocumented, "\n".join(undocumented)
+
+
+def test_chart_metadata() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["apiVersion"] == "v2"
+    assert chart["name"] == CHART.name
+    assert re.fullmatch(r"\d+\.\d+\.\d+", chart["version"])
+    assert chart["kubeVersion"].startswith(">=1.25")
