@@ -286,3 +286,27 @@ async def test_a_request_id_flows_from_the_gateway_to_the_node_logs(make_cluster
     node = [e for e in lines(f"{shard}-node") if e["request_id"] == "trace-me-42"]
     assert gateway and gateway[0]["service"] == "gateway" and "/open" in gateway[0]["msg"]
     assert node and node[0]["service"] == "node" and "/internal/v1/packets" in node[0]["msg"]
+
+
+async def test_metrics_count_commits_rejections_and_batches(cluster: Cluster) -> None:
+    packet_id = await cluster.create(1, 100, 1)
+    await cluster.open(packet_id, 70)
+    await cluster.open(packet_id, 71)  # sold out
+    assert cluster.session is not None
+    node_url = next(n.url for n in cluster.nodes() if n.name == cluster.shard_of(int(packet_id)))
+    async with cluster.session.get(node_url + "/metrics") as resp:
+        node = await resp.text()
+    async with cluster.session.get(cluster.url + "/metrics") as resp:
+        gateway = await resp.text()
+
+    def value(text: str, sample: str) -> float:
+        lines = [line for line in text.splitlines() if line.startswith(sample + " ")]
+        assert lines, f"{sample} not exported"
+        return float(lines[0].split()[-1])
+
+    assert value(node, "redpacket_opens_committed_total") >= 1
+    assert value(node, 'redpacket_rejections_total{reason="sold_out",service="node"}') >= 1
+    assert value(node, "redpacket_commit_batch_size_count") >= 1
+    assert "redpacket_reconciler_backlog" in node
+    route = 'route="/v1/red-packets/{id}/open"'
+    assert any(route in line and 'status="410"' in line for line in gateway.splitlines())
