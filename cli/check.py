@@ -24,12 +24,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiomysql
 import redis.asyncio as aioredis
 
 from redpacket.node.counters import connect_redis
 from redpacket.node.keys import packet_keys
-from redpacket.node.ledger import parse_mysql_url
+from redpacket.node.ledger import connect_one
 from redpacket.sharding.ring import NodeSpec, RingDoc
 
 
@@ -78,16 +77,7 @@ class PacketLedger:
 
 
 async def _read_mysql(node: NodeSpec) -> dict[int, PacketLedger]:
-    target = parse_mysql_url(node.mysql or "")
-    conn = await aiomysql.connect(
-        host=target.host,
-        port=target.port,
-        user=target.user,
-        password=target.password,
-        db=target.database,
-        charset="utf8mb4",
-        autocommit=True,
-    )
+    conn = await connect_one(node.mysql or "")
     packets: dict[int, PacketLedger] = {}
     try:
         async with conn.cursor() as cur:
@@ -127,6 +117,8 @@ def _ledger_violations(pid: int, p: PacketLedger) -> list[str]:
     if p.status == "orphan":
         return [f"{where}: records or a refund exist but the packet row does not"]
     out = []
+    if p.status == "moving":  # node/handoff.py: exported or staged, never settled
+        out.append(f"{where}: left in the middle of a handoff (run the rebalance again)")
     spent = sum(p.records.values())
     if spent + p.remaining_amount != p.total_amount:
         out.append(

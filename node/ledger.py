@@ -181,7 +181,7 @@ class Ledger:
     @classmethod
     async def connect(cls, url: str, pool_size: int = 8, timeout_s: float = 5.0) -> Ledger:
         target = parse_mysql_url(url)
-        await ensure_database(target)
+        await ensure_database(url)
         pool = await aiomysql.create_pool(
             host=target.host,
             port=target.port,
@@ -519,29 +519,38 @@ class Ledger:
         return int(row[0]), str(row[1])
 
 
-async def ensure_database(target: MysqlTarget) -> None:
+async def connect_one(url: str, *, with_database: bool = True) -> aiomysql.Connection:
+    """One unpooled autocommit connection to the server (and database) of a mysql:// URL,
+    for tools and tests that read a shard's ledger directly."""
+    target = parse_mysql_url(url)
+    return await aiomysql.connect(
+        host=target.host,
+        port=target.port,
+        user=target.user,
+        password=target.password,
+        db=target.database if with_database and target.database else None,
+        charset="utf8mb4",
+        connect_timeout=5,
+        autocommit=True,
+    )
+
+
+async def ensure_database(url: str) -> None:
     """Create the shard's database if missing: one database per shard, made on first start.
 
     An existing database is left alone, so a user without the CREATE privilege (a managed
     MySQL with a database made for us) works too.
     """
+    target = parse_mysql_url(url)
     if not target.database:
         return
-    login = {
-        "host": target.host,
-        "port": target.port,
-        "user": target.user,
-        "password": target.password,
-        "charset": "utf8mb4",
-        "connect_timeout": 5,
-    }
     try:
-        (await aiomysql.connect(db=target.database, **login)).close()
+        (await connect_one(url)).close()
         return
     except pymysql.err.OperationalError as exc:
         if not exc.args or exc.args[0] != 1049:  # 1049: unknown database
             raise
-    conn = await aiomysql.connect(**login)
+    conn = await connect_one(url, with_database=False)
     try:
         async with conn.cursor() as cur:
             await cur.execute(

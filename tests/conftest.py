@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import aiomysql
 import pytest
 import pytest_asyncio
 from aiohttp import web
@@ -35,10 +34,11 @@ from redpacket.core.ids import IdGenerator
 from redpacket.gateway.auth import mint_token
 from redpacket.node.app import create_app as create_node_app
 from redpacket.node.handlers import SHARD
-from redpacket.node.ledger import parse_mysql_url
+from redpacket.node.ledger import connect_one, parse_mysql_url
 from redpacket.node.settings import NodeSettings
 from redpacket.node.shard import Shard
 from redpacket.sharding.ring import NodeSpec, RingDoc
+from tests.faults import TcpProxy
 
 MYSQL_SERVER = (os.environ.get("REDPACKET_MYSQL_URL") or "mysql://root@127.0.0.1:3306").rstrip("/")
 RUN_ID = secrets.token_hex(3)
@@ -126,18 +126,43 @@ def redis_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         server.stop()
 
 
+async def sql(mysql_url: str, statement: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Run one statement on a shard's database directly, as an auditor would."""
+    conn = await connect_one(mysql_url)
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute(statement, args)
+            return list(await cur.fetchall())
+    finally:
+        conn.close()
+
+
+@pytest_asyncio.fixture
+async def proxied_mysql(mysql_databases: Any) -> AsyncIterator[Any]:
+    """A factory of MySQL URLs that reach the server through a TcpProxy the test can cut:
+    ``(url, proxy)``; pass ``database=False`` for a server URL (a cluster makes its own)."""
+    proxies: list[TcpProxy] = []
+    server = parse_mysql_url(MYSQL_SERVER)
+
+    async def make(label: str = "proxied", database: bool = True) -> tuple[str, TcpProxy]:
+        proxy = TcpProxy(server.host, server.port)
+        await proxy.start()
+        proxies.append(proxy)
+        url = MYSQL_SERVER.replace(f"{server.host}:{server.port}", f"127.0.0.1:{proxy.port}")
+        if database:
+            url += "/" + parse_mysql_url(mysql_databases(label)).database
+        return url, proxy
+
+    yield make
+    for proxy in proxies:
+        await proxy.stop()
+
+
 @pytest_asyncio.fixture(scope="session")
 async def mysql_databases() -> AsyncIterator[Any]:
     """A factory of fresh MySQL databases on the test server, dropped at the end."""
-    target = parse_mysql_url(MYSQL_SERVER)
     try:
-        conn = await aiomysql.connect(
-            host=target.host,
-            port=target.port,
-            user=target.user,
-            password=target.password,
-            autocommit=True,
-        )
+        conn = await connect_one(MYSQL_SERVER, with_database=False)
     except Exception as exc:
         pytest.fail(
             f"cannot reach MySQL at {MYSQL_SERVER} ({exc}): run `make test` "

@@ -47,6 +47,10 @@ class TcpProxy:
         except OSError:
             writer.transport.abort()
             return
+        if self.blocked:  # blocked while this connection was being made
+            writer.transport.abort()
+            up_writer.transport.abort()
+            return
         self._writers.update((writer, up_writer))
         await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
         self._writers.discard(writer)

@@ -8,12 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import aiomysql
 import jwt
 
 from redpacket.cli.devcluster import free_ports
-from redpacket.node.ledger import parse_mysql_url
-from tests.conftest import MYSQL_SERVER, Cluster
+from tests.conftest import Cluster, sql
 
 
 def redpacket(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -27,20 +25,7 @@ def redpacket(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
 
 
 async def tables(mysql_url: str) -> set[str]:
-    target = parse_mysql_url(mysql_url)
-    conn = await aiomysql.connect(
-        host=target.host,
-        port=target.port,
-        user=target.user,
-        password=target.password,
-        db=target.database,
-    )
-    try:
-        async with conn.cursor() as cur:
-            await cur.execute("SHOW TABLES")
-            return {row[0] for row in await cur.fetchall()}
-    finally:
-        conn.close()
+    return {row[0] for row in await sql(mysql_url, "SHOW TABLES")}
 
 
 async def test_db_init_applies_the_schema_and_can_run_again(mysql_databases: Any) -> None:
@@ -104,24 +89,11 @@ async def test_check_passes_a_clean_cluster_and_catches_a_tampered_ledger(
     assert "OK: " in clean.stdout
 
     owner = next(n for n in cluster.nodes() if n.name == cluster.shard_of(int(packet_id)))
-    target = parse_mysql_url(owner.mysql or MYSQL_SERVER)
-    conn = await aiomysql.connect(
-        host=target.host,
-        port=target.port,
-        user=target.user,
-        password=target.password,
-        db=target.database,
-        autocommit=True,
+    await sql(  # a cent appears from nowhere
+        owner.mysql or "",
+        "UPDATE red_packet_record SET amount = amount + 1 WHERE red_packet_id = %s AND uid = 1",
+        (int(packet_id),),
     )
-    try:
-        async with conn.cursor() as cur:  # a cent appears from nowhere
-            await cur.execute(
-                "UPDATE red_packet_record SET amount = amount + 1 "
-                "WHERE red_packet_id = %s AND uid = 1",
-                (int(packet_id),),
-            )
-    finally:
-        conn.close()
     tampered = redpacket(*args, "--reconcile-wait", "0")
     assert tampered.returncode == 1
     assert f"red packet {packet_id}: records sum" in tampered.stdout

@@ -9,10 +9,9 @@ from typing import Any
 import pytest
 
 from redpacket.node.app import SWEEPER
-from redpacket.node.ledger import LedgerUnavailable, parse_mysql_url
+from redpacket.node.ledger import LedgerUnavailable
 from redpacket.node.shard import now_ms
 from tests.conftest import Cluster, NodeHandle
-from tests.faults import TcpProxy
 
 SLOW_SWEEPER = {"REDPACKET_SWEEP_INTERVAL_S": "3600", "REDPACKET_REFUND_GRACE_S": "0"}
 
@@ -77,34 +76,28 @@ async def test_a_sold_out_packet_is_never_refunded(fresh_node: Any) -> None:
 
 
 async def test_claims_taken_before_expiry_land_before_the_refund(
-    fresh_node: Any, mysql_databases: Any
+    proxied_mysql: Any, fresh_node: Any
 ) -> None:
     """A share taken before the expiry whose commit failed is the opener's, not the sender's."""
-    target = parse_mysql_url(mysql_databases("expiry"))
-    proxy = TcpProxy(target.host, target.port)
-    await proxy.start()
-    url = f"mysql://{target.user}@127.0.0.1:{proxy.port}/{target.database}"
+    url, proxy = await proxied_mysql("expiry")
     node: NodeHandle = await fresh_node(
         REDPACKET_MYSQL_URL=url,
         REDPACKET_MYSQL_TIMEOUT_S="1",
         REDPACKET_RECONCILE_INTERVAL_S="3600",
         **SLOW_SWEEPER,
     )
-    try:
-        packet_id = await node.create(total_amount=1000, total_packet=10, expire_seconds=2)
-        await node.open(packet_id, 1)
-        proxy.block()
-        status, _ = await node.open(packet_id, 2)  # taken in Redis, not committed
-        assert status == 503
-        proxy.unblock()
-        await asyncio.sleep(2.05)
-        claimed = await node.shard.counters.claims(packet_id)
-        refunded = await node.app[SWEEPER].sweep_once()
-        assert refunded == [(packet_id, 1000 - sum(claimed.values()))]
-        report = await node.check()
-        assert report.records == 2 and report.refunds == 1
-    finally:
-        await proxy.stop()
+    packet_id = await node.create(total_amount=1000, total_packet=10, expire_seconds=2)
+    await node.open(packet_id, 1)
+    proxy.block()
+    status, _ = await node.open(packet_id, 2)  # taken in Redis, not committed
+    assert status == 503
+    proxy.unblock()
+    await asyncio.sleep(2.05)
+    claimed = await node.shard.counters.claims(packet_id)
+    refunded = await node.app[SWEEPER].sweep_once()
+    assert refunded == [(packet_id, 1000 - sum(claimed.values()))]
+    report = await node.check()
+    assert report.records == 2 and report.refunds == 1
 
 
 async def test_an_expired_packet_through_the_gateway(make_cluster: Any) -> None:

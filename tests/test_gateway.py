@@ -10,13 +10,11 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import aiomysql
 import pytest
 
 from redpacket.cli.check import Observed
 from redpacket.gateway.app import ROUTES
-from redpacket.node.ledger import parse_mysql_url
-from tests.conftest import Cluster
+from tests.conftest import Cluster, sql
 
 PACKET_FIELDS = {
     "red_packet_id",
@@ -33,20 +31,7 @@ PACKET_FIELDS = {
 
 
 async def ledger_ids(mysql_url: str) -> set[int]:
-    target = parse_mysql_url(mysql_url)
-    conn = await aiomysql.connect(
-        host=target.host,
-        port=target.port,
-        user=target.user,
-        password=target.password,
-        db=target.database,
-    )
-    try:
-        async with conn.cursor() as cur:
-            await cur.execute("SELECT red_packet_id FROM red_packet_info")
-            return {row[0] for row in await cur.fetchall()}
-    finally:
-        conn.close()
+    return {row[0] for row in await sql(mysql_url, "SELECT red_packet_id FROM red_packet_info")}
 
 
 async def test_create_returns_the_packet_with_string_ids_and_zoned_times(cluster: Cluster) -> None:

@@ -7,35 +7,18 @@ import time
 from typing import Any
 
 import aiohttp
-import aiomysql
 import jwt
 import pytest
 
 from redpacket.gateway.auth import mint_token
-from redpacket.node.ledger import parse_mysql_url
-from tests.conftest import Cluster
+from tests.conftest import Cluster, sql
 
 HOSTILE_SENDER = 666
 
 
 async def packets_of(cluster: Cluster, sender: int) -> int:
-    count = 0
-    for spec in cluster.nodes():
-        target = parse_mysql_url(spec.mysql or "")
-        conn = await aiomysql.connect(
-            host=target.host,
-            port=target.port,
-            user=target.user,
-            password=target.password,
-            db=target.database,
-        )
-        try:
-            async with conn.cursor() as cur:
-                await cur.execute("SELECT COUNT(*) FROM red_packet_info WHERE uid = %s", (sender,))
-                count += (await cur.fetchone())[0]
-        finally:
-            conn.close()
-    return count
+    statement = "SELECT COUNT(*) FROM red_packet_info WHERE uid = %s"
+    return sum([(await sql(n.mysql or "", statement, (sender,)))[0][0] for n in cluster.nodes()])
 
 
 BAD_CREATES: list[tuple[Any, str]] = [

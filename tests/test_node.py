@@ -8,7 +8,6 @@ from typing import Any
 
 from redpacket.cli.check import Observed
 from tests.conftest import NodeHandle
-from tests.faults import TcpProxy
 
 
 def observed(packet_id: int, results: list[tuple[int, int, Any]]) -> list[Observed]:
@@ -223,55 +222,37 @@ async def test_redis_flushed_mid_life_is_rebuilt_from_mysql(fresh_node: Any) -> 
 
 
 async def test_mysql_outage_loses_no_acknowledged_share_and_the_reconciler_converges(
-    fresh_node: Any, mysql_databases: Any
+    proxied_mysql: Any, fresh_node: Any
 ) -> None:
-    from redpacket.node.ledger import parse_mysql_url
-
-    target = parse_mysql_url(mysql_databases("outage"))
-    proxy = TcpProxy(target.host, target.port)
-    await proxy.start()
-    url = f"mysql://{target.user}@127.0.0.1:{proxy.port}/{target.database}"
+    url, proxy = await proxied_mysql("outage")
     node: NodeHandle = await fresh_node(REDPACKET_MYSQL_URL=url, REDPACKET_MYSQL_TIMEOUT_S="1")
-    try:
-        packet_id = await node.create(total_amount=10_000, total_packet=100)
-        first = await open_all(node, packet_id, list(range(1, 31)))
-        proxy.block()
-        during = await open_all(node, packet_id, list(range(31, 61)))
-        assert {status for _, status, _ in during} == {503}  # never 200 without a commit
-        proxy.unblock()
-        retried = await open_all(node, packet_id, list(range(31, 61)))
-        later = await open_all(node, packet_id, list(range(61, 161)))
-        results = first + retried + later
-        # a user refused with 503 keeps the share Redis gave them: the retry replays it
-        assert all(status == 200 for _, status, _ in retried)
-        won = [
-            body["amount"] for _, status, body in results if status == 200 and not body["replayed"]
-        ]
-        assert len(won) + sum(1 for _, s, b in results if s == 200 and b["replayed"]) == 100
-        await node.check(observed(packet_id, results))
-    finally:
-        await proxy.stop()
+    packet_id = await node.create(total_amount=10_000, total_packet=100)
+    first = await open_all(node, packet_id, list(range(1, 31)))
+    proxy.block()
+    during = await open_all(node, packet_id, list(range(31, 61)))
+    assert {status for _, status, _ in during} == {503}  # never 200 without a commit
+    proxy.unblock()
+    retried = await open_all(node, packet_id, list(range(31, 61)))
+    later = await open_all(node, packet_id, list(range(61, 161)))
+    results = first + retried + later
+    # a user refused with 503 keeps the share Redis gave them: the retry replays it
+    assert all(status == 200 for _, status, _ in retried)
+    won = [body["amount"] for _, status, body in results if status == 200 and not body["replayed"]]
+    assert len(won) + sum(1 for _, s, b in results if s == 200 and b["replayed"]) == 100
+    await node.check(observed(packet_id, results))
 
 
 async def test_claims_left_pending_by_an_outage_are_landed_by_the_reconciler(
-    fresh_node: Any, mysql_databases: Any
+    proxied_mysql: Any, fresh_node: Any
 ) -> None:
-    from redpacket.node.ledger import parse_mysql_url
-
-    target = parse_mysql_url(mysql_databases("pending"))
-    proxy = TcpProxy(target.host, target.port)
-    await proxy.start()
-    url = f"mysql://{target.user}@127.0.0.1:{proxy.port}/{target.database}"
+    url, proxy = await proxied_mysql("pending")
     node: NodeHandle = await fresh_node(REDPACKET_MYSQL_URL=url, REDPACKET_MYSQL_TIMEOUT_S="1")
-    try:
-        packet_id = await node.create(total_amount=1000, total_packet=10)
-        proxy.block()
-        during = await open_all(node, packet_id, list(range(1, 6)))
-        assert {status for _, status, _ in during} == {503}
-        assert len(await node.shard.counters.pending(packet_id)) == 5
-        proxy.unblock()
-        # nobody retries: the reconciler alone must land the five claims
-        report = await node.check(settle_s=20)
-        assert report.records == 5
-    finally:
-        await proxy.stop()
+    packet_id = await node.create(total_amount=1000, total_packet=10)
+    proxy.block()
+    during = await open_all(node, packet_id, list(range(1, 6)))
+    assert {status for _, status, _ in during} == {503}
+    assert len(await node.shard.counters.pending(packet_id)) == 5
+    proxy.unblock()
+    # nobody retries: the reconciler alone must land the five claims
+    report = await node.check(settle_s=20)
+    assert report.records == 5
