@@ -84,8 +84,8 @@ async def test_double_average_rule_is_random_and_fair_per_position(node: NodeHan
     assert max(firsts) <= 2 * total // count  # below twice the average
     for position in range(count):
         mean = statistics.fmean(row[position] for row in rows)
-        # the standard error of each mean here is under 10 cents: 30 is > 3 sigma
-        assert abs(mean - total / count) < 30, (position, mean)
+        # the standard error of each mean here is under 9 cents (simulated): 40 is > 4.5 sigma
+        assert abs(mean - total / count) < 40, (position, mean)
 
 
 async def test_grab_tells_without_taking(node: NodeHandle) -> None:
