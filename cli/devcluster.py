@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hmac
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -27,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
 from redpacket.core.env import SettingsError
 from redpacket.node.ledger import parse_mysql_url
-from redpacket.sharding.ring import NodeSpec, RingDoc
+from redpacket.sharding.ring import NodeSpec, RingDoc, RingError
 
 DEFAULT_MYSQL_URL = "mysql://root@127.0.0.1:3306"
 
@@ -90,6 +93,7 @@ class Child:
     log_path: Path
     proc: asyncio.subprocess.Process | None = None
     restarts: int = 0
+    retired: bool = False  # stopped on purpose (a shard removed): not restarted
 
     async def start(self) -> None:
         log = self.log_path.open("ab")
@@ -164,6 +168,9 @@ class DevCluster:
     node_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     _stopping: bool = False
     _watchers: list[asyncio.Task[None]] = field(default_factory=list)
+    control_url: str = ""  # the supervisor's control endpoint (see `control_app`)
+    _control: web.AppRunner | None = None
+    _change_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def home(self) -> Path:
@@ -205,7 +212,7 @@ class DevCluster:
             ) from None
 
     def plan(self) -> None:
-        prefix = self.db_prefix or ("redpacket" if self.name == "dev" else f"redpacket_{self.name}")
+        prefix = self._prefix()
         ports = free_ports(2 * self.shards + 1)
         if self.port == 0:
             self.port = ports.pop()
@@ -236,48 +243,53 @@ class DevCluster:
         env.update(REDPACKET_NODE_SECRET=self.node_secret, **extra)
         return env
 
+    def _prefix(self) -> str:
+        return self.db_prefix or ("redpacket" if self.name == "dev" else f"redpacket_{self.name}")
+
+    def _shard_children(self, plan: ShardPlan) -> list[Child]:
+        """The redis-server and the node of one shard."""
+        logs = self.home / "logs"
+        python = [sys.executable, "-m", "redpacket.cli"]
+        data = self.home / f"redis-{plan.index}"
+        data.mkdir(parents=True, exist_ok=True)
+        return [
+            Child(
+                f"{plan.name}-redis",
+                [
+                    "redis-server",
+                    "--port",
+                    str(plan.redis_port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(data.resolve()),
+                    "--protected-mode",
+                    "no",
+                ],
+                dict(os.environ),
+                logs / f"{plan.name}-redis.log",
+            ),
+            Child(
+                f"{plan.name}-node",
+                [*python, "node"],
+                self._service_env(
+                    REDPACKET_NODE_NAME=plan.name,
+                    REDPACKET_PORT=str(plan.node_port),
+                    REDPACKET_REDIS_URL=plan.redis_url,
+                    REDPACKET_MYSQL_URL=plan.mysql_url,
+                ),
+                logs / f"{plan.name}-node.log",
+            ),
+        ]
+
     def _children(self) -> list[Child]:
         logs = self.home / "logs"
         python = [sys.executable, "-m", "redpacket.cli"]
-        children = []
-        for plan in self.plans:
-            data = self.home / f"redis-{plan.index}"
-            data.mkdir(parents=True, exist_ok=True)
-            children.append(
-                Child(
-                    f"{plan.name}-redis",
-                    [
-                        "redis-server",
-                        "--port",
-                        str(plan.redis_port),
-                        "--bind",
-                        "127.0.0.1",
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                        "--dir",
-                        str(data.resolve()),
-                        "--protected-mode",
-                        "no",
-                    ],
-                    dict(os.environ),
-                    logs / f"{plan.name}-redis.log",
-                )
-            )
-            children.append(
-                Child(
-                    f"{plan.name}-node",
-                    [*python, "node"],
-                    self._service_env(
-                        REDPACKET_NODE_NAME=plan.name,
-                        REDPACKET_PORT=str(plan.node_port),
-                        REDPACKET_REDIS_URL=plan.redis_url,
-                        REDPACKET_MYSQL_URL=plan.mysql_url,
-                    ),
-                    logs / f"{plan.name}-node.log",
-                )
-            )
+        children = [child for plan in self.plans for child in self._shard_children(plan)]
         children.append(
             Child(
                 "gateway",
@@ -304,6 +316,7 @@ class DevCluster:
             self.children[child.name] = child
             await child.start()
             self._watchers.append(asyncio.create_task(self._supervise(child)))
+        await self.start_control()
         self.write_state(ready=False)
         await self.wait_ready(timeout_s)
         self.write_state(ready=True)
@@ -334,12 +347,12 @@ class DevCluster:
         while True:
             assert child.proc is not None
             code = await child.proc.wait()
-            if self._stopping:
+            if self._stopping or child.retired:
                 return
             since_start = time.monotonic()
             self.say(f"{child.name} exited with code {code}; restarting in {delay:.1f}s")
             await asyncio.sleep(delay)
-            if self._stopping:
+            if self._stopping or child.retired:
                 return
             await child.start()
             child.restarts += 1
@@ -357,6 +370,7 @@ class DevCluster:
             "jwt_secret": self.jwt_secret,
             "node_secret": self.node_secret,
             "mysql_server": self.mysql_server,
+            "control": {"url": self.control_url},
             "shards": [
                 {
                     "name": p.name,
@@ -381,6 +395,8 @@ class DevCluster:
 
     async def down(self) -> None:
         self._stopping = True
+        if self._control is not None:
+            await self._control.cleanup()
         for task in self._watchers:
             task.cancel()
         # the gateway first, then the nodes (they finish their commits), then their stores
@@ -394,6 +410,89 @@ class DevCluster:
                 await self.children[name].stop()
         with contextlib.suppress(FileNotFoundError):
             (self.home / "cluster.json").unlink()
+
+    # -- changes at run time (the `local` backend of `redpacket rebalance`) -----------------
+
+    async def start_control(self) -> None:
+        """Serve :func:`control_app` on 127.0.0.1 (its URL goes into cluster.json)."""
+        self._control = web.AppRunner(control_app(self), access_log=None)
+        await self._control.setup()
+        port = free_ports(1)[0]
+        await web.TCPSite(self._control, "127.0.0.1", port).start()
+        self.control_url = f"http://127.0.0.1:{port}"
+
+    async def add_shard(self, name: str, node_port: int = 0, timeout_s: float = 60.0) -> ShardPlan:
+        """Start one more shard (redis-server, database, node) under supervision; idempotent."""
+        async with self._change_lock:
+            plan = next((p for p in self.plans if p.name == name), None)
+            if plan is None:
+                ports = free_ports(2)
+                plan = ShardPlan(
+                    max((p.index for p in self.plans), default=-1) + 1,
+                    name,
+                    node_port or ports[0],
+                    ports[1],
+                    f"{self._prefix()}_{re.sub(r'[^a-z0-9]+', '_', name.lower())}",
+                    self.mysql_server,
+                )
+                self.plans.append(plan)
+                for child in self._shard_children(plan):
+                    self.children[child.name] = child
+                    await child.start()
+                    self._watchers.append(asyncio.create_task(self._supervise(child)))
+                self.write_state(ready=True)
+                self.say(f"{name} started: node {plan.node_url}, redis {plan.redis_url}")
+        deadline = time.monotonic() + timeout_s
+        async with aiohttp.ClientSession() as session:
+            while True:
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with session.get(
+                        plan.node_url + "/readyz", timeout=aiohttp.ClientTimeout(total=2)
+                    ) as resp:
+                        if resp.status == 200:
+                            return plan
+                if time.monotonic() > deadline:
+                    raise Unmet(f"{name} not ready after {timeout_s:.0f}s; see its logs")
+                await asyncio.sleep(0.2)
+
+    async def remove_shard(self, name: str) -> tuple[bool, bool]:
+        """Stop a shard's node, then its redis-server; drop its database if it holds nothing.
+
+        ``(stopped, database dropped)``; idempotent.
+        """
+        async with self._change_lock:
+            plan = next((p for p in self.plans if p.name == name), None)
+            if plan is None:
+                return False, False
+            for child_name in (f"{name}-node", f"{name}-redis"):
+                child = self.children.pop(child_name, None)
+                if child is not None:
+                    child.retired = True
+                    await child.stop()
+            self.plans.remove(plan)
+            self.write_state(ready=True)
+            dropped = await _drop_if_empty(plan.mysql_url)
+            self.say(f"{name} stopped" + (", its database dropped" if dropped else ""))
+            return True, dropped
+
+    async def publish_ring(self, doc: RingDoc) -> None:
+        """Write the ring file, and tell a running gateway to load it now (SIGHUP)."""
+        doc.save(self.ring_file)
+        gateway = self.children.get("gateway")
+        if gateway is None or gateway.proc is None or gateway.proc.returncode is not None:
+            return
+        # only a gateway that serves has its SIGHUP handler in place (else SIGHUP kills it);
+        # one still starting reads the new file when it starts anyway
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(
+                    self.gateway_url + "/healthz", timeout=aiohttp.ClientTimeout(total=2)
+                ) as resp,
+            ):
+                if resp.status == 200:
+                    with contextlib.suppress(ProcessLookupError):
+                        gateway.proc.send_signal(signal.SIGHUP)
 
     def describe(self) -> str:
         lines = [
@@ -410,6 +509,90 @@ class DevCluster:
             f"  demo     redpacket demo --cluster {self.name}",
         ]
         return "\n".join(lines)
+
+
+async def _drop_if_empty(mysql_url: str) -> bool:
+    """Drop a removed shard's database when it holds no packet and no idempotency key."""
+    import aiomysql
+
+    target = parse_mysql_url(mysql_url)
+    try:
+        conn = await aiomysql.connect(
+            host=target.host,
+            port=target.port,
+            user=target.user,
+            password=target.password,
+            db=target.database,
+            autocommit=True,
+        )
+    except Exception:
+        return False
+    try:
+        async with conn.cursor() as cur:
+            for statement in (
+                "SELECT 1 FROM red_packet_info LIMIT 1",
+                "SELECT 1 FROM idempotency_key LIMIT 1",
+            ):
+                await cur.execute(statement)
+                if await cur.fetchone():
+                    return False
+            await cur.execute("DROP DATABASE `" + target.database.replace("`", "``") + "`")
+            return True
+    except Exception:
+        return False
+    finally:
+        conn.close()
+
+
+def control_app(cluster: DevCluster) -> web.Application:
+    """The supervisor's control endpoint, for `redpacket rebalance --backend local`.
+
+    ``POST /shards {"name", "port"?}`` starts a shard, ``DELETE /shards/{name}`` stops one,
+    ``PUT /ring`` publishes a ring document. Listens on 127.0.0.1 only, and every call must
+    carry the cluster's node secret (header X-Redpacket-Node-Secret).
+    """
+    secret = cluster.node_secret.encode()
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Any) -> web.StreamResponse:
+        given = request.headers.get("X-Redpacket-Node-Secret", "").encode()
+        if not hmac.compare_digest(given, secret):
+            return web.json_response({"error": "unauthenticated"}, status=401)
+        try:
+            return await handler(request)
+        except (Unmet, RingError, ValueError, KeyError, TypeError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+
+    async def add(request: web.Request) -> web.Response:
+        body = await request.json()
+        plan = await cluster.add_shard(str(body["name"]), int(body.get("port") or 0))
+        return web.json_response(
+            {
+                "name": plan.name,
+                "url": plan.node_url,
+                "redis": plan.redis_url,
+                "mysql": plan.mysql_url,
+            }
+        )
+
+    async def remove(request: web.Request) -> web.Response:
+        stopped, dropped = await cluster.remove_shard(request.match_info["name"])
+        return web.json_response({"stopped": stopped, "dropped_database": dropped})
+
+    async def put_ring(request: web.Request) -> web.Response:
+        doc = RingDoc.parse(await request.json())
+        await cluster.publish_ring(doc)
+        return web.json_response({"version": doc.version})
+
+    app = web.Application(middlewares=[auth])
+    app.add_routes(
+        [
+            web.post("/shards", add),
+            web.delete("/shards/{name}", remove),
+            web.put("/ring", put_ring),
+        ]
+    )
+    return app
 
 
 def run_dev_up(args: argparse.Namespace) -> int:

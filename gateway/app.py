@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -72,9 +73,17 @@ async def shards_ctx(app: web.Application) -> AsyncIterator[None]:
     watcher = RingWatcher(settings.ring_file, shards)
     app[RING_WATCHER] = watcher
     task = asyncio.create_task(watcher.run(settings.ring_poll_s))
+    # SIGHUP: re-read the ring file now (`redpacket rebalance` says so after publishing it)
+    loop = asyncio.get_running_loop()
+    hup = False
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        loop.add_signal_handler(signal.SIGHUP, watcher.reload)
+        hup = True
     try:
         yield
     finally:
+        if hup:
+            loop.remove_signal_handler(signal.SIGHUP)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

@@ -37,6 +37,12 @@ CREATE_LIMIT = web.AppKey("create_limit", RateLimiter)
 OPEN_LIMIT = web.AppKey("open_limit", RateLimiter)
 
 _FINAL_REASONS = ("sold_out", "expired")
+# What a latecomer to a finished packet gets, built once: this is the crowd's hot path, and
+# prebuilt bodies and counters (no exception through the middlewares for the 410) measured
+# about 8% less gateway CPU per rejection (docs/benchmarks.md).
+_REJECTED = {reason: REJECTIONS.labels("gateway", reason) for reason in _FINAL_REASONS}
+_GRAB_FINAL = {r: orjson.dumps({"can_open": False, "reason": r}) for r in _FINAL_REASONS}
+_OPEN_FINAL = {r: orjson.dumps(gone(r).body()) for r in _FINAL_REASONS}
 MAX_ID_ATTEMPTS = 3
 
 
@@ -61,11 +67,11 @@ async def _empty_body(request: web.Request) -> None:
 
 
 def _valid_idempotency_key(raw: str) -> str:
-    if not (0 < len(raw) <= 255 and raw.isascii() and raw.isprintable()):
+    if not (0 < len(raw) <= 255 and all("!" <= ch <= "~" for ch in raw)):
         raise ApiError(
             400,
             "invalid_idempotency_key",
-            "Idempotency-Key must be 1 to 255 printable ASCII characters",
+            "Idempotency-Key must be 1 to 255 visible ASCII characters (no spaces)",
         )
     return raw
 
@@ -181,11 +187,11 @@ async def grab(request: web.Request) -> web.Response:
     await _empty_body(request)
     finished = app[FINISHED].get(packet_id)
     if finished is not None:
-        REJECTIONS.labels("gateway", finished.reason).inc()
+        _REJECTED[finished.reason].inc()
         amount = finished.winners.get(user.uid)
         if amount is not None:
             return json_response({"can_open": False, "reason": "already_opened", "amount": amount})
-        return json_response({"can_open": False, "reason": finished.reason})
+        return web.Response(body=_GRAB_FINAL[finished.reason], content_type="application/json")
     upstream = await app[SHARDS].packet_call(
         packet_id, "POST", f"/internal/v1/packets/{packet_id}/grab", body={"uid": str(user.uid)}
     )
@@ -206,8 +212,10 @@ async def open_packet(request: web.Request) -> web.Response:
         amount = finished.winners.get(user.uid)
         if amount is not None:
             return json_response({"amount": amount, "replayed": True})
-        REJECTIONS.labels("gateway", finished.reason).inc()
-        raise gone(finished.reason)
+        _REJECTED[finished.reason].inc()
+        return web.Response(
+            body=_OPEN_FINAL[finished.reason], status=410, content_type="application/json"
+        )
     app[OPEN_LIMIT].take(user.uid)
     upstream = await app[SHARDS].packet_call(
         packet_id,

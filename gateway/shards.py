@@ -23,6 +23,7 @@ from redpacket.sharding.ring import NodeSpec, Ring, RingDoc, RingError, user_key
 log = logging.getLogger("redpacket.gateway.shards")
 
 NODE_SECRET_HEADER = "X-Redpacket-Node-Secret"
+MAX_MOVED_HOPS = 4  # packet_moved answers followed per call (a packet moved twice: 2 hops)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,25 +57,69 @@ class Shards:
         self._session = session
         self._secret = node_secret
         self._frozen_retry_s = frozen_retry_s
-        self.ring_doc = ring_doc
-        self.ring: Ring = ring_doc.ring()
+        self.use_ring(ring_doc)
 
     # -- the ring -----------------------------------------------------------------------
 
     def use_ring(self, doc: RingDoc) -> None:
-        """Switch to a new ring; calls already under way finish against the node they chose."""
-        ring = doc.ring()
-        self.ring_doc, self.ring = doc, ring
+        """Switch to a new ring; calls already under way finish against the node they chose.
+
+        While a rebalance runs (the document has a ``previous`` ring) requests are still
+        routed by the previous ring: the old owner serves a packet until it has handed it
+        off, and then answers ``packet_moved`` with the new owner, which :meth:`call`
+        follows. The new ring takes over routing once the rebalance retires the previous one
+        (docs/rebalancing.md).
+        """
+        ring: Ring = doc.ring()
+        route: Ring = doc.previous.ring() if doc.previous is not None else ring
+        self.ring_doc, self.ring, self.route_ring = doc, ring, route
 
     def owner(self, packet_id: int) -> NodeSpec:
-        return self.ring.owner(packet_id)
+        return self.route_ring.owner(packet_id)
 
     def user_owner(self, uid: int) -> NodeSpec:
-        return self.ring.owner_of_key(user_key(uid))
+        return self.route_ring.owner_of_key(user_key(uid))
+
+    def _moved_to(self, upstream: Upstream, node: NodeSpec) -> NodeSpec | None:
+        """Where a ``packet_moved`` answer points: a node of the ring, or the URL it gave."""
+        try:
+            error = upstream.json()["error"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return None
+        name, url = error.get("owner"), error.get("owner_url")
+        if not isinstance(name, str) or name == node.name:
+            return None
+        known = self.ring_doc.node(name)
+        if known is not None:
+            return known
+        # A node newer than this gateway's ring (the ring file is on its way): nodes are
+        # trusted peers, so the URL the old owner gave is good to use.
+        return NodeSpec(name, url.rstrip("/")) if isinstance(url, str) and url else None
 
     # -- calls --------------------------------------------------------------------------
 
     async def call(
+        self,
+        node: NodeSpec,
+        method: str,
+        path: str,
+        *,
+        body: Mapping[str, object] | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> Upstream:
+        """Call a node; if it answers that the packet (or user) moved, call the new owner."""
+        upstream = await self._call_once(node, method, path, body=body, params=params)
+        for _ in range(MAX_MOVED_HOPS):
+            if upstream.error_code() != "packet_moved":
+                break
+            moved_to = self._moved_to(upstream, node)
+            if moved_to is None:
+                break
+            node = moved_to
+            upstream = await self._call_once(node, method, path, body=body, params=params)
+        return upstream
+
+    async def _call_once(
         self,
         node: NodeSpec,
         method: str,
@@ -125,12 +170,8 @@ class Shards:
         for _ in range(50):
             upstream = await self.call(node, method, path, body=body, params=params)
             code = upstream.error_code()
-            if code == "packet_moved":
-                moved_to = self.ring_doc.node(upstream.json()["error"].get("owner", ""))
-                if moved_to is None or moved_to.name == node.name:
-                    raise unavailable("red packet is moving between shards; retry")
-                node = moved_to
-                continue
+            if code == "packet_moved":  # call() followed as far as it could
+                raise unavailable("red packet is moving between shards; retry")
             if code != "packet_frozen":
                 return upstream
             if waited >= self._frozen_retry_s:

@@ -10,9 +10,11 @@ import asyncio
 import contextlib
 import hmac
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
+import pymysql
 from aiohttp import web
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -20,7 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redpacket.core.errors import ApiError, error_middleware, unavailable
 from redpacket.core.logs import request_id_middleware
 from redpacket.core.metrics import metrics_handler, metrics_middleware
-from redpacket.node import handlers
+from redpacket.node import handlers, handoff
 from redpacket.node.counters import Counters, connect_redis
 from redpacket.node.handlers import SETTINGS, SHARD
 from redpacket.node.ledger import Ledger, LedgerUnavailable
@@ -32,6 +34,7 @@ from redpacket.node.sweeper import Sweeper
 log = logging.getLogger("redpacket.node")
 
 NODE_SECRET_HEADER = "X-Redpacket-Node-Secret"
+T = TypeVar("T")
 RECONCILER = web.AppKey("reconciler", Reconciler)
 SWEEPER = web.AppKey("sweeper", Sweeper)
 
@@ -43,6 +46,7 @@ ROUTES = [
     web.get("/internal/v1/packets/{id}/records", handlers.records),
     web.get("/internal/v1/packets/{id}/winners", handlers.winners),
     web.post("/internal/v1/idempotency-keys", handlers.claim_idempotency_key),
+    *handoff.ROUTES,  # /internal/v1/handoff/...: rebalancing (node/handoff.py)
     web.get("/healthz", handlers.healthz),
     web.get("/readyz", handlers.readyz),
     web.get("/metrics", metrics_handler),
@@ -75,11 +79,37 @@ def node_auth_middleware(secret: str) -> Any:
     return middleware
 
 
+async def _patiently(what: str, connect: Callable[[], Awaitable[T]], wait_s: float) -> T:
+    """Retry reaching a store at start: in Kubernetes the stores may come up after the node,
+    and waiting here is quicker than a crash loop's growing back-off."""
+    deadline = time.monotonic() + wait_s
+    delay = 0.2
+    while True:
+        try:
+            return await connect()
+        except (
+            OSError,
+            RedisConnectionError,
+            RedisTimeoutError,
+            LedgerUnavailable,
+            pymysql.err.OperationalError,
+        ) as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s is not reachable yet (%s); retrying in %.1fs", what, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
 async def stores_ctx(app: web.Application) -> AsyncIterator[None]:
     """Redis and MySQL of this shard: schema applied, scripts loaded, group commit running."""
     settings = app[SETTINGS]
-    ledger = await Ledger.connect(
-        settings.mysql_url, settings.mysql_pool_size, timeout_s=settings.mysql_timeout_s
+    ledger = await _patiently(
+        "MySQL",
+        lambda: Ledger.connect(
+            settings.mysql_url, settings.mysql_pool_size, timeout_s=settings.mysql_timeout_s
+        ),
+        settings.startup_wait_s,
     )
     redis_client = connect_redis(
         settings.redis_url, settings.redis_cluster, settings.redis_pool_size
@@ -87,10 +117,11 @@ async def stores_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         await ledger.apply_schema()
         counters = Counters(redis_client)
-        await counters.register_scripts()
+        await _patiently("Redis", counters.register_scripts, settings.startup_wait_s)
         shard = Shard(settings, counters, ledger)
         shard.committer.start()
         app[SHARD] = shard
+        app[handoff.HANDOFF] = await handoff.start(shard, settings.name)
         yield
         await shard.committer.stop()
     finally:

@@ -24,6 +24,7 @@ from redpacket.node.keys import PENDING_PATTERN, packet_id_of, packet_keys
 from redpacket.node.ledger import Claim, PacketRow
 
 RedisClient = aioredis.Redis | RedisCluster
+CLUSTER_MIN_CONNECTIONS = 1024  # per master
 
 
 class Outcome(enum.IntEnum):
@@ -60,10 +61,13 @@ def connect_redis(url: str, cluster: bool, pool_size: int) -> RedisClient:
     retry = Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=3)
     errors = [RedisConnectionError, RedisTimeoutError]
     if cluster:
+        # redis-py's cluster client fails a command when a master's pool is full instead of
+        # waiting for a connection, so its cap sits above anything the node can have in
+        # flight (the gateway keeps at most REDPACKET_NODE_CONNECTIONS calls per node).
         return RedisCluster.from_url(
             url,
             decode_responses=True,
-            max_connections=pool_size,
+            max_connections=max(pool_size, CLUSTER_MIN_CONNECTIONS),
             retry=retry,
             retry_on_error=errors,
             socket_timeout=5,

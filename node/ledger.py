@@ -203,7 +203,7 @@ class Ledger:
         await self._pool.wait_closed()
 
     @contextlib.asynccontextmanager
-    async def _conn(self) -> AsyncIterator[aiomysql.Connection]:
+    async def connection(self) -> AsyncIterator[aiomysql.Connection]:
         """A pooled connection; any failure closes it, MySQL outages become LedgerUnavailable."""
         try:
             async with asyncio.timeout(self._timeout_s):
@@ -224,13 +224,13 @@ class Ledger:
             self._pool.release(conn)
 
     async def apply_schema(self) -> None:
-        async with self._conn() as conn, conn.cursor() as cur:
+        async with self.connection() as conn, conn.cursor() as cur:
             for statement in schema_statements():
                 await cur.execute(statement)
             await conn.commit()
 
     async def ping(self) -> None:
-        async with self._conn() as conn, conn.cursor() as cur:
+        async with self.connection() as conn, conn.cursor() as cur:
             await cur.execute("SELECT 1")
             await conn.rollback()
 
@@ -239,7 +239,7 @@ class Ledger:
     @retry_lock_conflicts
     async def insert_packet(self, row: PacketRow) -> tuple[PacketRow, bool]:
         """Insert a packet: ``(row, created)``; a retry with the same token gets the first row."""
-        async with self._conn() as conn, conn.cursor() as cur:
+        async with self.connection() as conn, conn.cursor() as cur:
             try:
                 await cur.execute(
                     f"INSERT INTO red_packet_info ({_PACKET_COLUMNS}) "
@@ -270,7 +270,7 @@ class Ledger:
         return existing, False
 
     async def get_packet(self, packet_id: int) -> PacketRow | None:
-        async with self._conn() as conn, conn.cursor() as cur:
+        async with self.connection() as conn, conn.cursor() as cur:
             await cur.execute(
                 f"SELECT {_PACKET_COLUMNS} FROM red_packet_info WHERE red_packet_id = %s",
                 (packet_id,),
@@ -280,7 +280,7 @@ class Ledger:
         return _packet(row) if row else None
 
     async def committed_claims(self, packet_id: int) -> dict[int, int]:
-        async with self._conn() as conn, conn.cursor() as cur:
+        async with self.connection() as conn, conn.cursor() as cur:
             await cur.execute(
                 "SELECT uid, amount FROM red_packet_record WHERE red_packet_id = %s",
                 (packet_id,),
@@ -318,7 +318,7 @@ class Ledger:
             f"  AND remaining_amount - {case} >= remaining_packet - {case}"
         )
         update_args = [*args_s, *args_n, *packet_ids, *args_n, *args_s, *args_n]
-        async with self._conn() as conn, conn.cursor() as cur:
+        async with self.connection() as conn, conn.cursor() as cur:
             try:
                 changed = await cur.execute(update_sql, update_args)
                 if changed != len(packet_ids):
@@ -354,7 +354,7 @@ class Ledger:
         packet; if the uid already has a record, the update is rolled back and that record
         wins.
         """
-        async with self._conn() as conn, conn.cursor() as cur:
+        async with self.connection() as conn, conn.cursor() as cur:
             try:
                 changed = await cur.execute(
                     "UPDATE red_packet_info "
@@ -423,7 +423,7 @@ class Ledger:
             args += [when, when, after[1]]
         sql += " ORDER BY create_time DESC, uid DESC LIMIT %s"
         args.append(limit)
-        async with self._conn() as conn, conn.cursor() as cur:
+        async with self.connection() as conn, conn.cursor() as cur:
             await cur.execute(sql, args)
             rows = await cur.fetchall()
             await conn.rollback()
@@ -432,7 +432,7 @@ class Ledger:
     # -- expiry -------------------------------------------------------------------------
 
     async def expired_active(self, before_ms: int, limit: int) -> list[int]:
-        async with self._conn() as conn, conn.cursor() as cur:
+        async with self.connection() as conn, conn.cursor() as cur:
             await cur.execute(
                 "SELECT red_packet_id FROM red_packet_info "
                 "WHERE status = 'active' AND expire_time <= %s ORDER BY expire_time LIMIT %s",
@@ -456,7 +456,7 @@ class Ledger:
         and running it again refunds exactly once. ``between_steps`` lets a test break the
         connection between the two writes.
         """
-        async with self._conn() as conn, conn.cursor() as cur:
+        async with self.connection() as conn, conn.cursor() as cur:
             try:
                 await cur.execute(
                     "SELECT uid, remaining_amount, status, expire_time FROM red_packet_info "
@@ -487,7 +487,7 @@ class Ledger:
                 raise
 
     async def refund_of(self, packet_id: int) -> int | None:
-        async with self._conn() as conn, conn.cursor() as cur:
+        async with self.connection() as conn, conn.cursor() as cur:
             await cur.execute(
                 "SELECT amount FROM red_packet_refund WHERE red_packet_id = %s", (packet_id,)
             )
@@ -502,7 +502,7 @@ class Ledger:
         self, uid: int, key: str, request_hash: str, packet_id: int, now_ms: int
     ) -> tuple[int, str]:
         """Bind (uid, key) to a packet id unless already bound; the binding that stands."""
-        async with self._conn() as conn, conn.cursor() as cur:
+        async with self.connection() as conn, conn.cursor() as cur:
             await cur.execute(
                 "INSERT IGNORE INTO idempotency_key "
                 "(uid, idem_key, request_hash, red_packet_id, create_time) "

@@ -67,3 +67,38 @@ CREATE TABLE IF NOT EXISTS idempotency_key (
   PRIMARY KEY (uid, idem_key)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
 ;
+-- Rebalancing (node/handoff.py, docs/rebalancing.md). Where a red packet went when this shard
+-- handed it to another one: kept after the copy here is deleted, so a late request for it is
+-- answered 421 packet_moved (owner = the node name) instead of 404.
+CREATE TABLE IF NOT EXISTS red_packet_tombstone (
+  red_packet_id BIGINT       NOT NULL,
+  owner         VARCHAR(64)  NOT NULL COMMENT 'ring name of the node the packet moved to',
+  owner_url     VARCHAR(255) NOT NULL DEFAULT '' COMMENT 'its URL when the packet moved',
+  ring_version  INT          NOT NULL COMMENT 'version of the ring the move was made for',
+  create_time   DATETIME(3)  NOT NULL,
+  PRIMARY KEY (red_packet_id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+;
+-- A handoff under way. direction 'out': this shard froze its copy for `peer` (its row in
+-- red_packet_info has status 'moving'); 'in': this shard holds a staged copy from `peer`,
+-- inert (status 'moving') until activated. prior_status is the status to restore.
+CREATE TABLE IF NOT EXISTS red_packet_handoff (
+  red_packet_id BIGINT      NOT NULL,
+  direction     VARCHAR(3)  NOT NULL COMMENT 'out | in',
+  peer          VARCHAR(64) NOT NULL,
+  prior_status  VARCHAR(16) NOT NULL,
+  ring_version  INT         NOT NULL,
+  create_time   DATETIME(3) NOT NULL,
+  PRIMARY KEY (red_packet_id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+;
+-- The ring the last rebalance moved this shard to (one row, id = 1). The node refuses to
+-- create packets or bind idempotency keys that this ring gives to another node.
+CREATE TABLE IF NOT EXISTS shard_ring (
+  id           TINYINT     NOT NULL,
+  version      INT         NOT NULL,
+  ring_json    MEDIUMTEXT  NOT NULL,
+  update_time  DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3),
+  PRIMARY KEY (id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+;

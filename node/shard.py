@@ -64,15 +64,11 @@ def frozen() -> ApiError:
 def moved(owner: str, owner_url: str = "") -> ApiError:
     """421: another shard serves this packet now (``owner`` is its ring name)."""
     extra = {"owner": owner, **({"owner_url": owner_url} if owner_url else {})}
-    return ApiError(
-        421, "packet_moved", "this red packet is served by another shard", extra=extra
-    )
+    return ApiError(421, "packet_moved", "this red packet is served by another shard", extra=extra)
 
 
 def id_collision() -> ApiError:
-    return ApiError(
-        409, "id_collision", "red_packet_id is taken by another packet; use a new id"
-    )
+    return ApiError(409, "id_collision", "red_packet_id is taken by another packet; use a new id")
 
 
 # red_packet_info.status of a copy that is being handed between shards (node/handoff.py):
@@ -89,6 +85,10 @@ class Placement(Protocol):
 
     async def moved(self, packet_id: int) -> ApiError | None:
         """packet_moved if this node handed the packet off (it keeps a tombstone), else None."""
+        ...
+
+    def elsewhere(self, key: str) -> ApiError | None:
+        """packet_moved if the ring a rebalance is moving to gives ``key`` to another node."""
         ...
 
     async def existing_for_create(self, packet_id: int) -> PacketRow | None:
@@ -129,9 +129,12 @@ class Shard:
         self.placement: Placement | None = None  # set once the node can hand packets off
 
     async def absent(self, packet_id: int) -> ApiError:
-        """The answer for a packet this node does not hold: moved (tombstone) or not found."""
-        if self.placement is not None and (err := await self.placement.moved(packet_id)):
-            return err
+        """The answer for a packet this node does not hold: moved (tombstone, or the ring a
+        rebalance is moving to names another owner) or not found."""
+        if self.placement is not None:
+            err = await self.placement.moved(packet_id) or self.placement.elsewhere(str(packet_id))
+            if err is not None:
+                return err
         return not_found()
 
     async def moving(self, packet_id: int) -> ApiError:

@@ -14,6 +14,11 @@ Ring document::
         redis: redis://...          # optional: the node's stores, for tools like `check`
         mysql: mysql://.../redpacket_shard_0
     previous: {version: 2, nodes: [...]}   # only while a rebalance is moving packets
+    note: add shard-2               # optional: what the change in progress is
+
+While ``previous`` is there, gateways route by it (every packet is on its previous owner,
+or that node knows where it went) and ``nodes`` is the ring being moved to; see
+docs/rebalancing.md.
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ class RingDoc:
     version: int
     nodes: tuple[NodeSpec, ...]
     previous: RingDoc | None = field(default=None)
+    note: str = ""  # what the change in progress is, e.g. "add shard-2" (informational)
 
     def ring(self) -> Ring:
         return Ring(self.nodes)
@@ -99,6 +105,8 @@ class RingDoc:
         }
         if self.previous is not None:
             data["previous"] = self.previous.as_dict()
+        if self.note:
+            data["note"] = self.note
         return data
 
     @classmethod
@@ -129,7 +137,13 @@ class RingDoc:
                 )
             )
         previous = data.get("previous")
-        doc = cls(version, tuple(nodes), cls.parse(previous) if previous else None)
+        note = data.get("note", "")
+        doc = cls(
+            version,
+            tuple(nodes),
+            cls.parse(previous) if previous else None,
+            note if isinstance(note, str) else "",
+        )
         doc.ring()  # validates names
         return doc
 

@@ -1,0 +1,196 @@
+"""The rebalance's HTTP client of the shard nodes' handoff API (node/handoff.py).
+
+Every call carries the node secret. Answers that say "try again" (503, a connection that
+failed or timed out) are retried with backoff; anything else that is not a 2xx raises
+:class:`NodeError`, since the handoff steps are idempotent but not guesswork.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+import aiohttp
+import orjson
+
+from redpacket.sharding.ring import NodeSpec, RingDoc
+
+NODE_SECRET_HEADER = "X-Redpacket-Node-Secret"
+H = "/internal/v1/handoff"
+
+
+class NodeError(Exception):
+    """A node refused a call (or never answered it)."""
+
+    def __init__(self, node: str, status: int, code: str, message: str) -> None:
+        super().__init__(f"{node}: {status} {code}: {message}")
+        self.node, self.status, self.code = node, status, code
+
+
+class NodeClient:
+    def __init__(self, secret: str, *, timeout_s: float = 30.0, attempts: int = 6) -> None:
+        self._secret = secret
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._attempts = attempts
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> NodeClient:
+        self._session = aiohttp.ClientSession(
+            timeout=self._timeout, connector=aiohttp.TCPConnector(limit=64)
+        )
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def request(
+        self,
+        node: NodeSpec,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        assert self._session is not None, "use NodeClient as an async context manager"
+        headers = {NODE_SECRET_HEADER: self._secret}
+        data = None
+        if body is not None:
+            data = orjson.dumps(body)
+            headers["Content-Type"] = "application/json"
+        delay = 0.1
+        for attempt in range(self._attempts):
+            last = attempt == self._attempts - 1
+            try:
+                async with self._session.request(
+                    method, node.url + path, data=data, params=params, headers=headers
+                ) as resp:
+                    raw = await resp.read()
+                    status = resp.status
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                if last:
+                    raise NodeError(node.name, 0, "unreachable", str(exc) or "timeout") from None
+            else:
+                try:
+                    answer = orjson.loads(raw) if raw else {}
+                except orjson.JSONDecodeError:
+                    answer = {"error": {"code": "not_json", "message": raw[:200].decode("latin1")}}
+                if status < 300:
+                    return answer
+                error = answer.get("error") if isinstance(answer, dict) else None
+                error = error if isinstance(error, dict) else {}
+                if status not in (500, 502, 503, 504) or last:
+                    raise NodeError(
+                        node.name,
+                        status,
+                        str(error.get("code", "error")),
+                        str(error.get("message", "")),
+                    )
+            await asyncio.sleep(delay * (1 + random.random()))
+            delay = min(delay * 2, 2.0)
+        raise AssertionError("unreachable")
+
+    # -- who and what ---------------------------------------------------------------------
+
+    async def ready_name(self, node: NodeSpec) -> str:
+        """The name the node gives itself (its REDPACKET_NODE_NAME)."""
+        return str((await self.request(node, "GET", "/readyz")).get("node", ""))
+
+    async def fence(self, node: NodeSpec, doc: RingDoc) -> dict[str, Any]:
+        body = RingDoc(doc.version, doc.nodes).as_dict()
+        return await self.request(node, "PUT", f"{H}/ring", body=body)
+
+    async def clear_fence(self, node: NodeSpec) -> dict[str, Any]:
+        return await self.request(node, "DELETE", f"{H}/ring")
+
+    async def inventory(
+        self, node: NodeSpec, page: int = 2000
+    ) -> AsyncIterator[tuple[int, str, str | None]]:
+        """Every packet a node holds: ``(id, "active" | "out" | "in", peer)``."""
+        after = "0"
+        while True:
+            answer = await self.request(
+                node, "GET", f"{H}/packets", params={"after": after, "limit": str(page)}
+            )
+            for pid, state, peer in answer["packets"]:
+                yield int(pid), str(state), peer
+            if answer.get("next") is None:
+                return
+            after = str(answer["next"])
+
+    async def keys(self, node: NodeSpec, page: int = 2000) -> AsyncIterator[list[Any]]:
+        """Every idempotency key a node holds: ``[uid, key, request_hash, packet id, ms]``."""
+        after_uid, after_key = "0", ""
+        while True:
+            answer = await self.request(
+                node,
+                "GET",
+                f"{H}/idempotency-keys",
+                params={"after_uid": after_uid, "after_key": after_key, "limit": str(page)},
+            )
+            for row in answer["keys"]:
+                yield row
+            if answer.get("next") is None:
+                return
+            after_uid, after_key = answer["next"]
+
+    # -- the steps of one packet ----------------------------------------------------------
+
+    async def export(
+        self, node: NodeSpec, packet_id: int, to: str, ring_version: int
+    ) -> dict[str, Any]:
+        return await self.request(
+            node,
+            "POST",
+            f"{H}/packets/{packet_id}/export",
+            body={"to": to, "ring_version": ring_version},
+        )
+
+    async def import_(
+        self, node: NodeSpec, packet_id: int, export: dict[str, Any], ring_version: int
+    ) -> str:
+        answer = await self.request(
+            node,
+            "POST",
+            f"{H}/packets/{packet_id}/import",
+            body={"from": export["from"], "ring_version": ring_version, "export": export},
+        )
+        return str(answer["state"])
+
+    async def activate(self, node: NodeSpec, packet_id: int) -> str:
+        answer = await self.request(node, "POST", f"{H}/packets/{packet_id}/activate", body={})
+        return str(answer["state"])
+
+    async def finish(
+        self, node: NodeSpec, packet_id: int, owner: NodeSpec, ring_version: int
+    ) -> str:
+        answer = await self.request(
+            node,
+            "POST",
+            f"{H}/packets/{packet_id}/finish",
+            body={"owner": owner.name, "owner_url": owner.url, "ring_version": ring_version},
+        )
+        return str(answer["state"])
+
+    async def abort(self, node: NodeSpec, packet_id: int) -> str:
+        answer = await self.request(node, "POST", f"{H}/packets/{packet_id}/abort", body={})
+        return str(answer["state"])
+
+    async def discard(self, node: NodeSpec, packet_id: int) -> str:
+        answer = await self.request(node, "POST", f"{H}/packets/{packet_id}/discard", body={})
+        return str(answer["state"])
+
+    # -- idempotency keys -----------------------------------------------------------------
+
+    async def import_keys(self, node: NodeSpec, rows: Sequence[list[Any]]) -> list[list[str]]:
+        answer = await self.request(node, "POST", f"{H}/idempotency-keys", body={"keys": rows})
+        return list(answer.get("conflicts", []))
+
+    async def release_keys(self, node: NodeSpec, rows: Sequence[list[Any]]) -> int:
+        answer = await self.request(
+            node, "POST", f"{H}/idempotency-keys/release", body={"keys": rows}
+        )
+        return int(answer.get("deleted", 0))

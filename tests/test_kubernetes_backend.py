@@ -1,0 +1,290 @@
+"""The kubernetes rebalance backend, against a local fake of the API calls it makes.
+
+No Kubernetes API server runs here. The fake below speaks the few REST endpoints the backend
+uses (StatefulSet scale, pods, the ring ConfigMap) closely enough for the official client to
+parse them, and plays the gateway's /readyz too. The shard nodes are real (in process, each
+with its own Redis and MySQL database), so the packets really move.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from aiohttp import web
+from kubernetes import client as k8s
+
+from redpacket.cli.check import Observed, check_shards
+from redpacket.cli.devcluster import free_ports
+from redpacket.sharding.backends import BackendError
+from redpacket.sharding.backends.kubernetes import KubernetesBackend, KubernetesNames
+from redpacket.sharding.rebalance import Rebalancer
+from redpacket.sharding.ring import Ring, RingDoc
+from tests.conftest import IDS, NodeHandle, start_node
+
+NS = "pay"
+
+
+class FakeKube:
+    """StatefulSets (replicas and their pods), pods, one ConfigMap, and a gateway's /readyz."""
+
+    def __init__(self, statefulsets: dict[str, int], configmap: str, ring: RingDoc) -> None:
+        self.replicas = dict(statefulsets)
+        self.pods: dict[str, tuple[float, float | None]] = {}  # name -> (ready at, gone at)
+        for sts, count in statefulsets.items():
+            for i in range(count):
+                self.pods[f"{sts}-{i}"] = (0.0, None)
+        self.pods["gw-0"] = (0.0, None)  # one gateway pod; its /readyz is this server's
+        self.configmap = configmap
+        self.data = {"ring.json": json.dumps(ring.as_dict())}
+        self.resource_version = 1
+        self.calls: list[tuple[str, str]] = []
+        self.delay_s = 0.3  # pods take this long to become ready, or to go away
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._record])
+        scale = "/apis/apps/v1/namespaces/{ns}/statefulsets/{name}/scale"
+        app.add_routes(
+            [
+                web.get(scale, self.get_scale),
+                web.patch(scale, self.patch_scale),
+                web.get("/api/v1/namespaces/{ns}/pods", self.list_pods),
+                web.get("/api/v1/namespaces/{ns}/pods/{name}", self.get_pod),
+                web.get("/api/v1/namespaces/{ns}/configmaps/{name}", self.get_configmap),
+                web.put("/api/v1/namespaces/{ns}/configmaps/{name}", self.put_configmap),
+                web.get("/readyz", self.gateway_readyz),
+            ]
+        )
+        return app
+
+    @web.middleware
+    async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path != "/readyz":
+            self.calls.append((request.method, request.path))
+            assert request.match_info.get("ns", NS) == NS
+        return await handler(request)
+
+    @staticmethod
+    def not_found(what: str) -> web.Response:
+        body = {"kind": "Status", "apiVersion": "v1", "status": "Failure"}
+        body |= {"message": f"{what} not found", "reason": "NotFound", "code": 404}
+        return web.json_response(body, status=404)
+
+    def _scale(self, name: str) -> dict[str, Any]:
+        return {
+            "kind": "Scale",
+            "apiVersion": "autoscaling/v1",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {"replicas": self.replicas[name]},
+            "status": {"replicas": self.replicas[name]},
+        }
+
+    async def get_scale(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in self.replicas:
+            return self.not_found(f"statefulsets {name}")
+        return web.json_response(self._scale(name))
+
+    async def patch_scale(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        assert "merge-patch" in request.content_type, request.content_type
+        wanted = int((await request.json())["spec"]["replicas"])
+        now = time.monotonic()
+        for i in range(wanted, self.replicas[name]):  # scale down: pods go away
+            ready_at, _ = self.pods[f"{name}-{i}"]
+            self.pods[f"{name}-{i}"] = (ready_at, now + self.delay_s)
+        for i in range(self.replicas[name], wanted):  # scale up: pods come, ready later
+            self.pods[f"{name}-{i}"] = (now + self.delay_s, None)
+        self.replicas[name] = wanted
+        return web.json_response(self._scale(name))
+
+    def _pod(self, name: str, ip: str = "10.0.0.1") -> dict[str, Any] | None:
+        ready_at, gone_at = self.pods.get(name, (0.0, 0.0))
+        now = time.monotonic()
+        if gone_at is not None and now >= gone_at:
+            return None
+        ready = now >= ready_at and gone_at is None
+        return {
+            "kind": "Pod",
+            "apiVersion": "v1",
+            "metadata": {"name": name, "namespace": NS},
+            "status": {
+                "phase": "Running",
+                "podIP": ip,
+                "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+            },
+        }
+
+    async def get_pod(self, request: web.Request) -> web.Response:
+        pod = self._pod(request.match_info["name"])
+        return web.json_response(pod) if pod else self.not_found("pod")
+
+    async def list_pods(self, request: web.Request) -> web.Response:
+        selector = request.query.get("labelSelector", "")
+        assert "app.kubernetes.io/component=gateway" in selector, selector
+        gateway = self._pod("gw-0", ip="127.0.0.1")
+        return web.json_response(
+            {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": [gateway]}
+        )
+
+    def _configmap(self) -> dict[str, Any]:
+        return {
+            "kind": "ConfigMap",
+            "apiVersion": "v1",
+            "metadata": {
+                "name": self.configmap,
+                "namespace": NS,
+                "resourceVersion": str(self.resource_version),
+            },
+            "data": self.data,
+        }
+
+    async def get_configmap(self, request: web.Request) -> web.Response:
+        if request.match_info["name"] != self.configmap:
+            return self.not_found("configmap")
+        return web.json_response(self._configmap())
+
+    async def put_configmap(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if body["metadata"].get("resourceVersion") != str(self.resource_version):
+            return web.json_response({"kind": "Status", "code": 409}, status=409)
+        self.data = dict(body["data"])
+        self.resource_version += 1
+        return web.json_response(self._configmap())
+
+    async def gateway_readyz(self, _: web.Request) -> web.Response:
+        version = json.loads(self.data["ring.json"])["version"]
+        return web.json_response({"ready": True, "ring_version": version})
+
+    def ring(self) -> RingDoc:
+        return RingDoc.parse(json.loads(self.data["ring.json"]))
+
+
+@pytest_asyncio.fixture
+async def three_nodes(redis_servers: Any, mysql_databases: Any) -> AsyncIterator[list[NodeHandle]]:
+    secret = secrets.token_hex(16)
+    made = []
+    for i in range(3):
+        made.append(
+            await start_node(
+                redis_servers(),
+                mysql_databases(f"k8s{i}"),
+                REDPACKET_NODE_NAME=f"shard-{i}",
+                REDPACKET_NODE_SECRET=secret,
+            )
+        )
+    for _, handle in made:
+        handle.secret = secret
+    yield [handle for _, handle in made]
+    for runner, handle in made:
+        await handle.session.close()
+        await runner.cleanup()
+
+
+async def test_kubernetes_backend_scales_statefulsets_and_rewrites_the_ring(
+    three_nodes: list[NodeHandle],
+) -> None:
+    shard0, shard1, shard2 = three_nodes
+    names = KubernetesNames(namespace=NS, release="demo")
+    resolved = names.resolved()
+    node_sts, redis_sts, mysql_sts = (
+        resolved.node_statefulset,
+        resolved.redis_statefulset,
+        resolved.mysql_statefulset,
+    )
+    assert (node_sts, redis_sts, mysql_sts) == (
+        "demo-redpacket-node",
+        "demo-redpacket-redis",
+        "demo-redpacket-mysql",
+    )
+    assert resolved.ring_configmap == "demo-redpacket-ring"
+    ring = RingDoc(1, (shard0.spec(), shard1.spec()))
+    fake = FakeKube({node_sts: 2, redis_sts: 2, mysql_sts: 2}, resolved.ring_configmap, ring)
+    runner = web.AppRunner(fake.app())
+    await runner.setup()
+    port = free_ports(1)[0]
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    names = KubernetesNames(namespace=NS, release="demo", gateway_port=port)
+    configuration = k8s.Configuration()
+    configuration.host = f"http://127.0.0.1:{port}"
+    api = k8s.ApiClient(configuration)
+    backend = KubernetesBackend(
+        names, shard0.secret, api_client=api, ready_timeout_s=15, poll_s=0.05
+    )
+    rebalancer = Rebalancer(backend, progress=False, gateway_timeout_s=10, say=lambda _: None)
+    try:
+        # red packets on their owners, a few shares opened
+        owner_ring = Ring(ring.nodes)
+        by_name = {h.settings.name: h for h in three_nodes}
+        packets, observed = [], []
+        for _ in range(60):
+            packet_id = IDS.next_id()
+            owner = by_name[owner_ring.owner(packet_id).name]
+            status, _ = await owner.call(
+                "POST",
+                "/internal/v1/packets",
+                {
+                    "red_packet_id": str(packet_id),
+                    "uid": "3",
+                    "total_amount": 500,
+                    "total_packet": 5,
+                    "expire_seconds": 3600,
+                    "create_token": secrets.token_hex(16),
+                },
+            )
+            assert status == 201
+            for uid in (1, 2):
+                status, body = await owner.open(packet_id, uid)
+                assert status == 200
+                observed.append(Observed(packet_id, uid, body["amount"]))
+            packets.append(packet_id)
+
+        # names are StatefulSet ordinals: shard-2 is next, shard-5 is not
+        with pytest.raises(BackendError, match="the next one is shard-2"):
+            await rebalancer.add("shard-5", shard2.url)
+        assert fake.replicas == {node_sts: 2, redis_sts: 2, mysql_sts: 2}
+
+        assert await rebalancer.add("shard-2", shard2.url) == 0
+        assert fake.replicas == {node_sts: 3, redis_sts: 3, mysql_sts: 3}
+        doc = fake.ring()
+        assert doc.version == 3 and doc.previous is None
+        assert [n.name for n in doc.nodes] == ["shard-0", "shard-1", "shard-2"]
+        assert doc.nodes[2].url == shard2.url
+        # the three StatefulSets were scaled together, stores first, then their pods waited for
+        patches = [p for m, p in fake.calls if m == "PATCH"]
+        assert patches == [
+            f"/apis/apps/v1/namespaces/{NS}/statefulsets/{sts}/scale"
+            for sts in (mysql_sts, redis_sts, node_sts)
+        ]
+        for sts in (mysql_sts, redis_sts, node_sts):
+            assert ("GET", f"/api/v1/namespaces/{NS}/pods/{sts}-2") in fake.calls
+        puts = [p for m, p in fake.calls if m == "PUT"]
+        assert len(puts) == 2  # the transition ring, then the final one
+        new_ring = doc.ring()
+        on_shard2 = [p for p in packets if new_ring.owner(p).name == "shard-2"]
+        assert on_shard2
+        assert (await check_shards([shard2.spec()], settle_s=1)).packets == len(on_shard2)
+
+        # only the last ordinal can go
+        with pytest.raises(BackendError, match="only shrinks from the end"):
+            await rebalancer.remove("shard-0")
+        fake.calls.clear()
+        assert await rebalancer.remove("shard-2") == 0
+        assert fake.replicas == {node_sts: 2, redis_sts: 2, mysql_sts: 2}
+        patches = [p for m, p in fake.calls if m == "PATCH"]
+        assert patches[0].endswith(f"/{node_sts}/scale")  # the node stops before its stores
+        doc = fake.ring()
+        assert doc.version == 5 and [n.name for n in doc.nodes] == ["shard-0", "shard-1"]
+
+        report = await check_shards(list(doc.nodes), observed, settle_s=5)
+        assert report.ok, report.violations
+        assert report.packets == 60 and report.records == 120
+        assert (await check_shards([shard2.spec()], settle_s=1)).packets == 0
+    finally:
+        api.close()
+        await runner.cleanup()
