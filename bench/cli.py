@@ -1,10 +1,93 @@
-"""Registers ``redpacket bench`` (filled in by the benchmark work)."""
+"""Registers ``redpacket bench``: see docs/benchmarks.md for what it measures and how."""
 
 from __future__ import annotations
 
 import argparse
 
 
+def _run(args: argparse.Namespace) -> int:
+    from redpacket.bench.runner import run_bench
+
+    return run_bench(args)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmark a local cluster (not yet available)")
-    p.set_defaults(func=lambda _: print("redpacket bench: not implemented yet") or 2)
+    p = sub.add_parser(
+        "bench",
+        help="benchmark a cluster: committed opens, sold-out rejections, and their ceilings",
+        description="Start a local cluster (or use a running one), measure the Lua and "
+        "trivial-handler ceilings, run grab+open then sold-out load with real JWTs, check "
+        "the ledgers, print a table and write bench-results/<timestamp>.json.",
+    )
+    where = p.add_argument_group("cluster (default: start a local one)")
+    where.add_argument("--shards", type=int, default=2, help="shards of the cluster it starts")
+    where.add_argument(
+        "--gateway-workers",
+        type=int,
+        default=1,
+        help="gateway processes of the cluster it starts (sharing the port)",
+    )
+    where.add_argument("--name", default="bench", help="name of the cluster it starts")
+    where.add_argument("--var", default="var", help="folder of local clusters (default: ./var)")
+    where.add_argument(
+        "--keep", action="store_true", help="keep the databases of the cluster it started"
+    )
+    where.add_argument("--cluster", help="use this running local cluster (redpacket dev up)")
+    where.add_argument("--url", help="use the gateway at this URL")
+    where.add_argument("--jwt-secret", help="with --url (default: REDPACKET_JWT_SECRET)")
+    where.add_argument("--ring", help="ring file, for the Lua ceiling and the ledger check")
+
+    load = p.add_argument_group("load")
+    load.add_argument("--users", type=int, default=256, help="concurrent virtual users")
+    load.add_argument("--workers", type=int, default=1, help="load generator processes")
+    load.add_argument(
+        "--client",
+        choices=("raw", "aiohttp"),
+        default="raw",
+        help="load generator HTTP client (raw: minimal keep-alive HTTP/1.1)",
+    )
+    load.add_argument(
+        "--packets", type=int, default=32, help="red packets created before phase 1 starts"
+    )
+    load.add_argument("--shares", type=int, default=100, help="shares per red packet")
+    load.add_argument("--amount", type=int, default=10_000, help="cents per red packet")
+    load.add_argument(
+        "--duration", type=float, default=60.0, help="seconds of phase 1 (grab then open)"
+    )
+    load.add_argument(
+        "--reject-duration", type=float, default=30.0, help="seconds of phase 2 (sold out)"
+    )
+    load.add_argument(
+        "--ceiling-duration",
+        type=float,
+        default=10.0,
+        help="seconds of each ceiling measurement (0: skip them)",
+    )
+    load.add_argument(
+        "--settle",
+        type=float,
+        default=15.0,
+        help="seconds the checker lets pending claims land (negative: skip the check)",
+    )
+
+    load.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="before each measurement wait up to S seconds for the machine to be idle",
+    )
+
+    out = p.add_argument_group("output")
+    out.add_argument("--out-dir", default="bench-results", help="where the JSON goes")
+    out.add_argument("--json", help="write the JSON here instead")
+    out.add_argument(
+        "--plot",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PNG",
+        help="draw throughput and latency over time (default: next to the JSON)",
+    )
+    out.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_run)

@@ -161,6 +161,7 @@ class DevCluster:
         default_factory=lambda: os.environ.get("REDPACKET_MYSQL_URL") or DEFAULT_MYSQL_URL
     )
     quiet: bool = False
+    gateway_workers: int = 1  # gateway processes sharing the port (SO_REUSEPORT)
     children: dict[str, Child] = field(default_factory=dict)
     plans: list[ShardPlan] = field(default_factory=list)
     gateway_url: str = ""
@@ -290,19 +291,21 @@ class DevCluster:
         logs = self.home / "logs"
         python = [sys.executable, "-m", "redpacket.cli"]
         children = [child for plan in self.plans for child in self._shard_children(plan)]
-        children.append(
-            Child(
-                "gateway",
-                [*python, "gateway"],
-                self._service_env(
-                    REDPACKET_PORT=str(self.port),
-                    REDPACKET_RING_FILE=str(self.ring_file.resolve()),
-                    REDPACKET_JWT_SECRET=self.jwt_secret,
-                    REDPACKET_EXPIRE_S=str(self.expire_s),
-                ),
-                logs / "gateway.log",
+        for worker in range(max(1, self.gateway_workers)):
+            name = "gateway" if worker == 0 else f"gateway-{worker + 1}"
+            children.append(
+                Child(
+                    name,
+                    [*python, "gateway"],
+                    self._service_env(
+                        REDPACKET_PORT=str(self.port),
+                        REDPACKET_RING_FILE=str(self.ring_file.resolve()),
+                        REDPACKET_JWT_SECRET=self.jwt_secret,
+                        REDPACKET_EXPIRE_S=str(self.expire_s),
+                    ),
+                    logs / f"{name}.log",
+                )
             )
-        )
         return children
 
     async def up(self, timeout_s: float = 60.0) -> None:
@@ -401,7 +404,7 @@ class DevCluster:
             task.cancel()
         # the gateway first, then the nodes (they finish their commits), then their stores
         order = [
-            "gateway",
+            *[name for name in self.children if name.startswith("gateway")],
             *[f"{p.name}-node" for p in self.plans],
             *[f"{p.name}-redis" for p in self.plans],
         ]

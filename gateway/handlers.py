@@ -39,7 +39,7 @@ OPEN_LIMIT = web.AppKey("open_limit", RateLimiter)
 _FINAL_REASONS = ("sold_out", "expired")
 # What a latecomer to a finished packet gets, built once: this is the crowd's hot path, and
 # prebuilt bodies and counters (no exception through the middlewares for the 410) measured
-# about 8% less gateway CPU per rejection (docs/benchmarks.md).
+# about 5% less gateway CPU per rejection (docs/benchmarks.md).
 _REJECTED = {reason: REJECTIONS.labels("gateway", reason) for reason in _FINAL_REASONS}
 _GRAB_FINAL = {r: orjson.dumps({"can_open": False, "reason": r}) for r in _FINAL_REASONS}
 _OPEN_FINAL = {r: orjson.dumps(gone(r).body()) for r in _FINAL_REASONS}

@@ -47,6 +47,7 @@ class GroupCommitter:
         self._queue: deque[tuple[Claim, asyncio.Future[int]]] = deque()
         self._wakeup = asyncio.Event()
         self._inflight: dict[int, set[asyncio.Future[int]]] = {}
+        self._by_claim: dict[Key, asyncio.Future[int]] = {}  # queued, committing or settling
         self._tasks: list[asyncio.Task[None]] = []
         self._repairs: set[asyncio.Task[None]] = set()
         self.failed_packets: set[int] = set()
@@ -71,7 +72,19 @@ class GroupCommitter:
         Synchronous on purpose: the claim is counted in flight for its packet before the
         caller yields, so :meth:`drain` can never miss it.
         """
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        key = (claim.red_packet_id, claim.uid)
+        first = self._by_claim.get(key)
+        if first is not None:
+            # Already queued, committing or settling (the reconciler found it pending in
+            # Redis, or a replay): follow that commit. A second copy would hit the unique key
+            # and send its whole batch down the one-claim-per-transaction path: measured as
+            # the open latency spikes every reconciler pass (docs/benchmarks.md).
+            follower: asyncio.Future[int] = loop.create_future()
+            first.add_done_callback(lambda f: _follow(f, follower))
+            return follower
+        future: asyncio.Future[int] = loop.create_future()
+        self._by_claim[key] = future
         self._queue.append((claim, future))
         waiting = self._inflight.setdefault(claim.red_packet_id, set())
         waiting.add(future)
@@ -108,6 +121,13 @@ class GroupCommitter:
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
+            finally:
+                # only now, past the commit *and* the clearing of pending in Redis: until then
+                # the reconciler can still find these claims pending, and follows them
+                for claim, future in batch:
+                    key = (claim.red_packet_id, claim.uid)
+                    if self._by_claim.get(key) is future:
+                        del self._by_claim[key]
 
     async def _commit(self, batch: list[tuple[Claim, asyncio.Future[int]]]) -> None:
         # The same (packet, uid) can be queued twice (a replay while the first is queued):
@@ -196,3 +216,15 @@ class GroupCommitter:
             log.warning(
                 "could not clear %d settled claims from pending", len(claims), exc_info=True
             )
+
+
+def _follow(first: asyncio.Future[int], follower: asyncio.Future[int]) -> None:
+    """Give a follower the outcome of the commit it follows."""
+    if follower.done():
+        return
+    if first.cancelled():
+        follower.cancel()
+    elif (exc := first.exception()) is not None:
+        follower.set_exception(exc)
+    else:
+        follower.set_result(first.result())

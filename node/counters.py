@@ -175,7 +175,11 @@ class Counters:
     async def packets_with_pending(self) -> AsyncIterator[int]:
         """Every packet with claims not yet in MySQL: a full keyspace scan, for background use."""
         async for key in self.client.scan_iter(match=PENDING_PATTERN, count=1000):
-            yield packet_id_of(key)
+            try:
+                packet_id = packet_id_of(key)
+            except ValueError:  # not one of ours (someone else's key in this Redis)
+                continue
+            yield packet_id
 
     async def ping(self) -> None:
         await self.client.ping()

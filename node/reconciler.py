@@ -17,9 +17,11 @@ import logging
 
 from redpacket.core.metrics import RECONCILER_BACKLOG
 from redpacket.node.ledger import GuardFailed
-from redpacket.node.shard import Shard
+from redpacket.node.shard import Shard, now_ms
 
 log = logging.getLogger("redpacket.node.reconciler")
+
+IN_FLIGHT_GRACE_MS = 1000  # a claim this young is still on its way through its own commit
 
 
 class Reconciler:
@@ -57,15 +59,24 @@ class Reconciler:
             candidates.add(packet_id)
         backlog = 0
         for packet_id in sorted(candidates):
-            backlog += await self.reconcile(packet_id)
+            backlog += await self.reconcile(packet_id, min_age_ms=IN_FLIGHT_GRACE_MS)
         RECONCILER_BACKLOG.set(backlog)
         return backlog
 
-    async def reconcile(self, packet_id: int) -> int:
-        """Commit one packet's pending claims; how many could not be committed."""
+    async def reconcile(self, packet_id: int, min_age_ms: int = 0) -> int:
+        """Commit one packet's pending claims; how many could not be committed.
+
+        Claims younger than ``min_age_ms`` are left to the open that took them, which is
+        committing them right now (the periodic pass sees many of those under load).
+        """
         shard = self._shard
         async with shard.packet_lock(packet_id):
-            claims = await shard.counters.pending(packet_id)
+            now = now_ms()
+            claims = [
+                claim
+                for claim in await shard.counters.pending(packet_id)
+                if now - claim.claimed_at_ms >= min_age_ms
+            ]
             if not claims:
                 return 0
             results = await asyncio.gather(

@@ -1,0 +1,145 @@
+"""The ceilings a run is compared with, measured on the same machine in the same run.
+
+- Lua: ``redis-benchmark`` sends ``EVALSHA`` of the project's own ``node/open.lua`` to a
+  shard's redis-server. A test packet with a billion shares is loaded first (with
+  ``node/load.lua``, into keys of its own outside the ``rp:`` namespace the nodes use) and
+  the uid argument is ``__rand_int__`` drawn from a billion values, so almost every call
+  takes the new-share path: it reads the packet, checks the uid has no claim, computes the
+  amount and writes the three hashes. The share of calls that took a new share is reported.
+- Trivial handler: one aiohttp process on uvloop answering grab and open with a constant
+  tiny JSON (``bench/trivial.py``), driven by the same load generator as the real phases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import io
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+import redis.asyncio as aioredis
+
+# Not under rp:{...}: a node's reconciler scans rp:{*}:pending and must never see these keys.
+CEILING_TAG = "bench:{lua-ceiling}"
+CEILING_KEYS = (f"{CEILING_TAG}:info", f"{CEILING_TAG}:claims", f"{CEILING_TAG}:pending")
+HUGE_SHARES = 1_000_000_000
+UID_SPACE = 1_000_000_000
+
+
+def _script(name: str) -> str:
+    from redpacket.node import counters
+
+    return Path(counters.__file__).with_name(name).read_text("utf-8")
+
+
+async def _redis_benchmark(argv: list[str]) -> dict[str, float]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"redis-benchmark failed: {err.decode(errors='replace')[-500:]}")
+    lines = out.decode().strip().splitlines()
+    header = next(csv.reader(io.StringIO(lines[0])))
+    # the test name (the command) may hold quotes and commas: split the numbers off the end
+    values = lines[-1].rsplit(",", len(header) - 1)[1:]
+    return {name: float(value.strip('"')) for name, value in zip(header[1:], values, strict=True)}
+
+
+async def lua_ceiling(redis_url: str, duration_s: float, clients: int = 50) -> dict[str, Any]:
+    """Rate of open.lua taking new shares, straight against redis-server (no node, no HTTP)."""
+    if shutil.which("redis-benchmark") is None:
+        return {"per_s": None, "skipped": "redis-benchmark is not installed"}
+    parts = urlsplit(redis_url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 6379
+    client = aioredis.Redis(host=host, port=port, decode_responses=True)
+    try:
+        open_sha = await client.script_load(_script("open.lua"))
+        load_sha = await client.script_load(_script("load.lua"))
+        now_ms = int(time.time() * 1000)
+        await client.delete(*CEILING_KEYS)
+        # load.lua: mode, total_amount, total_packet, remaining_amount, remaining_packet,
+        # expire_at_ms, drop_at_ms: a packet that cannot run out or expire during the run
+        amount = 1000 * HUGE_SHARES
+        hour = now_ms + 3_600_000
+        await client.evalsha(
+            load_sha, 3, *CEILING_KEYS, "create", amount, HUGE_SHARES, amount, HUGE_SHARES,
+            hour, hour,
+        )  # fmt: skip
+        details = orjson.dumps([now_ms, "bench-user", "https://img.example/bench.png"]).decode()
+        command = [
+            "EVALSHA", open_sha, "3", *CEILING_KEYS,
+            "__rand_int__", "1234567", str(now_ms), details,
+        ]  # fmt: skip
+
+        def argv(n: int) -> list[str]:
+            return [
+                "redis-benchmark", "-h", host, "-p", str(port), "-c", str(clients),
+                "-n", str(n), "-r", str(UID_SPACE), "--csv", *command,
+            ]  # fmt: skip
+
+        warm = await _redis_benchmark(argv(20_000))  # warm-up, and the size of the real run
+        calls_before = await client.hlen(CEILING_KEYS[1])
+        n = max(20_000, int(warm["rps"] * duration_s))
+        result = await _redis_benchmark(argv(n))
+        new_shares = await client.hlen(CEILING_KEYS[1]) - calls_before
+        return {
+            "per_s": round(result["rps"], 1),
+            "p50_ms": result.get("p50_latency_ms"),
+            "p99_ms": result.get("p99_latency_ms"),
+            "calls": n,
+            "new_share_fraction": round(new_shares / n, 4),
+            "clients": clients,
+            "pipeline": 1,
+            "redis": f"{host}:{port}",
+            "what": (
+                f"redis-benchmark -c {clients} -P 1 EVALSHA open.lua on a packet with "
+                f"{HUGE_SHARES:,} shares, uid = __rand_int__ of {UID_SPACE:,}"
+            ),
+        }
+    finally:
+        with contextlib.suppress(Exception):
+            await client.unlink(*CEILING_KEYS)
+        await client.aclose()
+
+
+async def start_trivial(port: int) -> asyncio.subprocess.Process:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "redpacket.bench.trivial",
+        "--port",
+        str(port),
+        stdin=asyncio.subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return proc
+        except OSError:
+            if proc.returncode is not None or time.monotonic() > deadline:
+                await stop_process(proc)
+                raise RuntimeError("the trivial handler did not start") from None
+            await asyncio.sleep(0.05)
+
+
+async def stop_process(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            async with asyncio.timeout(10):
+                await proc.wait()
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()

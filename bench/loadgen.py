@@ -1,0 +1,390 @@
+"""The load generator: worker processes, each with its own uvloop and its own connections.
+
+A worker runs one phase for a fixed time, closed loop: each virtual user has one keep-alive
+connection and sends its next request only when the previous one was answered.
+
+- ``open`` phase: every user takes a ticket for a packet that still has a share for it
+  (each packet's K tickets go to K different users of the worker), then grabs and opens it.
+  The worker creates packets through the public API as they run out.
+- ``reject`` phase: every user grabs, then opens, packets that are already sold out, with a
+  uid that never won a share of them: each answer is a rejection.
+
+The worker records the end time and latency of every answer, counts answers by label for
+the live progress line, and sends everything back to the parent when the phase is over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing.connection
+import resource
+import time
+from array import array
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from redpacket.bench.httpclient import (
+    AiohttpConnection,
+    ClientConnection,
+    HttpError,
+    RawConnection,
+    aiohttp_session,
+    close_quietly,
+)
+
+# live counters, one slot each per worker (see Progress in runner.py)
+LIVE_FIELDS = ("grabs", "opens", "rejections", "errors", "creates")
+LIVE_GRABS, LIVE_OPENS, LIVE_REJECTIONS, LIVE_ERRORS, LIVE_CREATES = range(len(LIVE_FIELDS))
+
+POST = b"POST"
+PACKETS = b"/v1/red-packets"
+
+
+@dataclass
+class WorkerJob:
+    index: int
+    mode: str  # "open" or "reject"
+    host: str
+    port: int
+    client: str  # "raw" or "aiohttp"
+    users: list[tuple[int, bytes]]  # (uid, token)
+    duration_s: float
+    senders: list[bytes] = field(default_factory=list)  # tokens that create packets
+    shares: int = 100
+    amount: int = 10_000
+    initial_packets: int = 0
+    packets: list[bytes] = field(default_factory=list)  # reject phase: sold-out packet ids
+    drain_s: float = 15.0  # how long answers still in flight at the end are waited for
+
+
+class Recorder:
+    """Answers by label: their end time (s since the phase start) and latency (ms)."""
+
+    def __init__(self, live: Any, slot: int) -> None:
+        self.times: dict[str, array] = {}
+        self.lats: dict[str, array] = {}
+        self.counts: dict[str, int] = {}
+        self._live = live
+        self._slot = slot
+
+    def add(self, label: str, t_end: float, latency_s: float, live_field: int | None) -> None:
+        times = self.times.get(label)
+        if times is None:
+            times = self.times[label] = array("d")
+            self.lats[label] = array("d")
+        times.append(t_end)
+        self.lats[label].append(latency_s * 1000.0)
+        self.counts[label] = self.counts.get(label, 0) + 1
+        if live_field is not None:
+            self._live[self._slot + live_field] += 1
+
+
+def error_label(op: str, status: int, body: bytes) -> str:
+    code = ""
+    with contextlib.suppress(Exception):
+        code = orjson.loads(body)["error"]["code"]
+    return f"error:{op}:{status}:{code}" if code else f"error:{op}:{status}"
+
+
+# -- the open phase -------------------------------------------------------------------------
+
+
+class Packet:
+    __slots__ = ("id", "left", "taken", "won")
+
+    def __init__(self, packet_id: bytes, shares: int) -> None:
+        self.id = packet_id
+        self.left = shares
+        self.taken: set[int] = set()
+        self.won = 0  # opens answered 200 with a new share
+
+
+class Supply:
+    """Packets with shares for the worker's users; created through the API as they run out."""
+
+    def __init__(self, job: WorkerJob, rec: Recorder, clock: Any) -> None:
+        self._job = job
+        self._rec = rec
+        self._clock = clock
+        self.active: list[Packet] = []
+        self.reserve: deque[bytes] = deque()
+        self.all: list[Packet] = []
+        self._low_water = max(4, 2 * len(job.users) // max(1, job.shares) + 2)
+        self._need = asyncio.Event()
+        self._have = asyncio.Event()
+        self._sender = 0
+        self._body = orjson.dumps(
+            {"total_amount": job.amount, "total_packet": job.shares, "greeting": "bench"}
+        )
+        self.stopped = False
+
+    async def create(self, conn: ClientConnection) -> bool:
+        token = self._job.senders[self._sender % len(self._job.senders)]
+        self._sender += 1
+        started = time.perf_counter()
+        try:
+            status, body = await conn.request(POST, PACKETS, token, self._body)
+        except HttpError:
+            self._rec.add("error:create:conn", self._clock(), 0.0, 3)
+            return False
+        if status != 201:
+            self._rec.add(error_label("create", status, body), self._clock(), 0.0, 3)
+            return False
+        self._rec.add("create", self._clock(), time.perf_counter() - started, 4)
+        self.reserve.append(orjson.loads(body)["red_packet_id"].encode())
+        self._have.set()
+        return True
+
+    async def creator(self, conn: ClientConnection) -> None:
+        failures = 0
+        while not self.stopped:
+            if len(self.reserve) >= self._low_water:
+                self._need.clear()
+                await self._need.wait()
+                continue
+            if await self.create(conn):
+                failures = 0
+            else:
+                failures += 1
+                await asyncio.sleep(min(1.0, 0.05 * failures))
+
+    async def ticket(self, uid: int) -> Packet | None:
+        users = len(self._job.users)
+        while not self.stopped:
+            for packet in self.active:
+                if packet.left and uid not in packet.taken:
+                    packet.left -= 1
+                    packet.taken.add(uid)
+                    return packet
+            # packets no user of this worker can take any more leave the active list
+            self.active = [p for p in self.active if p.left and len(p.taken) < users]
+            if self.reserve:
+                packet = Packet(self.reserve.popleft(), self._job.shares)
+                self.active.append(packet)
+                self.all.append(packet)
+                if len(self.reserve) < self._low_water:
+                    self._need.set()
+                continue
+            self._need.set()
+            self._have.clear()
+            await self._have.wait()
+        return None
+
+    def stop(self) -> None:
+        self.stopped = True
+        self._have.set()
+        self._need.set()
+
+
+async def open_user(
+    *,
+    uid: int,
+    token: bytes,
+    conn: ClientConnection,
+    supply: Supply,
+    rec: Recorder,
+    clock: Any,
+    end: float,
+    observed: list[tuple[int, int, int]],
+) -> None:
+    perf = time.perf_counter
+    while clock() < end:
+        packet = await supply.ticket(uid)
+        if packet is None or clock() >= end:
+            return
+        base = PACKETS + b"/" + packet.id
+        started = perf()
+        try:
+            status, body = await conn.request(POST, base + b"/grab", token)
+        except HttpError:
+            rec.add("error:grab:conn", clock(), perf() - started, LIVE_ERRORS)
+            continue
+        if status != 200:
+            rec.add(error_label("grab", status, body), clock(), perf() - started, LIVE_ERRORS)
+            continue
+        rec.add("grab", clock(), perf() - started, LIVE_GRABS)
+        if not orjson.loads(body).get("can_open"):
+            rec.add("grab_cannot_open", clock(), 0.0, None)
+            continue
+        started = perf()
+        try:
+            status, body = await conn.request(POST, base + b"/open", token)
+        except HttpError:
+            rec.add("error:open:conn", clock(), perf() - started, LIVE_ERRORS)
+            continue
+        if status == 200:
+            answer = orjson.loads(body)
+            observed.append((int(packet.id), uid, int(answer["amount"])))
+            if answer.get("replayed"):
+                rec.add("open_replayed", clock(), perf() - started, None)
+            else:
+                packet.won += 1
+                rec.add("open", clock(), perf() - started, LIVE_OPENS)
+        else:
+            rec.add(error_label("open", status, body), clock(), perf() - started, LIVE_ERRORS)
+
+
+# -- the reject phase -----------------------------------------------------------------------
+
+
+async def reject_user(
+    *,
+    n: int,
+    token: bytes,
+    conn: ClientConnection,
+    packets: list[bytes],
+    rec: Recorder,
+    clock: Any,
+    end: float,
+) -> None:
+    perf = time.perf_counter
+    i = n * 7919
+    while clock() < end:
+        base = PACKETS + b"/" + packets[i % len(packets)]
+        i += 1
+        started = perf()
+        try:
+            status, body = await conn.request(POST, base + b"/grab", token)
+        except HttpError:
+            rec.add("error:grab:conn", clock(), perf() - started, LIVE_ERRORS)
+            continue
+        if status == 200 and not orjson.loads(body).get("can_open"):
+            rec.add("reject_grab", clock(), perf() - started, LIVE_REJECTIONS)
+        else:
+            rec.add(error_label("grab", status, body), clock(), perf() - started, LIVE_ERRORS)
+        if clock() >= end:
+            return
+        started = perf()
+        try:
+            status, body = await conn.request(POST, base + b"/open", token)
+        except HttpError:
+            rec.add("error:open:conn", clock(), perf() - started, LIVE_ERRORS)
+            continue
+        if status == 410:
+            rec.add("reject_open", clock(), perf() - started, LIVE_REJECTIONS)
+        else:
+            rec.add(error_label("open", status, body), clock(), perf() - started, LIVE_ERRORS)
+
+
+# -- the worker process ---------------------------------------------------------------------
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def run_job(
+    job: WorkerJob, pipe: multiprocessing.connection.Connection, live: Any
+) -> dict[str, Any]:
+    slot = job.index * len(LIVE_FIELDS)
+    rec = Recorder(live, slot)
+    session = aiohttp_session(len(job.users) + 4) if job.client == "aiohttp" else None
+
+    def connection() -> ClientConnection:
+        if session is not None:
+            return AiohttpConnection(session, f"http://{job.host}:{job.port}")
+        return RawConnection(job.host, job.port)
+
+    conns = [connection() for _ in job.users]
+    creators = [connection() for _ in range(2)] if job.mode == "open" else []
+    observed: list[tuple[int, int, int]] = []
+    # the clock: seconds since the phase start, which the parent sets in wall time
+    origin = [time.perf_counter()]
+
+    def clock() -> float:
+        return time.perf_counter() - origin[0]
+
+    supply = Supply(job, rec, clock) if job.mode == "open" else None
+    try:
+        await asyncio.gather(*(c.warm() for c in [*conns, *creators]))
+        if supply is not None:
+            for i in range(job.initial_packets):
+                await supply.create(creators[i % len(creators)])
+        pipe.send(("ready", job.index))
+        # the parent answers with the wall-clock time at which every worker starts
+        _, start_at = await asyncio.get_running_loop().run_in_executor(None, pipe.recv)
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        origin[0] = time.perf_counter()
+        cpu_start = _cpu_s()
+        end = job.duration_s
+        tasks: list[asyncio.Task[None]] = []
+        if supply is not None:
+            tasks += [asyncio.ensure_future(supply.creator(c)) for c in creators]
+            users = [
+                asyncio.ensure_future(
+                    open_user(
+                        uid=uid,
+                        token=token,
+                        conn=conn,
+                        supply=supply,
+                        rec=rec,
+                        clock=clock,
+                        end=end,
+                        observed=observed,
+                    )
+                )
+                for (uid, token), conn in zip(job.users, conns, strict=True)
+            ]
+        else:
+            users = [
+                asyncio.ensure_future(
+                    reject_user(
+                        n=n,
+                        token=token,
+                        conn=conn,
+                        packets=job.packets,
+                        rec=rec,
+                        clock=clock,
+                        end=end,
+                    )
+                )
+                for n, ((_, token), conn) in enumerate(zip(job.users, conns, strict=True))
+            ]
+        await asyncio.sleep(max(0.0, end - clock()))
+        cpu_s = _cpu_s() - cpu_start
+        if supply is not None:
+            supply.stop()
+        # answers still in flight are waited for (a 200 open must reach the checker)
+        _, late = await asyncio.wait(users, timeout=job.drain_s)
+        for conn in [*conns, *creators]:
+            conn.close()
+        for task in [*late, *tasks]:
+            task.cancel()
+        await asyncio.gather(*late, *tasks, return_exceptions=True)
+        sold_out = [p.id.decode() for p in supply.all if p.won == job.shares] if supply else []
+        return {
+            "index": job.index,
+            "times": dict(rec.times),
+            "lats": dict(rec.lats),
+            "counts": dict(rec.counts),
+            "observed": observed,
+            "sold_out": sold_out,
+            "cpu_s": cpu_s,
+            "late": len(late),
+        }
+    finally:
+        for conn in [*conns, *creators]:
+            conn.close()
+        await close_quietly(session)
+
+
+def worker_main(job: WorkerJob, pipe: multiprocessing.connection.Connection, live: Any) -> None:
+    """Entry point of a worker process (spawned: a fresh interpreter, its own uvloop)."""
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        runner = asyncio.run
+    try:
+        result = runner(run_job(job, pipe, live))
+    except BaseException as exc:
+        pipe.send(("failed", f"{type(exc).__name__}: {exc}"))
+        raise
+    pipe.send(("done", result))
+    pipe.close()

@@ -1,0 +1,60 @@
+"""One short run of ``redpacket bench`` on its own small cluster, so the benchmark cannot rot.
+
+No timing assertions: this machine's numbers live in docs/benchmarks.md. It checks that a
+run completes, writes the JSON other tools read (with every key they rely on) and a PNG,
+and that the invariant checker passed on the ledgers the run produced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import MYSQL_SERVER
+
+KEYS = (
+    "opens_per_s",
+    "grabs_per_s",
+    "rejections_per_s",
+    "open_p99_ms",
+    "reject_p99_ms",
+    "lua_ceiling_per_s",
+    "trivial_ceiling_per_s",
+    "open_ratio",
+    "reject_ratio",
+    "errors",
+    "commit",
+)
+
+
+def test_bench_smoke(tmp_path: Path, mysql_databases: Any) -> None:
+    out = tmp_path / "result.json"
+    png = tmp_path / "result.png"
+    argv = [
+        sys.executable, "-m", "redpacket.cli", "bench",
+        "--duration", "2", "--reject-duration", "1", "--ceiling-duration", "1",
+        "--users", "16", "--shares", "4", "--packets", "4",
+        "--var", str(tmp_path / "var"), "--json", str(out), "--plot", str(png), "--quiet",
+    ]  # fmt: skip
+    done = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "REDPACKET_MYSQL_URL": MYSQL_SERVER},
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    missing = [key for key in KEYS if key not in results]
+    assert not missing, missing
+    assert results["check"]["ok"] is True, results["check"]
+    assert results["opens_per_s"] > 0 and results["rejections_per_s"] > 0
+    assert results["lua_ceiling_per_s"] and results["trivial_ceiling_per_s"]
+    for op in ("grab", "open", "reject"):
+        assert {"p50_ms", "p99_ms", "p999_ms"} <= results["latency_ms"][op].keys()
+    assert png.stat().st_size > 0
+    assert "invariant check: OK" in done.stdout
