@@ -479,23 +479,16 @@ class DevCluster:
             return True, dropped
 
     async def publish_ring(self, doc: RingDoc) -> None:
-        """Write the ring file, and tell a running gateway to load it now (SIGHUP)."""
+        """Write the ring file, and tell every running gateway to load it now (SIGHUP).
+
+        A gateway ignores SIGHUP until it serves (cli/serve.py), and one still starting reads
+        the new file when it starts; any it misses, it picks up by polling the file.
+        """
         doc.save(self.ring_file)
-        gateway = self.children.get("gateway")
-        if gateway is None or gateway.proc is None or gateway.proc.returncode is not None:
-            return
-        # only a gateway that serves has its SIGHUP handler in place (else SIGHUP kills it);
-        # one still starting reads the new file when it starts anyway
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-            async with (
-                aiohttp.ClientSession() as session,
-                session.get(
-                    self.gateway_url + "/healthz", timeout=aiohttp.ClientTimeout(total=2)
-                ) as resp,
-            ):
-                if resp.status == 200:
-                    with contextlib.suppress(ProcessLookupError):
-                        gateway.proc.send_signal(signal.SIGHUP)
+        for name, child in self.children.items():
+            if name.startswith("gateway") and child.proc and child.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.send_signal(signal.SIGHUP)
 
     def describe(self) -> str:
         lines = [
@@ -606,6 +599,7 @@ def run_dev_up(args: argparse.Namespace) -> int:
         var=args.var,
         db_prefix=args.db_prefix,
         expire_s=args.expire_s,
+        gateway_workers=args.gateway_workers,
     )
 
     async def main() -> int:

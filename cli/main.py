@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="MySQL database name prefix (default: redpacket_<cluster>)",
     )
     p.add_argument("--expire-s", type=int, default=86400, help="red packet lifetime")
+    p.add_argument(
+        "--gateway-workers", type=int, default=1, help="gateway processes sharing the port"
+    )
     _cluster_args(p)
     p.set_defaults(func=_dev)
 

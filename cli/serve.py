@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import signal
 
 from aiohttp import web
 
@@ -24,6 +25,9 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 def serve(
     app: web.Application, *, host: str, port: int, service: str, log_level: str, access_log: bool
 ) -> None:
+    # SIGHUP asks a gateway to reload its ring; until the app has installed its handler it
+    # must not kill the process (the default action), so it is ignored from the start.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     setup_logging(service, log_level)
     logging.getLogger("aiohttp.access").setLevel(logging.INFO if access_log else logging.WARNING)
     loop = new_event_loop()

@@ -24,9 +24,11 @@ class Finished:
 
 
 class FinishedPackets:
-    def __init__(self, max_entries: int, ttl_s: float) -> None:
+    def __init__(self, max_entries: int, ttl_s: float, max_winners: int = 1_000_000) -> None:
         self._entries: OrderedDict[int, Finished] = OrderedDict()
         self._max_entries = max_entries
+        self._max_winners = max_winners  # the real memory bound: ~100 bytes a winner
+        self._winners = 0
         self._ttl_s = ttl_s
         self.learning: dict[int, asyncio.Task[None]] = {}  # winners being fetched, by packet
 
@@ -35,17 +37,23 @@ class FinishedPackets:
         if entry is None:
             return None
         if entry.until < time.monotonic():
-            del self._entries[packet_id]
+            self.forget(packet_id)
             return None
         return entry
 
     def remember(self, packet_id: int, reason: str, winners: dict[int, int]) -> None:
         if self._max_entries <= 0:
             return
+        self.forget(packet_id)
         self._entries[packet_id] = Finished(reason, winners, time.monotonic() + self._ttl_s)
-        self._entries.move_to_end(packet_id)
-        while len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
+        self._winners += len(winners)
+        while self._entries and (
+            len(self._entries) > self._max_entries or self._winners > self._max_winners
+        ):
+            _, oldest = self._entries.popitem(last=False)
+            self._winners -= len(oldest.winners)
 
     def forget(self, packet_id: int) -> None:
-        self._entries.pop(packet_id, None)
+        entry = self._entries.pop(packet_id, None)
+        if entry is not None:
+            self._winners -= len(entry.winners)

@@ -60,9 +60,13 @@ class PacketGate:
 
 
 class Admission:
-    def __init__(self, max_gates: int = 50_000, wait_s: float = 0.5) -> None:
+    def __init__(
+        self, max_gates: int = 50_000, wait_s: float = 0.5, max_winners: int = 1_000_000
+    ) -> None:
         self._gates: OrderedDict[int, PacketGate] = OrderedDict()
         self._max_gates = max_gates
+        self._max_winners = max_winners  # the real memory bound: ~100 bytes a winner
+        self._winners = 0
         self._wait_s = wait_s
 
     def gate(self, packet_id: int) -> PacketGate:
@@ -82,15 +86,25 @@ class Admission:
         gate = self._gates.pop(packet_id, None)
         if gate is not None:
             gate.closed = None
+            self._winners -= len(gate.winners or ())
             gate.winners = None
             gate.remaining = None
             gate.notify()
 
+    def remember_winners(self, packet_id: int, gate: PacketGate, winners: dict[int, int]) -> None:
+        """Keep a finished packet's final winners (counted against the memory bound)."""
+        if self._gates.get(packet_id) is gate:
+            self._winners += len(winners) - len(gate.winners or ())
+        gate.winners = winners
+        self._evict()
+
     def _evict(self) -> None:
-        while len(self._gates) > self._max_gates:
+        """Drop least recently used idle gates while over either bound."""
+        while len(self._gates) > self._max_gates or self._winners > self._max_winners:
             for packet_id, gate in self._gates.items():
                 if gate.idle():
                     del self._gates[packet_id]
+                    self._winners -= len(gate.winners or ())
                     break
             else:
                 return

@@ -264,7 +264,8 @@ class Shard:
 
         async def load() -> None:
             try:
-                gate.winners = await self.counters.claims(packet_id)
+                winners = await self.counters.claims(packet_id)
+                self.admission.remember_winners(packet_id, gate, winners)
             except Exception:
                 log.warning("could not load winners of %s", packet_id, exc_info=True)
             finally:
