@@ -32,7 +32,7 @@ import aiohttp
 from aiohttp import web
 
 from redpacket.core.env import SettingsError
-from redpacket.node.ledger import parse_mysql_url
+from redpacket.node.ledger import connect_one, parse_mysql_url
 from redpacket.sharding.ring import NodeSpec, RingDoc, RingError
 
 DEFAULT_MYSQL_URL = "mysql://root@127.0.0.1:3306"
@@ -194,17 +194,8 @@ class DevCluster:
                 "`apt-get install redis-server` (Debian/Ubuntu) or `brew install redis`."
             )
         target = parse_mysql_url(self.mysql_server)
-        import aiomysql
-
         try:
-            conn = await aiomysql.connect(
-                host=target.host,
-                port=target.port,
-                user=target.user,
-                password=target.password,
-                connect_timeout=3,
-            )
-            conn.close()
+            (await connect_one(self.mysql_server, with_database=False)).close()
         except Exception as exc:
             raise Unmet(
                 f"cannot reach MySQL at {target.host}:{target.port} ({exc}). Start it "
@@ -509,18 +500,9 @@ class DevCluster:
 
 async def _drop_if_empty(mysql_url: str) -> bool:
     """Drop a removed shard's database when it holds no packet and no idempotency key."""
-    import aiomysql
-
     target = parse_mysql_url(mysql_url)
     try:
-        conn = await aiomysql.connect(
-            host=target.host,
-            port=target.port,
-            user=target.user,
-            password=target.password,
-            db=target.database,
-            autocommit=True,
-        )
+        conn = await connect_one(mysql_url)
     except Exception:
         return False
     try:

@@ -9,42 +9,37 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from redpacket.core.env import SettingsError
 
 
-def _gateway(_: argparse.Namespace) -> int:
+def _serve(service: str, settings: Any, create_app: Any) -> int:
     from redpacket.cli.serve import serve
+
+    serve(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        service=service,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+    )
+    return 0
+
+
+def _gateway(_: argparse.Namespace) -> int:
     from redpacket.gateway.app import create_app
     from redpacket.gateway.settings import GatewaySettings
 
-    settings = GatewaySettings.from_env()
-    serve(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        service="gateway",
-        log_level=settings.log_level,
-        access_log=settings.access_log,
-    )
-    return 0
+    return _serve("gateway", GatewaySettings.from_env(), create_app)
 
 
 def _node(_: argparse.Namespace) -> int:
-    from redpacket.cli.serve import serve
     from redpacket.node.app import create_app
     from redpacket.node.settings import NodeSettings
 
-    settings = NodeSettings.from_env()
-    serve(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        service="node",
-        log_level=settings.log_level,
-        access_log=settings.access_log,
-    )
-    return 0
+    return _serve("node", NodeSettings.from_env(), create_app)
 
 
 def _db_init(args: argparse.Namespace) -> int:

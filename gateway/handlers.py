@@ -187,10 +187,10 @@ async def grab(request: web.Request) -> web.Response:
     await _empty_body(request)
     finished = app[FINISHED].get(packet_id)
     if finished is not None:
-        _REJECTED[finished.reason].inc()
         amount = finished.winners.get(user.uid)
         if amount is not None:
             return json_response({"can_open": False, "reason": "already_opened", "amount": amount})
+        _REJECTED[finished.reason].inc()
         return web.Response(body=_GRAB_FINAL[finished.reason], content_type="application/json")
     upstream = await app[SHARDS].packet_call(
         packet_id, "POST", f"/internal/v1/packets/{packet_id}/grab", body={"uid": str(user.uid)}

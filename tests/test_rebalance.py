@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import aiomysql
 import pytest
 
 from redpacket.cli.check import Observed, check_shards
@@ -22,7 +21,7 @@ from redpacket.node.ledger import parse_mysql_url
 from redpacket.sharding.backends.local import LocalBackend
 from redpacket.sharding.client import NodeClient, NodeError
 from redpacket.sharding.ring import NodeSpec, Ring, RingDoc
-from tests.conftest import IDS, NODE_SECRET_HEADER, Cluster, NodeHandle
+from tests.conftest import IDS, NODE_SECRET_HEADER, Cluster, NodeHandle, sql
 from tests.faults import TcpProxy
 
 # -- helpers --------------------------------------------------------------------------------
@@ -103,35 +102,14 @@ async def rebalance(cluster: Cluster, *args: str, timeout_s: float = 120) -> tup
     return int(proc.returncode or 0), out.decode()
 
 
-async def query(mysql_url: str, sql: str) -> list[tuple[Any, ...]]:
-    target = parse_mysql_url(mysql_url)
-    conn = await aiomysql.connect(
-        host=target.host,
-        port=target.port,
-        user=target.user,
-        password=target.password,
-        db=target.database,
-        autocommit=True,
-    )
-    try:
-        async with conn.cursor() as cur:
-            await cur.execute(sql)
-            return list(await cur.fetchall())
-    finally:
-        conn.close()
+async def query(mysql_url: str, statement: str) -> list[tuple[Any, ...]]:
+    return await sql(mysql_url, statement)
 
 
 async def database_exists(mysql_url: str) -> bool:
-    target = parse_mysql_url(mysql_url)
-    conn = await aiomysql.connect(
-        host=target.host, port=target.port, user=target.user, password=target.password
-    )
-    try:
-        async with conn.cursor() as cur:
-            await cur.execute("SHOW DATABASES LIKE %s", (target.database,))
-            return bool(await cur.fetchall())
-    finally:
-        conn.close()
+    server = mysql_url.rsplit("/", 1)[0]
+    database = parse_mysql_url(mysql_url).database
+    return bool(await sql(server, "SHOW DATABASES LIKE %s", (database,)))
 
 
 async def create_many(cluster: Cluster, count: int, amount: int, shares: int) -> list[str]:
