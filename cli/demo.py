@@ -23,7 +23,7 @@ import aiohttp
 from tqdm import tqdm
 
 from redpacket.cli.check import Observed, check_shards
-from redpacket.cli.devcluster import DevCluster, Unmet, load_state
+from redpacket.cli.devcluster import DevCluster, Unmet, answers_ready, load_state
 from redpacket.gateway.auth import mint_token
 from redpacket.sharding.ring import RingDoc
 
@@ -184,7 +184,7 @@ def run_demo(args: argparse.Namespace) -> int:
             return await demo(args.url, secret, args.users, args.packets, None)
         with contextlib.suppress(Unmet):
             state = load_state(args.var, args.cluster)
-            if state.get("ready") and await _answers(state["gateway"]["url"]):
+            if state.get("ready") and await answers_ready(state["gateway"]["url"], 0):
                 print(f"using the running local cluster {args.cluster!r}")
                 return await demo(
                     state["gateway"]["url"],
@@ -209,14 +209,3 @@ def run_demo(args: argparse.Namespace) -> int:
             await cluster.down()
 
     return asyncio.run(main())
-
-
-async def _answers(url: str) -> bool:
-    try:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(url + "/readyz", timeout=aiohttp.ClientTimeout(total=2)) as resp,
-        ):
-            return resp.status == 200
-    except (aiohttp.ClientError, TimeoutError):
-        return False

@@ -75,6 +75,42 @@ def jwt_secret_for(cluster: str, var: str) -> str:
     return os.environ.get("REDPACKET_JWT_SECRET") or load_state(var, cluster)["jwt_secret"]
 
 
+async def answers_ready(url: str, timeout_s: float) -> bool:
+    """Poll ``url``/readyz until it answers 200; False if it has not within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as session:
+        while True:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with session.get(
+                    url + "/readyz", timeout=aiohttp.ClientTimeout(total=2)
+                ) as resp:
+                    if resp.status == 200:
+                        return True
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.2)
+
+
+def redis_server_argv(port: int, data_dir: Path) -> list[str]:
+    """A redis-server for one shard: loopback only, nothing on disk (the node rebuilds
+    from MySQL)."""
+    return [
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(data_dir),
+        "--protected-mode",
+        "no",
+    ]
+
+
 def _linux_parent_death_signal() -> None:
     """Children die with the supervisor even if it is SIGKILLed (Linux only)."""
     with contextlib.suppress(Exception):
@@ -247,21 +283,7 @@ class DevCluster:
         return [
             Child(
                 f"{plan.name}-redis",
-                [
-                    "redis-server",
-                    "--port",
-                    str(plan.redis_port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    str(data.resolve()),
-                    "--protected-mode",
-                    "no",
-                ],
+                redis_server_argv(plan.redis_port, data.resolve()),
                 dict(os.environ),
                 logs / f"{plan.name}-redis.log",
             ),
@@ -317,21 +339,10 @@ class DevCluster:
         self.say(f"ready in {time.monotonic() - started:.1f}s")
 
     async def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        async with aiohttp.ClientSession() as session:
-            while True:
-                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                    async with session.get(
-                        self.gateway_url + "/readyz", timeout=aiohttp.ClientTimeout(total=2)
-                    ) as resp:
-                        if resp.status == 200:
-                            return
-                if time.monotonic() > deadline:
-                    raise Unmet(
-                        f"cluster not ready after {timeout_s:.0f}s; "
-                        f"see the logs in {self.home / 'logs'}"
-                    )
-                await asyncio.sleep(0.2)
+        if not await answers_ready(self.gateway_url, timeout_s):
+            raise Unmet(
+                f"cluster not ready after {timeout_s:.0f}s; see the logs in {self.home / 'logs'}"
+            )
 
     # -- supervise ----------------------------------------------------------------------
 
@@ -436,18 +447,9 @@ class DevCluster:
                     self._watchers.append(asyncio.create_task(self._supervise(child)))
                 self.write_state(ready=True)
                 self.say(f"{name} started: node {plan.node_url}, redis {plan.redis_url}")
-        deadline = time.monotonic() + timeout_s
-        async with aiohttp.ClientSession() as session:
-            while True:
-                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                    async with session.get(
-                        plan.node_url + "/readyz", timeout=aiohttp.ClientTimeout(total=2)
-                    ) as resp:
-                        if resp.status == 200:
-                            return plan
-                if time.monotonic() > deadline:
-                    raise Unmet(f"{name} not ready after {timeout_s:.0f}s; see its logs")
-                await asyncio.sleep(0.2)
+        if not await answers_ready(plan.node_url, timeout_s):
+            raise Unmet(f"{name} not ready after {timeout_s:.0f}s; see its logs")
+        return plan
 
     async def remove_shard(self, name: str) -> tuple[bool, bool]:
         """Stop a shard's node, then its redis-server; drop its database if it holds nothing.

@@ -826,28 +826,13 @@ async def _step(request: web.Request, step: str) -> web.Response:
     return json_response({"state": state})
 
 
-async def export_packet(request: web.Request) -> web.Response:
-    return await _step(request, "export")
+def _step_handler(step: str) -> Any:
+    """The route handler of one handoff step (they differ only in the step they run)."""
 
+    async def handler(request: web.Request) -> web.Response:
+        return await _step(request, step)
 
-async def import_packet(request: web.Request) -> web.Response:
-    return await _step(request, "import")
-
-
-async def activate_packet(request: web.Request) -> web.Response:
-    return await _step(request, "activate")
-
-
-async def finish_packet(request: web.Request) -> web.Response:
-    return await _step(request, "finish")
-
-
-async def abort_packet(request: web.Request) -> web.Response:
-    return await _step(request, "abort")
-
-
-async def discard_packet(request: web.Request) -> web.Response:
-    return await _step(request, "discard")
+    return handler
 
 
 async def list_packets(request: web.Request) -> web.Response:
@@ -943,12 +928,12 @@ ROUTES = [
     web.put(f"{PREFIX}/ring", put_fence),
     web.delete(f"{PREFIX}/ring", delete_fence),
     web.get(f"{PREFIX}/packets", list_packets),
-    web.post(f"{PREFIX}/packets/{{id}}/export", export_packet),
-    web.post(f"{PREFIX}/packets/{{id}}/import", import_packet),
-    web.post(f"{PREFIX}/packets/{{id}}/activate", activate_packet),
-    web.post(f"{PREFIX}/packets/{{id}}/finish", finish_packet),
-    web.post(f"{PREFIX}/packets/{{id}}/abort", abort_packet),
-    web.post(f"{PREFIX}/packets/{{id}}/discard", discard_packet),
+    web.post(f"{PREFIX}/packets/{{id}}/export", _step_handler("export")),
+    web.post(f"{PREFIX}/packets/{{id}}/import", _step_handler("import")),
+    web.post(f"{PREFIX}/packets/{{id}}/activate", _step_handler("activate")),
+    web.post(f"{PREFIX}/packets/{{id}}/finish", _step_handler("finish")),
+    web.post(f"{PREFIX}/packets/{{id}}/abort", _step_handler("abort")),
+    web.post(f"{PREFIX}/packets/{{id}}/discard", _step_handler("discard")),
     web.get(f"{PREFIX}/idempotency-keys", list_keys),
     web.post(f"{PREFIX}/idempotency-keys", import_keys),
     web.post(f"{PREFIX}/idempotency-keys/release", release_keys),

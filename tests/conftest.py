@@ -29,7 +29,7 @@ import pytest_asyncio
 from aiohttp import web
 
 from redpacket.cli.check import Observed, Report, check_shards
-from redpacket.cli.devcluster import free_ports
+from redpacket.cli.devcluster import free_ports, redis_server_argv
 from redpacket.core.ids import IdGenerator
 from redpacket.gateway.auth import mint_token
 from redpacket.node.app import create_app as create_node_app
@@ -77,20 +77,7 @@ class RedisServer:
 
 def _spawn_redis(port: int, data: Path, *extra: str) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(data),
-            *extra,
-        ],
+        [*redis_server_argv(port, data), *extra],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
