@@ -54,6 +54,7 @@ CHROMIUM_FLAGS = (
     "--window-size=390,844",  # a phone
     "--force-device-scale-factor=2",
     "--lang=zh-CN",
+    "--hide-scrollbars",
 )
 WAIT_S = 20
 
@@ -344,6 +345,10 @@ def people_send_and_open(base_url: str, shots: Path, has_luckiest: bool, has_me:
             assert by_id(person, "greeting").text == "新年快乐，万事如意"
             people.shot(person, f"packet-{uid}")
             by_id(person, "open-button").click()
+            if uid == OPENERS[0]:  # the coin turns while grab and open are on their way
+                state = by_id(person, "envelope").get_attribute("data-state")
+                assert state in ("opening", "opened"), state
+                people.shot(person, "opening")
             amount = wait_for(person, "the amount", visible("amount-box"))
             assert amount.is_displayed()
             seen.opened[uid] = cents_of(by_id(person, "amount").text)
@@ -389,6 +394,7 @@ def people_send_and_open(base_url: str, shots: Path, has_luckiest: bool, has_me:
                 assert item.find_element("css selector", ".badge").text == "手气最佳"
                 seen.luckiest.append(uid)
         assert "3个红包共8.88元" in by_id(sender, "summary").text
+        assert by_id(sender, "outcome").text == "红包已被领完"  # the sender is not "too slow"
         people.shot(sender, "records")
 
         if has_me:  # 我的红包: the first opener's year, once the history has caught up

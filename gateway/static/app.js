@@ -59,6 +59,7 @@
   }
 
   function initial(name) {
+    if (/^用户 \d+$/.test(name || "")) return "红"; // a sender the API gives no name for
     const first = Array.from((name || "").trim())[0];
     return first ? first.toUpperCase() : "?";
   }
@@ -226,7 +227,8 @@
       $("signin-uid").focus();
       return;
     }
-    $("who").textContent = `${state.me.name || "用户"} · ${state.me.uid}`;
+    $("who").textContent = state.me.name || `用户 ${state.me.uid}`;
+    $("who").title = `uid ${state.me.uid} · 点击退出登录`;
     $("nav-me").hidden = !(state.features && state.features.me);
     const hash = location.hash || "#/";
     const packet = /^#\/p\/(\d{1,19})$/.exec(hash);
@@ -432,6 +434,9 @@
     expired: "该红包已过期",
     refunded: "该红包已过期，未领取的金额已退回",
     not_for_you: "这是发给别人的专属红包",
+    sent_sold_out: "红包已被领完",
+    sent_expired: "红包已过期",
+    sent_refunded: "红包已过期，未领取的金额已退回",
     not_found: "没有这个红包",
     invalid_id: "没有这个红包",
   };
@@ -451,7 +456,7 @@
     $("open-button").disabled = stateName !== "closed";
   }
 
-  function showOutcome(reason, amount) {
+  function showOutcome(reason, amount, mine) {
     if (reason === "already_opened" && amount !== undefined && amount !== null) {
       showAmount(amount, "你已经领过这个红包");
       return;
@@ -460,7 +465,8 @@
     $("amount-note").hidden = true;
     $("outcome").hidden = false;
     $("outcome").dataset.reason = reason;
-    $("outcome").textContent = OUTCOMES[reason] || "这个红包不能领取";
+    $("outcome").textContent =
+      (mine && OUTCOMES[`sent_${reason}`]) || OUTCOMES[reason] || "这个红包不能领取";
     setEnvelope("refused");
   }
 
@@ -584,7 +590,7 @@
         if (mine) {
           showAmount(mine.amount, "你已经领过这个红包");
         } else if (packet.status !== "active") {
-          showOutcome(packet.status);
+          showOutcome(packet.status, null, state.me.uid === packet.uid);
         } else if (
           packet.kind === "exclusive" &&
           packet.receiver_uid &&
