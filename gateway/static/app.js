@@ -374,6 +374,7 @@
   async function send(event) {
     event.preventDefault();
     $("send-error").textContent = "";
+    $("sent").hidden = true;
     const { body, error, field } = createBody();
     if (error) {
       $("send-error").textContent = error;
