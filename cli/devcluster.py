@@ -315,6 +315,8 @@ class DevCluster:
                         REDPACKET_RING_FILE=str(self.ring_file.resolve()),
                         REDPACKET_JWT_SECRET=self.jwt_secret,
                         REDPACKET_EXPIRE_S=str(self.expire_s),
+                        # the page at /app/ signs in through it; never on in production
+                        REDPACKET_DEV_LOGIN=os.environ.get("REDPACKET_DEV_LOGIN", "true"),
                     ),
                     logs / f"{name}.log",
                 )
@@ -493,6 +495,7 @@ class DevCluster:
                 f"  {p.name:<8} node {p.node_url}  redis {p.redis_url}  mysql {p.mysql_url}"
             )
         lines += [
+            f"  app      {self.gateway_url}/app/   (dev login on)",
             f"  logs     {self.home / 'logs'}/",
             f"  token    redpacket token --cluster {self.name} --uid 42 --name Alice",
             f"  demo     redpacket demo --cluster {self.name}",

@@ -31,6 +31,7 @@ from redpacket.gateway.handlers import (
 from redpacket.gateway.ratelimit import RateLimiter
 from redpacket.gateway.settings import GatewaySettings
 from redpacket.gateway.shards import RingWatcher, Shards
+from redpacket.gateway.webapp import add_page_routes
 from redpacket.sharding.ring import RingDoc
 
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
@@ -103,4 +104,5 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app[OPEN_LIMIT] = RateLimiter(settings.open_per_s, settings.open_burst)
     app.cleanup_ctx.append(shards_ctx)
     app.add_routes(ROUTES)
+    add_page_routes(app, settings.dev_login)  # /app/, not part of the API (openapi.json)
     return app

@@ -32,6 +32,7 @@ class GatewaySettings:
     ring_poll_s: float = 1.0
     log_level: str = "INFO"
     access_log: bool = False
+    dev_login: bool = False  # POST /dev/login mints tokens for anyone: local clusters only
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewaySettings:
@@ -71,6 +72,7 @@ class GatewaySettings:
             ring_poll_s=env_float(env, "REDPACKET_RING_POLL_S", cls.ring_poll_s),
             log_level=env_str(env, "REDPACKET_LOG_LEVEL", cls.log_level),
             access_log=env_bool(env, "REDPACKET_ACCESS_LOG", cls.access_log),
+            dev_login=env_bool(env, "REDPACKET_DEV_LOGIN", cls.dev_login),
         )
         missing = [
             name

@@ -305,7 +305,12 @@ def test_build_context_has_what_pip_install_needs() -> None:
         folder = setuptools["package-dir"][package]
         for pattern in patterns:
             assert any(
-                fnmatch.fnmatch(Path(p).name, pattern) and p.startswith(folder + "/")
+                p.startswith(folder + "/")
+                and (
+                    fnmatch.fnmatch(Path(p).name, pattern)  # "*.lua"
+                    # "static/**/*": a path inside the package folder ("*" spans folders here)
+                    or fnmatch.fnmatch(p[len(folder) + 1 :], pattern.replace("**/", ""))
+                )
                 for p in tracked
             ), f"{package}: no file matches {pattern}"
     # while the bulky and private things stay out
