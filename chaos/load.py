@@ -223,7 +223,7 @@ class Load:
 
     def _ops(self) -> dict[str, tuple[int, Callable[..., Any]]]:
         ops: dict[str, tuple[int, Callable[..., Any]]] = {
-            "create": (10, self._create),
+            "create": (5, self._create),
             "grab": (15, self._grab),
             "open": (35, self._open),
             "open_again": (10, self._open_again),

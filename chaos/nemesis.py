@@ -30,7 +30,7 @@ REBALANCE_ATTEMPTS = 6
 RESTART_WAIT_S = 60.0
 ANSWER_WAIT_S = 120.0
 
-Probe = Callable[[list[str]], Awaitable[bool]]
+Probe = Callable[[list[str], bool], Awaitable[bool]]  # (shards, any of them is enough)
 
 
 @dataclass
@@ -98,7 +98,12 @@ class Nemesis:
         await asyncio.sleep(max(0.0, fault.at_s - self.now()))
         lock = self._locks.setdefault(fault.resource, asyncio.Lock())
         async with lock:
-            if self.now() > self.schedule.inject_until_s + 2.0:
+            # a rebalance waits for the one before it, however long that took; it may start
+            # until the heal deadline (it is healed when it finishes)
+            last = self.schedule.inject_until_s + 2.0
+            if fault.resource == "rebalance":
+                last = self.schedule.heal_by_s
+            if self.now() > last:
                 record.skipped = f"its resource was busy until {self.now():.1f}s"
                 return
             self.active.add(fault.index)
@@ -109,13 +114,15 @@ class Nemesis:
             finally:
                 self.active.discard(fault.index)
         if record.healed_at is not None:
-            affected = [fault.target] if fault.target in self.base_shards else self.base_shards
-            await self._until_answered(record, affected)
+            if fault.target in self.base_shards:
+                await self._until_answered(record, [fault.target], False)
+            else:  # the gateway or the ring: answering again means routing again, anywhere
+                await self._until_answered(record, self.base_shards, True)
 
-    async def _until_answered(self, record: FaultRecord, shards: list[str]) -> None:
+    async def _until_answered(self, record: FaultRecord, shards: list[str], any_: bool) -> None:
         deadline = time.monotonic() + ANSWER_WAIT_S
         while time.monotonic() < deadline:
-            if await self.probe(shards):
+            if await self.probe(shards, any_):
                 record.answered_at = self.now()
                 return
             await asyncio.sleep(0.1)

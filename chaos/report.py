@@ -113,7 +113,6 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
 
     seconds = sorted(int(s) for s in report["timeline"])
     ok = [report["timeline"][str(s)].get("ok", 0) for s in seconds]
@@ -141,12 +140,6 @@ def plot(report: dict[str, Any], path: Path) -> None:
             bands.plot([fault["answered_at"]], [row], marker="|", color="black", ms=8)
     bands.set_yticks(range(len(kinds)), kinds, fontsize=7)
     bands.set_xlabel("seconds into the run (bands: fault held; |: shard answered again)")
-    bands.legend(
-        handles=[Patch(color=c, label=k) for k, c in COLORS.items()],
-        fontsize=6,
-        ncol=3,
-        loc="upper right",
-    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -46,7 +46,6 @@ def cluster_env(lifetime_s: float) -> None:
     for name in ("OPEN", "CREATE"):
         os.environ.setdefault(f"REDPACKET_RATE_{name}_PER_S", "1000000")
         os.environ.setdefault(f"REDPACKET_RATE_{name}_BURST", "1000000")
-    os.environ.setdefault("REDPACKET_EXPIRE_S", str(max(1, round(lifetime_s))))
     os.environ.setdefault("REDPACKET_REFUND_GRACE_S", "1")
     os.environ.setdefault("REDPACKET_SWEEP_INTERVAL_S", "1")
     os.environ.setdefault("REDPACKET_RECONCILE_INTERVAL_S", "1")
@@ -76,18 +75,19 @@ async def make_probes(load: Load, shards: list[NodeSpec], extra: str) -> dict[st
 
 
 def make_probe(load: Load, probes: dict[str, int]) -> Any:
-    async def probe(shards: list[str]) -> bool:
-        for shard in shards:
-            packet = probes[shard]
-            info = await load.client.call("GET", f"/v1/red-packets/{packet}", PROBER, timeout_s=1)
-            if info.status != 200:
-                return False
-            grab = await load.client.call(
-                "POST", f"/v1/red-packets/{packet}/grab", PROBER + 1, timeout_s=1
-            )
-            if grab.status != 200:
-                return False
-        return True
+    async def answers(shard: str) -> bool:
+        packet = probes[shard]
+        info = await load.client.call("GET", f"/v1/red-packets/{packet}", PROBER, timeout_s=1)
+        if info.status != 200:
+            return False
+        grab = await load.client.call(
+            "POST", f"/v1/red-packets/{packet}/grab", PROBER + 1, timeout_s=1
+        )
+        return grab.status == 200
+
+    async def probe(shards: list[str], any_: bool) -> bool:
+        answered = await asyncio.gather(*(answers(s) for s in shards))
+        return any(answered) if any_ else all(answered)
 
     return probe
 
@@ -135,6 +135,7 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
         port=0,
         var=args.var,
         db_prefix=new_prefix(),
+        expire_s=max(1, round(args.lifetime)),
         quiet=True,
     )
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))

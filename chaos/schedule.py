@@ -149,7 +149,7 @@ def draw(seed: int, seconds: float, shards: int) -> Schedule:
     rng = random.Random(f"redpacket-chaos:{seed}")
     start = round(min(5.0, seconds * 0.1), 2)
     margin = max(8.0, seconds * 0.15)
-    inject_until = round(seconds - margin - 6.0, 2)  # the longest hold ends before heal_by
+    inject_until = round(seconds - margin - 8.0, 2)  # the longest hold ends before heal_by
     heal_by = round(seconds - margin, 2)
     if inject_until <= start:
         return Schedule(seed, seconds, shards, (), start, start, start, ["run too short"])
