@@ -214,6 +214,7 @@ class Load:
     outcomes: Outcomes
     think_s: float = 0.05
     max_ops_per_user: int = 1_000_000
+    deadline: float = 0.0
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     recent: deque[int] = field(default_factory=lambda: deque(maxlen=48))
 
@@ -234,17 +235,18 @@ class Load:
             ops["history"] = (10, self._history)
         return ops
 
-    async def run(self, deadline: float) -> None:
-        await asyncio.gather(*(self._user(i, deadline) for i in range(self.users)))
+    async def run(self) -> None:
+        """Until ``stop`` is set or ``deadline`` (monotonic; may be moved) has passed."""
+        await asyncio.gather(*(self._user(i) for i in range(self.users)))
 
-    async def _user(self, index: int, deadline: float) -> None:
+    async def _user(self, index: int) -> None:
         rng = random.Random(f"redpacket-chaos:{self.seed}:user:{index}")
         uid = FIRST_UID + index
         ops = self._ops()
         names, weights = list(ops), [w for w, _ in ops.values()]
         mine: list[int] = []  # packets this user opened (or tried to)
         for n in range(self.max_ops_per_user):
-            if self.stop.is_set() or time.monotonic() >= deadline:
+            if self.stop.is_set() or time.monotonic() >= self.deadline:
                 return
             name = rng.choices(names, weights)[0]
             if not self.recent and name != "create":

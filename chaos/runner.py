@@ -156,11 +156,18 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
         done = asyncio.Event()
         shown = asyncio.create_task(progress(args, outcomes, nemesis, t0, done))
         hurt = asyncio.create_task(nemesis.run())
-        await load.run(t0 + args.seconds)
-        done.set()
-        await shown
+        load.deadline = t0 + args.seconds + NEMESIS_GRACE_S
+        pressing = asyncio.create_task(load.run())
+        await asyncio.sleep(args.seconds)
+        # A heal that is late (a rebalance slowed down by the other faults) happens under
+        # load too: the load runs on until the nemesis is done, for NEMESIS_GRACE_S at most.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(hurt), NEMESIS_GRACE_S)
+        load.stop.set()
+        load_seconds = time.monotonic() - t0
+        await pressing
+        done.set()
+        await shown
         if not hurt.done():
             hurt.cancel()
         await nemesis.heal_all()
@@ -174,6 +181,8 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
         records = nemesis.records
         violations = list(verdict.violations)
         for r in records:
+            if r.healed_at is not None and r.healed_at > load_seconds:
+                violations.append(f"fault {r.fault.index} ({r.fault.kind}) healed after the load")
             if r.injected_at is None or r.healed_at is None:
                 violations.append(
                     f"fault {r.fault.index} ({r.fault.kind}) not injected and healed: "
@@ -186,6 +195,7 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
             "shards": args.shards,
             "users": args.users,
             "lifetime_s": args.lifetime,
+            "load_seconds": round(load_seconds, 2),
             "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "commit": _git_commit(),
             "api": {"kinds": list(api.kinds), "history": api.history},

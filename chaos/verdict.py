@@ -206,6 +206,13 @@ def judge_packets(
                 v.append(f"{where}: refunded {refund} != remaining {info['remaining_amount']}")
         if status == "sold_out":
             verdict.sold_out += 1
+        if "luckiest" in info:  # 手气最佳, where the API has it: the highest share, once sold out
+            best = info["luckiest"]
+            if packet.kind == "lucky" and status == "sold_out" and by_uid:
+                if best is None or by_uid.get(int(best["uid"])) != max(by_uid.values()):
+                    v.append(f"{where}: luckiest {best} is not the highest share")
+            elif best is not None and (packet.kind != "lucky" or status != "sold_out"):
+                v.append(f"{where}: luckiest {best} although not a sold-out lucky packet")
     for (packet_id, uid), amount in sorted(out.opened.items()):
         got = ledgers.get(packet_id, {}).get(uid)
         if packet_id in ledgers and got != amount:
@@ -252,12 +259,13 @@ async def judge_history(
     for packet_id, by_uid in ledgers.items():
         for uid, amount in by_uid.items():
             received.setdefault(uid, {})[packet_id] = amount
-    sent: dict[int, dict[int, tuple[int, int]]] = {}
+    sent: dict[int, dict[int, tuple[int, int, int]]] = {}  # total, opened, refunded
     for packet_id, packet in out.packets.items():
         if packet_id in seen:
             info = seen[packet_id][0]
             refunded = info["remaining_amount"] if info["status"] == "refunded" else 0
-            sent.setdefault(packet.sender, {})[packet_id] = (info["total_amount"], refunded)
+            opened = info["total_amount"] - info["remaining_amount"]
+            sent.setdefault(packet.sender, {})[packet_id] = (info["total_amount"], opened, refunded)
     users = sorted(set(received) | set(sent) | set(load.uids))
     deadline = time.monotonic() + HISTORY_BOUND_S
 
@@ -273,7 +281,8 @@ async def judge_history(
                 mine_s = {
                     int(p["red_packet_id"]): (
                         int(p["total_amount"]),
-                        int(p.get("refunded_amount", 0)),
+                        int(p["opened_amount"]),
+                        int(p["refunded_amount"]),
                     )
                     for p in got_s
                 }

@@ -93,7 +93,8 @@ def test_a_60_second_seeded_chaos_run_loses_nothing(
     for kind, row in by_kind.items():
         assert row["injected"] == row["healed"] == row["scheduled"], (kind, row)
     for fault in report["fault_log"]:
-        assert fault["healed_at"] is not None and fault["healed_at"] <= 60, fault
+        assert fault["healed_at"] is not None, fault
+        assert fault["healed_at"] <= report["load_seconds"], fault  # healed under load
     ops = report["operations"]
     assert ops["open"].get("200", 0) > 100 and ops["create"].get("201", 0) > 20, ops
     verdict = report["verdict"]
