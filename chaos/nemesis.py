@@ -98,11 +98,11 @@ class Nemesis:
         await asyncio.sleep(max(0.0, fault.at_s - self.now()))
         lock = self._locks.setdefault(fault.resource, asyncio.Lock())
         async with lock:
-            # a rebalance waits for the one before it, however long that took; it may start
-            # until the heal deadline (it is healed when it finishes)
+            # a rebalance waits for the one before it, however long the faults made that take;
+            # it may start until the end (the load runs on until it is healed)
             last = self.schedule.inject_until_s + 2.0
             if fault.resource == "rebalance":
-                last = self.schedule.heal_by_s
+                last = self.schedule.seconds
             if self.now() > last:
                 record.skipped = f"its resource was busy until {self.now():.1f}s"
                 return
