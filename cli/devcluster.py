@@ -350,13 +350,14 @@ class DevCluster:
 
     async def _supervise(self, child: Child) -> None:
         """Restart a child that exits, as a Kubernetes kubelet would (with backoff)."""
-        delay = 0.5
+        delay, started = 0.5, time.monotonic()
         while True:
             assert child.proc is not None
             code = await child.proc.wait()
             if self._stopping or child.retired:
                 return
-            since_start = time.monotonic()
+            if time.monotonic() - started >= 10:  # it ran a while: no backoff
+                delay = 0.5
             self.say(f"{child.name} exited with code {code}; restarting in {delay:.1f}s")
             await asyncio.sleep(delay)
             if self._stopping or child.retired:
@@ -365,7 +366,8 @@ class DevCluster:
             child.restarts += 1
             self.write_state(ready=True)
             self.say(f"{child.name} restarted (pid {child.proc.pid if child.proc else '?'})")
-            delay = min(delay * 2, 5.0) if time.monotonic() - since_start < 10 else 0.5
+            # a child that keeps dying soon after it starts waits longer each time
+            delay, started = min(delay * 2, 5.0), time.monotonic()
 
     def write_state(self, ready: bool) -> None:
         state = {

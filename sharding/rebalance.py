@@ -38,7 +38,8 @@ from redpacket.sharding.client import NodeClient, NodeError
 from redpacket.sharding.ring import NodeSpec, Ring, RingDoc, user_key
 
 ACTIVE, OUT, IN = "active", "out", "in"
-KEY_BATCH = 500
+# keys per import call: one MySQL transaction that must beat the node's MySQL timeout under load
+KEY_BATCH = 100
 
 
 class RebalanceError(RuntimeError):

@@ -28,6 +28,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
+from redpacket.chaos.proxy import TcpProxy
 from redpacket.cli.check import Observed, Report, check_shards
 from redpacket.cli.devcluster import free_ports, redis_server_argv
 from redpacket.core.ids import IdGenerator
@@ -38,7 +39,6 @@ from redpacket.node.ledger import connect_one, parse_mysql_url
 from redpacket.node.settings import NodeSettings
 from redpacket.node.shard import Shard
 from redpacket.sharding.ring import NodeSpec, RingDoc
-from tests.faults import TcpProxy
 
 MYSQL_SERVER = (os.environ.get("REDPACKET_MYSQL_URL") or "mysql://root@127.0.0.1:3306").rstrip("/")
 RUN_ID = secrets.token_hex(3)

@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from redpacket.chaos.proxy import TcpProxy
 from redpacket.cli.check import Observed, check_shards
 from redpacket.node.keys import packet_keys
 from redpacket.node.ledger import parse_mysql_url
@@ -22,7 +23,6 @@ from redpacket.sharding.backends.local import LocalBackend
 from redpacket.sharding.client import NodeClient, NodeError
 from redpacket.sharding.ring import NodeSpec, Ring, RingDoc
 from tests.conftest import IDS, NODE_SECRET_HEADER, Cluster, NodeHandle, sql
-from tests.faults import TcpProxy
 
 # -- helpers --------------------------------------------------------------------------------
 

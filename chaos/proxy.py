@@ -1,4 +1,9 @@
-"""Fault injection over real connections: a TCP hop that a test can cut and restore."""
+"""A TCP hop in front of a real server that a fault injector can cut, restore or slow down.
+
+The tests put it between a node and MySQL (``proxied_mysql``); ``redpacket chaos`` puts one in
+front of each shard's MySQL so it can cut or slow one shard's ledger without touching the
+others or the server they share.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ import contextlib
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to a real server. ``block()`` aborts every connection through
     it and refuses new ones, as a store that went away would; ``unblock()`` lets them in again.
+    ``delay_s`` holds every chunk that much before passing it on (both directions), as a slow
+    network or an overloaded server would.
     """
 
     def __init__(self, target_host: str, target_port: int) -> None:
@@ -16,6 +23,7 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self.blocked = False
+        self.delay_s = 0.0
         self.port = 0
 
     async def start(self) -> int:
@@ -56,10 +64,11 @@ class TcpProxy:
         self._writers.discard(writer)
         self._writers.discard(up_writer)
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(Exception):
             while data := await reader.read(65536):
+                if self.delay_s > 0:
+                    await asyncio.sleep(self.delay_s)
                 writer.write(data)
                 await writer.drain()
         with contextlib.suppress(Exception):

@@ -1,0 +1,1 @@
+"""``redpacket chaos``: seeded faults under mixed load, then a verdict (docs/reliability.md)."""

@@ -1,0 +1,276 @@
+"""The nemesis: injects each fault of the schedule at its time, heals it, and measures how
+long the affected shard takes to answer again.
+
+Faults of one resource (a node, a redis-server, a shard's MySQL, the gateway, the ring) run
+one after the other; everything else overlaps. Signals go through the supervisor's own
+process handles, so a signal never reaches a pid the kernel has given to someone else. Kills
+heal themselves (the supervisor restarts the process: that moment is the heal); a pause, a
+cut and a latency are healed by the nemesis after their hold; a rebalance is healed when the
+command (run again after a kill, or after failing under other faults) has finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from redpacket.chaos.cluster import ChaosCluster
+from redpacket.chaos.schedule import Fault, Kind, Schedule
+from redpacket.sharding.ring import RingDoc
+
+REBALANCE_ATTEMPT_S = 120.0  # one run of the rebalance command, at most
+REBALANCE_ATTEMPTS = 6
+RESTART_WAIT_S = 60.0
+ANSWER_WAIT_S = 120.0
+
+Probe = Callable[[list[str], bool], Awaitable[bool]]  # (shards, any of them is enough)
+
+
+@dataclass
+class FaultRecord:
+    """What happened to one fault of the schedule (seconds since the start of the run)."""
+
+    fault: Fault
+    injected_at: float | None = None
+    healed_at: float | None = None
+    answered_at: float | None = None  # the affected shard(s) answered again
+    skipped: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def recovery_s(self) -> float | None:
+        if self.healed_at is None or self.answered_at is None:
+            return None
+        return max(0.0, self.answered_at - self.healed_at)
+
+    @property
+    def outage_s(self) -> float | None:
+        if self.injected_at is None or self.answered_at is None:
+            return None
+        return max(0.0, self.answered_at - self.injected_at)
+
+    def as_dict(self) -> dict[str, Any]:
+        rnd = lambda v: None if v is None else round(v, 3)  # noqa: E731
+        return {
+            **self.fault.as_dict(),
+            "injected_at": rnd(self.injected_at),
+            "healed_at": rnd(self.healed_at),
+            "answered_at": rnd(self.answered_at),
+            "recovery_s": rnd(self.recovery_s),
+            "outage_s": rnd(self.outage_s),
+            **({"skipped": self.skipped} if self.skipped else {}),
+            **({"notes": self.notes} if self.notes else {}),
+        }
+
+
+@dataclass
+class Nemesis:
+    cluster: ChaosCluster
+    schedule: Schedule
+    probe: Probe
+    t0: float = field(default_factory=time.monotonic)
+    log_dir: Path | None = None
+    records: list[FaultRecord] = field(default_factory=list)
+    active: set[int] = field(default_factory=set)
+    _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    _paused: list[asyncio.subprocess.Process] = field(default_factory=list)
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    @property
+    def base_shards(self) -> list[str]:
+        return [f"shard-{i}" for i in range(self.schedule.shards)]
+
+    async def run(self) -> None:
+        self.records = [FaultRecord(f) for f in self.schedule.faults]
+        await asyncio.gather(*(self._one(r) for r in self.records))
+
+    async def _one(self, record: FaultRecord) -> None:
+        fault = record.fault
+        await asyncio.sleep(max(0.0, fault.at_s - self.now()))
+        lock = self._locks.setdefault(fault.resource, asyncio.Lock())
+        async with lock:
+            # a rebalance waits for the one before it, however long the faults made that take;
+            # it may start until the end (the load runs on until it is healed)
+            last = self.schedule.inject_until_s + 2.0
+            if fault.resource == "rebalance":
+                last = self.schedule.seconds
+            if self.now() > last:
+                record.skipped = f"its resource was busy until {self.now():.1f}s"
+                return
+            self.active.add(fault.index)
+            try:
+                await self._inject_and_heal(record)
+            except Exception as exc:  # a fault that could not be run is reported, not hidden
+                record.notes.append(f"error: {type(exc).__name__}: {exc}")
+            finally:
+                self.active.discard(fault.index)
+        if record.healed_at is not None:
+            if fault.target in self.base_shards:
+                await self._until_answered(record, [fault.target], False)
+            else:  # the gateway or the ring: answering again means routing again, anywhere
+                await self._until_answered(record, self.base_shards, True)
+
+    async def _until_answered(self, record: FaultRecord, shards: list[str], any_: bool) -> None:
+        deadline = time.monotonic() + ANSWER_WAIT_S
+        while time.monotonic() < deadline:
+            if await self.probe(shards, any_):
+                record.answered_at = self.now()
+                return
+            await asyncio.sleep(0.1)
+        record.notes.append(f"{shards} did not answer within {ANSWER_WAIT_S:.0f}s of the heal")
+
+    # -- the faults -------------------------------------------------------------------------
+
+    async def _inject_and_heal(self, record: FaultRecord) -> None:
+        fault = record.fault
+        kind = fault.kind
+        if kind in (Kind.NODE_KILL, Kind.GATEWAY_KILL, Kind.REDIS_RESTART):
+            name = {
+                Kind.NODE_KILL: f"{fault.target}-node",
+                Kind.REDIS_RESTART: f"{fault.target}-redis",
+            }.get(kind, "gateway")
+            child = self.cluster.child(name)
+            before = child.restarts
+            assert child.proc is not None
+            child.proc.send_signal(signal.SIGKILL)
+            record.injected_at = self.now()
+            deadline = time.monotonic() + RESTART_WAIT_S
+            while child.restarts <= before and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # the supervisor's counter, in this process
+            if child.restarts > before:
+                record.healed_at = self.now()
+            else:
+                record.notes.append(f"{name} was not restarted within {RESTART_WAIT_S:.0f}s")
+        elif kind in (Kind.NODE_PAUSE, Kind.REDIS_PAUSE):
+            suffix = "-node" if kind is Kind.NODE_PAUSE else "-redis"
+            proc = self.cluster.child(fault.target + suffix).proc
+            assert proc is not None
+            proc.send_signal(signal.SIGSTOP)
+            self._paused.append(proc)
+            record.injected_at = self.now()
+            await asyncio.sleep(fault.hold_s)
+            self._resume(proc)
+            record.healed_at = self.now()
+        elif kind is Kind.MYSQL_CUT:
+            proxy = self.cluster.proxies[fault.target]
+            proxy.block()
+            record.injected_at = self.now()
+            try:
+                await asyncio.sleep(fault.hold_s)
+            finally:
+                proxy.unblock()
+            record.healed_at = self.now()
+        elif kind is Kind.MYSQL_LATENCY:
+            proxy = self.cluster.proxies[fault.target]
+            proxy.delay_s = fault.latency_ms / 1000
+            record.injected_at = self.now()
+            try:
+                await asyncio.sleep(fault.hold_s)
+            finally:
+                proxy.delay_s = 0.0
+            record.healed_at = self.now()
+        else:
+            await self._rebalance(record)
+
+    def _resume(self, proc: asyncio.subprocess.Process) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGCONT)
+        with contextlib.suppress(ValueError):
+            self._paused.remove(proc)
+
+    def _ring(self) -> RingDoc:
+        return RingDoc.load(self.cluster.ring_file)
+
+    def _argv(self, *args: str) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "redpacket.cli",
+            "rebalance",
+            *args,
+            "--cluster",
+            self.cluster.name,
+            "--var",
+            self.cluster.var,
+            "--no-progress",
+            "--gateway-timeout-s",
+            "60",
+        ]
+
+    async def _start(self, record: FaultRecord, *args: str) -> asyncio.subprocess.Process:
+        log = (self.log_dir or self.cluster.home / "logs") / f"rebalance-{record.fault.index}.log"
+        with log.open("ab") as out:
+            out.write(f"$ {' '.join(self._argv(*args))}\n".encode())
+            out.flush()
+            return await asyncio.create_subprocess_exec(
+                *self._argv(*args), stdout=out, stderr=asyncio.subprocess.STDOUT
+            )
+
+    async def _finish(self, record: FaultRecord, *args: str) -> bool:
+        """Run a rebalance command to the end (bounded in time); True if it exited 0."""
+        proc = await self._start(record, *args)
+        try:
+            code = await asyncio.wait_for(proc.wait(), REBALANCE_ATTEMPT_S)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            record.notes.append(f"`rebalance {' '.join(args)}` timed out: killed")
+            return False
+        if code != 0:
+            record.notes.append(f"`rebalance {' '.join(args)}` exited {code}: run again")
+        return code == 0
+
+    def _done(self, fault: Fault) -> bool:
+        doc = self._ring()
+        present = any(n.name == fault.target for n in doc.nodes)
+        return doc.previous is None and present == (fault.action == "add")
+
+    async def _rebalance(self, record: FaultRecord) -> None:
+        fault = record.fault
+        command = (fault.action, "--node", fault.target)
+        if fault.kind is Kind.REBALANCE_KILL:
+            proc = await self._start(record, *command)
+            record.injected_at = self.now()
+            try:
+                await asyncio.wait_for(proc.wait(), fault.kill_after_s)
+                record.notes.append("finished before the kill")
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+                doc = self._ring()
+                where = "mid-change" if doc.previous is not None else "before the ring changed"
+                record.notes.append(f"SIGKILLed {fault.kill_after_s}s in ({where}, v{doc.version})")
+            await self._finish(record, "resume")
+        else:
+            record.injected_at = self.now()
+        for _ in range(REBALANCE_ATTEMPTS):
+            if self._done(fault):
+                break
+            await self._finish(record, *command)
+            if not self._done(fault):
+                await asyncio.sleep(1.0)
+                await self._finish(record, "resume")
+        if self._done(fault):
+            record.healed_at = self.now()
+        else:
+            record.notes.append("the rebalance could not be finished")
+
+    async def heal_all(self) -> None:
+        """The safety net at the end: nothing stays paused, cut or slow."""
+        for proc in list(self._paused):
+            self._resume(proc)
+        for proxy in self.cluster.proxies.values():
+            proxy.unblock()
+            proxy.delay_s = 0.0

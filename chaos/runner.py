@@ -1,0 +1,254 @@
+"""``redpacket chaos``: draw the schedule, start a cluster, run the load and the nemesis
+together, heal, judge, report. Every phase is bounded in time; the cluster and its databases
+are gone at the end (``--keep`` keeps the databases)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from redpacket.chaos import report as reports
+from redpacket.chaos.cluster import ChaosCluster, new_prefix
+from redpacket.chaos.load import Client, Load, Outcomes, discover_api
+from redpacket.chaos.nemesis import Nemesis
+from redpacket.chaos.schedule import Schedule, draw
+from redpacket.chaos.verdict import Verdict, judge
+from redpacket.cli.devcluster import answers_ready
+from redpacket.sharding.ring import NodeSpec, Ring, RingDoc
+
+PROBER = 1  # the uid of the prober (it only reads and grabs: it never takes a share)
+NEMESIS_GRACE_S = 300.0  # after the load, unfinished heals (a slow rebalance) get this long
+
+
+def replay_command(args: argparse.Namespace) -> str:
+    return (
+        f"redpacket chaos --seconds {args.seconds:g} --seed {args.seed} --shards {args.shards} "
+        f"--users {args.users} --lifetime {args.lifetime:g}"
+    )
+
+
+def cluster_env(lifetime_s: float) -> None:
+    """Settings of the cluster under test (an environment variable already set wins).
+
+    Rate limits are lifted (virtual users act far faster than people); packets live
+    ``lifetime_s`` and are refunded a second after, so expiry and refunds happen all through
+    the run; the reconciler and the sweeper run every second.
+    """
+    for name in ("OPEN", "CREATE"):
+        os.environ.setdefault(f"REDPACKET_RATE_{name}_PER_S", "1000000")
+        os.environ.setdefault(f"REDPACKET_RATE_{name}_BURST", "1000000")
+    os.environ.setdefault("REDPACKET_REFUND_GRACE_S", "1")
+    os.environ.setdefault("REDPACKET_SWEEP_INTERVAL_S", "1")
+    os.environ.setdefault("REDPACKET_RECONCILE_INTERVAL_S", "1")
+    os.environ.setdefault("REDPACKET_MYSQL_TIMEOUT_S", "2")
+
+
+async def make_probes(load: Load, shards: list[NodeSpec], extra: str) -> dict[str, int]:
+    """One packet per base shard that the shard owns with and without the extra shard, to
+    ask whether that shard answers (GET the packet: MySQL; grab it: Redis)."""
+    plain, grown = Ring(shards), Ring([*shards, NodeSpec(extra, "", 1)])
+    probes: dict[str, int] = {}
+    for _ in range(400):
+        if len(probes) == len(shards):
+            return probes
+        body = {"total_amount": 100, "total_packet": 100}
+        answer = await load.client.call("POST", "/v1/red-packets", PROBER, body=body)
+        if answer.status != 201:
+            await asyncio.sleep(0.2)
+            continue
+        load.saw_created(PROBER, body, answer.body)
+        load.recent.pop()  # the load does not open probes
+        packet = int(answer.body["red_packet_id"])
+        owner = plain.owner(packet).name
+        if owner == grown.owner(packet).name:
+            probes.setdefault(owner, packet)
+    raise RuntimeError(f"could not make a probe packet for every shard (have {sorted(probes)})")
+
+
+def make_probe(load: Load, probes: dict[str, int]) -> Any:
+    async def answers(shard: str) -> bool:
+        packet = probes[shard]
+        info = await load.client.call("GET", f"/v1/red-packets/{packet}", PROBER, timeout_s=1)
+        if info.status != 200:
+            return False
+        grab = await load.client.call(
+            "POST", f"/v1/red-packets/{packet}/grab", PROBER + 1, timeout_s=1
+        )
+        return grab.status == 200
+
+    async def probe(shards: list[str], any_: bool) -> bool:
+        answered = await asyncio.gather(*(answers(s) for s in shards))
+        return any(answered) if any_ else all(answered)
+
+    return probe
+
+
+async def progress(
+    args: argparse.Namespace, outcomes: Outcomes, nemesis: Nemesis, t0: float, done: asyncio.Event
+) -> None:
+    if args.quiet:
+        await done.wait()
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=int(args.seconds),
+        desc=f"chaos seed {args.seed}",
+        unit="s",
+        bar_format="{desc}: {bar:20} {n:.0f}/{total:.0f}s {postfix}",
+        file=sys.stderr,
+    )
+    try:
+        while not done.is_set():
+            elapsed = time.monotonic() - t0
+            last = outcomes.per_second.get(int(elapsed) - 1, {})
+            injected = sum(r.injected_at is not None for r in nemesis.records)
+            bar.set_postfix_str(
+                f"{last.get('ok', 0)} ok/s {last.get('error', 0)} err/s, "
+                f"faults {injected}/{len(nemesis.schedule.faults)} "
+                f"active {sorted(str(nemesis.schedule.faults[i].kind) for i in nemesis.active)}",
+                refresh=False,
+            )
+            bar.n = min(bar.total, int(elapsed))
+            bar.refresh()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), 1.0)
+    finally:
+        bar.close()
+
+
+async def chaos(args: argparse.Namespace) -> dict[str, Any]:
+    schedule: Schedule = draw(args.seed, args.seconds, args.shards)
+    cluster_env(args.lifetime)
+    cluster = ChaosCluster(
+        name=args.name or f"chaos-{args.seed}",
+        shards=args.shards,
+        port=0,
+        var=args.var,
+        db_prefix=new_prefix(),
+        expire_s=max(1, round(args.lifetime)),
+        quiet=True,
+    )
+    say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    say(f"chaos: {len(schedule.faults)} faults scheduled over {args.seconds:g}s; starting cluster")
+    client: Client | None = None
+    try:
+        await cluster.up()
+        client = Client(cluster.gateway_url, cluster.jwt_secret)
+        api = await discover_api(client)
+        outcomes = Outcomes()
+        load = Load(client, api, args.seed, args.users, outcomes, think_s=args.think)
+        base = [p.spec() for p in cluster.plans]
+        probes = await make_probes(load, base, f"shard-{args.shards}")
+        say(f"chaos: kinds {list(api.kinds)}, history {api.history}; probes {probes}")
+        t0 = time.monotonic()
+        outcomes.started = t0
+        nemesis = Nemesis(cluster, schedule, make_probe(load, probes), t0)
+        done = asyncio.Event()
+        shown = asyncio.create_task(progress(args, outcomes, nemesis, t0, done))
+        hurt = asyncio.create_task(nemesis.run())
+        load.deadline = t0 + args.seconds + NEMESIS_GRACE_S
+        pressing = asyncio.create_task(load.run())
+        await asyncio.sleep(args.seconds)
+        # A heal that is late (a rebalance slowed down by the other faults) happens under
+        # load too: the load runs on until the nemesis is done, for NEMESIS_GRACE_S at most.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(hurt), NEMESIS_GRACE_S)
+        load.stop.set()
+        load_seconds = time.monotonic() - t0
+        await pressing
+        done.set()
+        await shown
+        if not hurt.done():
+            hurt.cancel()
+        await nemesis.heal_all()
+        say("chaos: load stopped, everything healed; judging")
+        await answers_ready(cluster.gateway_url, 120)
+        doc = RingDoc.load(cluster.ring_file)
+        nodes = list(doc.nodes)
+        if doc.previous is not None:
+            nodes += [n for n in doc.previous.nodes if n.name not in {m.name for m in nodes}]
+        verdict: Verdict = await judge(load, nodes, time.monotonic() + args.lifetime + 90)
+        records = nemesis.records
+        violations = list(verdict.violations)
+        for r in records:
+            if r.healed_at is not None and r.healed_at > load_seconds:
+                violations.append(f"fault {r.fault.index} ({r.fault.kind}) healed after the load")
+            if r.injected_at is None or r.healed_at is None:
+                violations.append(
+                    f"fault {r.fault.index} ({r.fault.kind}) not injected and healed: "
+                    f"{r.skipped or r.notes}"
+                )
+        return {
+            "command": replay_command(args),
+            "seed": args.seed,
+            "seconds": args.seconds,
+            "shards": args.shards,
+            "users": args.users,
+            "lifetime_s": args.lifetime,
+            "load_seconds": round(load_seconds, 2),
+            "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "commit": _git_commit(),
+            "api": {"kinds": list(api.kinds), "history": api.history},
+            "operations": reports.operations(outcomes.ops),
+            "faults": reports.fault_summary(records),
+            "fault_log": [r.as_dict() for r in records],
+            "violations": violations,
+            "verdict": verdict.as_dict() | {"violations": len(verdict.violations)},
+            "final_ring": {"version": doc.version, "nodes": [n.name for n in doc.nodes]},
+            "timeline": {str(s): dict(c) for s, c in sorted(outcomes.per_second.items())},
+            "schedule": schedule.as_dict(),
+        }
+    finally:
+        if client is not None:
+            await client.close()
+        with contextlib.suppress(Exception):
+            await cluster.down()
+        if not args.keep:
+            await cluster.drop_databases()
+
+
+def _git_commit() -> str:
+    import subprocess
+
+    with contextlib.suppress(Exception):
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent.parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    return "unknown"
+
+
+def run_chaos(args: argparse.Namespace) -> int:
+    from redpacket.core.env import SettingsError
+
+    if args.seed is None:
+        args.seed = int.from_bytes(os.urandom(3), "big")
+    try:
+        result = asyncio.run(chaos(args))
+    except SettingsError as exc:
+        print(f"redpacket chaos: {exc}", file=sys.stderr)
+        return 2
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path(args.json) if args.json else Path(args.out_dir) / f"{stamp}-seed{args.seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    print(reports.table(result))
+    print(f"JSON: {path}")
+    if args.plot is not None:
+        png = Path(args.plot) if args.plot else path.with_suffix(".png")
+        reports.plot(result, png)
+        print(f"plot: {png}")
+    return 1 if result["violations"] else 0

@@ -1,0 +1,322 @@
+"""The verdict, after every fault is healed: first learn every outcome the clients did not
+(retry each create and open that got no answer or a 5xx until it is known), wait for every
+packet to be finished (sold out, or expired and refunded), then hold the system to what the
+clients saw, through the public API only, and run the ledger checker on every shard.
+
+The API-level checks (each failure is a violation):
+
+- every open answered 200 is in the packet's records, with that amount; a user answered
+  "no share" (403, 404, 410) has no record;
+- nobody has two records in one packet; a retry never changed an amount;
+- records + remaining = totals (amount and shares); the totals are the ones created;
+- per kind: an equal packet's shares are all ``amount_each``; an exclusive packet's only
+  record is its receiver's;
+- every packet ends ``sold_out`` (nothing remaining) or ``refunded`` (something remaining,
+  refunded once: the refund fields the API shows equal what remained);
+- with per-user history: each user's received history and each sender's sent history
+  equal the ledgers (read once the outbox has had time to drain).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from redpacket.chaos.load import Answer, Client, Load, Outcomes
+from redpacket.cli.check import Observed, check_shards
+from redpacket.sharding.ring import NodeSpec
+
+FINAL = ("sold_out", "refunded")
+RESOLVE_BOUND_S = 120.0  # learning the outcomes the clients did not learn, at most
+HISTORY_BOUND_S = 30.0  # the outbox has this long to bring histories level with the ledgers
+
+
+@dataclass
+class Verdict:
+    violations: list[str] = field(default_factory=list)
+    resolved_creates: int = 0
+    resolved_opens: int = 0
+    unresolved: int = 0
+    packets: int = 0
+    records: int = 0
+    refunded: int = 0
+    sold_out: int = 0
+    history_users: int = 0
+    checker: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+async def _gather_bounded(jobs: Iterable[Any], limit: int = 16) -> list[Any]:
+    gate = asyncio.Semaphore(limit)
+
+    async def one(job: Any) -> Any:
+        async with gate:
+            return await job
+
+    return list(await asyncio.gather(*(one(j) for j in jobs)))
+
+
+async def _until_known(call: Any, deadline: float) -> Answer | None:
+    """Call again (with backoff) until the answer is one that says what happened."""
+    pause = 0.2
+    while time.monotonic() < deadline:
+        answer: Answer = await call()
+        if not answer.unknown:
+            return answer
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 3.0)
+    return None
+
+
+async def resolve(load: Load, verdict: Verdict) -> None:
+    """Retry every create and open whose outcome the client did not learn, until known."""
+    out, client = load.outcomes, load.client
+    deadline = time.monotonic() + RESOLVE_BOUND_S
+
+    async def create(uid: int, key: str, body: dict[str, Any]) -> None:
+        async def call() -> Answer:
+            answer = await client.call(
+                "POST", "/v1/red-packets", uid, body=body, headers={"Idempotency-Key": key}
+            )
+            out.count("create_retry", answer)
+            return answer
+
+        answer = await _until_known(call, deadline)
+        if answer is None:
+            verdict.unresolved += 1
+            verdict.violations.append(f"create {key} of uid {uid}: outcome never known")
+        elif answer.status == 201:
+            load.saw_created(uid, body, answer.body)
+            verdict.resolved_creates += 1
+        else:
+            verdict.resolved_creates += 1  # known not to have happened (4xx)
+
+    async def open_(packet: int, uid: int) -> None:
+        answer = await _until_known(lambda: load.open_one(packet, uid, "open_retry"), deadline)
+        if answer is None:
+            verdict.unresolved += 1
+            verdict.violations.append(f"open of {packet} by uid {uid}: outcome never known")
+        else:
+            verdict.resolved_opens += 1
+
+    await _gather_bounded(create(*c) for c in list(out.unknown_creates))
+    out.unknown_creates.clear()
+    await _gather_bounded(open_(*key) for key in sorted(out.unknown_opens))
+
+
+async def _read_packet(client: Client, packet: int) -> tuple[dict[str, Any] | None, list[Any]]:
+    info = await client.call("GET", f"/v1/red-packets/{packet}", 1)
+    if info.status != 200:
+        return None, []
+    records: list[Any] = []
+    cursor = None
+    for _ in range(50):  # 100 shares at most: two pages; bounded anyway
+        params = {"limit": "100", **({"cursor": cursor} if cursor else {})}
+        page = await client.call("GET", f"/v1/red-packets/{packet}/records", 1, params=params)
+        if page.status != 200:
+            return None, []
+        records += page.body["records"]
+        cursor = page.body["next_cursor"]
+        if cursor is None:
+            break
+    return info.body, records
+
+
+async def read_all(
+    client: Client, packets: list[int], final_by: float
+) -> dict[int, tuple[dict[str, Any], list[Any]]]:
+    """Every packet's info and records once it is finished (or ``final_by`` has passed)."""
+    seen: dict[int, tuple[dict[str, Any], list[Any]]] = {}
+    todo = list(packets)
+    while todo:
+        answers = await _gather_bounded(_read_packet(client, p) for p in todo)
+        later = []
+        for packet, (info, records) in zip(todo, answers, strict=True):
+            if info is not None:
+                seen[packet] = (info, records)
+            if info is None or info["status"] not in FINAL:
+                later.append(packet)
+        todo = later
+        if not todo or time.monotonic() > final_by:
+            break
+        await asyncio.sleep(1.0)
+    return seen
+
+
+def judge_packets(
+    out: Outcomes, seen: dict[int, tuple[dict[str, Any], list[Any]]], verdict: Verdict
+) -> dict[int, dict[int, int]]:
+    """The API-level checks; returns the ledgers as the API shows them (packet -> uid -> cents)."""
+    v = verdict.violations
+    ledgers: dict[int, dict[int, int]] = {}
+    for packet_id, packet in sorted(out.packets.items()):
+        where = f"red packet {packet_id} ({packet.kind})"
+        if packet_id not in seen:
+            v.append(f"{where}: created (201) but cannot be read through the API")
+            continue
+        info, records = seen[packet_id]
+        verdict.packets += 1
+        verdict.records += len(records)
+        by_uid: dict[int, int] = {}
+        for record in records:
+            uid = int(record["uid"])
+            if uid in by_uid:
+                v.append(f"{where}: uid {uid} has two records")
+            by_uid[uid] = int(record["amount"])
+        ledgers[packet_id] = by_uid
+        body = packet.body
+        total = body.get("total_amount") or body["amount_each"] * body["total_packet"]
+        if (info["total_amount"], info["total_packet"]) != (total, body["total_packet"]):
+            v.append(f"{where}: totals {info['total_amount']}/{info['total_packet']} != created")
+        if sum(by_uid.values()) + info["remaining_amount"] != info["total_amount"]:
+            v.append(
+                f"{where}: records {sum(by_uid.values())} + remaining "
+                f"{info['remaining_amount']} != total {info['total_amount']}"
+            )
+        if len(by_uid) + info["remaining_packet"] != info["total_packet"]:
+            v.append(
+                f"{where}: {len(by_uid)} records + {info['remaining_packet']} remaining "
+                f"!= {info['total_packet']} shares"
+            )
+        if any(a < 1 for a in by_uid.values()):
+            v.append(f"{where}: a share below 1 cent")
+        if packet.kind == "equal" and set(by_uid.values()) - {body["amount_each"]}:
+            v.append(f"{where}: equal shares differ: {sorted(set(by_uid.values()))}")
+        if packet.receiver is not None and set(by_uid) - {packet.receiver}:
+            v.append(
+                f"{where}: opened by {sorted(set(by_uid) - {packet.receiver})}, not its receiver"
+            )
+        status = info["status"]
+        if status not in FINAL:
+            v.append(f"{where}: still {status!r} long after it expired")
+        elif status == "sold_out" and info["remaining_packet"] != 0:
+            v.append(f"{where}: sold_out with {info['remaining_packet']} shares left")
+        elif status == "refunded":
+            verdict.refunded += 1
+            if info["remaining_packet"] == 0:
+                v.append(f"{where}: refunded although every share was taken")
+            refund = info.get("refunded_amount")
+            if refund is not None and refund != info["remaining_amount"]:
+                v.append(f"{where}: refunded {refund} != remaining {info['remaining_amount']}")
+        if status == "sold_out":
+            verdict.sold_out += 1
+        if "luckiest" in info:  # 手气最佳, where the API has it: the highest share, once sold out
+            best = info["luckiest"]
+            if packet.kind == "lucky" and status == "sold_out" and by_uid:
+                if best is None or by_uid.get(int(best["uid"])) != max(by_uid.values()):
+                    v.append(f"{where}: luckiest {best} is not the highest share")
+            elif best is not None and (packet.kind != "lucky" or status != "sold_out"):
+                v.append(f"{where}: luckiest {best} although not a sold-out lucky packet")
+    for (packet_id, uid), amount in sorted(out.opened.items()):
+        got = ledgers.get(packet_id, {}).get(uid)
+        if packet_id in ledgers and got != amount:
+            v.append(
+                f"red packet {packet_id}: uid {uid} was answered 200 with {amount}, records {got}"
+            )
+    for (packet_id, uid), code in sorted(out.refused.items()):
+        got = ledgers.get(packet_id, {}).get(uid)
+        if got is not None:
+            v.append(
+                f"red packet {packet_id}: uid {uid} was answered {code} but has {got} in records"
+            )
+    v.extend(out.contradictions)
+    return ledgers
+
+
+async def _pages(client: Client, uid: int, which: str, year: int) -> list[Any] | None:
+    items: list[Any] = []
+    cursor = None
+    key = "records" if which == "received" else "packets"
+    for _ in range(1000):
+        params = {"year": str(year), "limit": "100", **({"cursor": cursor} if cursor else {})}
+        page = await client.call("GET", f"/v1/me/{which}", uid, params=params)
+        if page.status != 200:
+            return None
+        items += page.body.get(key, [])
+        cursor = page.body.get("next_cursor")
+        if not cursor:
+            return items
+    return items
+
+
+async def judge_history(
+    load: Load,
+    ledgers: dict[int, dict[int, int]],
+    seen: dict[int, tuple[dict[str, Any], list[Any]]],
+    verdict: Verdict,
+) -> None:
+    """Each user's history (received and sent) equals the ledgers, once the outbox drained."""
+    client, out = load.client, load.outcomes
+    years = {dt.datetime.now(dt.timezone(dt.timedelta(hours=8))).year}  # the users' calendar
+    year = years.pop()
+    received: dict[int, dict[int, int]] = {}
+    for packet_id, by_uid in ledgers.items():
+        for uid, amount in by_uid.items():
+            received.setdefault(uid, {})[packet_id] = amount
+    sent: dict[int, dict[int, tuple[int, int, int]]] = {}  # total, opened, refunded
+    for packet_id, packet in out.packets.items():
+        if packet_id in seen:
+            info = seen[packet_id][0]
+            refunded = info["remaining_amount"] if info["status"] == "refunded" else 0
+            opened = info["total_amount"] - info["remaining_amount"]
+            sent.setdefault(packet.sender, {})[packet_id] = (info["total_amount"], opened, refunded)
+    users = sorted(set(received) | set(sent) | set(load.uids))
+    deadline = time.monotonic() + HISTORY_BOUND_S
+
+    async def one(uid: int) -> str | None:
+        problem: str | None = "not read"
+        while True:
+            got_r = await _pages(client, uid, "received", year)
+            got_s = await _pages(client, uid, "sent", year)
+            if got_r is None or got_s is None:
+                problem = f"uid {uid}: history not readable"
+            else:
+                mine_r = {int(r["red_packet_id"]): int(r["amount"]) for r in got_r}
+                mine_s = {
+                    int(p["red_packet_id"]): (
+                        int(p["total_amount"]),
+                        int(p["opened_amount"]),
+                        int(p["refunded_amount"]),
+                    )
+                    for p in got_s
+                }
+                want_r = received.get(uid, {})
+                want_s = sent.get(uid, {})
+                problem = None
+                if len(got_r) != len(mine_r) or mine_r != want_r:
+                    problem = (
+                        f"uid {uid}: received history {len(got_r)} entries, "
+                        f"{sum(mine_r.values())} cents != ledgers {len(want_r)}, "
+                        f"{sum(want_r.values())} cents"
+                    )
+                elif len(got_s) != len(mine_s) or mine_s != want_s:
+                    problem = f"uid {uid}: sent history != ledgers ({len(mine_s)} vs {len(want_s)})"
+            if problem is None or time.monotonic() > deadline:
+                return problem
+            await asyncio.sleep(1.0)
+
+    problems = await _gather_bounded(one(uid) for uid in users)
+    verdict.history_users = len(users)
+    verdict.violations += [p for p in problems if p]
+
+
+async def judge(
+    load: Load, nodes: list[NodeSpec], final_by: float, settle_s: float = 30.0
+) -> Verdict:
+    verdict = Verdict()
+    await resolve(load, verdict)
+    seen = await read_all(load.client, sorted(load.outcomes.packets), final_by)
+    ledgers = judge_packets(load.outcomes, seen, verdict)
+    if load.api.history:
+        await judge_history(load, ledgers, seen, verdict)
+    observed = [Observed(p, u, a) for (p, u), a in load.outcomes.opened.items()]
+    report = await check_shards(nodes, observed, settle_s=settle_s)
+    verdict.checker = report.summary()
+    verdict.violations += [f"checker: {x}" for x in report.violations]
+    return verdict
