@@ -46,7 +46,7 @@ DEBIAN_MIRROR = "http://deb.debian.org/debian"
 SUITE = "bookworm"
 PULL_TIMEOUT_S = 90
 # Bump when debian_base() makes a different root filesystem: the tag changes, it is rebuilt.
-BASE_RECIPE = "1"
+BASE_RECIPE = "2"
 
 # official image -> (stand-in folder under docker/standins/, stand-in repository)
 STANDIN_FOR = {
@@ -61,7 +61,7 @@ class EngineUnavailable(RuntimeError):
 
 
 def say(message: str) -> None:
-    """Progress of slow steps (image builds), visible in pytest's live output with -s and in logs."""
+    """Progress of slow steps (image builds), on stderr: shown with -s or on failure."""
     print(f"[containers] {message}", file=sys.stderr, flush=True)
 
 
@@ -290,11 +290,20 @@ def _pullable(eng: Engine, ref: str) -> bool:
     return pulled.returncode == 0
 
 
-def _apt_sources_from_host(rootfs: Path) -> None:
-    """The host's apt sources (and proxy settings) inside the image, so apt reaches what it does."""
-    sources = [Path("/etc/apt/sources.list")] + sorted(
-        p for p in Path("/etc/apt/sources.list.d").glob("*") if p.suffix in {".list", ".sources"}
-    )
+def _host_config_into(rootfs: Path) -> None:
+    """The host's apt sources and proxy settings, and its local CA certificates, inside the
+    image: what the host reaches (apt, PyPI through a TLS-inspecting proxy), images reach.
+
+    The CAs in /usr/local/share/ca-certificates are trusted once ``ca-certificates`` is
+    installed in an image (its postinst runs update-ca-certificates)."""
+    local_cas = Path("/usr/local/share/ca-certificates")
+    if local_cas.is_dir():
+        shutil.copytree(local_cas, rootfs / local_cas.relative_to("/"), dirs_exist_ok=True)
+    listed = Path("/etc/apt/sources.list.d").glob("*")
+    sources = [
+        Path("/etc/apt/sources.list"),
+        *sorted(p for p in listed if p.suffix in {".list", ".sources"}),
+    ]
     copied = False
     for src in sources:
         if src.is_file() and src.read_text(errors="replace").strip():
@@ -337,7 +346,7 @@ def debian_base(eng: Engine) -> str:
             [*_root_prefix(), "debootstrap", "--variant=minbase", SUITE, str(rootfs), mirror],
             timeout=1200,
         )
-        _apt_sources_from_host(rootfs)
+        _host_config_into(rootfs)
         # Like the official images: no apt caches, no docs, no recommends.
         (rootfs / "etc/apt/apt.conf.d/90redpacket-standin").write_text(
             'APT::Install-Recommends "false";\nAPT::Install-Suggests "false";\n'
