@@ -451,9 +451,15 @@ def test_the_compose_stack_serves_a_crowd_survives_a_node_crash_and_keeps_its_le
             lambda: http("GET", f"{gateway}/readyz", "")[0] == 200,
             STACK_TIMEOUT_S,
         )
-        for service in compose()["services"]:
-            health = inspect(eng, container_of(eng, project, service), "{{.State.Health.Status}}")
-            assert health == "healthy", f"{service}: {health}"
+        containers = {s: container_of(eng, project, s) for s in compose()["services"]}
+
+        def all_healthy() -> bool:
+            return all(
+                inspect(eng, c, "{{.State.Health.Status}}") == "healthy"
+                for c in containers.values()
+            )
+
+        wait_until("every container's healthcheck", all_healthy, 60)
         print(f"stack healthy after {time.monotonic() - started:.0f} s")
 
         # a crowd of users through the gateway, with the real CLI
