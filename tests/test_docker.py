@@ -435,6 +435,7 @@ def inspect(eng: Engine, container: str, template: str) -> str:
 
 
 @pytest.mark.container
+@pytest.mark.timeout(1800)  # a cold first run builds images for minutes
 def test_the_compose_stack_serves_a_crowd_survives_a_node_crash_and_keeps_its_ledger(
     stack_env: dict[str, str], tmp_path: Path
 ) -> None:

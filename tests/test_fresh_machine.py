@@ -34,6 +34,7 @@ def fresh_machine_image() -> str:
 
 
 @pytest.mark.container
+@pytest.mark.timeout(1800)  # a cold first run builds images for minutes
 def test_first_make_demo_on_a_clean_debian_machine_passes(tmp_path: Path) -> None:
     eng = engine()  # EngineUnavailable: the test fails with the reason
     image = fresh_machine_image()
