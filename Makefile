@@ -2,11 +2,11 @@
 # (.ci/setup: Redis, MariaDB, .venv), so they work on a fresh Debian/Ubuntu box.
 
 VENV := .venv
-# set by .ci/setup when MariaDB's root cannot log in over TCP
-MYSQL_URL_FILE := .cache/mysql-url
-ifneq ($(wildcard $(MYSQL_URL_FILE)),)
-export REDPACKET_MYSQL_URL ?= $(shell cat $(MYSQL_URL_FILE))
-endif
+# .ci/setup writes .cache/mysql-url when MariaDB's root cannot log in over TCP (Debian's
+# default). It is read when each recipe runs, i.e. after `setup` made it, never when make
+# parses this file; a REDPACKET_MYSQL_URL from the environment wins.
+WITH_DB := if [ -z "$${REDPACKET_MYSQL_URL:-}" ] && [ -s .cache/mysql-url ]; then \
+	REDPACKET_MYSQL_URL="$$(cat .cache/mysql-url)"; export REDPACKET_MYSQL_URL; fi;
 
 .PHONY: setup demo test lint up bench
 
@@ -14,14 +14,14 @@ setup:
 	@bash .ci/setup
 
 demo: setup  ## start a local 2-shard cluster, run a crowd of users against it, check the ledger
-	$(VENV)/bin/redpacket demo
+	@$(WITH_DB) set -x; $(VENV)/bin/redpacket demo
 
 test: setup  ## the whole test suite on real Redis, MariaDB and HTTP (what CI runs)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest
+	@$(WITH_DB) set -x; $(VENV)/bin/pytest
 
 up: setup  ## a local cluster in the foreground (Ctrl-C stops it)
-	$(VENV)/bin/redpacket dev up
+	@$(WITH_DB) set -x; $(VENV)/bin/redpacket dev up
 
 bench: setup  ## the benchmark, with a plot
-	$(VENV)/bin/redpacket bench --plot
+	@$(WITH_DB) set -x; $(VENV)/bin/redpacket bench --plot

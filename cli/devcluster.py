@@ -70,6 +70,17 @@ def load_state(var: str, name: str) -> dict[str, Any]:
         ) from None
 
 
+def jwt_secret_from_env() -> str:
+    """REDPACKET_JWT_SECRET when set (the docs say the gateway reads it, and `redpacket token`
+    signs with it), refused like the gateway does when shorter than 32 bytes; else a new one."""
+    secret = os.environ.get("REDPACKET_JWT_SECRET", "")
+    if not secret:
+        return secrets.token_urlsafe(32)
+    if len(secret.encode()) < 32:
+        raise SettingsError("REDPACKET_JWT_SECRET must be at least 32 bytes (HS256 key)")
+    return secret
+
+
 def jwt_secret_for(cluster: str, var: str) -> str:
     """REDPACKET_JWT_SECRET if set, else the secret of the local cluster."""
     return os.environ.get("REDPACKET_JWT_SECRET") or load_state(var, cluster)["jwt_secret"]
@@ -201,7 +212,7 @@ class DevCluster:
     children: dict[str, Child] = field(default_factory=dict)
     plans: list[ShardPlan] = field(default_factory=list)
     gateway_url: str = ""
-    jwt_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    jwt_secret: str = field(default_factory=jwt_secret_from_env)
     node_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     _stopping: bool = False
     _watchers: list[asyncio.Task[None]] = field(default_factory=list)

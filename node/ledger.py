@@ -499,10 +499,24 @@ class Ledger:
 
     @retry_lock_conflicts
     async def claim_idempotency_key(
-        self, uid: int, key: str, request_hash: str, packet_id: int, now_ms: int
+        self,
+        uid: int,
+        key: str,
+        request_hash: str,
+        packet_id: int,
+        now_ms: int,
+        *,
+        expired_before_ms: int,
     ) -> tuple[int, str]:
-        """Bind (uid, key) to a packet id unless already bound; the binding that stands."""
+        """Bind (uid, key) to a packet id unless already bound; the binding that stands.
+
+        A binding made before ``expired_before_ms`` has outlived the key's lifetime: it is
+        treated as unused (replaced), whether or not the purge has removed it yet."""
         async with self.connection() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "DELETE FROM idempotency_key WHERE uid = %s AND idem_key = %s AND create_time < %s",
+                (uid, key, to_datetime(expired_before_ms)),
+            )
             await cur.execute(
                 "INSERT IGNORE INTO idempotency_key "
                 "(uid, idem_key, request_hash, red_packet_id, create_time) "
@@ -517,6 +531,17 @@ class Ledger:
             row = await cur.fetchone()
             await conn.commit()
         return int(row[0]), str(row[1])
+
+    async def purge_idempotency_keys(self, expired_before_ms: int, batch: int) -> int:
+        """Delete up to ``batch`` keys made before ``expired_before_ms`` (oldest first, by
+        index): one short transaction, so the purge never holds locks for long."""
+        async with self.connection() as conn, conn.cursor() as cur:
+            deleted = await cur.execute(
+                "DELETE FROM idempotency_key WHERE create_time < %s ORDER BY create_time LIMIT %s",
+                (to_datetime(expired_before_ms), batch),
+            )
+            await conn.commit()
+        return int(deleted)
 
 
 async def connect_one(url: str, *, with_database: bool = True) -> aiomysql.Connection:

@@ -64,7 +64,8 @@ CREATE TABLE IF NOT EXISTS idempotency_key (
   request_hash  CHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
   red_packet_id BIGINT       NOT NULL,
   create_time   DATETIME(3)  NOT NULL,
-  PRIMARY KEY (uid, idem_key)
+  PRIMARY KEY (uid, idem_key),
+  KEY ix_idempotency_key_create_time (create_time)  -- the purge of expired keys
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
 ;
 -- Rebalancing (node/handoff.py, docs/rebalancing.md). Where a red packet went when this shard

@@ -45,6 +45,7 @@ class NodeSettings:
     reconcile_interval_s: float = 5.0
     sweep_interval_s: float = 10.0
     refund_grace_s: float = 30.0  # a packet is refunded this long after it expires
+    idempotency_key_ttl_s: int = 86400  # an Idempotency-Key binds its packet this long
     max_body_bytes: int = 16 * 1024
     log_level: str = "INFO"
     access_log: bool = False
@@ -90,6 +91,9 @@ class NodeSettings:
             ),
             sweep_interval_s=env_float(env, "REDPACKET_SWEEP_INTERVAL_S", cls.sweep_interval_s),
             refund_grace_s=env_float(env, "REDPACKET_REFUND_GRACE_S", cls.refund_grace_s),
+            idempotency_key_ttl_s=env_int(
+                env, "REDPACKET_IDEMPOTENCY_KEY_TTL_S", cls.idempotency_key_ttl_s, minimum=1
+            ),
             max_body_bytes=env_int(
                 env, "REDPACKET_MAX_BODY_BYTES", cls.max_body_bytes, minimum=256
             ),

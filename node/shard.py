@@ -366,13 +366,18 @@ class Shard:
         self, uid: int, key: str, request_hash: str, packet_id: int, now: int
     ) -> tuple[int, str]:
         """Bind (uid, key) here, unless a rebalance gave this user to another node."""
+        expired = now - self.settings.idempotency_key_ttl_s * 1000
         if self.placement is None:
-            return await self.ledger.claim_idempotency_key(uid, key, request_hash, packet_id, now)
+            return await self.ledger.claim_idempotency_key(
+                uid, key, request_hash, packet_id, now, expired_before_ms=expired
+            )
         with self.placement.admitting():
             existing = await self.placement.existing_key(uid, key)
             if existing is not None:
                 return existing
-            return await self.ledger.claim_idempotency_key(uid, key, request_hash, packet_id, now)
+            return await self.ledger.claim_idempotency_key(
+                uid, key, request_hash, packet_id, now, expired_before_ms=expired
+            )
 
     def _drop_at(self, packet: PacketRow) -> int:
         return packet.expire_time_ms + self.settings.redis_retention_s * 1000

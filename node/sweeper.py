@@ -34,7 +34,27 @@ class Sweeper:
                 await self.sweep_once()
             except Exception:
                 log.warning("refund sweep failed; retrying next round", exc_info=True)
+            try:
+                await self.purge_expired_keys()
+            except Exception:
+                log.warning("idempotency key purge failed; retrying next round", exc_info=True)
             await asyncio.sleep(self._interval_s)
+
+    async def purge_expired_keys(self, batch: int = 500, max_batches: int = 20) -> int:
+        """Delete Idempotency-Keys past their lifetime, in short batches and at most
+        ``max_batches`` a round, so a backlog drains over a few rounds without long locks.
+        (A key past its lifetime is already treated as unused; this only frees the space.)"""
+        shard = self._shard
+        expired_before = now_ms() - shard.settings.idempotency_key_ttl_s * 1000
+        purged = 0
+        for _ in range(max_batches):
+            deleted = await shard.ledger.purge_idempotency_keys(expired_before, batch)
+            purged += deleted
+            if deleted < batch:
+                break
+        if purged:
+            log.info("purged %d idempotency keys older than their lifetime", purged)
+        return purged
 
     async def sweep_once(self, batch: int = 200) -> list[tuple[int, int]]:
         """Refund every packet that is due: ``(packet id, cents)`` for each one refunded."""

@@ -15,7 +15,6 @@ from typing import Any
 import aiohttp
 import pytest
 
-from redpacket.chaos.proxy import TcpProxy
 from redpacket.cli.check import Observed, check_shards
 from redpacket.node.keys import packet_keys
 from redpacket.node.ledger import parse_mysql_url
@@ -465,15 +464,13 @@ async def test_dry_run_counts_and_changes_nothing_and_sighup_reloads_the_ring(
 
 
 async def test_a_handoff_commits_pending_claims_first_and_leaves_a_tombstone(
-    fresh_node: Any, mysql_databases: Any
+    fresh_node: Any, proxied_mysql: Any
 ) -> None:
     """One packet through export -> import -> activate -> finish by hand, on two nodes."""
-    target = parse_mysql_url(mysql_databases("handoff"))
-    proxy = TcpProxy(target.host, target.port)
-    await proxy.start()
+    url, proxy = await proxied_mysql("handoff")  # the given credentials, through a proxy
     secret = secrets.token_hex(16)
     src: NodeHandle = await fresh_node(
-        REDPACKET_MYSQL_URL=f"mysql://{target.user}@127.0.0.1:{proxy.port}/{target.database}",
+        REDPACKET_MYSQL_URL=url,
         REDPACKET_MYSQL_TIMEOUT_S="1",
         REDPACKET_RECONCILE_INTERVAL_S="60",
         REDPACKET_NODE_NAME="shard-0",
