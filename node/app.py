@@ -111,7 +111,7 @@ async def stores_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     try:
         await ledger.apply_schema()
-        counters = Counters(redis_client)
+        counters = Counters(redis_client, settings.redis_max_pipelines)
         await _patiently("Redis", counters.register_scripts, settings.startup_wait_s)
         shard = Shard(settings, counters, ledger)
         shard.committer.start()
