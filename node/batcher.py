@@ -76,7 +76,9 @@ class ScriptBatcher:
     async def _pipeline(self, batch: list[Item]) -> list[Any]:
         pipe = self._client.pipeline(transaction=False)
         for script, keys, args, _ in batch:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            # execute_command, not evalsha(): redis-py's cluster pipeline refuses the
+            # method by name but routes the command by its keys' slot all the same
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         return await pipe.execute(raise_on_error=False)
 
 
