@@ -648,6 +648,12 @@ def build_results(
             "open_phase": p1.process_cpu(),
             "reject_phase": p2.process_cpu(),
         },
+        # CPU µs each process spent per committed grab+open pair in phase 1 (capacity.md)
+        "cpu_us_per_committed_open": {
+            name: round(cores / opens * 1e6, 1)
+            for name, cores in p1.process_cpu().items()
+            if opens and name != "machine"
+        },
         "other_processes": {
             "trivial_ceiling": trivial.others if trivial else None,
             "open_phase": p1.others,
@@ -748,6 +754,12 @@ def render_table(r: dict[str, Any]) -> str:
             lines.append(
                 f"cores used ({phase}): " + ", ".join(f"{k} {v:.2f}" for k, v in cores.items())
             )
+    per_open = r.get("cpu_us_per_committed_open") or {}
+    if per_open:
+        lines.append(
+            "CPU µs per committed grab+open (phase 1): "
+            + ", ".join(f"{k} {v:.0f}" for k, v in per_open.items())
+        )
     for phase, others in r["other_processes"].items():
         if others:
             lines.append(
