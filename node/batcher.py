@@ -31,6 +31,7 @@ class ScriptBatcher:
         self._queue: list[Item] = []
         self._scheduled = False
         self._running = 0
+        self._tasks: set[asyncio.Task[None]] = set()  # pipelines in flight (kept referenced)
 
     def run(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> asyncio.Future[Any]:
         """The script's result, from the pipeline of this loop tick."""
@@ -48,7 +49,9 @@ class ScriptBatcher:
             batch = self._queue[: self._max_batch]
             del self._queue[: self._max_batch]
             self._running += 1
-            asyncio.ensure_future(self._execute(batch))
+            task = asyncio.ensure_future(self._execute(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _execute(self, batch: list[Item]) -> None:
         try:
