@@ -10,7 +10,9 @@ gets 503 ``unavailable``), at most ``max_inflight`` calls per connection (caller
 that wait their turn within their deadline: a slow node slows its own callers only),
 reconnect with backoff, and every call in flight failed at once when its connection dies.
 A node that says ``goaway`` (it is draining) gets no new calls on that connection; the
-ones in flight are still answered, then the gateway reconnects.
+ones in flight are still answered, then the gateway reconnects. A node that a new ring no
+longer names is retired: its link takes no new calls, and is closed once the calls in
+flight on it have finished (each has a deadline, so that wait is bounded).
 """
 
 from __future__ import annotations
@@ -147,6 +149,9 @@ class NodeLink:
         self._tasks: list[asyncio.Task[None]] = []
         self._up: asyncio.Future[None] | None = None  # resolved by the first attempt
         self.last_error: LinkDown | None = None
+        self._calls = 0  # calls under way (waiting for a slot or an answer)
+        self._idle: asyncio.Event | None = None  # set when _calls drops to 0 (retire waits)
+        self.retired = False
 
     def _start(self) -> None:
         self._up = asyncio.get_running_loop().create_future()
@@ -180,6 +185,26 @@ class NodeLink:
         timeout_s: float,
     ) -> list[Any]:
         """``[call_id, status, body, retry_after]``, or :class:`LinkDown`."""
+        if self.retired:
+            raise LinkDown("connect", f"shard {self.name} has left the ring")
+        self._calls += 1
+        try:
+            return await self._call(method, path, query, body, rid=rid, timeout_s=timeout_s)
+        finally:
+            self._calls -= 1
+            if not self._calls and self._idle is not None:
+                self._idle.set()
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, str] | None,
+        body: bytes | None,
+        *,
+        rid: str,
+        timeout_s: float,
+    ) -> list[Any]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         if self._up is None:
@@ -218,6 +243,14 @@ class NodeLink:
             timer.cancel()
             slots.release()
 
+    async def retire(self) -> None:
+        """Take no new calls, let the ones under way finish, then close the connections."""
+        self.retired = True
+        while self._calls:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
+        await self.close()
+
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
@@ -253,6 +286,7 @@ class Links:
             "max_message_bytes": max_message_bytes,
         }
         self._links: dict[tuple[str, str], NodeLink] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
 
     def get(self, name: str, url: str) -> NodeLink:
         link = self._links.get((name, url))
@@ -262,6 +296,22 @@ class Links:
             )
         return link
 
+    def keep_only(self, nodes: set[tuple[str, str]]) -> list[NodeLink]:
+        """Retire the links to every (name, url) not in ``nodes`` (a new ring left them out);
+        each closes once its calls in flight are done. Returns the links being retired."""
+        gone = [key for key in self._links if key not in nodes]
+        retired = [self._links.pop(key) for key in gone]
+        for link in retired:
+            log.info("link to shard %s (%s) retired: not in the ring", link.name, link.url)
+            link.retired = True  # no new calls from now on, not from the task's first step
+            task = asyncio.get_running_loop().create_task(link.retire())
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        return retired
+
     async def close(self) -> None:
         await asyncio.gather(*(link.close() for link in self._links.values()))
         self._links.clear()
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)

@@ -79,11 +79,15 @@ class Shards:
         routed by the previous ring: the old owner serves a packet until it has handed it
         off, and then answers ``packet_moved`` with the new owner, which :meth:`call`
         follows. The new ring takes over routing once the rebalance retires the previous one
-        (docs/rebalancing.md).
+        (docs/rebalancing.md). Links to nodes that neither ring names any more are closed
+        once their calls in flight have finished.
         """
         ring: Ring = doc.ring()
         route: Ring = doc.previous.ring() if doc.previous is not None else ring
         self.ring_doc, self.ring, self.route_ring = doc, ring, route
+        if self._links is not None:  # links to nodes neither ring names close when idle
+            named = [*doc.nodes, *(doc.previous.nodes if doc.previous is not None else ())]
+            self._links.keep_only({(n.name, n.url) for n in named})
 
     def owner(self, packet_id: int) -> NodeSpec:
         return self.route_ring.owner(packet_id)

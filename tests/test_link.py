@@ -259,6 +259,31 @@ async def test_a_draining_node_answers_its_calls_in_flight_and_takes_no_new_ones
     await link.close()
 
 
+async def test_a_node_left_out_of_a_new_ring_has_its_link_closed_after_its_calls_finish(
+    link_server: Any, session: aiohttp.ClientSession
+) -> None:
+    staying, leaving = await link_server(), await link_server()
+    a, b = NodeSpec("shard-a", staying.url), NodeSpec("shard-b", leaving.url)
+    links = _links(session, SECRET)
+    shards = Shards(RingDoc(version=1, nodes=(a, b)), session, SECRET, 0.1, links=links)
+    in_flight = asyncio.create_task(shards.call(b, "POST", "/wait/last", body={}))
+    assert (await shards.call(a, "POST", "/echo", body={})).status == 200
+    await eventually(lambda: leaving.calls.running == 1)
+    old_link = links.get("shard-b", b.url)
+    assert len(leaving.link.connections) == 1
+
+    shards.use_ring(RingDoc(version=2, nodes=(a,)))
+    assert old_link.retired
+    await asyncio.sleep(0.2)
+    assert len(leaving.link.connections) == 1  # kept open while a call is under way on it
+    leaving.calls.gate("last").set()
+    assert (await in_flight).status == 200  # the call in flight is answered
+    await eventually(lambda: not leaving.link.connections)  # then the link is closed
+    assert len(staying.link.connections) == 1  # the node still in the ring keeps its link
+    assert (await shards.call(a, "POST", "/echo", body={})).status == 200
+    await links.close()
+
+
 async def test_sigterm_of_a_node_mid_load_answers_its_calls_and_the_ledger_is_clean(
     make_cluster: Any,
 ) -> None:
