@@ -47,6 +47,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="load generator HTTP client (raw: minimal keep-alive HTTP/1.1)",
     )
     load.add_argument(
+        "--latecomers",
+        type=int,
+        default=20_000,
+        help="distinct users of phase 2, each token new to the gateway (0: the --users only)",
+    )
+    load.add_argument(
         "--packets", type=int, default=32, help="red packets created before phase 1 starts"
     )
     load.add_argument("--shares", type=int, default=100, help="shares per red packet")

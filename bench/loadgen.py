@@ -58,6 +58,9 @@ class WorkerJob:
     amount: int = 10_000
     initial_packets: int = 0
     packets: list[bytes] = field(default_factory=list)  # reject phase: sold-out packet ids
+    # reject phase: a crowd of distinct users; each grab+open pair takes the next token, so
+    # the gateway sees a token it has never verified (wraps around once all are used)
+    crowd: list[bytes] = field(default_factory=list)
     drain_s: float = 15.0  # how long answers still in flight at the end are waited for
 
 
@@ -240,12 +243,17 @@ async def reject_user(
     rec: Recorder,
     clock: Any,
     end: float,
+    crowd: list[bytes],
+    next_in_crowd: list[int],
 ) -> None:
     perf = time.perf_counter
     i = n * 7919
     while clock() < end:
         base = PACKETS + b"/" + packets[i % len(packets)]
         i += 1
+        if crowd:
+            token = crowd[next_in_crowd[0] % len(crowd)]
+            next_in_crowd[0] += 1
         started = perf()
         try:
             status, body = await conn.request(POST, base + b"/grab", token)
@@ -331,6 +339,7 @@ async def run_job(
                 for (uid, token), conn in zip(job.users, conns, strict=True)
             ]
         else:
+            next_in_crowd = [0]
             users = [
                 asyncio.ensure_future(
                     reject_user(
@@ -341,6 +350,8 @@ async def run_job(
                         rec=rec,
                         clock=clock,
                         end=end,
+                        crowd=job.crowd,
+                        next_in_crowd=next_in_crowd,
                     )
                 )
                 for n, ((_, token), conn) in enumerate(zip(job.users, conns, strict=True))

@@ -260,6 +260,7 @@ async def run_phase(
     senders: list[bytes] | None = None,
     packets: list[bytes] | None = None,
     workers: int | None = None,
+    crowd: list[bytes] | None = None,
 ) -> PhaseResult:
     workers = max(1, min(workers or args.workers, len(users)))
     ctx = multiprocessing.get_context("spawn")
@@ -281,6 +282,7 @@ async def run_phase(
             amount=args.amount,
             initial_packets=initial // workers + (1 if w < initial % workers else 0),
             packets=packets or [],
+            crowd=(crowd or [])[w::workers],
         )
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=worker_main, args=(job, child, live), name=f"bench-worker-{w}")
@@ -611,6 +613,7 @@ def build_results(
             "amount": args.amount,
             "duration_s": args.duration,
             "reject_duration_s": args.reject_duration,
+            "latecomers": getattr(args, "latecomers", 0),
             "ceiling_duration_s": args.ceiling_duration,
             "rate_limits_lifted": target.cluster is not None,
         },
@@ -644,6 +647,12 @@ def build_results(
             "trivial_ceiling": trivial.process_cpu() if trivial else None,
             "open_phase": p1.process_cpu(),
             "reject_phase": p2.process_cpu(),
+        },
+        # CPU µs each process spent per committed grab+open pair in phase 1 (capacity.md)
+        "cpu_us_per_committed_open": {
+            name: round(cores / opens * 1e6, 1)
+            for name, cores in p1.process_cpu().items()
+            if opens and name != "machine"
         },
         "other_processes": {
             "trivial_ceiling": trivial.others if trivial else None,
@@ -745,6 +754,12 @@ def render_table(r: dict[str, Any]) -> str:
             lines.append(
                 f"cores used ({phase}): " + ", ".join(f"{k} {v:.2f}" for k, v in cores.items())
             )
+    per_open = r.get("cpu_us_per_committed_open") or {}
+    if per_open:
+        lines.append(
+            "CPU µs per committed grab+open (phase 1): "
+            + ", ".join(f"{k} {v:.0f}" for k, v in per_open.items())
+        )
     for phase, others in r["other_processes"].items():
         if others:
             lines.append(
@@ -895,6 +910,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         openers = _tokens(target.jwt_secret, base, args.users, ttl)
         latecomers = _tokens(target.jwt_secret, base + args.users, args.users, ttl)
         senders = [t for _, t in _tokens(target.jwt_secret, base + 2 * args.users, 64, ttl)]
+        say(f"minting {args.latecomers} tokens for the sold-out crowd ...")
+        crowd = [
+            t
+            for _, t in _tokens(target.jwt_secret, base + 2 * args.users + 64, args.latecomers, ttl)
+        ]
         mysql = await mysql_settings(target)
         per_worker = args.users // max(1, args.workers)
         if args.shares > per_worker:
@@ -967,6 +987,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             duration_s=args.reject_duration,
             pids=target.pids,
             packets=[p.encode() for p in sold_out],
+            crowd=crowd,
         )
 
         observed = [Observed(*o) for o in [*p1.observed, *extra]]

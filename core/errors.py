@@ -102,7 +102,11 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     orjson rejects invalid UTF-8 itself, so bad bytes and bad JSON both land here as 400.
     The size cap is aiohttp's ``client_max_size``, set per app.
     """
-    raw = await request.read()
+    return parse_json_object(await request.read())
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """:func:`read_json_object` for a body already read (the node's link carries bytes)."""
     if not raw:
         raise bad_request("invalid_json", "request body must be a JSON object")
     try:

@@ -50,6 +50,18 @@ SHARD_ERRORS = Counter(
     "Calls from the gateway to a shard node that failed, by shard and kind.",
     ["shard", "kind"],
 )
+SHARD_CALLS = Counter(
+    "redpacket_shard_calls_total", "Calls from the gateway to a shard node.", ["shard"]
+)
+SHARD_INFLIGHT = Gauge(
+    "redpacket_shard_calls_in_flight", "Gateway calls waiting for a shard node.", ["shard"]
+)
+SHARD_LATENCY = Histogram(
+    "redpacket_shard_call_duration_seconds",
+    "Latency of gateway calls to a shard node, by shard.",
+    ["shard"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
 
 
 def metrics_middleware(service: str) -> Any:

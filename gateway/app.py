@@ -28,6 +28,7 @@ from redpacket.gateway.handlers import (
     SETTINGS,
     SHARDS,
 )
+from redpacket.gateway.link import Links
 from redpacket.gateway.ratelimit import RateLimiter
 from redpacket.gateway.settings import GatewaySettings
 from redpacket.gateway.shards import RingWatcher, Shards
@@ -67,8 +68,22 @@ async def shards_ctx(app: web.Application) -> AsyncIterator[None]:
         json_serialize=lambda obj: orjson.dumps(obj).decode(),
         auto_decompress=False,
     )
+    links = None
+    if settings.node_transport == "link":
+        links = Links(
+            session,
+            settings.node_secret,
+            connections=settings.link_connections,
+            max_inflight=settings.link_max_inflight,
+            max_message_bytes=settings.link_max_message_bytes,
+        )
     shards = Shards(
-        RingDoc.load(settings.ring_file), session, settings.node_secret, settings.frozen_retry_s
+        RingDoc.load(settings.ring_file),
+        session,
+        settings.node_secret,
+        settings.frozen_retry_s,
+        links=links,
+        timeout_s=settings.node_timeout_s,
     )
     app[SHARDS] = shards
     watcher = RingWatcher(settings.ring_file, shards)
@@ -88,6 +103,8 @@ async def shards_ctx(app: web.Application) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        if links is not None:
+            await links.close()
         await session.close()
 
 

@@ -17,7 +17,11 @@ class GatewaySettings:
     jwt_secret: str = ""
     node_secret: str = ""
     node_timeout_s: float = 2.0  # a slow shard costs its own packets this much, no more
-    node_connections: int = 256  # keep-alive connections per shard node
+    node_connections: int = 256  # keep-alive connections per shard node (HTTP transport)
+    node_transport: str = "link"  # "link": frames on a few WebSockets per node; or "http"
+    link_connections: int = 2  # link connections per shard node (per gateway process)
+    link_max_inflight: int = 512  # calls in flight per link connection; more wait their turn
+    link_max_message_bytes: int = 4 * 1024 * 1024
     frozen_retry_s: float = 3.0  # how long to retry a packet that is moving between shards
     expire_s: int = 86400  # red packets expire after a day, as in WeChat
     limits: Limits = field(default_factory=Limits)
@@ -47,6 +51,16 @@ class GatewaySettings:
             node_timeout_s=env_float(env, "REDPACKET_NODE_TIMEOUT_S", cls.node_timeout_s),
             node_connections=env_int(
                 env, "REDPACKET_NODE_CONNECTIONS", cls.node_connections, minimum=1
+            ),
+            node_transport=env_str(env, "REDPACKET_NODE_TRANSPORT", cls.node_transport),
+            link_connections=env_int(
+                env, "REDPACKET_LINK_CONNECTIONS", cls.link_connections, minimum=1
+            ),
+            link_max_inflight=env_int(
+                env, "REDPACKET_LINK_MAX_INFLIGHT", cls.link_max_inflight, minimum=1
+            ),
+            link_max_message_bytes=env_int(
+                env, "REDPACKET_LINK_MAX_MESSAGE_BYTES", cls.link_max_message_bytes, minimum=4096
             ),
             frozen_retry_s=env_float(env, "REDPACKET_FROZEN_RETRY_S", cls.frozen_retry_s),
             expire_s=env_int(env, "REDPACKET_EXPIRE_S", cls.expire_s, minimum=1),
@@ -83,6 +97,8 @@ class GatewaySettings:
             )
             if not value
         ]
+        if settings.node_transport not in ("link", "http"):
+            raise SettingsError("REDPACKET_NODE_TRANSPORT must be link or http")
         if missing:
             raise SettingsError(f"the gateway needs {', '.join(missing)} to be set")
         if len(settings.jwt_secret.encode()) < 32:

@@ -1,23 +1,28 @@
-"""The gateway's side of the shard nodes: the ring, and pooled keep-alive HTTP to every node.
+"""The gateway's side of the shard nodes: the ring, and the calls to every node.
 
-A node that is down, slow or refusing costs only its own packets: every call has a timeout
-(default 2 s) and failures become 503 ``unavailable`` for that call alone.
+Calls travel on the link (``gateway/link.py``: frames multiplexed on a few WebSockets per
+node) or, with ``REDPACKET_NODE_TRANSPORT=http``, as one pooled keep-alive HTTP request
+each. A node that is down, slow or refusing costs only its own packets: every call has a
+timeout (default 2 s) and failures become 503 ``unavailable`` for that call alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
 
 from redpacket.core.errors import ApiError, unavailable
 from redpacket.core.logs import REQUEST_ID_HEADER, request_id
-from redpacket.core.metrics import SHARD_ERRORS
+from redpacket.core.metrics import SHARD_CALLS, SHARD_ERRORS, SHARD_INFLIGHT, SHARD_LATENCY
+from redpacket.gateway.link import LinkDown, Links
 from redpacket.sharding.ring import NodeSpec, Ring, RingDoc, RingError, user_key
 
 log = logging.getLogger("redpacket.gateway.shards")
@@ -53,10 +58,16 @@ class Shards:
         session: aiohttp.ClientSession,
         node_secret: str,
         frozen_retry_s: float,
+        *,
+        links: Links | None = None,
+        timeout_s: float = 2.0,
     ) -> None:
         self._session = session
         self._secret = node_secret
         self._frozen_retry_s = frozen_retry_s
+        self._links = links
+        self._timeout_s = timeout_s
+        self._metrics: dict[str, tuple[Any, Any, Any]] = {}  # per node, looked up once
         self.use_ring(ring_doc)
 
     # -- the ring -----------------------------------------------------------------------
@@ -68,11 +79,15 @@ class Shards:
         routed by the previous ring: the old owner serves a packet until it has handed it
         off, and then answers ``packet_moved`` with the new owner, which :meth:`call`
         follows. The new ring takes over routing once the rebalance retires the previous one
-        (docs/rebalancing.md).
+        (docs/rebalancing.md). Links to nodes that neither ring names any more are closed
+        once their calls in flight have finished.
         """
         ring: Ring = doc.ring()
         route: Ring = doc.previous.ring() if doc.previous is not None else ring
         self.ring_doc, self.ring, self.route_ring = doc, ring, route
+        if self._links is not None:  # links to nodes neither ring names close when idle
+            named = [*doc.nodes, *(doc.previous.nodes if doc.previous is not None else ())]
+            self._links.keep_only({(n.name, n.url) for n in named})
 
     def owner(self, packet_id: int) -> NodeSpec:
         return self.route_ring.owner(packet_id)
@@ -128,6 +143,69 @@ class Shards:
         body: Mapping[str, object] | None = None,
         params: Mapping[str, str] | None = None,
     ) -> Upstream:
+        metrics = self._metrics.get(node.name)
+        if metrics is None:
+            metrics = self._metrics[node.name] = (
+                SHARD_CALLS.labels(node.name),
+                SHARD_INFLIGHT.labels(node.name),
+                SHARD_LATENCY.labels(node.name),
+            )
+        calls, inflight, latency = metrics
+        calls.inc()
+        inflight.inc()
+        started = time.perf_counter()
+        try:
+            if self._links is not None:
+                upstream = await self._over_link(node, method, path, body, params)
+            else:
+                upstream = await self._over_http(node, method, path, body, params)
+        finally:
+            inflight.dec()
+            latency.observe(time.perf_counter() - started)
+        if upstream.status == 401:
+            SHARD_ERRORS.labels(node.name, "auth").inc()
+            log.error("shard %s refused the gateway's node secret", node.name)
+            raise ApiError(502, "bad_gateway", "the gateway is misconfigured for this shard")
+        if upstream.status >= 500:
+            SHARD_ERRORS.labels(node.name, f"http_{upstream.status}").inc()
+            if upstream.status != 503:
+                raise ApiError(502, "bad_gateway", f"shard {node.name} failed to answer")
+        return upstream
+
+    async def _over_link(
+        self,
+        node: NodeSpec,
+        method: str,
+        path: str,
+        body: Mapping[str, object] | None,
+        params: Mapping[str, str] | None,
+    ) -> Upstream:
+        assert self._links is not None
+        data = orjson.dumps(body) if body is not None else None
+        query = dict(params) if params else None
+        try:
+            _, status, payload, retry_after = await self._links.get(node.name, node.url).call(
+                method, path, query, data, rid=request_id.get(), timeout_s=self._timeout_s
+            )
+        except LinkDown as down:
+            SHARD_ERRORS.labels(node.name, down.kind).inc()
+            if down.kind == "auth":
+                raise ApiError(
+                    502, "bad_gateway", "the gateway is misconfigured for this shard"
+                ) from None
+            if down.kind == "timeout":
+                raise unavailable(f"shard {node.name} did not answer in time") from None
+            raise unavailable(f"shard {node.name} is unavailable") from None
+        return Upstream(status, payload, retry_after)
+
+    async def _over_http(
+        self,
+        node: NodeSpec,
+        method: str,
+        path: str,
+        body: Mapping[str, object] | None,
+        params: Mapping[str, str] | None,
+    ) -> Upstream:
         headers = {NODE_SECRET_HEADER: self._secret, REQUEST_ID_HEADER: request_id.get()}
         data = None
         if body is not None:
@@ -138,22 +216,13 @@ class Shards:
                 method, node.url + path, data=data, params=params, headers=headers
             ) as resp:
                 payload = await resp.read()
-                upstream = Upstream(resp.status, payload, resp.headers.get("Retry-After"))
+                return Upstream(resp.status, payload, resp.headers.get("Retry-After"))
         except TimeoutError:
             SHARD_ERRORS.labels(node.name, "timeout").inc()
             raise unavailable(f"shard {node.name} did not answer in time") from None
         except aiohttp.ClientError:
             SHARD_ERRORS.labels(node.name, "connect").inc()
             raise unavailable(f"shard {node.name} is unavailable") from None
-        if upstream.status == 401:
-            SHARD_ERRORS.labels(node.name, "auth").inc()
-            log.error("shard %s refused the gateway's node secret", node.name)
-            raise ApiError(502, "bad_gateway", "the gateway is misconfigured for this shard")
-        if upstream.status >= 500:
-            SHARD_ERRORS.labels(node.name, f"http_{upstream.status}").inc()
-            if upstream.status != 503:
-                raise ApiError(502, "bad_gateway", f"shard {node.name} failed to answer")
-        return upstream
 
     async def packet_call(
         self,

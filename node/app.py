@@ -20,12 +20,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from redpacket.core.errors import ApiError, error_middleware, unavailable
+from redpacket.core.frames import LINK_PATH
 from redpacket.core.logs import request_id_middleware
 from redpacket.core.metrics import metrics_handler, metrics_middleware
-from redpacket.node import handlers, handoff
+from redpacket.node import handoff
+from redpacket.node.calls import http_routes
 from redpacket.node.counters import Counters, connect_redis
-from redpacket.node.handlers import SETTINGS, SHARD
+from redpacket.node.handlers import CALLS, SETTINGS, SHARD
 from redpacket.node.ledger import Ledger, LedgerUnavailable
+from redpacket.node.link import LINK, LinkServer
 from redpacket.node.reconciler import Reconciler
 from redpacket.node.settings import NodeSettings
 from redpacket.node.shard import Shard
@@ -39,16 +42,8 @@ RECONCILER = web.AppKey("reconciler", Reconciler)
 SWEEPER = web.AppKey("sweeper", Sweeper)
 
 ROUTES = [
-    web.post("/internal/v1/packets", handlers.create),
-    web.get("/internal/v1/packets/{id}", handlers.info),
-    web.post("/internal/v1/packets/{id}/grab", handlers.grab),
-    web.post("/internal/v1/packets/{id}/open", handlers.open_),
-    web.get("/internal/v1/packets/{id}/records", handlers.records),
-    web.get("/internal/v1/packets/{id}/winners", handlers.winners),
-    web.post("/internal/v1/idempotency-keys", handlers.claim_idempotency_key),
+    *http_routes(CALLS),  # the gateway's calls (node/handlers.py), also served over the link
     *handoff.ROUTES,  # /internal/v1/handoff/...: rebalancing (node/handoff.py)
-    web.get("/healthz", handlers.healthz),
-    web.get("/readyz", handlers.readyz),
     web.get("/metrics", metrics_handler),
 ]
 
@@ -116,7 +111,7 @@ async def stores_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     try:
         await ledger.apply_schema()
-        counters = Counters(redis_client)
+        counters = Counters(redis_client, settings.redis_max_pipelines)
         await _patiently("Redis", counters.register_scripts, settings.startup_wait_s)
         shard = Shard(settings, counters, ledger)
         shard.committer.start()
@@ -158,7 +153,16 @@ def create_app(settings: NodeSettings) -> web.Application:
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
+    link = LinkServer(
+        CALLS,
+        max_inflight=settings.link_max_inflight,
+        max_message_bytes=settings.link_max_message_bytes,
+        max_body_bytes=settings.max_body_bytes,
+        access_log=settings.access_log,
+    )
+    app[LINK] = link
     app.cleanup_ctx.append(stores_ctx)
     app.cleanup_ctx.append(background_ctx)
-    app.add_routes(ROUTES)
+    app.on_shutdown.append(lambda _: link.drain(settings.drain_s))
+    app.add_routes([web.get(LINK_PATH, link.handle), *ROUTES])
     return app

@@ -20,6 +20,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from redpacket.node.batcher import ScriptBatcher
 from redpacket.node.keys import PENDING_PATTERN, packet_id_of, packet_keys
 from redpacket.node.ledger import Claim, PacketRow
 
@@ -72,11 +73,14 @@ def connect_redis(url: str, cluster: bool, pool_size: int) -> RedisClient:
             retry_on_error=errors,
             socket_timeout=5,
         )
+    # timeout=None: a caller waits its turn for a connection instead of failing after 5 s
+    # ("No connection available"); the hot scripts use few connections anyway (one pipeline
+    # per tick, node/batcher.py), and a dead Redis is still noticed by socket_timeout.
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         decode_responses=True,
         max_connections=pool_size,
-        timeout=5,
+        timeout=None,
         retry=retry,
         retry_on_error=errors,
         socket_timeout=5,
@@ -93,8 +97,10 @@ def claim_details(claim: Claim) -> bytes:
 
 
 class Counters:
-    def __init__(self, client: RedisClient) -> None:
+    def __init__(self, client: RedisClient, max_pipelines: int = 4) -> None:
         self.client = client
+        # open and grab, the hot scripts, go out as one pipeline per loop tick
+        self._batch = ScriptBatcher(client, max_pipelines)
         self._open = client.register_script(_script("open.lua"))
         self._grab = client.register_script(_script("grab.lua"))
         self._load = client.register_script(_script("load.lua"))
@@ -107,14 +113,14 @@ class Counters:
     async def open(
         self, packet_id: int, uid: int, rand31: int, now_ms: int, details: bytes
     ) -> OpenResult:
-        code, amount, remaining, pending = await self._open(
-            keys=packet_keys(packet_id), args=[uid, rand31, now_ms, details]
+        code, amount, remaining, pending = await self._batch.run(
+            self._open, list(packet_keys(packet_id)), [uid, rand31, now_ms, details]
         )
         return OpenResult(Outcome(code), int(amount), int(remaining), bool(pending))
 
     async def grab(self, packet_id: int, uid: int, now_ms: int) -> tuple[Outcome, int]:
         info, claims, _ = packet_keys(packet_id)
-        code, amount = await self._grab(keys=[info, claims], args=[uid, now_ms])
+        code, amount = await self._batch.run(self._grab, [info, claims], [uid, now_ms])
         return Outcome(code), int(amount)
 
     async def load(

@@ -1,6 +1,8 @@
-"""The node's internal HTTP API, called only by the gateway (see docs/api.md, "Node API").
+"""The node's internal API, called only by the gateway (see docs/api.md, "Node API").
 
-Handlers turn HTTP into calls on :class:`Shard` and results into JSON; the rules live there.
+Handlers turn a :class:`Call` (over the link or HTTP, node/calls.py) into calls on
+:class:`Shard` and results into JSON; the rules live there. ``CALLS`` at the bottom is the
+one table both transports serve: a new node call is a function here and a line there.
 """
 
 from __future__ import annotations
@@ -10,25 +12,16 @@ import binascii
 import datetime as dt
 from typing import Any
 
-from aiohttp import web
-
 from redpacket.core.amounts import parse_new_packet, refuse_unknown_fields
-from redpacket.core.errors import (
-    ApiError,
-    bad_request,
-    json_response,
-    read_json_object,
-    unavailable,
-)
+from redpacket.core.errors import ApiError, bad_request, unavailable
 from redpacket.core.ids import parse_packet_id, parse_uid
 from redpacket.core.metrics import REJECTIONS
+from redpacket.node.calls import SETTINGS, SHARD, Call, CallEntry, Reply, reply
 from redpacket.node.counters import Outcome
 from redpacket.node.ledger import LedgerUnavailable, PacketRow, RecordRow
-from redpacket.node.settings import NodeSettings
-from redpacket.node.shard import MOVING, NewPacketRequest, Shard, now_ms
+from redpacket.node.shard import MOVING, NewPacketRequest, now_ms
 
-SHARD = web.AppKey("shard", Shard)
-SETTINGS = web.AppKey("settings", NodeSettings)
+__all__ = ["CALLS", "SETTINGS", "SHARD"]  # the app keys live with Call; imported from here
 
 _REASONS = {
     Outcome.SOLD_OUT: "sold_out",
@@ -116,9 +109,9 @@ CREATE_FIELDS = frozenset(
 )
 
 
-async def create(request: web.Request) -> web.Response:
-    settings = request.app[SETTINGS]
-    body = await read_json_object(request)
+async def create(call: Call) -> Reply:
+    settings = call.settings
+    body = call.json()
     refuse_unknown_fields(body, CREATE_FIELDS)
     packet_id = parse_uid(body.get("red_packet_id"))  # same range as a uid
     if packet_id is None:
@@ -137,68 +130,68 @@ async def create(request: web.Request) -> web.Response:
     token = _str(body, "create_token")
     if not (len(token) == 32 and token.isascii() and token.isalnum()):
         raise bad_request("invalid_field", "create_token must be 32 ASCII letters or digits")
-    row, created = await request.app[SHARD].create(
+    row, created = await call.shard.create(
         NewPacketRequest(
             packet_id, _uid(body), new.total_amount, new.total_packet, new.greeting, expire_s, token
         )
     )
-    return json_response(packet_json(row), status=201 if created else 200)
+    return reply(packet_json(row), status=201 if created else 200)
 
 
-async def info(request: web.Request) -> web.Response:
-    packet_id = parse_packet_id(request.match_info["id"])
+async def info(call: Call) -> Reply:
+    packet_id = parse_packet_id(call.params["id"])
     try:
-        row = await request.app[SHARD].ledger.get_packet(packet_id)
+        row = await call.shard.ledger.get_packet(packet_id)
         if row is None:
-            raise await request.app[SHARD].absent(packet_id)  # 404, or 421 if it moved
+            raise await call.shard.absent(packet_id)  # 404, or 421 if it moved
         if row.status == MOVING:
-            raise await request.app[SHARD].moving(packet_id)  # 409 while it is handed off
+            raise await call.shard.moving(packet_id)  # 409 while it is handed off
     except LedgerUnavailable:
         raise unavailable("the shard's database is unavailable") from None
-    return json_response(packet_json(row))
+    return reply(packet_json(row))
 
 
-async def grab(request: web.Request) -> web.Response:
-    packet_id = parse_packet_id(request.match_info["id"])
-    body = await read_json_object(request)
+async def grab(call: Call) -> Reply:
+    packet_id = parse_packet_id(call.params["id"])
+    body = call.json()
     refuse_unknown_fields(body, frozenset({"uid"}))
-    outcome, amount = await request.app[SHARD].grab(packet_id, _uid(body))
+    outcome, amount = await call.shard.grab(packet_id, _uid(body))
     if outcome == Outcome.AVAILABLE:
-        return json_response({"can_open": True})
+        return reply({"can_open": True})
     reason = _REASONS[outcome]
     REJECTIONS.labels("node", reason).inc()
     answer: dict[str, Any] = {"can_open": False, "reason": reason}
     if outcome == Outcome.ALREADY_OPENED:
         answer["amount"] = amount
-    return json_response(answer)
+    return reply(answer)
 
 
-async def open_(request: web.Request) -> web.Response:
-    packet_id = parse_packet_id(request.match_info["id"])
-    body = await read_json_object(request)
+async def open_(call: Call) -> Reply:
+    packet_id = parse_packet_id(call.params["id"])
+    body = call.json()
     refuse_unknown_fields(body, frozenset({"uid", "nick_name", "img_url"}))
     try:
-        amount, replayed = await request.app[SHARD].open(
+        amount, replayed = await call.shard.open(
             packet_id, _uid(body), _str(body, "nick_name"), _str(body, "img_url")
         )
     except ApiError as err:
         if err.status == 410:
             REJECTIONS.labels("node", err.code).inc()
         raise
-    return json_response({"amount": amount, "replayed": replayed})
+    return reply({"amount": amount, "replayed": replayed})
 
 
-async def records(request: web.Request) -> web.Response:
-    packet_id = parse_packet_id(request.match_info["id"])
-    raw_limit = request.query.get("limit", "20")
+async def records(call: Call) -> Reply:
+    packet_id = parse_packet_id(call.params["id"])
+    raw_limit = call.query.get("limit", "20")
     if not (raw_limit.isascii() and raw_limit.isdigit() and 1 <= int(raw_limit) <= 100):
         raise ApiError(
             400, "invalid_field", "limit must be an integer from 1 to 100", extra={"field": "limit"}
         )
     limit = int(raw_limit)
-    cursor = request.query.get("cursor")
+    cursor = call.query.get("cursor")
     after = decode_cursor(cursor) if cursor else None
-    shard = request.app[SHARD]
+    shard = call.shard
     try:
         rows = await shard.ledger.records(packet_id, limit + 1, after)
         if not rows and await shard.ledger.get_packet(packet_id) is None:
@@ -209,13 +202,13 @@ async def records(request: web.Request) -> web.Response:
         raise unavailable("the shard's database is unavailable") from None
     page = rows[:limit]
     next_cursor = encode_cursor(page[-1]) if len(rows) > limit else None
-    return json_response({"records": [record_json(r) for r in page], "next_cursor": next_cursor})
+    return reply({"records": [record_json(r) for r in page], "next_cursor": next_cursor})
 
 
-async def winners(request: web.Request) -> web.Response:
-    packet_id = parse_packet_id(request.match_info["id"])
-    reason, claims, complete = await request.app[SHARD].winners(packet_id)
-    return json_response(
+async def winners(call: Call) -> Reply:
+    packet_id = parse_packet_id(call.params["id"])
+    reason, claims, complete = await call.shard.winners(packet_id)
+    return reply(
         {
             "final": _REASONS.get(reason) if reason is not None else None,
             "complete": complete,
@@ -224,8 +217,8 @@ async def winners(request: web.Request) -> web.Response:
     )
 
 
-async def claim_idempotency_key(request: web.Request) -> web.Response:
-    body = await read_json_object(request)
+async def claim_idempotency_key(call: Call) -> Reply:
+    body = call.json()
     refuse_unknown_fields(body, frozenset({"uid", "key", "request_hash", "red_packet_id"}))
     key, request_hash = _str(body, "key"), _str(body, "request_hash")
     packet_id = parse_uid(body.get("red_packet_id"))
@@ -238,20 +231,20 @@ async def claim_idempotency_key(request: web.Request) -> web.Response:
     ):
         raise bad_request("invalid_field", "key, request_hash or red_packet_id is malformed")
     try:
-        bound_id, bound_hash = await request.app[SHARD].claim_idempotency_key(
+        bound_id, bound_hash = await call.shard.claim_idempotency_key(
             _uid(body), key, request_hash, packet_id, now_ms()
         )
     except LedgerUnavailable:
         raise unavailable("the shard's database is unavailable") from None
-    return json_response({"red_packet_id": str(bound_id), "request_hash": bound_hash})
+    return reply({"red_packet_id": str(bound_id), "request_hash": bound_hash})
 
 
-async def healthz(_: web.Request) -> web.Response:
-    return json_response({"ok": True})
+async def healthz(_: Call) -> Reply:
+    return reply({"ok": True})
 
 
-async def readyz(request: web.Request) -> web.Response:
-    shard = request.app[SHARD]
+async def readyz(call: Call) -> Reply:
+    shard = call.shard
     problems = {}
     for name, check in (("redis", shard.counters.ping), ("mysql", shard.ledger.ping)):
         try:
@@ -262,4 +255,18 @@ async def readyz(request: web.Request) -> web.Response:
         raise ApiError(
             503, "unavailable", "a store of this shard is down", extra={"down": problems}
         )
-    return json_response({"ready": True, "node": request.app[SETTINGS].name})
+    return reply({"ready": True, "node": call.settings.name})
+
+
+# The node's calls: served over the link (node/link.py) and as HTTP routes (node/app.py).
+CALLS: list[CallEntry] = [
+    ("POST", "/internal/v1/packets", create),
+    ("GET", "/internal/v1/packets/{id}", info),
+    ("POST", "/internal/v1/packets/{id}/grab", grab),
+    ("POST", "/internal/v1/packets/{id}/open", open_),
+    ("GET", "/internal/v1/packets/{id}/records", records),
+    ("GET", "/internal/v1/packets/{id}/winners", winners),
+    ("POST", "/internal/v1/idempotency-keys", claim_idempotency_key),
+    ("GET", "/healthz", healthz),
+    ("GET", "/readyz", readyz),
+]

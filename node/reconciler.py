@@ -49,6 +49,11 @@ class Reconciler:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait_s):
                     await self._kick.wait()
+            # Python 3.11's timeout() can turn a cancel that lands as it expires into a
+            # TimeoutError; without this check the task would never stop (a hung shutdown).
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
 
     async def pass_once(self) -> int:
         """One sweep over every packet with pending claims; how many claims are still pending."""

@@ -47,6 +47,10 @@ class NodeSettings:
     refund_grace_s: float = 30.0  # a packet is refunded this long after it expires
     idempotency_key_ttl_s: int = 86400  # an Idempotency-Key binds its packet this long
     max_body_bytes: int = 16 * 1024
+    link_max_inflight: int = 1024  # calls running per link connection before reading pauses
+    link_max_message_bytes: int = 4 * 1024 * 1024  # one link message (frames of one tick)
+    redis_max_pipelines: int = 4  # script pipelines in flight; more calls wait their turn
+    drain_s: float = 10.0  # SIGTERM: how long calls in flight may take to finish
     log_level: str = "INFO"
     access_log: bool = False
 
@@ -97,6 +101,16 @@ class NodeSettings:
             max_body_bytes=env_int(
                 env, "REDPACKET_MAX_BODY_BYTES", cls.max_body_bytes, minimum=256
             ),
+            link_max_inflight=env_int(
+                env, "REDPACKET_LINK_MAX_INFLIGHT", cls.link_max_inflight, minimum=1
+            ),
+            link_max_message_bytes=env_int(
+                env, "REDPACKET_LINK_MAX_MESSAGE_BYTES", cls.link_max_message_bytes, minimum=4096
+            ),
+            redis_max_pipelines=env_int(
+                env, "REDPACKET_REDIS_MAX_PIPELINES", cls.redis_max_pipelines, minimum=1
+            ),
+            drain_s=env_float(env, "REDPACKET_DRAIN_S", cls.drain_s),
             log_level=env_str(env, "REDPACKET_LOG_LEVEL", cls.log_level),
             access_log=env_bool(env, "REDPACKET_ACCESS_LOG", cls.access_log),
         )

@@ -37,7 +37,7 @@ def test_bench_smoke(tmp_path: Path, mysql_databases: Any) -> None:
     argv = [
         sys.executable, "-m", "redpacket.cli", "bench",
         "--duration", "2", "--reject-duration", "1", "--ceiling-duration", "1",
-        "--users", "16", "--shares", "4", "--packets", "4",
+        "--users", "16", "--shares", "4", "--packets", "4", "--latecomers", "300",
         "--var", str(tmp_path / "var"), "--json", str(out), "--plot", str(png), "--quiet",
     ]  # fmt: skip
     done = subprocess.run(
@@ -52,9 +52,23 @@ def test_bench_smoke(tmp_path: Path, mysql_databases: Any) -> None:
     missing = [key for key in KEYS if key not in results]
     assert not missing, missing
     assert results["check"]["ok"] is True, results["check"]
+    assert results["config"]["latecomers"] == 300
     assert results["opens_per_s"] > 0 and results["rejections_per_s"] > 0
     assert results["lua_ceiling_per_s"] and results["trivial_ceiling_per_s"]
     for op in ("grab", "open", "reject"):
         assert {"p50_ms", "p99_ms", "p999_ms"} <= results["latency_ms"][op].keys()
     assert png.stat().st_size > 0
     assert "invariant check: OK" in done.stdout
+
+
+def test_transport_bench_measures_both_hops(tmp_path: Path) -> None:
+    out = tmp_path / "transport.json"
+    argv = [sys.executable, "-m", "redpacket.bench.transport", "--seconds", "0.3",
+            "--inflight", "16", "--json", str(out)]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {row["transport"]: row for row in json.loads(out.read_text())}
+    assert set(rows) == {"http", "link"}
+    for row in rows.values():
+        assert row["calls_per_s"] > 0
+        assert row["client_us_per_call"] > 0 and row["server_us_per_call"] > 0

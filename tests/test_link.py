@@ -1,0 +1,301 @@
+"""The gateway↔node link on real sockets: frames, ordering, failures, limits and drain.
+
+Transport tests use a real aiohttp server running the node's LinkServer with a small call
+table of their own (calls that wait on events the test controls); the end-to-end tests use
+real nodes and clusters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import pytest_asyncio
+from aiohttp import web
+
+from redpacket.cli.devcluster import free_ports
+from redpacket.core.errors import ApiError
+from redpacket.core.frames import LINK_PATH
+from redpacket.gateway.link import LinkDown, Links, NodeLink
+from redpacket.gateway.shards import Shards
+from redpacket.node.app import node_auth_middleware
+from redpacket.node.calls import SETTINGS, SHARD, Call, Reply, reply
+from redpacket.node.link import LinkServer
+from redpacket.sharding.ring import NodeSpec, RingDoc
+from tests.conftest import Cluster, NodeHandle
+from tests.faults import TcpProxy
+from tests.load import OpenLoad
+
+SECRET = "link-test-secret"
+
+
+class Calls:
+    """A call table whose calls wait until the test releases them."""
+
+    def __init__(self) -> None:
+        self.gates: dict[str, asyncio.Event] = {}
+        self.running = 0
+        self.most_running = 0
+
+    def gate(self, name: str) -> asyncio.Event:
+        return self.gates.setdefault(name, asyncio.Event())
+
+    async def wait(self, call: Call) -> Reply:
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            await self.gate(call.params["name"]).wait()
+        finally:
+            self.running -= 1
+        return reply({"name": call.params["name"]})
+
+    async def echo(self, call: Call) -> Reply:
+        return reply({"len": len(call.body)})
+
+    def entries(self) -> list[Any]:
+        return [("POST", "/wait/{name}", self.wait), ("POST", "/echo", self.echo)]
+
+
+class Server:
+    def __init__(self, calls: Calls, link: LinkServer, runner: web.AppRunner, url: str) -> None:
+        self.calls, self.link, self.runner, self.url = calls, link, runner, url
+
+
+@pytest_asyncio.fixture
+async def link_server() -> AsyncIterator[Any]:
+    made: list[web.AppRunner] = []
+
+    async def make(**options: int) -> Server:
+        calls = Calls()
+        link = LinkServer(
+            calls.entries(),
+            max_inflight=options.get("max_inflight", 1024),
+            max_message_bytes=options.get("max_message_bytes", 1 << 20),
+            max_body_bytes=options.get("max_body_bytes", 1024),
+            access_log=False,
+        )
+        app = web.Application(middlewares=[node_auth_middleware(SECRET)])
+        app[SHARD] = None  # type: ignore[assignment]  # these calls need no shard
+        app[SETTINGS] = None  # type: ignore[assignment]
+        app.router.add_get(LINK_PATH, link.handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_ports(1)[0]
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        made.append(runner)
+        return Server(calls, link, runner, f"http://127.0.0.1:{port}")
+
+    yield make
+    for runner in made:
+        await runner.cleanup()
+
+
+@pytest_asyncio.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client:
+        yield client
+
+
+def link_to(url: str, session: aiohttp.ClientSession, **options: Any) -> NodeLink:
+    return NodeLink(
+        "shard-t",
+        url,
+        session,
+        options.pop("secret", SECRET),
+        connections=options.pop("connections", 2),
+        max_inflight=options.pop("max_inflight", 64),
+        max_message_bytes=options.pop("max_message_bytes", 1 << 20),
+    )
+
+
+async def call(link: NodeLink, path: str, body: bytes = b"{}", timeout_s: float = 30) -> Any:
+    _, status, payload, _ = await link.call(
+        "POST", path, None, body, rid="test", timeout_s=timeout_s
+    )
+    return status, orjson.loads(payload)
+
+
+async def eventually(condition: Any, timeout_s: float = 10) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110 - polling state of real servers
+            await asyncio.sleep(0.01)
+
+
+async def test_answers_come_back_as_each_call_finishes_not_in_order(
+    link_server: Any, session: aiohttp.ClientSession
+) -> None:
+    server = await link_server()
+    link = link_to(server.url, session, connections=1)
+    finished: list[str] = []
+
+    async def one(name: str) -> None:
+        assert await call(link, f"/wait/{name}") == (200, {"name": name})
+        finished.append(name)
+
+    tasks = [asyncio.create_task(one(name)) for name in ("first", "second", "third")]
+    await eventually(lambda: server.calls.running == 3)
+    for name in ("third", "first", "second"):
+        server.calls.gate(name).set()
+        await eventually(lambda name=name: name in finished)
+    await asyncio.gather(*tasks)
+    assert finished == ["third", "first", "second"]
+    await link.close()
+
+
+async def test_a_killed_connection_fails_its_calls_at_once_and_the_link_reconnects(
+    link_server: Any, session: aiohttp.ClientSession
+) -> None:
+    server = await link_server()
+    port = int(server.url.rsplit(":", 1)[1])
+    proxy = TcpProxy("127.0.0.1", port)
+    await proxy.start()
+    link = link_to(f"http://127.0.0.1:{proxy.port}", session)
+    stuck = [asyncio.create_task(call(link, "/wait/never", timeout_s=60)) for _ in range(10)]
+    await eventually(lambda: server.calls.running == 10)
+    proxy.block()
+    for task in stuck:
+        with pytest.raises(LinkDown) as lost:
+            await task
+        assert lost.value.kind == "closed"  # failed with the connection, not by the 60 s timeout
+    with pytest.raises(LinkDown) as down:  # while the node is unreachable: fail fast
+        await call(link, "/echo")
+    assert down.value.kind in ("connect", "closed")
+    proxy.unblock()
+    await eventually(lambda: link._pick() is not None)
+    assert await call(link, "/echo", b"abc") == (200, {"len": 3})
+    server.calls.gate("never").set()
+    await link.close()
+    await proxy.stop()
+
+
+async def test_a_call_past_its_deadline_gets_timeout_and_the_others_carry_on(
+    link_server: Any, session: aiohttp.ClientSession
+) -> None:
+    server = await link_server()
+    link = link_to(server.url, session, connections=1)
+    with pytest.raises(LinkDown) as late:
+        await call(link, "/wait/slow", timeout_s=0.2)
+    assert late.value.kind == "timeout"
+    assert await call(link, "/echo", b"x") == (200, {"len": 1})  # same connection, still fine
+    server.calls.gate("slow").set()  # its late answer arrives and is dropped
+    assert await call(link, "/echo", b"xy") == (200, {"len": 2})
+    await link.close()
+
+
+async def test_a_wrong_node_secret_is_refused_at_the_handshake(
+    node: NodeHandle, session: aiohttp.ClientSession
+) -> None:
+    link = link_to(node.url, session, secret="not-the-secret")
+    with pytest.raises(LinkDown) as refused:
+        await call(link, "/healthz")
+    assert refused.value.kind == "auth"
+    await link.close()
+    doc = RingDoc(version=1, nodes=(NodeSpec("shard-t", node.url),))
+    bad_links = _links(session, "not-the-secret")
+    shards = Shards(doc, session, "not-the-secret", 0.1, links=bad_links)
+    with pytest.raises(ApiError) as err:
+        await shards.call(NodeSpec("shard-t", node.url), "GET", "/healthz")
+    assert (err.value.status, err.value.code) == (502, "bad_gateway")
+    good_links = _links(session, node.secret)
+    good = Shards(doc, session, node.secret, 0.1, links=good_links)
+    assert (await good.call(NodeSpec("shard-t", node.url), "GET", "/healthz")).status == 200
+    await bad_links.close()
+    await good_links.close()
+
+
+def _links(session: aiohttp.ClientSession, secret: str) -> Links:
+    return Links(session, secret, connections=1, max_inflight=8, max_message_bytes=1 << 20)
+
+
+async def test_oversize_bodies_and_messages_are_refused(
+    link_server: Any, session: aiohttp.ClientSession
+) -> None:
+    server = await link_server(max_body_bytes=100, max_message_bytes=64 * 1024)
+    link = link_to(server.url, session, connections=1)
+    status, body = await call(link, "/echo", b"x" * 101)
+    assert (status, body["error"]["code"]) == (413, "payload_too_large")
+    assert await call(link, "/echo", b"x" * 100) == (200, {"len": 100})
+    with pytest.raises(LinkDown) as cut:  # a message over the node's limit closes the link
+        await call(link, "/echo", b"x" * 100_000)
+    assert cut.value.kind == "closed"
+    await eventually(lambda: link._pick() is not None)
+    assert await call(link, "/echo", b"x") == (200, {"len": 1})
+    await link.close()
+
+
+async def test_calls_in_flight_per_connection_are_bounded(
+    link_server: Any, session: aiohttp.ClientSession
+) -> None:
+    server = await link_server()
+    link = link_to(server.url, session, connections=2, max_inflight=3)
+    tasks = [asyncio.create_task(call(link, "/wait/crowd")) for _ in range(40)]
+    await eventually(lambda: server.calls.running == 6)
+    await asyncio.sleep(0.2)
+    assert server.calls.running == 6  # 2 connections x 3; the other 34 wait their turn
+    server.calls.gate("crowd").set()
+    assert [status for status, _ in await asyncio.gather(*tasks)] == [200] * 40
+    assert server.calls.most_running == 6
+    await link.close()
+
+
+async def test_a_draining_node_answers_its_calls_in_flight_and_takes_no_new_ones(
+    link_server: Any, session: aiohttp.ClientSession
+) -> None:
+    server = await link_server()
+    link = link_to(server.url, session, connections=1)
+    in_flight = [asyncio.create_task(call(link, "/wait/drain")) for _ in range(5)]
+    await eventually(lambda: server.calls.running == 5)
+    drain = asyncio.create_task(server.link.drain(10))
+    await eventually(lambda: link._pick() is None)  # goaway heard: no new calls here
+    server.calls.gate("drain").set()
+    assert [status for status, _ in await asyncio.gather(*in_flight)] == [200] * 5
+    await drain
+    await link.close()
+
+
+async def test_a_node_left_out_of_a_new_ring_has_its_link_closed_after_its_calls_finish(
+    link_server: Any, session: aiohttp.ClientSession
+) -> None:
+    staying, leaving = await link_server(), await link_server()
+    a, b = NodeSpec("shard-a", staying.url), NodeSpec("shard-b", leaving.url)
+    links = _links(session, SECRET)
+    shards = Shards(RingDoc(version=1, nodes=(a, b)), session, SECRET, 0.1, links=links)
+    in_flight = asyncio.create_task(shards.call(b, "POST", "/wait/last", body={}))
+    assert (await shards.call(a, "POST", "/echo", body={})).status == 200
+    await eventually(lambda: leaving.calls.running == 1)
+    old_link = links.get("shard-b", b.url)
+    assert len(leaving.link.connections) == 1
+
+    shards.use_ring(RingDoc(version=2, nodes=(a,)))
+    assert old_link.retired
+    await asyncio.sleep(0.2)
+    assert len(leaving.link.connections) == 1  # kept open while a call is under way on it
+    leaving.calls.gate("last").set()
+    assert (await in_flight).status == 200  # the call in flight is answered
+    await eventually(lambda: not leaving.link.connections)  # then the link is closed
+    assert len(staying.link.connections) == 1  # the node still in the ring keeps its link
+    assert (await shards.call(a, "POST", "/echo", body={})).status == 200
+    await links.close()
+
+
+async def test_sigterm_of_a_node_mid_load_answers_its_calls_and_the_ledger_is_clean(
+    make_cluster: Any,
+) -> None:
+    cluster: Cluster = await make_cluster()
+    packets = [await cluster.create(1, 20 * 50, 20) for _ in range(20)]
+    load = OpenLoad(cluster, packets, range(3000, 3120))
+    task = load.start()
+    await eventually(lambda: load.statuses[200] >= 50, 30)
+    restarts = cluster.restarts("shard-0-node")
+    os.kill(cluster.pid_of("shard-0"), signal.SIGTERM)
+    await cluster.wait_restarted("shard-0-node", restarts, 60)
+    await asyncio.wait_for(task, 120)
+    assert load.statuses[200] == 20 * 20
+    assert set(load.statuses) <= {200, 410, 503}, load.statuses  # a stopped node: only 503
+    await cluster.check(load.observed)
