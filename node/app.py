@@ -46,7 +46,7 @@ ROUTES = [
     web.get("/internal/v1/packets/{id}/records", handlers.records),
     web.get("/internal/v1/packets/{id}/winners", handlers.winners),
     web.post("/internal/v1/idempotency-keys", handlers.claim_idempotency_key),
-    *handoff.ROUTES,  # /internal/v1/handoff/...: rebalancing (node/handoff.py)
+    *handoff.ROUTES,  # /internal/v1/handoff/...: rebalancing (node/handoff/)
     web.get("/healthz", handlers.healthz),
     web.get("/readyz", handlers.readyz),
     web.get("/metrics", metrics_handler),

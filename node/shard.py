@@ -71,13 +71,13 @@ def id_collision() -> ApiError:
     return ApiError(409, "id_collision", "red_packet_id is taken by another packet; use a new id")
 
 
-# red_packet_info.status of a copy that is being handed between shards (node/handoff.py):
+# red_packet_info.status of a copy that is being handed between shards (node/handoff/):
 # it takes no claims and no refund, and is served by nobody until the handoff settles.
 MOVING = "moving"
 
 
 class Placement(Protocol):
-    """What this node knows of packets that live elsewhere (implemented in node/handoff.py)."""
+    """What this node knows of packets that live elsewhere (node/handoff/fence.py)."""
 
     def admitting(self) -> AbstractContextManager[None]:
         """Counts a create or key binding in flight, so a rebalance can wait for it."""

@@ -1,4 +1,4 @@
-"""The rebalance's HTTP client of the shard nodes' handoff API (node/handoff.py).
+"""The rebalance's HTTP client of the shard nodes' handoff API (node/handoff/).
 
 Every call carries the node secret. Answers that say "try again" (503, a connection that
 failed or timed out) are retried with backoff; anything else that is not a 2xx raises

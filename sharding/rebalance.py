@@ -5,7 +5,7 @@ diagram); the backends (``sharding/backends/``) only start and stop shards and p
 ring. One change, from ring P to ring T:
 
 1. infrastructure: start the new shard (add);
-2. fence every node of P and T with T (node/handoff.py): from now on no node creates a packet
+2. fence every node of P and T with T (node/handoff/): from now on no node creates a packet
    or binds a user's idempotency key that T gives to another node;
 3. publish the transition ring ``{version: v+1, nodes: T, previous: P}``. Gateways keep
    routing by P (where every packet is, or has a tombstone pointing on) and follow
