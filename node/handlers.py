@@ -12,7 +12,12 @@ from typing import Any
 
 from aiohttp import web
 
-from redpacket.core.amounts import parse_new_packet, refuse_unknown_fields
+from redpacket.core.amounts import (
+    NEW_PACKET_FIELDS,
+    check_sender,
+    parse_new_packet,
+    refuse_unknown_fields,
+)
 from redpacket.core.errors import (
     ApiError,
     bad_request,
@@ -34,6 +39,7 @@ _REASONS = {
     Outcome.SOLD_OUT: "sold_out",
     Outcome.EXPIRED: "expired",
     Outcome.ALREADY_OPENED: "already_opened",
+    Outcome.NOT_FOR_YOU: "not_for_you",
 }
 
 
@@ -63,6 +69,21 @@ def packet_json(row: PacketRow) -> dict[str, Any]:
         "status": packet_status(row, now_ms()),
         "create_time": iso(row.create_time_ms),
         "expire_time": iso(row.expire_time_ms),
+        "kind": row.kind,
+        **({"amount_each": row.amount_each} if row.amount_each is not None else {}),
+        **({"receiver_uid": str(row.receiver_uid)} if row.receiver_uid is not None else {}),
+        "luckiest": luckiest_json(row.luckiest),
+    }
+
+
+def luckiest_json(row: RecordRow | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    return {
+        "uid": str(row.uid),
+        "nick_name": row.nick_name,
+        "img_url": row.img_url,
+        "amount": row.amount,
     }
 
 
@@ -73,6 +94,7 @@ def record_json(row: RecordRow) -> dict[str, Any]:
         "img_url": row.img_url,
         "amount": row.amount,
         "create_time": iso(row.create_time_ms),
+        "luckiest": row.luckiest,
     }
 
 
@@ -112,6 +134,11 @@ CREATE_FIELDS = frozenset(
         "greeting",
         "expire_seconds",
         "create_token",
+        "kind",
+        "amount_each",
+        "receiver_uid",
+        "nick_name",
+        "img_url",
     }
 )
 
@@ -124,9 +151,11 @@ async def create(request: web.Request) -> web.Response:
     if packet_id is None:
         raise bad_request("invalid_id", "red_packet_id must be a positive 64-bit integer")
     new = parse_new_packet(
-        {k: body[k] for k in ("total_amount", "total_packet", "greeting") if k in body},
+        {k: body[k] for k in NEW_PACKET_FIELDS if k in body},
         settings.limits,
     )
+    uid = _uid(body)
+    check_sender(new, uid)
     expire_s = body.get("expire_seconds")
     if (
         not isinstance(expire_s, int)
@@ -139,7 +168,18 @@ async def create(request: web.Request) -> web.Response:
         raise bad_request("invalid_field", "create_token must be 32 ASCII letters or digits")
     row, created = await request.app[SHARD].create(
         NewPacketRequest(
-            packet_id, _uid(body), new.total_amount, new.total_packet, new.greeting, expire_s, token
+            packet_id,
+            uid,
+            new.total_amount,
+            new.total_packet,
+            new.greeting,
+            expire_s,
+            token,
+            new.kind,
+            new.amount_each,
+            new.receiver_uid,
+            _str(body, "nick_name"),
+            _str(body, "img_url"),
         )
     )
     return json_response(packet_json(row), status=201 if created else 200)

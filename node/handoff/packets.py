@@ -27,16 +27,21 @@ from redpacket.core.errors import bad_request
 from redpacket.core.errors import unavailable as unavailable_error
 from redpacket.node.handoff.fence import Fence, HandoffConflict
 from redpacket.node.keys import packet_keys
-from redpacket.node.ledger import PacketRow, retry_lock_conflicts, to_datetime, to_ms
+from redpacket.node.ledger import (
+    PACKET_COLUMNS,
+    PACKET_PLACEHOLDERS,
+    PacketRow,
+    packet_from_row,
+    packet_values,
+    retry_lock_conflicts,
+    to_datetime,
+    to_ms,
+)
 from redpacket.node.shard import MOVING, now_ms
 
 log = logging.getLogger("redpacket.node.handoff")
 
 STATUSES = ("active", "sold_out", "refunded")
-_PACKET_COLUMNS = (
-    "red_packet_id, uid, total_amount, total_packet, remaining_amount, remaining_packet, "
-    "greeting, status, create_token, create_time, expire_time"
-)
 
 
 # Deleting this node's copy of a packet (every row of it, and its handoff row).
@@ -72,7 +77,21 @@ def _packet_json(row: PacketRow) -> dict[str, Any]:
         "create_token": row.create_token,
         "create_time_ms": row.create_time_ms,
         "expire_time_ms": row.expire_time_ms,
+        "kind": row.kind,
+        "amount_each": row.amount_each,
+        "receiver_uid": _opt_str(row.receiver_uid),
+        "sender_nick": row.sender_nick,
+        "sender_img": row.sender_img,
+        "luckiest_uid": _opt_str(row.luckiest_uid),
     }
+
+
+def _opt_str(value: int | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def _packet_from_json(data: dict[str, Any]) -> PacketRow:
@@ -88,11 +107,14 @@ def _packet_from_json(data: dict[str, Any]) -> PacketRow:
         create_token=str(data["create_token"]),
         create_time_ms=int(data["create_time_ms"]),
         expire_time_ms=int(data["expire_time_ms"]),
+        # absent in an export from a node older than packet kinds: a lucky packet
+        kind=str(data.get("kind", "lucky")),
+        amount_each=_opt_int(data.get("amount_each")),
+        receiver_uid=_opt_int(data.get("receiver_uid")),
+        sender_nick=str(data.get("sender_nick", "")),
+        sender_img=str(data.get("sender_img", "")),
+        luckiest_uid=_opt_int(data.get("luckiest_uid")),
     )
-
-
-def _packet(row: tuple[Any, ...]) -> PacketRow:
-    return PacketRow(*row[:9], to_ms(row[9]), to_ms(row[10]))
 
 
 class PacketMoves:
@@ -201,14 +223,14 @@ class PacketMoves:
         async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
             try:
                 await cur.execute(
-                    f"SELECT {_PACKET_COLUMNS} FROM red_packet_info "
+                    f"SELECT {PACKET_COLUMNS} FROM red_packet_info "
                     "WHERE red_packet_id = %s FOR UPDATE",
                     (packet_id,),
                 )
                 row = await cur.fetchone()
                 if row is None:
                     raise HandoffConflict("the packet vanished during its export")
-                packet = _packet(row)
+                packet = packet_from_row(row)
                 if packet.status != MOVING:
                     await cur.execute(
                         "INSERT INTO red_packet_handoff (red_packet_id, direction, peer, "
@@ -321,21 +343,9 @@ class PacketMoves:
                     for statement in _DELETE_COPY:
                         await cur.execute(statement, (pid,))
                 await cur.execute(
-                    f"INSERT INTO red_packet_info ({_PACKET_COLUMNS}) "
-                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    (
-                        pid,
-                        packet.uid,
-                        packet.total_amount,
-                        packet.total_packet,
-                        packet.remaining_amount,
-                        packet.remaining_packet,
-                        packet.greeting,
-                        MOVING,
-                        packet.create_token,
-                        to_datetime(packet.create_time_ms),
-                        to_datetime(packet.expire_time_ms),
-                    ),
+                    f"INSERT INTO red_packet_info ({PACKET_COLUMNS}) "
+                    f"VALUES ({PACKET_PLACEHOLDERS})",
+                    packet_values(packet, MOVING),
                 )
                 if records:
                     await cur.executemany(

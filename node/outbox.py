@@ -1,0 +1,176 @@
+"""The outbox: history events written in the same transaction as the ledger change they report.
+
+The packet's shard does not write a user's history itself (it lives on the shard that owns
+``user:<uid>``, docs/architecture.md "My red packets"): it writes one outbox row per change,
+inside the transaction that makes the change, so an event exists if and only if the change
+committed. ``node/relay.py`` delivers the rows; ``node/history.py`` applies them.
+
+Two events, each a full row to merge (so applying one twice, or out of order, is harmless):
+
+- ``received`` (to the receiver): one share, with the sender and the kind; ``luckiest`` is
+  true on the copy written by the commit that decided 手气最佳;
+- ``sent`` (to the sender): the packet's progress after the change (opened shares and
+  cents, refund), written at create, by every commit batch that touched it, and at refund.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import aiomysql
+import orjson
+
+if TYPE_CHECKING:  # the ledger imports this module: no import back at run time
+    from redpacket.node.ledger import Claim
+
+_EPOCH = dt.datetime(1970, 1, 1)
+_MS = dt.timedelta(milliseconds=1)
+
+
+def to_ms(value: dt.datetime) -> int:
+    return (value - _EPOCH) // _MS
+
+
+RECEIVED = "received"
+SENT = "sent"
+
+
+@dataclass(frozen=True, slots=True)
+class PacketState:
+    """A packet as the transaction that changed it sees it, for the events it writes."""
+
+    red_packet_id: int
+    uid: int
+    kind: str
+    total_amount: int
+    total_packet: int
+    remaining_amount: int
+    remaining_packet: int
+    greeting: str
+    create_time_ms: int
+    expire_time_ms: int
+    sender_nick: str
+    sender_img: str
+    luckiest_uid: int | None
+
+
+Event = tuple[int, str, int, dict[str, Any]]  # (uid, event, red_packet_id, payload)
+
+_STATE_SQL = (
+    "SELECT red_packet_id, uid, kind, total_amount, total_packet, remaining_amount, "
+    "remaining_packet, greeting, create_time, expire_time, sender_nick, sender_img, luckiest_uid "
+    "FROM red_packet_info FORCE INDEX (uk_red_packet_id) WHERE red_packet_id IN "
+)
+
+
+async def packet_states(cur: aiomysql.Cursor, packet_ids: Iterable[int]) -> dict[int, PacketState]:
+    ids = list(packet_ids)
+    await cur.execute(_STATE_SQL + "(" + ", ".join(["%s"] * len(ids)) + ")", ids)
+    states = {}
+    for row in await cur.fetchall():
+        state = PacketState(*row[:8], to_ms(row[8]), to_ms(row[9]), *row[10:13])
+        states[state.red_packet_id] = state
+    return states
+
+
+def sent(state: PacketState, refunded_amount: int = 0) -> Event:
+    return (
+        state.uid,
+        SENT,
+        state.red_packet_id,
+        {
+            "kind": state.kind,
+            "total_amount": state.total_amount,
+            "total_packet": state.total_packet,
+            "opened_packet": state.total_packet - state.remaining_packet,
+            "opened_amount": state.total_amount - state.remaining_amount,
+            "refunded_amount": refunded_amount,
+            "greeting": state.greeting,
+            "create_time": state.create_time_ms,
+            "expire_time": state.expire_time_ms,
+        },
+    )
+
+
+def received(
+    state: PacketState, uid: int, amount: int, taken_ms: int, luckiest: bool = False
+) -> Event:
+    return (
+        uid,
+        RECEIVED,
+        state.red_packet_id,
+        {
+            "amount": amount,
+            "time": taken_ms,
+            "sender": state.uid,
+            "sender_nick": state.sender_nick,
+            "sender_img": state.sender_img,
+            "kind": state.kind,
+            "luckiest": luckiest,
+        },
+    )
+
+
+async def decide_luckiest(cur: aiomysql.Cursor, packet_ids: list[int]) -> None:
+    """手气最佳 of the lucky packets of this transaction that it sold out: the highest amount,
+    the earliest share on a tie. Set once (``luckiest_uid IS NULL``), in the transaction that
+    takes the last share, so it moves with the packet and never changes."""
+    await cur.execute(
+        "UPDATE red_packet_info i FORCE INDEX (uk_red_packet_id) SET i.luckiest_uid = ("
+        "  SELECT r.uid FROM red_packet_record r WHERE r.red_packet_id = i.red_packet_id"
+        "  ORDER BY r.amount DESC, r.create_time, r.id LIMIT 1) "
+        "WHERE i.red_packet_id IN (" + ", ".join(["%s"] * len(packet_ids)) + ") "
+        "AND i.kind = 'lucky' AND i.status = 'sold_out' AND i.luckiest_uid IS NULL",
+        packet_ids,
+    )
+
+
+async def claim_events(
+    cur: aiomysql.Cursor, claims: list[Claim], packet_ids: list[int], sold_out: bool
+) -> list[Event]:
+    """The events of one commit batch: a ``received`` per claim, a ``sent`` per packet, and
+    the winner's ``received`` again with ``luckiest`` for packets this batch sold out."""
+    if sold_out:
+        await decide_luckiest(cur, packet_ids)
+    states = await packet_states(cur, packet_ids)
+    events = [sent(state) for state in states.values()]
+    winners = {
+        pid: s.luckiest_uid
+        for pid, s in states.items()
+        if s.luckiest_uid is not None and s.remaining_packet == 0
+    }
+    for c in claims:
+        lucky = winners.get(c.red_packet_id) == c.uid
+        if lucky:
+            del winners[c.red_packet_id]
+        events.append(
+            received(states[c.red_packet_id], c.uid, c.amount, c.claimed_at_ms, luckiest=lucky)
+        )
+    for pid, uid in winners.items():  # the winner's share was committed by an earlier batch
+        await cur.execute(
+            "SELECT amount, create_time FROM red_packet_record "
+            "WHERE red_packet_id = %s AND uid = %s",
+            (pid, uid),
+        )
+        row = await cur.fetchone()
+        if row is not None:
+            events.append(received(states[pid], uid, row[0], to_ms(row[1]), luckiest=True))
+    return events
+
+
+async def write(cur: aiomysql.Cursor, events: list[Event], now_ms: int) -> None:
+    """One multi-row insert for all the events of a transaction."""
+    if not events:
+        return
+    when = _EPOCH + dt.timedelta(milliseconds=now_ms)
+    await cur.executemany(
+        "INSERT INTO history_outbox (uid, event, red_packet_id, payload, create_time) "
+        "VALUES (%s, %s, %s, %s, %s)",
+        [
+            (uid, kind, pid, orjson.dumps(payload).decode(), when)
+            for uid, kind, pid, payload in events
+        ],
+    )
