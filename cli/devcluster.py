@@ -295,6 +295,7 @@ class DevCluster:
                     REDPACKET_PORT=str(plan.node_port),
                     REDPACKET_REDIS_URL=plan.redis_url,
                     REDPACKET_MYSQL_URL=plan.mysql_url,
+                    REDPACKET_RING_FILE=str(self.ring_file.resolve()),  # users' history
                 ),
                 logs / f"{plan.name}-node.log",
             ),

@@ -284,3 +284,30 @@ async def readyz(request: web.Request) -> web.Response:
     if not all(results):
         raise ApiError(503, "unavailable", "not every shard is ready", extra={"shards": status})
     return json_response({"ready": True, "ring_version": shards.ring_doc.version, "shards": status})
+
+
+# -- my red packets -------------------------------------------------------------------------
+
+
+async def _my_history(request: web.Request, which: str) -> web.Response:
+    """One call to the shard owning ``user:<uid>``: a user's history is one shard's read."""
+    user = _user(request)
+    refuse_unknown_fields(dict(request.query), frozenset({"year", "limit", "cursor"}))
+    params = {k: request.query[k] for k in ("year", "limit", "cursor") if k in request.query}
+    shards = request.app[SHARDS]
+    return passthrough(
+        await shards.call(
+            shards.user_owner(user.uid),
+            "GET",
+            f"/internal/v1/users/{user.uid}/{which}",
+            params=params,
+        )
+    )
+
+
+async def my_received(request: web.Request) -> web.Response:
+    return await _my_history(request, "received")
+
+
+async def my_sent(request: web.Request) -> web.Response:
+    return await _my_history(request, "sent")

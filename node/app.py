@@ -27,6 +27,7 @@ from redpacket.node.counters import Counters, connect_redis
 from redpacket.node.handlers import SETTINGS, SHARD
 from redpacket.node.ledger import Ledger, LedgerUnavailable
 from redpacket.node.reconciler import Reconciler
+from redpacket.node.relay import relay_ctx
 from redpacket.node.settings import NodeSettings
 from redpacket.node.shard import Shard
 from redpacket.node.sweeper import Sweeper
@@ -47,6 +48,9 @@ ROUTES = [
     web.get("/internal/v1/packets/{id}/winners", handlers.winners),
     web.post("/internal/v1/idempotency-keys", handlers.claim_idempotency_key),
     *handoff.ROUTES,  # /internal/v1/handoff/...: rebalancing (node/handoff/)
+    web.post("/internal/v1/history/events", handlers.apply_history),
+    web.get("/internal/v1/users/{uid}/received", handlers.received),
+    web.get("/internal/v1/users/{uid}/sent", handlers.sent),
     web.get("/healthz", handlers.healthz),
     web.get("/readyz", handlers.readyz),
     web.get("/metrics", metrics_handler),
@@ -160,5 +164,6 @@ def create_app(settings: NodeSettings) -> web.Application:
     app[SETTINGS] = settings
     app.cleanup_ctx.append(stores_ctx)
     app.cleanup_ctx.append(background_ctx)
+    app.cleanup_ctx.append(relay_ctx)  # users' history and the outbox relay (node/relay.py)
     app.add_routes(ROUTES)
     return app

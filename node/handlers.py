@@ -28,6 +28,8 @@ from redpacket.core.errors import (
 from redpacket.core.ids import parse_packet_id, parse_uid
 from redpacket.core.metrics import REJECTIONS
 from redpacket.node.counters import Outcome
+from redpacket.node.history import HISTORY, this_year
+from redpacket.node.history import decode_cursor as history_cursor
 from redpacket.node.ledger import LedgerUnavailable, PacketRow, RecordRow
 from redpacket.node.settings import NodeSettings
 from redpacket.node.shard import MOVING, NewPacketRequest, Shard, now_ms
@@ -303,3 +305,79 @@ async def readyz(request: web.Request) -> web.Response:
             503, "unavailable", "a store of this shard is down", extra={"down": problems}
         )
     return json_response({"ready": True, "node": request.app[SETTINGS].name})
+
+
+# -- my red packets (node/history.py) -------------------------------------------------------
+
+
+async def apply_history(request: web.Request) -> web.Response:
+    """Events from a relay (node/relay.py): applied here, or ``moved`` for users kept elsewhere."""
+    body = await read_json_object(request)
+    refuse_unknown_fields(body, frozenset({"events"}))
+    raw = body.get("events")
+    if not isinstance(raw, list) or len(raw) > 10_000:
+        raise bad_request("invalid_field", "events must be a list of at most 10000 events")
+    try:
+        events = [(int(u), str(kind), int(pid), dict(p)) for u, kind, pid, p in raw]
+    except (TypeError, ValueError):
+        raise bad_request(
+            "invalid_field", "events must be a list of [uid, event, id, row]"
+        ) from None
+    try:
+        moved = await request.app[HISTORY].accept(events)
+    except (KeyError, TypeError, ValueError):
+        raise bad_request("invalid_field", "an event row is malformed") from None
+    except LedgerUnavailable:
+        raise unavailable("the shard's database is unavailable") from None
+    return json_response(
+        {
+            "applied": sum(1 for e in events if e[0] not in moved),
+            "moved": {
+                str(uid): [err.extra.get("owner"), err.extra.get("owner_url", "")]
+                for uid, err in moved.items()
+            },
+        }
+    )
+
+
+def _history_query(request: web.Request) -> tuple[int, int, int, tuple[int, int] | None]:
+    uid = parse_uid(request.match_info["uid"])
+    if uid is None:
+        raise bad_request("invalid_field", "uid must be a positive 64-bit integer")
+    refuse_unknown_fields(request.query, frozenset({"year", "limit", "cursor"}))
+    raw_year = request.query.get("year")
+    if raw_year is None:
+        year = this_year()
+    elif raw_year.isascii() and raw_year.isdigit() and 2000 <= int(raw_year) <= 2999:
+        year = int(raw_year)
+    else:
+        raise ApiError(400, "invalid_field", "year must be 2000..2999", extra={"field": "year"})
+    raw_limit = request.query.get("limit", "20")
+    if not (raw_limit.isascii() and raw_limit.isdigit() and 1 <= int(raw_limit) <= 100):
+        raise ApiError(
+            400, "invalid_field", "limit must be an integer from 1 to 100", extra={"field": "limit"}
+        )
+    cursor = request.query.get("cursor")
+    return uid, year, int(raw_limit), history_cursor(cursor) if cursor else None
+
+
+async def received(request: web.Request) -> web.Response:
+    uid, year, limit, after = _history_query(request)
+    history = request.app[HISTORY]
+    if (err := history.elsewhere(uid)) is not None:
+        raise err
+    page = await history.received(uid, year, limit, after)
+    return json_response(
+        {"year": year, **page.summary, "records": page.rows, "next_cursor": page.next_cursor}
+    )
+
+
+async def sent(request: web.Request) -> web.Response:
+    uid, year, limit, after = _history_query(request)
+    history = request.app[HISTORY]
+    if (err := history.elsewhere(uid)) is not None:
+        raise err
+    page = await history.sent(uid, year, limit, after)
+    return json_response(
+        {"year": year, **page.summary, "packets": page.rows, "next_cursor": page.next_cursor}
+    )

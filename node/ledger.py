@@ -304,9 +304,7 @@ class Ledger:
                     packet_values(row),
                 )
                 states = await outbox.packet_states(cur, [row.red_packet_id])
-                await outbox.write(
-                    cur, [outbox.sent(states[row.red_packet_id])], row.create_time_ms
-                )
+                await outbox.write(cur, [outbox.sent(states[row.red_packet_id])])
                 await conn.commit()
                 return row, True
             except pymysql.err.IntegrityError as exc:
@@ -400,7 +398,7 @@ class Ledger:
                 )
                 sold_out = await self._mark_sold_out(cur, packet_ids)
                 events = await outbox.claim_events(cur, claims, packet_ids, sold_out > 0)
-                await outbox.write(cur, events, claims[0].claimed_at_ms)
+                await outbox.write(cur, events)
                 await conn.commit()
             except BaseException:
                 with contextlib.suppress(Exception):
@@ -453,7 +451,7 @@ class Ledger:
                 events = await outbox.claim_events(
                     cur, [claim], [claim.red_packet_id], sold_out > 0
                 )
-                await outbox.write(cur, events, claim.claimed_at_ms)
+                await outbox.write(cur, events)
                 await conn.commit()
                 return claim.amount, True
             except BaseException:
@@ -547,7 +545,7 @@ class Ledger:
                     (packet_id,),
                 )
                 states = await outbox.packet_states(cur, [packet_id])
-                await outbox.write(cur, [outbox.sent(states[packet_id], int(amount))], now_ms)
+                await outbox.write(cur, [outbox.sent(states[packet_id], int(amount))])
                 await conn.commit()
                 return int(amount)
             except BaseException:

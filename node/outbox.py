@@ -161,11 +161,12 @@ async def claim_events(
     return events
 
 
-async def write(cur: aiomysql.Cursor, events: list[Event], now_ms: int) -> None:
-    """One multi-row insert for all the events of a transaction."""
+async def write(cur: aiomysql.Cursor, events: list[Event]) -> None:
+    """One multi-row insert for all the events of a transaction, stamped now (the relay
+    measures the history lag from this stamp)."""
     if not events:
         return
-    when = _EPOCH + dt.timedelta(milliseconds=now_ms)
+    when = dt.datetime.now(dt.UTC).replace(tzinfo=None)
     await cur.executemany(
         "INSERT INTO history_outbox (uid, event, red_packet_id, payload, create_time) "
         "VALUES (%s, %s, %s, %s, %s)",

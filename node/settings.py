@@ -48,6 +48,7 @@ class NodeSettings:
     max_body_bytes: int = 16 * 1024
     log_level: str = "INFO"
     access_log: bool = False
+    ring_file: str = ""  # the ring, to find the shard owning a user's history ("": this one)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> NodeSettings:
@@ -95,6 +96,7 @@ class NodeSettings:
             ),
             log_level=env_str(env, "REDPACKET_LOG_LEVEL", cls.log_level),
             access_log=env_bool(env, "REDPACKET_ACCESS_LOG", cls.access_log),
+            ring_file=env_str(env, "REDPACKET_RING_FILE", cls.ring_file),
         )
         if not settings.node_secret:
             raise SettingsError(
