@@ -159,7 +159,9 @@ def create_app(settings: NodeSettings) -> web.Application:
             node_auth_middleware(settings.node_secret),
             store_errors_middleware,
         ],
-        client_max_size=settings.max_body_bytes,
+        # history batches (relay, rebalance) are larger than any gateway call; the secret is
+        # checked before a handler reads a body
+        client_max_size=max(settings.max_body_bytes, 4 * 1024 * 1024),
     )
     app[SETTINGS] = settings
     app.cleanup_ctx.append(stores_ctx)

@@ -137,6 +137,30 @@ class NodeClient:
                 return
             after_uid, after_key = answer["next"]
 
+    async def history(self, node: NodeSpec, page: int = 200) -> AsyncIterator[list[Any]]:
+        """Every user with history on a node: ``[uid, events]`` (node/handoff/keys.py)."""
+        after = "0"
+        while True:
+            answer = await self.request(
+                node, "GET", f"{H}/history", params={"after_uid": after, "limit": str(page)}
+            )
+            for row in answer["users"]:
+                yield row
+            if answer.get("next") is None:
+                return
+            after = answer["next"]
+
+    async def apply_history(self, node: NodeSpec, events: Sequence[list[Any]]) -> dict[str, Any]:
+        """Merge events into the users' history on ``node``: ``{uid: [owner, url]}`` refused."""
+        answer = await self.request(
+            node, "POST", "/internal/v1/history/events", body={"events": list(events)}
+        )
+        return dict(answer.get("moved", {}))
+
+    async def release_history(self, node: NodeSpec, uids: Sequence[str]) -> int:
+        answer = await self.request(node, "POST", f"{H}/history/release", body={"uids": list(uids)})
+        return int(answer.get("deleted", 0))
+
     # -- the steps of one packet ----------------------------------------------------------
 
     async def export(

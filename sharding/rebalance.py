@@ -281,6 +281,10 @@ class Rebalancer:
                 f"  {conflicts} idempotency key(s) were bound differently on their new owner; "
                 "kept on both (see docs/rebalancing.md)"
             )
+        # 4c. users' history, like the keys: copied (an idempotent merge), then released
+        users = await self._move_history(nodes, target)
+        if users:
+            self.say(f"moved the history of {users} user(s)")
         # 5. retire the previous ring
         final = RingDoc(doc.version + 1, doc.nodes)
         await self.backend.publish_ring(final)
@@ -421,6 +425,36 @@ class Rebalancer:
                 if batch:
                     await flush(node, owner, batch)
         return moved, conflicts
+
+    async def _move_history(self, nodes: dict[str, NodeSpec], target: Ring) -> int:
+        """Copy each user's history (我的红包) to the user's owner in ``target``, then delete it
+        where it was; the number of users moved. Fenced nodes already send new events there."""
+        moved = 0
+
+        async def flush(source: NodeSpec, owner: str, batch: list[tuple[str, list[Any]]]) -> None:
+            nonlocal moved
+            events = [event for _, user_events in batch for event in user_events]
+            refused = await self.client.apply_history(nodes[owner], events)
+            if refused:
+                raise RebalanceError(f"{owner} refused the history of users {sorted(refused)}")
+            await self.client.release_history(source, [uid for uid, _ in batch])
+            moved += len(batch)
+
+        for node in nodes.values():
+            batches: dict[str, list[tuple[str, list[Any]]]] = {}
+            async for uid, events in self.client.history(node):
+                owner = target.owner_of_key(user_key(int(uid))).name
+                if owner == node.name:
+                    continue
+                batch = batches.setdefault(owner, [])
+                batch.append((uid, events))
+                if len(batch) >= 200:
+                    await flush(node, owner, batch)
+                    batches[owner] = []
+            for owner, batch in batches.items():
+                if batch:
+                    await flush(node, owner, batch)
+        return moved
 
     # -- the edges ------------------------------------------------------------------------
 

@@ -190,6 +190,31 @@ async def release_keys(request: web.Request) -> web.Response:
     return json_response({"deleted": await handoff.keys.release_keys(parsed)})
 
 
+async def list_history(request: web.Request) -> web.Response:
+    handoff = request.app[HANDOFF]
+    query = dict(request.query)
+    limit = min(max(_int(query, "limit", 200), 1), 2000)
+    users = await handoff.keys.history(_int(query, "after_uid", 0), limit)
+    return json_response(
+        {
+            "node": handoff.name,
+            "users": [[str(uid), events] for uid, events in users],
+            "next": str(users[-1][0]) if len(users) == limit else None,
+        }
+    )
+
+
+async def release_history(request: web.Request) -> web.Response:
+    handoff = request.app[HANDOFF]
+    body = await read_json_object(request)
+    uids = (
+        [parse_uid(u) for u in body.get("uids", [])] if isinstance(body.get("uids"), list) else []
+    )
+    if not uids or any(u is None for u in uids):
+        raise bad_request("invalid_field", "uids must be a list of user ids")
+    return json_response({"deleted": await handoff.keys.release_history([u for u in uids if u])})
+
+
 PREFIX = "/internal/v1/handoff"
 ROUTES = [
     web.get(f"{PREFIX}/ring", get_fence),
@@ -205,6 +230,8 @@ ROUTES = [
     web.get(f"{PREFIX}/idempotency-keys", list_keys),
     web.post(f"{PREFIX}/idempotency-keys", import_keys),
     web.post(f"{PREFIX}/idempotency-keys/release", release_keys),
+    web.get(f"{PREFIX}/history", list_history),
+    web.post(f"{PREFIX}/history/release", release_history),
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 from redpacket.node.handoff.fence import Fence
 from redpacket.node.ledger import retry_lock_conflicts, to_datetime, to_ms
@@ -78,4 +79,74 @@ class KeyMoves:
                 with contextlib.suppress(Exception):
                     await conn.rollback()
                 raise
+        return deleted
+
+    # -- users' history (node/history.py) ----------------------------------------------------
+
+    async def history(self, after_uid: int, limit: int) -> list[tuple[int, list[list[Any]]]]:
+        """Up to ``limit`` users with history here (uid order), each with their rows as the
+        events that would rebuild them anywhere: ``[uid, event, red_packet_id, payload]``."""
+        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "SELECT uid FROM user_received WHERE uid > %s UNION "
+                "SELECT uid FROM user_sent WHERE uid > %s ORDER BY uid LIMIT %s",
+                (after_uid, after_uid, limit),
+            )
+            uids = [int(r[0]) for r in await cur.fetchall()]
+            if not uids:
+                await conn.rollback()
+                return []
+            marks = ", ".join(["%s"] * len(uids))
+            events: dict[int, list[list[Any]]] = {uid: [] for uid in uids}
+            await cur.execute(
+                "SELECT uid, red_packet_id, sender_uid, sender_nick, sender_img, kind, amount, "
+                f"luckiest, create_time FROM user_received WHERE uid IN ({marks})",
+                uids,
+            )
+            for uid, pid, sender, nick, img, kind, amount, lucky, when in await cur.fetchall():
+                payload = {"amount": amount, "time": to_ms(when), "sender": sender,
+                           "sender_nick": nick, "sender_img": img, "kind": kind,
+                           "luckiest": bool(lucky)}  # fmt: skip
+                events[uid].append([str(uid), "received", str(pid), payload])
+            await cur.execute(
+                "SELECT uid, red_packet_id, kind, total_amount, total_packet, opened_packet, "
+                "opened_amount, refunded_amount, greeting, create_time, expire_time "
+                f"FROM user_sent WHERE uid IN ({marks})",
+                uids,
+            )
+            for (
+                uid,
+                pid,
+                kind,
+                ta,
+                tp,
+                op,
+                oa,
+                refunded,
+                greeting,
+                made,
+                expire,
+            ) in await cur.fetchall():
+                payload = {"kind": kind, "total_amount": ta, "total_packet": tp,
+                           "opened_packet": op, "opened_amount": oa, "refunded_amount": refunded,
+                           "greeting": greeting, "create_time": to_ms(made),
+                           "expire_time": to_ms(expire)}  # fmt: skip
+                events[uid].append([str(uid), "sent", str(pid), payload])
+            await conn.rollback()
+        return list(events.items())
+
+    @retry_lock_conflicts
+    async def release_history(self, uids: list[int]) -> int:
+        """Delete the history of users copied to their new owner (only those the fence gives
+        away: after the fence went up, nothing new of theirs is applied here)."""
+        leaving = [u for u in uids if self.fence.owner_elsewhere(user_key(u)) is not None]
+        if not leaving:
+            return 0
+        marks = ", ".join(["%s"] * len(leaving))
+        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+            deleted = await cur.execute(
+                f"DELETE FROM user_received WHERE uid IN ({marks})", leaving
+            )
+            deleted += await cur.execute(f"DELETE FROM user_sent WHERE uid IN ({marks})", leaving)
+            await conn.commit()
         return deleted
