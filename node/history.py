@@ -15,15 +15,18 @@ year in UTC.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
 import datetime as dt
 import os
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import aiomysql
 from aiohttp import web
 
 from redpacket.core.errors import ApiError, bad_request
@@ -98,12 +101,26 @@ class Page:
     next_cursor: str | None
 
 
+# Connections of the shard's pool that history work (relay passes, applies from every other
+# shard's relay, reads of 我的红包) may hold at once. The pool is the commit path's too: with
+# many shards relaying here at once, history could otherwise take every connection while
+# opens wait for one.
+HISTORY_CONNECTIONS = 2
+
+
 class UserHistory:
     def __init__(self, shard: Shard, name: str, ring: RingView) -> None:
         self.shard = shard
         self.ledger: Ledger = shard.ledger
         self.name = name
         self.ring = ring
+        self._slots = asyncio.Semaphore(HISTORY_CONNECTIONS)
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[aiomysql.Connection]:
+        """A connection of the shard's pool, within history's share of it."""
+        async with self._slots, self.ledger.connection() as conn:
+            yield conn
 
     # -- where a user lives ---------------------------------------------------------------
 
@@ -139,9 +156,10 @@ class UserHistory:
     @retry_lock_conflicts
     async def apply(self, events: list[Event]) -> None:
         """One transaction, one multi-row merge per table."""
-        received = [_received_row(e) for e in events if e[1] == RECEIVED]
-        sent = [_sent_row(e) for e in events if e[1] == SENT]
-        async with self.ledger.connection() as conn, conn.cursor() as cur:
+        # in key order: two relays applying to the same users lock rows in the same order
+        received = sorted(_received_row(e) for e in events if e[1] == RECEIVED)
+        sent = sorted(_sent_row(e) for e in events if e[1] == SENT)
+        async with self.connection() as conn, conn.cursor() as cur:
             try:
                 if received:
                     await cur.executemany(
@@ -236,7 +254,7 @@ class UserHistory:
             args += [when, when, after[1]]
         rows_sql += " ORDER BY create_time DESC, red_packet_id DESC LIMIT %s"
         args.append(limit + 1)
-        async with self.ledger.connection() as conn, conn.cursor() as cur:
+        async with self.connection() as conn, conn.cursor() as cur:
             await cur.execute(summary_sql, (uid, year))
             summary = await cur.fetchone()
             await cur.execute(rows_sql, args)

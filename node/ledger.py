@@ -14,7 +14,7 @@ import dataclasses
 import datetime as dt
 import functools
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -303,8 +303,7 @@ class Ledger:
                     f"VALUES ({PACKET_PLACEHOLDERS})",
                     packet_values(row),
                 )
-                states = await outbox.packet_states(cur, [row.red_packet_id])
-                await outbox.write(cur, [outbox.sent(states[row.red_packet_id])])
+                await outbox.write(cur, [outbox.sent(outbox.state_of(row))])
                 await conn.commit()
                 return row, True
             except pymysql.err.IntegrityError as exc:
@@ -349,7 +348,11 @@ class Ledger:
     # -- claims -------------------------------------------------------------------------
 
     async def commit_batch(self, claims: list[Claim]) -> None:
-        """Commit many claims in one transaction: one guarded update for all packets, one insert.
+        """Commit many claims in one transaction: one guarded update for all packets (which also
+        marks the ones it sells out), one insert of records, one read of the packets' state and
+        one insert into the outbox; a batch that sells a lucky packet out also names its
+        手气最佳 (node/outbox.py). Every statement runs while the packets' rows are locked, so
+        each one added is paid by every batch waiting for a hot packet.
 
         Raises GuardFailed or a duplicate-key IntegrityError when any claim cannot go in as a
         new share; the caller then falls back to :meth:`commit_one` per claim, which sorts
@@ -366,15 +369,19 @@ class Ledger:
         args_n = [v for pid in packet_ids for v in (pid, len(per_packet[pid]))]
         args_s = [v for pid in packet_ids for v in (pid, sum(per_packet[pid]))]
         in_list = ", ".join(["%s"] * len(packet_ids))
+        # The packets this batch sells out are marked in the same statement: ``status`` is
+        # assigned first, so it reads remaining_packet before the decrement whether the server
+        # assigns left to right (MySQL, MariaDB) or all at once (SIMULTANEOUS_ASSIGNMENT).
         update_sql = (
             "UPDATE red_packet_info FORCE INDEX (uk_red_packet_id) "
-            f"SET remaining_amount = remaining_amount - {case}, "
+            f"SET status = IF(remaining_packet = {case}, 'sold_out', status), "
+            f"    remaining_amount = remaining_amount - {case}, "
             f"    remaining_packet = remaining_packet - {case} "
             f"WHERE red_packet_id IN ({in_list}) AND status = 'active' "
             f"  AND remaining_packet >= {case} "
             f"  AND remaining_amount - {case} >= remaining_packet - {case}"
         )
-        update_args = [*args_s, *args_n, *packet_ids, *args_n, *args_s, *args_n]
+        update_args = [*args_n, *args_s, *args_n, *packet_ids, *args_n, *args_s, *args_n]
         async with self.connection() as conn, conn.cursor() as cur:
             try:
                 changed = await cur.execute(update_sql, update_args)
@@ -396,8 +403,7 @@ class Ledger:
                         for c in claims
                     ],
                 )
-                sold_out = await self._mark_sold_out(cur, packet_ids)
-                events = await outbox.claim_events(cur, claims, packet_ids, sold_out > 0)
+                events = await outbox.claim_events(cur, claims, packet_ids)
                 await outbox.write(cur, events)
                 await conn.commit()
             except BaseException:
@@ -417,7 +423,8 @@ class Ledger:
             try:
                 changed = await cur.execute(
                     "UPDATE red_packet_info "
-                    "SET remaining_amount = remaining_amount - %s, "
+                    "SET status = IF(remaining_packet = 1, 'sold_out', status), "
+                    "    remaining_amount = remaining_amount - %s, "
                     "    remaining_packet = remaining_packet - 1 "
                     "WHERE red_packet_id = %s AND status = 'active' AND remaining_packet >= 1 "
                     "  AND remaining_amount - %s >= remaining_packet - 1",
@@ -447,10 +454,7 @@ class Ledger:
                         to_datetime(claim.claimed_at_ms),
                     ),
                 )
-                sold_out = await self._mark_sold_out(cur, [claim.red_packet_id])
-                events = await outbox.claim_events(
-                    cur, [claim], [claim.red_packet_id], sold_out > 0
-                )
+                events = await outbox.claim_events(cur, [claim], [claim.red_packet_id])
                 await outbox.write(cur, events)
                 await conn.commit()
                 return claim.amount, True
@@ -458,17 +462,6 @@ class Ledger:
                 with contextlib.suppress(Exception):
                     await conn.rollback()
                 raise
-
-    @staticmethod
-    async def _mark_sold_out(cur: aiomysql.Cursor, packet_ids: Iterable[int]) -> int:
-        """The packets this transaction sold out: their status, and how many they were."""
-        ids = list(packet_ids)
-        return await cur.execute(
-            "UPDATE red_packet_info FORCE INDEX (uk_red_packet_id) "
-            "SET status = 'sold_out' WHERE remaining_packet = 0 "
-            "AND status = 'active' AND red_packet_id IN (" + ", ".join(["%s"] * len(ids)) + ")",
-            ids,
-        )
 
     # -- reads --------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ import aiomysql
 import orjson
 
 if TYPE_CHECKING:  # the ledger imports this module: no import back at run time
-    from redpacket.node.ledger import Claim
+    from redpacket.node.ledger import Claim, PacketRow
 
 _EPOCH = dt.datetime(1970, 1, 1)
 _MS = dt.timedelta(milliseconds=1)
@@ -114,56 +114,101 @@ def received(
     )
 
 
-async def decide_luckiest(cur: aiomysql.Cursor, packet_ids: list[int]) -> None:
-    """手气最佳 of the lucky packets of this transaction that it sold out: the highest amount,
-    the earliest share on a tie. Set once (``luckiest_uid IS NULL``), in the transaction that
-    takes the last share, so it moves with the packet and never changes."""
-    await cur.execute(
-        "UPDATE red_packet_info i FORCE INDEX (uk_red_packet_id) SET i.luckiest_uid = ("
-        "  SELECT r.uid FROM red_packet_record r WHERE r.red_packet_id = i.red_packet_id"
-        "  ORDER BY r.amount DESC, r.create_time, r.id LIMIT 1) "
-        "WHERE i.red_packet_id IN (" + ", ".join(["%s"] * len(packet_ids)) + ") "
-        "AND i.kind = 'lucky' AND i.status = 'sold_out' AND i.luckiest_uid IS NULL",
-        packet_ids,
+def state_of(row: PacketRow) -> PacketState:
+    """The state of a packet just inserted: its row says everything, no read needed."""
+    return PacketState(
+        row.red_packet_id,
+        row.uid,
+        row.kind,
+        row.total_amount,
+        row.total_packet,
+        row.remaining_amount,
+        row.remaining_packet,
+        row.greeting,
+        row.create_time_ms,
+        row.expire_time_ms,
+        row.sender_nick,
+        row.sender_img,
+        row.luckiest_uid,
     )
 
 
+Best = tuple[int, int, int]  # (uid, amount, taken_ms) of a packet's 手气最佳 share
+
+
+async def decide_luckiest(cur: aiomysql.Cursor, packet_ids: list[int]) -> dict[int, Best]:
+    """手气最佳 of lucky packets this transaction sold out: the highest amount, the earliest
+    share on a tie, then the record id. Set once (``luckiest_uid IS NULL``), in the transaction
+    that takes the last share, so it moves with the packet and never changes.
+
+    The best share is found by a plain (consistent, non-locking) read: this transaction holds
+    the packets' rows, and every writer of a packet's records takes that row first, so the
+    read sees all of them. An ``UPDATE ... SET luckiest_uid = (SELECT ... FROM
+    red_packet_record)`` would read with shared next-key locks instead, and the gap after the
+    sold-out packet's last record reaches the records of every newer packet: their inserts
+    waited for this commit (measured, docs/architecture.md "Kinds and 手气最佳").
+    """
+    await cur.execute(
+        " UNION ALL ".join(
+            [
+                "(SELECT red_packet_id, uid, amount, create_time FROM red_packet_record "
+                "WHERE red_packet_id = %s ORDER BY amount DESC, create_time, id LIMIT 1)"
+            ]
+            * len(packet_ids)
+        ),
+        packet_ids,
+    )
+    best = {
+        int(pid): (int(uid), int(amount), to_ms(when))
+        for pid, uid, amount, when in await cur.fetchall()
+    }
+    if best:
+        ids = sorted(best)
+        await cur.execute(
+            "UPDATE red_packet_info FORCE INDEX (uk_red_packet_id) SET luckiest_uid = "
+            "(CASE red_packet_id " + " ".join(["WHEN %s THEN %s"] * len(ids)) + " END) "
+            "WHERE red_packet_id IN (" + ", ".join(["%s"] * len(ids)) + ") "
+            "AND luckiest_uid IS NULL",
+            [*(v for pid in ids for v in (pid, best[pid][0])), *ids],
+        )
+    return best
+
+
 async def claim_events(
-    cur: aiomysql.Cursor, claims: list[Claim], packet_ids: list[int], sold_out: bool
+    cur: aiomysql.Cursor, claims: list[Claim], packet_ids: list[int]
 ) -> list[Event]:
     """The events of one commit batch: a ``received`` per claim, a ``sent`` per packet, and
-    the winner's ``received`` again with ``luckiest`` for packets this batch sold out."""
-    if sold_out:
-        await decide_luckiest(cur, packet_ids)
+    the winner's ``received`` again with ``luckiest`` for lucky packets this batch sold out.
+
+    One read of the packets' state after the batch's update; only a batch that sold a lucky
+    packet out (its remaining_packet is 0 and no 手气最佳 is named yet) reads the records to
+    name one."""
     states = await packet_states(cur, packet_ids)
     events = [sent(state) for state in states.values()]
-    winners = {
-        pid: s.luckiest_uid
+    sold_lucky = [
+        pid
         for pid, s in states.items()
-        if s.luckiest_uid is not None and s.remaining_packet == 0
-    }
+        if s.kind == "lucky" and s.remaining_packet == 0 and s.luckiest_uid is None
+    ]
+    best = await decide_luckiest(cur, sold_lucky) if sold_lucky else {}
     for c in claims:
-        lucky = winners.get(c.red_packet_id) == c.uid
+        lucky = c.red_packet_id in best and best[c.red_packet_id][0] == c.uid
         if lucky:
-            del winners[c.red_packet_id]
+            del best[c.red_packet_id]
         events.append(
             received(states[c.red_packet_id], c.uid, c.amount, c.claimed_at_ms, luckiest=lucky)
         )
-    for pid, uid in winners.items():  # the winner's share was committed by an earlier batch
-        await cur.execute(
-            "SELECT amount, create_time FROM red_packet_record "
-            "WHERE red_packet_id = %s AND uid = %s",
-            (pid, uid),
-        )
-        row = await cur.fetchone()
-        if row is not None:
-            events.append(received(states[pid], uid, row[0], to_ms(row[1]), luckiest=True))
+    for pid, (uid, amount, taken_ms) in best.items():  # the winner's share is an earlier batch's
+        events.append(received(states[pid], uid, amount, taken_ms, luckiest=True))
     return events
 
 
 async def write(cur: aiomysql.Cursor, events: list[Event]) -> None:
-    """One multi-row insert for all the events of a transaction, stamped now (the relay
-    measures the history lag from this stamp)."""
+    """One multi-row ``INSERT ... VALUES (..), (..)`` for all the events of a transaction
+    (``executemany`` of a plain VALUES insert is sent as one statement), stamped now (the relay
+    measures the history lag from this stamp). A multi-row VALUES insert is a "simple insert"
+    to InnoDB: its AUTO_INCREMENT ids come from a short mutex, not the table-level AUTO-INC
+    lock that INSERT ... SELECT would hold to the end of the statement."""
     if not events:
         return
     when = dt.datetime.now(dt.UTC).replace(tzinfo=None)

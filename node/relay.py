@@ -60,7 +60,6 @@ class Relay:
         idle_s: float = 0.05,
     ) -> None:
         self.history = history
-        self.ledger = history.ledger
         self.session = session
         self.secret = secret
         self.batch = batch
@@ -83,7 +82,7 @@ class Relay:
         if time.monotonic() - self._ring_checked > 1.0:
             self.history.ring.refresh()
             self._ring_checked = time.monotonic()
-        async with self.ledger.connection() as conn, conn.cursor() as cur:
+        async with self.history.connection() as conn, conn.cursor() as cur:
             await cur.execute(
                 "SELECT id, uid, event, red_packet_id, payload, create_time FROM history_outbox "
                 "ORDER BY id LIMIT %s",
@@ -101,7 +100,7 @@ class Relay:
             written[row_id] = to_ms(when)
         done = await self._deliver(events)
         if done:
-            async with self.ledger.connection() as conn, conn.cursor() as cur:
+            async with self.history.connection() as conn, conn.cursor() as cur:
                 await cur.execute(
                     "DELETE FROM history_outbox WHERE id IN ("
                     + ", ".join(["%s"] * len(done))
@@ -117,7 +116,7 @@ class Relay:
         return len(done), more and bool(done)
 
     async def _backlog(self) -> int:
-        async with self.ledger.connection() as conn, conn.cursor() as cur:
+        async with self.history.connection() as conn, conn.cursor() as cur:
             await cur.execute("SELECT COUNT(*) FROM history_outbox")
             (count,) = await cur.fetchone()
             await conn.rollback()
