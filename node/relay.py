@@ -65,6 +65,7 @@ class Relay:
         self.batch = batch
         self.idle_s = idle_s
         self._ring_checked = 0.0
+        self._pass = asyncio.Lock()  # the background loop and drain() never overlap
 
     async def run(self) -> None:
         while True:
@@ -75,10 +76,36 @@ class Relay:
                 delivered, more = 0, False
                 await asyncio.sleep(1.0)
             if not more:
-                await asyncio.sleep(self.idle_s if delivered else self.idle_s * 2)
+                await asyncio.sleep(self.idle_s / 2 if delivered else self.idle_s)
+
+    async def drain(self, timeout_s: float) -> tuple[int, int]:
+        """Deliver until the outbox is empty or ``timeout_s`` passed: ``(delivered, left)``.
+
+        ``redpacket rebalance remove`` calls this (``POST /internal/v1/handoff/outbox/drain``)
+        before it stops a shard: once its packets moved out nothing writes to its outbox, and
+        what is in it must reach the users' shards before the database goes."""
+        delivered = 0
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                done, _ = await self.pass_once()
+                delivered += done
+            except Exception as exc:
+                log.warning("history drain pass failed: %s", exc)
+                done = 0
+            left = await self._backlog()
+            OUTBOX_BACKLOG.set(left)
+            if left == 0 or time.monotonic() >= deadline:
+                return delivered, left
+            if not done:
+                await asyncio.sleep(0.2)
 
     async def pass_once(self) -> tuple[int, bool]:
         """Deliver one batch: ``(rows delivered, whether more are waiting)``."""
+        async with self._pass:
+            return await self._pass_once()
+
+    async def _pass_once(self) -> tuple[int, bool]:
         if time.monotonic() - self._ring_checked > 1.0:
             self.history.ring.refresh()
             self._ring_checked = time.monotonic()
@@ -191,6 +218,7 @@ def _owner(err: ApiError) -> tuple[str, str]:
     return str(extra.get("owner", "")), str(extra.get("owner_url", ""))
 
 
+RELAY = web.AppKey("relay", Relay)
 RELAY_TASK = web.AppKey("relay_task", asyncio.Task)
 
 
@@ -202,8 +230,9 @@ async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
     session = aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=5), json_serialize=lambda o: orjson.dumps(o).decode()
     )
-    relay = Relay(history, session, settings.node_secret)
+    relay = Relay(history, session, settings.node_secret, idle_s=settings.history_relay_idle_s)
     task = asyncio.create_task(relay.run())
+    app[RELAY] = relay
     app[RELAY_TASK] = task
     try:
         yield

@@ -163,6 +163,13 @@ class NodeClient:
 
     # -- the steps of one packet ----------------------------------------------------------
 
+    async def drain_outbox(self, node: NodeSpec, timeout_s: int = 10) -> tuple[int, int]:
+        """Have ``node`` deliver its history outbox now: ``(delivered, left)``."""
+        answer = await self.request(
+            node, "POST", f"{H}/outbox/drain", params={"timeout_s": str(timeout_s)}
+        )
+        return int(answer["delivered"]), int(answer["left"])
+
     async def export(
         self, node: NodeSpec, packet_id: int, to: str, ring_version: int
     ) -> dict[str, Any]:

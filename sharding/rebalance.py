@@ -15,7 +15,8 @@ ring. One change, from ring P to ring T:
    whose owner changes, and delete them at the old owner;
 5. publish the final ring ``{version: v+2, nodes: T}`` (the previous ring is retired), wait
    for the gateways to load it, and lift the fence;
-6. infrastructure: stop the removed shard (remove).
+6. infrastructure: stop the removed shard (remove), once its history outbox has reached the
+   users' shards.
 
 Every step is idempotent, and the state of every packet can be read back from the nodes, so
 running the same command again after a crash resumes where it stopped; ``rollback`` moves
@@ -140,6 +141,7 @@ class Rebalancer:
         rate: float = 0.0,
         progress: bool = True,
         gateway_timeout_s: float = 120.0,
+        drain_timeout_s: float = 120.0,
         say: Callable[[str], None] | None = None,
     ) -> None:
         self.backend = backend
@@ -147,6 +149,7 @@ class Rebalancer:
         self.rate = rate
         self.progress = progress
         self.gateway_timeout_s = gateway_timeout_s
+        self.drain_timeout_s = drain_timeout_s
         self.say = say or (lambda message: print(message, flush=True))
         self.client = NodeClient(backend.node_secret)
 
@@ -491,8 +494,26 @@ class Rebalancer:
                 f"{node.name} still holds red packet {packet_id}: not stopping it; "
                 "run the command again"
             )
+        await self._drain_outbox(node)
         await self.backend.stop_node(node.name)
         self.say(f"stopped {node.name}")
+
+    async def _drain_outbox(self, node: NodeSpec) -> None:
+        """Wait until the node's history outbox reached the users' shards: the events of its
+        last commits would go with its database otherwise. Nothing adds to it any more (its
+        packets moved out), so this ends once the users' shards take them."""
+        deadline = asyncio.get_running_loop().time() + self.drain_timeout_s
+        delivered, left = await self.client.drain_outbox(node)
+        while left:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise RebalanceError(
+                    f"{node.name} still has {left} history event(s) to deliver after "
+                    f"{self.drain_timeout_s:.0f}s (is a user's shard down?): not stopping it; "
+                    "run the command again"
+                )
+            done, left = await self.client.drain_outbox(node)
+            delivered += done
+        self.say(f"{node.name}: history outbox drained ({delivered} event(s) delivered now)")
 
     async def _stop_leftover(self, name: str, dry_run: bool) -> int:
         """A shard out of the ring that still runs (a removal killed after its last ring)."""

@@ -21,8 +21,9 @@ from typing import Any
 from redpacket.cli.check import Observed, check_shards
 from redpacket.node.history import HISTORY
 from redpacket.sharding.ring import NodeSpec, Ring, RingDoc, user_key
-from tests.conftest import IDS, Cluster, NodeHandle, sql
+from tests.conftest import IDS, NODE_SECRET_HEADER, Cluster, NodeHandle, sql
 from tests.load import OpenLoad
+from tests.test_rebalance import database_exists, rebalance
 
 # -- helpers --------------------------------------------------------------------------------
 
@@ -269,3 +270,53 @@ async def test_users_shard_mysql_cut_backs_the_outbox_up_then_it_drains(
     status, page = await users_node.call("GET", f"/internal/v1/users/{sender}/sent", limit="100")
     assert status == 200 and page["count"] == 6
     assert all(p["status"] == "sold_out" and p["opened_packet"] == 10 for p in page["packets"])
+
+
+async def drain_now(cluster: Cluster, node: NodeSpec) -> tuple[int, int]:
+    """Have a node deliver its outbox now (the endpoint `rebalance remove` uses)."""
+    assert cluster.session is not None
+    async with cluster.session.post(
+        node.url + "/internal/v1/handoff/outbox/drain",
+        params={"timeout_s": "30"},
+        headers={NODE_SECRET_HEADER: cluster.state["node_secret"]},
+    ) as resp:
+        body = await resp.json()
+        assert resp.status == 200, body
+    return int(body["delivered"]), int(body["left"])
+
+
+async def test_removing_a_shard_under_load_delivers_its_outbox_before_it_stops(
+    make_cluster: Any,
+) -> None:
+    """The relays here sleep far longer than the test runs once their outbox is empty, so
+    whatever shard-2's last commits wrote is still in its outbox when the removal ends: the
+    removal itself must deliver it before the shard and its database go."""
+    cluster: Cluster = await make_cluster(REDPACKET_HISTORY_RELAY_IDLE_S="900")
+    rc, out = await rebalance(cluster, "add", "--node", "shard-2")
+    assert rc == 0, out
+    users = list(range(14_000, 14_060))
+    packet_ids = [await cluster.create(14_999, 500, 10) for _ in range(60)]
+    on_2 = [p for p in packet_ids if cluster.shard_of(int(p)) == "shard-2"]
+    assert len(on_2) >= 5, "the ring gave shard-2 too few packets"
+    load = OpenLoad(cluster, packet_ids, users)
+    task = load.start()
+    removed = cluster.ring().node("shard-2")
+    assert removed is not None and removed.mysql
+
+    async def written_on_2() -> bool:
+        return await outbox_rows(removed) >= 20
+
+    await until(written_on_2, what="events in shard-2's outbox")
+    rc, out = await rebalance(cluster, "remove", "--node", "shard-2")
+    assert rc == 0, out
+    await asyncio.wait_for(task, 120)
+    assert load.statuses[200] == 60 * 10
+    drained = [line for line in out.splitlines() if "history outbox drained" in line]
+    assert drained and drained[0].startswith("shard-2:"), out
+    assert int(drained[0].split("(")[1].split()[0]) > 0  # it had events left to deliver
+    assert not await database_exists(removed.mysql)  # dropped: nothing was left in it
+    for node in cluster.nodes():  # the remaining shards deliver theirs now, not in 15 minutes
+        assert (await drain_now(cluster, node))[1] == 0
+    await cluster.check(load.observed)
+    pages = await received_via_gateway(cluster, {o.uid for o in load.observed})
+    assert_received_once(pages, load.observed)

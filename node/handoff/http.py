@@ -14,6 +14,7 @@ from redpacket.core.ids import parse_packet_id, parse_uid
 from redpacket.node.handoff.fence import Fence
 from redpacket.node.handoff.keys import KeyMoves
 from redpacket.node.handoff.packets import PacketMoves
+from redpacket.node.relay import RELAY
 from redpacket.node.shard import Shard
 from redpacket.sharding.ring import RingDoc, RingError
 
@@ -215,6 +216,15 @@ async def release_history(request: web.Request) -> web.Response:
     return json_response({"deleted": await handoff.keys.release_history([u for u in uids if u])})
 
 
+async def drain_outbox(request: web.Request) -> web.Response:
+    """Deliver this node's history outbox now (up to ``timeout_s``, at most 60): what a shard
+    being removed must do before it stops (node/relay.py ``Relay.drain``)."""
+    query = dict(request.query)
+    timeout_s = min(max(_int(query, "timeout_s", 10), 1), 60)
+    delivered, left = await request.app[RELAY].drain(timeout_s)
+    return json_response({"node": request.app[HANDOFF].name, "delivered": delivered, "left": left})
+
+
 PREFIX = "/internal/v1/handoff"
 ROUTES = [
     web.get(f"{PREFIX}/ring", get_fence),
@@ -232,6 +242,7 @@ ROUTES = [
     web.post(f"{PREFIX}/idempotency-keys/release", release_keys),
     web.get(f"{PREFIX}/history", list_history),
     web.post(f"{PREFIX}/history/release", release_history),
+    web.post(f"{PREFIX}/outbox/drain", drain_outbox),
 ]
 
 
