@@ -33,7 +33,7 @@ from redpacket.core.errors import ApiError, bad_request
 from redpacket.node.ledger import Ledger, retry_lock_conflicts, to_datetime, to_ms
 from redpacket.node.outbox import RECEIVED, SENT
 from redpacket.node.shard import Shard, moved
-from redpacket.sharding.ring import NodeSpec, RingDoc, user_key
+from redpacket.sharding.ring import NodeSpec, Ring, RingDoc, user_key
 
 CALENDAR = dt.timezone(dt.timedelta(hours=8), "UTC+8")
 
@@ -115,6 +115,7 @@ class UserHistory:
         self.name = name
         self.ring = ring
         self._slots = asyncio.Semaphore(HISTORY_CONNECTIONS)
+        self._settled: tuple[RingDoc, Ring] | None = None
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[aiomysql.Connection]:
@@ -125,10 +126,24 @@ class UserHistory:
     # -- where a user lives ---------------------------------------------------------------
 
     def elsewhere(self, uid: int) -> ApiError | None:
-        """packet_moved (with the owner) if another node keeps this user's history."""
+        """packet_moved (with the owner) if another node keeps this user's history.
+
+        Once a change is over its fence is lifted, but this node's ring file may still be the
+        transition ring (which routes by the previous one) for a while: the relay re-reads it
+        once a second, a kubelet updates a ConfigMap mount within a minute or so. Until the
+        file is newer than the ring of the change, that ring decides, or a user who moved
+        away would be taken in here again (and never moved)."""
         placement = self.shard.placement
         if placement is not None and getattr(placement, "fence", None) is not None:
             return placement.elsewhere(user_key(uid))  # the ring being moved to decides
+        settled: RingDoc | None = getattr(placement, "settled", None)
+        if settled is not None and (
+            self.ring.doc is None or self.ring.doc.version <= settled.version
+        ):
+            if self._settled is None or self._settled[0] is not settled:
+                self._settled = (settled, settled.ring())  # built once per change
+            owner = self._settled[1].owner_of_key(user_key(uid))
+            return None if owner.name == self.name else moved(owner.name, owner.url)
         owner = self.ring.owner(uid)
         if owner is None or owner.name == self.name:
             return None

@@ -50,6 +50,9 @@ class Fence:
         self.name = name
         self.fence: RingDoc | None = None
         self._fence_ring: Ring | None = None
+        # the ring of the last change this node was fenced for, kept after the fence is lifted:
+        # users' history follows it until this node's ring file is as new (node/history.py)
+        self.settled: RingDoc | None = None
         self.has_tombstones = False
         # creates and key bindings in flight, by the fence epoch they started in
         self._epoch = 0
@@ -171,6 +174,8 @@ class Fence:
         async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
             await cur.execute("DELETE FROM shard_ring WHERE id = 1")
             await conn.commit()
+        if self.fence is not None:
+            self.settled = self.fence
         self.fence, self._fence_ring = None, None
 
     # -- reads ----------------------------------------------------------------------------
