@@ -66,12 +66,13 @@ async def lua_ceiling(redis_url: str, duration_s: float, clients: int = 50) -> d
         now_ms = int(time.time() * 1000)
         await client.delete(*CEILING_KEYS)
         # load.lua: mode, total_amount, total_packet, remaining_amount, remaining_packet,
-        # expire_at_ms, drop_at_ms: a packet that cannot run out or expire during the run
+        # expire_at_ms, drop_at_ms, kind, amount_each, receiver: a lucky packet that cannot
+        # run out or expire during the run
         amount = 1000 * HUGE_SHARES
         hour = now_ms + 3_600_000
         await client.evalsha(
             load_sha, 3, *CEILING_KEYS, "create", amount, HUGE_SHARES, amount, HUGE_SHARES,
-            hour, hour,
+            hour, hour, "lucky", "", "",
         )  # fmt: skip
         details = orjson.dumps([now_ms, "bench-user", "https://img.example/bench.png"]).decode()
         command = [

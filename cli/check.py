@@ -12,7 +12,9 @@ its own queries, so it does not trust the code it is checking. For every red pac
    has run: disagreements are re-checked for ``settle_s`` before they count;
 5. a refunded packet's refund equals its remaining amount, paid once, to its sender.
 
-Plus: a packet lives in exactly one shard's ledger.
+Plus: a packet lives in exactly one shard's ledger. And the second half
+(``cli/check_history.py``): once every outbox is drained, every user's history (我的红包)
+equals the ledgers, and 手气最佳 names the right share.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
+from redpacket.cli.check_history import history_violations
 from redpacket.node.counters import connect_redis
 from redpacket.node.keys import packet_keys
 from redpacket.node.ledger import connect_one
-from redpacket.sharding.ring import NodeSpec, RingDoc
+from redpacket.sharding.ring import NodeSpec, Ring, RingDoc
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +200,9 @@ async def check_shards(
     nodes: Sequence[NodeSpec],
     observed: Iterable[Observed] = (),
     settle_s: float = 10.0,
+    owners: Ring | None = None,
 ) -> Report:
+    """``owners``: the ring that places users' history (checked when given)."""
     report = Report(shards=len(nodes))
     missing = [n.name for n in nodes if not (n.redis and n.mysql)]
     if missing:
@@ -245,6 +250,7 @@ async def check_shards(
                 f"red packet {seen.red_packet_id}: uid {seen.uid} was answered 200 with "
                 f"{seen.amount} cents but the ledger has {got}"
             )
+    report.violations += await history_violations(nodes, owners, wait_s=max(settle_s, 5.0))
     return report
 
 
@@ -257,7 +263,8 @@ def run_check(args: argparse.Namespace) -> int:
     if doc.previous is not None:
         nodes += [n for n in doc.previous.nodes if n.name not in {m.name for m in nodes}]
     print(f"checking {len(nodes)} shard(s) from {ring_path} ...", flush=True)
-    report = asyncio.run(check_shards(nodes, settle_s=args.reconcile_wait))
+    owners = doc.ring() if doc.previous is None else None
+    report = asyncio.run(check_shards(nodes, settle_s=args.reconcile_wait, owners=owners))
     for violation in report.violations:
         print(f"  VIOLATION {violation}")
     print(report.summary())

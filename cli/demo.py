@@ -126,8 +126,9 @@ async def report(api: Api, runs: list[PacketRun]) -> bool:
             print(f"   {record['nick_name']:<12} {yuan(record['amount']):>9}")
         if len(shown) > 8:
             print(f"   ... and {len(shown) - 8} more")
-        if shown:
-            best = shown[0]
+        _, packet = await api.call("GET", f"/v1/red-packets/{run.packet_id}", *SENDER)
+        best = packet.get("luckiest") if isinstance(packet, dict) else None
+        if best:  # decided by the ledger when the last share was taken, not computed here
             print(f"   手气最佳 luckiest: {best['nick_name']} with {yuan(best['amount'])}")
         total = sum(r["amount"] for r in records)
         matches = {int(r["uid"]): r["amount"] for r in records} == run.wins
@@ -141,6 +142,31 @@ async def report(api: Api, runs: list[PacketRun]) -> bool:
             f"{run.sold_out_answers} users were told it was gone"
         )
     return ok
+
+
+async def my_red_packets(api: Api, runs: list[PacketRun]) -> None:
+    """One lucky user's 我的红包 for this year, as the app would show it."""
+    winners = sorted({uid for run in runs for uid in run.wins})
+    if not winners:
+        return
+    uid = max(winners, key=lambda u: sum(run.wins.get(u, 0) for run in runs))
+    want = sum(1 for run in runs if uid in run.wins)
+    body: dict = {}
+    for _ in range(50):  # history arrives asynchronously, within about a second
+        status, body = await api.call("GET", "/v1/me/received", uid, f"user{uid}")
+        if status == 200 and body["count"] >= want:
+            break
+        await asyncio.sleep(0.1)
+    if not body.get("records"):
+        print(f"\n我的红包 of uid {uid}: not available ({body})")
+        return
+    print(
+        f"\n我的红包 of uid {uid}, {body['year']} (UTC+8): received {body['count']} red packets, "
+        f"{yuan(body['total_amount'])} in all, 手气最佳 {body['luckiest_count']} time(s)"
+    )
+    for record in body["records"][:5]:
+        lucky = "  手气最佳" if record["luckiest"] else ""
+        print(f"   from {record['sender']['nick_name']:<10} {yuan(record['amount']):>9}{lucky}")
 
 
 async def demo(url: str, secret: str, users: int, packets: int, ring_file: str | None) -> int:
@@ -162,6 +188,7 @@ async def demo(url: str, secret: str, users: int, packets: int, ring_file: str |
         print(f"{users} users grab and open them at once:")
         await crowd(api, runs, users)
         ok = await report(api, runs)
+        await my_red_packets(api, runs)
     if ring_file:
         nodes = list(RingDoc.load(ring_file).nodes)
         seen = [

@@ -306,6 +306,7 @@ class DevCluster:
                     REDPACKET_PORT=str(plan.node_port),
                     REDPACKET_REDIS_URL=plan.redis_url,
                     REDPACKET_MYSQL_URL=plan.mysql_url,
+                    REDPACKET_RING_FILE=str(self.ring_file.resolve()),  # users' history
                 ),
                 logs / f"{plan.name}-node.log",
             ),
@@ -517,7 +518,8 @@ class DevCluster:
 
 
 async def _drop_if_empty(mysql_url: str) -> bool:
-    """Drop a removed shard's database when it holds no packet and no idempotency key."""
+    """Drop a removed shard's database when it holds no packet, no idempotency key and no
+    undelivered history event."""
     target = parse_mysql_url(mysql_url)
     try:
         conn = await connect_one(mysql_url)
@@ -528,6 +530,7 @@ async def _drop_if_empty(mysql_url: str) -> bool:
             for statement in (
                 "SELECT 1 FROM red_packet_info LIMIT 1",
                 "SELECT 1 FROM idempotency_key LIMIT 1",
+                "SELECT 1 FROM history_outbox LIMIT 1",
             ):
                 await cur.execute(statement)
                 if await cur.fetchone():

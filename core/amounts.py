@@ -26,11 +26,17 @@ class Limits:
     max_greeting_chars: int = 64
 
 
+KINDS = ("lucky", "equal", "exclusive")
+
+
 @dataclass(frozen=True)
 class NewPacket:
     total_amount: int
     total_packet: int
     greeting: str
+    kind: str = "lucky"
+    amount_each: int | None = None  # equal packets
+    receiver_uid: int | None = None  # exclusive packets
 
 
 def invalid(field: str, message: str) -> ApiError:
@@ -72,13 +78,68 @@ def parse_greeting(value: Any, limits: Limits) -> str:
     return value or DEFAULT_GREETING
 
 
-NEW_PACKET_FIELDS = frozenset({"total_amount", "total_packet", "greeting"})
+NEW_PACKET_FIELDS = frozenset(
+    {"total_amount", "total_packet", "greeting", "kind", "amount_each", "receiver_uid"}
+)
+
+
+def _kind(body: Mapping[str, Any]) -> str:
+    kind = body.get("kind", "lucky")
+    if kind not in KINDS:
+        raise invalid("kind", "kind must be one of: " + ", ".join(KINDS))
+    return kind
+
+
+def _receiver(value: Any) -> int:
+    if (
+        not isinstance(value, str)
+        or not value.isascii()
+        or not value.isdigit()
+        or len(value) > 19
+        or not 1 <= int(value) < 2**63
+    ):
+        raise invalid("receiver_uid", "receiver_uid must be a user id: a decimal string")
+    return int(value)
 
 
 def parse_new_packet(body: Mapping[str, Any], limits: Limits) -> NewPacket:
+    """The rules per kind (docs/api.md, "Kinds and their limits").
+
+    lucky: ``total_amount`` into ``total_packet`` random shares (double-average rule);
+    equal: ``amount_each`` times ``total_packet`` (``total_amount`` may be given, and must
+    then match); exclusive: one share, for ``receiver_uid`` only.
+    """
     refuse_unknown_fields(body, NEW_PACKET_FIELDS)
-    total_amount = _int_in_range(body, "total_amount", 1, limits.max_amount, "number of cents")
-    total_packet = _int_in_range(body, "total_packet", 1, limits.max_packets, "number of shares")
+    kind = _kind(body)
+    for field, allowed in (("amount_each", "equal"), ("receiver_uid", "exclusive")):
+        if field in body and kind != allowed:
+            raise invalid(field, f"{field} is only for kind {allowed!r}")
+    amount_each = receiver = None
+    if kind == "equal":
+        amount_each = _int_in_range(body, "amount_each", 1, limits.max_amount, "number of cents")
+        total_packet = _int_in_range(
+            body, "total_packet", 1, limits.max_packets, "number of shares"
+        )
+        total_amount = amount_each * total_packet
+        if total_amount > limits.max_amount:
+            raise invalid(
+                "amount_each",
+                f"amount_each x total_packet must be at most {limits.max_amount} cents",
+            )
+        given = body.get("total_amount", total_amount)
+        if not isinstance(given, int) or isinstance(given, bool) or given != total_amount:
+            raise invalid("total_amount", "total_amount must equal amount_each x total_packet")
+    else:
+        total_amount = _int_in_range(body, "total_amount", 1, limits.max_amount, "number of cents")
+        if kind == "exclusive":
+            if body.get("total_packet", 1) != 1:
+                raise invalid("total_packet", "an exclusive red packet has exactly 1 share")
+            total_packet = 1
+            receiver = _receiver(body.get("receiver_uid"))
+        else:
+            total_packet = _int_in_range(
+                body, "total_packet", 1, limits.max_packets, "number of shares"
+            )
     if total_amount < total_packet:
         raise invalid(
             "total_amount",
@@ -86,4 +147,11 @@ def parse_new_packet(body: Mapping[str, Any], limits: Limits) -> NewPacket:
         )
     if "greeting" in body and body["greeting"] is None:
         raise invalid("greeting", "greeting must be a string; leave it out for the default")
-    return NewPacket(total_amount, total_packet, parse_greeting(body.get("greeting"), limits))
+    greeting = parse_greeting(body.get("greeting"), limits)
+    return NewPacket(total_amount, total_packet, greeting, kind, amount_each, receiver)
+
+
+def check_sender(new: NewPacket, sender_uid: int) -> None:
+    """An exclusive packet is for someone else: sending one to yourself is refused."""
+    if new.receiver_uid is not None and new.receiver_uid == sender_uid:
+        raise invalid("receiver_uid", "an exclusive red packet is for someone other than you")

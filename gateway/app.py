@@ -49,6 +49,8 @@ ROUTES = [
     web.post("/v1/red-packets/{id}/grab", handlers.grab),
     web.post("/v1/red-packets/{id}/open", handlers.open_packet),
     web.get("/v1/red-packets/{id}/records", handlers.list_records),
+    web.get("/v1/me/received", handlers.my_received),
+    web.get("/v1/me/sent", handlers.my_sent),
     web.get("/healthz", handlers.healthz),
     web.get("/readyz", handlers.readyz),
     web.get("/openapi.json", openapi),

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from redpacket.core.amounts import parse_new_packet, refuse_unknown_fields
+from redpacket.core.amounts import check_sender, parse_new_packet, refuse_unknown_fields
 from redpacket.core.errors import ApiError, gone, json_response, read_json_object
 from redpacket.core.ids import IdGenerator, parse_packet_id
 from redpacket.core.metrics import REJECTIONS
@@ -84,6 +84,7 @@ async def create_packet(request: web.Request) -> web.Response:
     user = _user(request)
     app[CREATE_LIMIT].take(user.uid)
     new = parse_new_packet(await read_json_object(request), app[SETTINGS].limits)
+    check_sender(new, user.uid)
     shards, ids = app[SHARDS], app[IDS]
     fields: dict[str, Any] = {
         "uid": str(user.uid),
@@ -91,7 +92,15 @@ async def create_packet(request: web.Request) -> web.Response:
         "total_packet": new.total_packet,
         "greeting": new.greeting,
         "expire_seconds": app[SETTINGS].expire_s,
+        "nick_name": user.nick_name,
+        "img_url": user.img_url,
     }
+    if new.kind != "lucky":  # lucky is the node's default: today's body, unchanged
+        fields["kind"] = new.kind
+    if new.amount_each is not None:
+        fields["amount_each"] = new.amount_each
+    if new.receiver_uid is not None:
+        fields["receiver_uid"] = str(new.receiver_uid)
     raw_key = request.headers.get("Idempotency-Key")
     if raw_key is None:
         fields["create_token"] = secrets.token_hex(16)
@@ -114,9 +123,10 @@ async def create_packet(request: web.Request) -> web.Response:
         )
 
     key = _valid_idempotency_key(raw_key)
-    request_hash = hashlib.sha256(
-        orjson.dumps([new.total_amount, new.total_packet, new.greeting])
-    ).hexdigest()
+    described: list[Any] = [new.total_amount, new.total_packet, new.greeting]
+    if new.kind != "lucky":  # a lucky packet hashes as it did before kinds existed
+        described += [new.kind, new.amount_each, new.receiver_uid]
+    request_hash = hashlib.sha256(orjson.dumps(described)).hexdigest()
     fields["create_token"] = hashlib.sha256(f"{user.uid}:{key}".encode()).hexdigest()[:32]
     bound = await shards.call(
         shards.user_owner(user.uid),
@@ -274,3 +284,30 @@ async def readyz(request: web.Request) -> web.Response:
     if not all(results):
         raise ApiError(503, "unavailable", "not every shard is ready", extra={"shards": status})
     return json_response({"ready": True, "ring_version": shards.ring_doc.version, "shards": status})
+
+
+# -- my red packets -------------------------------------------------------------------------
+
+
+async def _my_history(request: web.Request, which: str) -> web.Response:
+    """One call to the shard owning ``user:<uid>``: a user's history is one shard's read."""
+    user = _user(request)
+    refuse_unknown_fields(dict(request.query), frozenset({"year", "limit", "cursor"}))
+    params = {k: request.query[k] for k in ("year", "limit", "cursor") if k in request.query}
+    shards = request.app[SHARDS]
+    return passthrough(
+        await shards.call(
+            shards.user_owner(user.uid),
+            "GET",
+            f"/internal/v1/users/{user.uid}/{which}",
+            params=params,
+        )
+    )
+
+
+async def my_received(request: web.Request) -> web.Response:
+    return await _my_history(request, "received")
+
+
+async def my_sent(request: web.Request) -> web.Response:
+    return await _my_history(request, "sent")

@@ -30,6 +30,7 @@ from redpacket.node.handlers import CALLS, SETTINGS, SHARD
 from redpacket.node.ledger import Ledger, LedgerUnavailable
 from redpacket.node.link import LINK, LinkServer
 from redpacket.node.reconciler import Reconciler
+from redpacket.node.relay import relay_ctx
 from redpacket.node.settings import NodeSettings
 from redpacket.node.shard import Shard
 from redpacket.node.sweeper import Sweeper
@@ -43,7 +44,7 @@ SWEEPER = web.AppKey("sweeper", Sweeper)
 
 ROUTES = [
     *http_routes(CALLS),  # the gateway's calls (node/handlers.py), also served over the link
-    *handoff.ROUTES,  # /internal/v1/handoff/...: rebalancing (node/handoff.py)
+    *handoff.ROUTES,  # /internal/v1/handoff/...: rebalancing (node/handoff/)
     web.get("/metrics", metrics_handler),
 ]
 
@@ -150,7 +151,9 @@ def create_app(settings: NodeSettings) -> web.Application:
             node_auth_middleware(settings.node_secret),
             store_errors_middleware,
         ],
-        client_max_size=settings.max_body_bytes,
+        # history batches (relay, rebalance) are larger than any gateway call; the secret is
+        # checked before a handler reads a body
+        client_max_size=max(settings.max_body_bytes, 4 * 1024 * 1024),
     )
     app[SETTINGS] = settings
     link = LinkServer(
@@ -163,6 +166,7 @@ def create_app(settings: NodeSettings) -> web.Application:
     app[LINK] = link
     app.cleanup_ctx.append(stores_ctx)
     app.cleanup_ctx.append(background_ctx)
+    app.cleanup_ctx.append(relay_ctx)  # users' history and the outbox relay (node/relay.py)
     app.on_shutdown.append(lambda _: link.drain(settings.drain_s))
     app.add_routes([web.get(LINK_PATH, link.handle), *ROUTES])
     return app

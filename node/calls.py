@@ -24,6 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redpacket.core.errors import ApiError, parse_json_object, unavailable
 from redpacket.core.logs import request_id
 from redpacket.core.metrics import HTTP_LATENCY, HTTP_REQUESTS
+from redpacket.node.history import HISTORY, UserHistory
 from redpacket.node.ledger import LedgerUnavailable
 from redpacket.node.settings import NodeSettings
 from redpacket.node.shard import Shard
@@ -39,10 +40,12 @@ STORE_ERRORS = (RedisConnectionError, RedisTimeoutError, LedgerUnavailable)
 
 @dataclass(slots=True)
 class Call:
-    """One call's inputs: the shard, path parameters, query and the raw JSON body."""
+    """One call's inputs: the shard, its users' history, path parameters, query and the raw
+    JSON body."""
 
     shard: Shard
     settings: NodeSettings
+    history: UserHistory
     params: Mapping[str, str]
     query: Mapping[str, str]
     body: bytes
@@ -130,8 +133,9 @@ def http_routes(entries: Sequence[CallEntry]) -> list[web.RouteDef]:
     def adapt(handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def handle(request: web.Request) -> web.Response:
             body = await request.read() if request.can_read_body else b""
+            app = request.app
             call = Call(
-                request.app[SHARD], request.app[SETTINGS], request.match_info, request.query, body
+                app[SHARD], app[SETTINGS], app[HISTORY], request.match_info, request.query, body
             )
             answer = await run_call(handler, call, request.path)
             headers = {"Retry-After": answer.retry_after} if answer.retry_after else None

@@ -38,6 +38,7 @@ class Outcome(enum.IntEnum):
     SOLD_OUT = -1
     EXPIRED = -2
     FROZEN = -3
+    NOT_FOR_YOU = -4  # an exclusive packet, for someone else
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +141,9 @@ class Counters:
             packet.remaining_packet,
             packet.expire_time_ms,
             drop_at_ms,
+            packet.kind,
+            "" if packet.amount_each is None else packet.amount_each,
+            "" if packet.receiver_uid is None else packet.receiver_uid,
         ]
         for uid, amount in claims.items():
             args += [uid, amount]

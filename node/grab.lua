@@ -9,11 +9,15 @@
 --    1  available            2  already opened by this uid (amount)
 --    0  not in Redis (caller loads it from MySQL)
 --   -1  sold out            -2  expired
+--   -4  not for you (an exclusive packet for another uid)
 -- A frozen packet answers as usual: freezing stops changes, not reads.
 
-local state = redis.call('HMGET', KEYS[1], 'remaining_packet', 'expire_at_ms')
+local state = redis.call('HMGET', KEYS[1], 'remaining_packet', 'expire_at_ms', 'receiver')
 if not state[1] then
   return {0, 0}
+end
+if state[3] and state[3] ~= '' and state[3] ~= ARGV[1] then
+  return {-4, 0}
 end
 local prior = redis.call('HGET', KEYS[2], ARGV[1])
 if prior then

@@ -12,12 +12,19 @@ import binascii
 import datetime as dt
 from typing import Any
 
-from redpacket.core.amounts import parse_new_packet, refuse_unknown_fields
+from redpacket.core.amounts import (
+    NEW_PACKET_FIELDS,
+    check_sender,
+    parse_new_packet,
+    refuse_unknown_fields,
+)
 from redpacket.core.errors import ApiError, bad_request, unavailable
 from redpacket.core.ids import parse_packet_id, parse_uid
 from redpacket.core.metrics import REJECTIONS
 from redpacket.node.calls import SETTINGS, SHARD, Call, CallEntry, Reply, reply
 from redpacket.node.counters import Outcome
+from redpacket.node.history import decode_cursor as history_cursor
+from redpacket.node.history import this_year
 from redpacket.node.ledger import LedgerUnavailable, PacketRow, RecordRow
 from redpacket.node.shard import MOVING, NewPacketRequest, now_ms
 
@@ -27,6 +34,7 @@ _REASONS = {
     Outcome.SOLD_OUT: "sold_out",
     Outcome.EXPIRED: "expired",
     Outcome.ALREADY_OPENED: "already_opened",
+    Outcome.NOT_FOR_YOU: "not_for_you",
 }
 
 
@@ -56,6 +64,21 @@ def packet_json(row: PacketRow) -> dict[str, Any]:
         "status": packet_status(row, now_ms()),
         "create_time": iso(row.create_time_ms),
         "expire_time": iso(row.expire_time_ms),
+        "kind": row.kind,
+        **({"amount_each": row.amount_each} if row.amount_each is not None else {}),
+        **({"receiver_uid": str(row.receiver_uid)} if row.receiver_uid is not None else {}),
+        "luckiest": luckiest_json(row.luckiest),
+    }
+
+
+def luckiest_json(row: RecordRow | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    return {
+        "uid": str(row.uid),
+        "nick_name": row.nick_name,
+        "img_url": row.img_url,
+        "amount": row.amount,
     }
 
 
@@ -66,6 +89,7 @@ def record_json(row: RecordRow) -> dict[str, Any]:
         "img_url": row.img_url,
         "amount": row.amount,
         "create_time": iso(row.create_time_ms),
+        "luckiest": row.luckiest,
     }
 
 
@@ -105,6 +129,11 @@ CREATE_FIELDS = frozenset(
         "greeting",
         "expire_seconds",
         "create_token",
+        "kind",
+        "amount_each",
+        "receiver_uid",
+        "nick_name",
+        "img_url",
     }
 )
 
@@ -117,9 +146,11 @@ async def create(call: Call) -> Reply:
     if packet_id is None:
         raise bad_request("invalid_id", "red_packet_id must be a positive 64-bit integer")
     new = parse_new_packet(
-        {k: body[k] for k in ("total_amount", "total_packet", "greeting") if k in body},
+        {k: body[k] for k in NEW_PACKET_FIELDS if k in body},
         settings.limits,
     )
+    uid = _uid(body)
+    check_sender(new, uid)
     expire_s = body.get("expire_seconds")
     if (
         not isinstance(expire_s, int)
@@ -132,7 +163,18 @@ async def create(call: Call) -> Reply:
         raise bad_request("invalid_field", "create_token must be 32 ASCII letters or digits")
     row, created = await call.shard.create(
         NewPacketRequest(
-            packet_id, _uid(body), new.total_amount, new.total_packet, new.greeting, expire_s, token
+            packet_id,
+            uid,
+            new.total_amount,
+            new.total_packet,
+            new.greeting,
+            expire_s,
+            token,
+            new.kind,
+            new.amount_each,
+            new.receiver_uid,
+            _str(body, "nick_name"),
+            _str(body, "img_url"),
         )
     )
     return reply(packet_json(row), status=201 if created else 200)
@@ -258,6 +300,82 @@ async def readyz(call: Call) -> Reply:
     return reply({"ready": True, "node": call.settings.name})
 
 
+# -- my red packets (node/history.py) -------------------------------------------------------
+
+
+async def apply_history(call: Call) -> Reply:
+    """Events from a relay (node/relay.py): applied here, or ``moved`` for users kept elsewhere."""
+    body = call.json()
+    refuse_unknown_fields(body, frozenset({"events"}))
+    raw = body.get("events")
+    if not isinstance(raw, list) or len(raw) > 10_000:
+        raise bad_request("invalid_field", "events must be a list of at most 10000 events")
+    try:
+        events = [(int(u), str(kind), int(pid), dict(p)) for u, kind, pid, p in raw]
+    except (TypeError, ValueError):
+        raise bad_request(
+            "invalid_field", "events must be a list of [uid, event, id, row]"
+        ) from None
+    try:
+        moved = await call.history.accept(events)
+    except (KeyError, TypeError, ValueError):
+        raise bad_request("invalid_field", "an event row is malformed") from None
+    except LedgerUnavailable:
+        raise unavailable("the shard's database is unavailable") from None
+    return reply(
+        {
+            "applied": sum(1 for e in events if e[0] not in moved),
+            "moved": {
+                str(uid): [err.extra.get("owner"), err.extra.get("owner_url", "")]
+                for uid, err in moved.items()
+            },
+        }
+    )
+
+
+def _history_query(call: Call) -> tuple[int, int, int, tuple[int, int] | None]:
+    uid = parse_uid(call.params["uid"])
+    if uid is None:
+        raise bad_request("invalid_field", "uid must be a positive 64-bit integer")
+    refuse_unknown_fields(call.query, frozenset({"year", "limit", "cursor"}))
+    raw_year = call.query.get("year")
+    if raw_year is None:
+        year = this_year()
+    elif raw_year.isascii() and raw_year.isdigit() and 2000 <= int(raw_year) <= 2999:
+        year = int(raw_year)
+    else:
+        raise ApiError(400, "invalid_field", "year must be 2000..2999", extra={"field": "year"})
+    raw_limit = call.query.get("limit", "20")
+    if not (raw_limit.isascii() and raw_limit.isdigit() and 1 <= int(raw_limit) <= 100):
+        raise ApiError(
+            400, "invalid_field", "limit must be an integer from 1 to 100", extra={"field": "limit"}
+        )
+    cursor = call.query.get("cursor")
+    return uid, year, int(raw_limit), history_cursor(cursor) if cursor else None
+
+
+async def received(call: Call) -> Reply:
+    uid, year, limit, after = _history_query(call)
+    history = call.history
+    if (err := history.elsewhere(uid)) is not None:
+        raise err
+    page = await history.received(uid, year, limit, after)
+    return reply(
+        {"year": year, **page.summary, "records": page.rows, "next_cursor": page.next_cursor}
+    )
+
+
+async def sent(call: Call) -> Reply:
+    uid, year, limit, after = _history_query(call)
+    history = call.history
+    if (err := history.elsewhere(uid)) is not None:
+        raise err
+    page = await history.sent(uid, year, limit, after)
+    return reply(
+        {"year": year, **page.summary, "packets": page.rows, "next_cursor": page.next_cursor}
+    )
+
+
 # The node's calls: served over the link (node/link.py) and as HTTP routes (node/app.py).
 CALLS: list[CallEntry] = [
     ("POST", "/internal/v1/packets", create),
@@ -267,6 +385,9 @@ CALLS: list[CallEntry] = [
     ("GET", "/internal/v1/packets/{id}/records", records),
     ("GET", "/internal/v1/packets/{id}/winners", winners),
     ("POST", "/internal/v1/idempotency-keys", claim_idempotency_key),
+    ("POST", "/internal/v1/history/events", apply_history),
+    ("GET", "/internal/v1/users/{uid}/received", received),
+    ("GET", "/internal/v1/users/{uid}/sent", sent),
     ("GET", "/healthz", healthz),
     ("GET", "/readyz", readyz),
 ]

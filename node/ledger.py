@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import functools
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -21,6 +22,8 @@ from urllib.parse import unquote, urlsplit
 
 import aiomysql
 import pymysql
+
+from redpacket.node import outbox
 
 # "CREATE ... IF NOT EXISTS" on something that exists is the normal case for an idempotent
 # schema, not news: keep PyMySQL from printing a warning for it at every start.
@@ -76,6 +79,13 @@ class PacketRow:
     create_token: str
     create_time_ms: int
     expire_time_ms: int
+    kind: str = "lucky"
+    amount_each: int | None = None
+    receiver_uid: int | None = None
+    sender_nick: str = ""
+    sender_img: str = ""
+    luckiest_uid: int | None = None
+    luckiest: RecordRow | None = None  # the 手气最佳 record, filled by get_packet
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +107,7 @@ class RecordRow:
     img_url: str
     amount: int
     create_time_ms: int
+    luckiest: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,14 +139,52 @@ def schema_statements() -> list[str]:
     return [s.strip() for s in "\n".join(lines).split("\n;") if s.strip()]
 
 
-_PACKET_COLUMNS = (
+PACKET_COLUMNS = (
     "red_packet_id, uid, total_amount, total_packet, remaining_amount, remaining_packet, "
-    "greeting, status, create_token, create_time, expire_time"
+    "greeting, status, create_token, create_time, expire_time, "
+    "kind, amount_each, receiver_uid, sender_nick, sender_img, luckiest_uid"
+)
+PACKET_PLACEHOLDERS = ", ".join(["%s"] * 17)
+_INFO_COLUMNS = ", ".join("i." + c.strip() for c in PACKET_COLUMNS.split(","))
+
+# Columns added after the first release: apply_schema adds them to older tables (MySQL 8 has
+# no ADD COLUMN IF NOT EXISTS, so information_schema is asked first).
+ADDED_COLUMNS = (
+    ("red_packet_info", "kind", "VARCHAR(16) NOT NULL DEFAULT 'lucky'"),
+    ("red_packet_info", "amount_each", "INT NULL"),
+    ("red_packet_info", "receiver_uid", "BIGINT NULL"),
+    ("red_packet_info", "sender_nick", "VARCHAR(64) NOT NULL DEFAULT ''"),
+    ("red_packet_info", "sender_img", "VARCHAR(512) NOT NULL DEFAULT ''"),
+    ("red_packet_info", "luckiest_uid", "BIGINT NULL"),
 )
 
 
-def _packet(row: tuple[Any, ...]) -> PacketRow:
-    return PacketRow(*row[:9], to_ms(row[9]), to_ms(row[10]))
+def packet_from_row(row: tuple[Any, ...]) -> PacketRow:
+    """A PacketRow from the PACKET_COLUMNS of a SELECT."""
+    return PacketRow(*row[:9], to_ms(row[9]), to_ms(row[10]), *row[11:17])
+
+
+def packet_values(row: PacketRow, status: str | None = None) -> tuple[Any, ...]:
+    """The PACKET_COLUMNS of an INSERT (``status`` overrides the row's)."""
+    return (
+        row.red_packet_id,
+        row.uid,
+        row.total_amount,
+        row.total_packet,
+        row.remaining_amount,
+        row.remaining_packet,
+        row.greeting,
+        status or row.status,
+        row.create_token,
+        to_datetime(row.create_time_ms),
+        to_datetime(row.expire_time_ms),
+        row.kind,
+        row.amount_each,
+        row.receiver_uid,
+        row.sender_nick,
+        row.sender_img,
+        row.luckiest_uid,
+    )
 
 
 def _is_down(exc: BaseException) -> bool:
@@ -227,6 +276,14 @@ class Ledger:
         async with self.connection() as conn, conn.cursor() as cur:
             for statement in schema_statements():
                 await cur.execute(statement)
+            for table, column, definition in ADDED_COLUMNS:
+                await cur.execute(
+                    "SELECT 1 FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() "
+                    "AND TABLE_NAME = %s AND COLUMN_NAME = %s",
+                    (table, column),
+                )
+                if await cur.fetchone() is None:
+                    await cur.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
             await conn.commit()
 
     async def ping(self) -> None:
@@ -242,22 +299,11 @@ class Ledger:
         async with self.connection() as conn, conn.cursor() as cur:
             try:
                 await cur.execute(
-                    f"INSERT INTO red_packet_info ({_PACKET_COLUMNS}) "
-                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    (
-                        row.red_packet_id,
-                        row.uid,
-                        row.total_amount,
-                        row.total_packet,
-                        row.remaining_amount,
-                        row.remaining_packet,
-                        row.greeting,
-                        row.status,
-                        row.create_token,
-                        to_datetime(row.create_time_ms),
-                        to_datetime(row.expire_time_ms),
-                    ),
+                    f"INSERT INTO red_packet_info ({PACKET_COLUMNS}) "
+                    f"VALUES ({PACKET_PLACEHOLDERS})",
+                    packet_values(row),
                 )
+                await outbox.write(cur, [outbox.sent(outbox.state_of(row))])
                 await conn.commit()
                 return row, True
             except pymysql.err.IntegrityError as exc:
@@ -270,14 +316,24 @@ class Ledger:
         return existing, False
 
     async def get_packet(self, packet_id: int) -> PacketRow | None:
+        """The packet, with its 手气最佳 record once decided (one query, a join on the key)."""
         async with self.connection() as conn, conn.cursor() as cur:
             await cur.execute(
-                f"SELECT {_PACKET_COLUMNS} FROM red_packet_info WHERE red_packet_id = %s",
+                f"SELECT {_INFO_COLUMNS}, r.nick_name, r.img_url, r.amount, r.create_time "
+                "FROM red_packet_info i LEFT JOIN red_packet_record r "
+                "ON r.red_packet_id = i.red_packet_id AND r.uid = i.luckiest_uid "
+                "WHERE i.red_packet_id = %s",
                 (packet_id,),
             )
             row = await cur.fetchone()
             await conn.rollback()
-        return _packet(row) if row else None
+        if not row:
+            return None
+        packet = packet_from_row(row)
+        if packet.luckiest_uid is not None and row[19] is not None:
+            best = RecordRow(packet.luckiest_uid, row[17], row[18], row[19], to_ms(row[20]), True)
+            packet = dataclasses.replace(packet, luckiest=best)
+        return packet
 
     async def committed_claims(self, packet_id: int) -> dict[int, int]:
         async with self.connection() as conn, conn.cursor() as cur:
@@ -292,7 +348,11 @@ class Ledger:
     # -- claims -------------------------------------------------------------------------
 
     async def commit_batch(self, claims: list[Claim]) -> None:
-        """Commit many claims in one transaction: one guarded update for all packets, one insert.
+        """Commit many claims in one transaction: one guarded update for all packets (which also
+        marks the ones it sells out), one insert of records, one read of the packets' state and
+        one insert into the outbox; a batch that sells a lucky packet out also names its
+        手气最佳 (node/outbox.py). Every statement runs while the packets' rows are locked, so
+        each one added is paid by every batch waiting for a hot packet.
 
         Raises GuardFailed or a duplicate-key IntegrityError when any claim cannot go in as a
         new share; the caller then falls back to :meth:`commit_one` per claim, which sorts
@@ -309,15 +369,19 @@ class Ledger:
         args_n = [v for pid in packet_ids for v in (pid, len(per_packet[pid]))]
         args_s = [v for pid in packet_ids for v in (pid, sum(per_packet[pid]))]
         in_list = ", ".join(["%s"] * len(packet_ids))
+        # The packets this batch sells out are marked in the same statement: ``status`` is
+        # assigned first, so it reads remaining_packet before the decrement whether the server
+        # assigns left to right (MySQL, MariaDB) or all at once (SIMULTANEOUS_ASSIGNMENT).
         update_sql = (
             "UPDATE red_packet_info FORCE INDEX (uk_red_packet_id) "
-            f"SET remaining_amount = remaining_amount - {case}, "
+            f"SET status = IF(remaining_packet = {case}, 'sold_out', status), "
+            f"    remaining_amount = remaining_amount - {case}, "
             f"    remaining_packet = remaining_packet - {case} "
             f"WHERE red_packet_id IN ({in_list}) AND status = 'active' "
             f"  AND remaining_packet >= {case} "
             f"  AND remaining_amount - {case} >= remaining_packet - {case}"
         )
-        update_args = [*args_s, *args_n, *packet_ids, *args_n, *args_s, *args_n]
+        update_args = [*args_n, *args_s, *args_n, *packet_ids, *args_n, *args_s, *args_n]
         async with self.connection() as conn, conn.cursor() as cur:
             try:
                 changed = await cur.execute(update_sql, update_args)
@@ -339,7 +403,8 @@ class Ledger:
                         for c in claims
                     ],
                 )
-                await self._mark_sold_out(cur, packet_ids)
+                events = await outbox.claim_events(cur, claims, packet_ids)
+                await outbox.write(cur, events)
                 await conn.commit()
             except BaseException:
                 with contextlib.suppress(Exception):
@@ -358,7 +423,8 @@ class Ledger:
             try:
                 changed = await cur.execute(
                     "UPDATE red_packet_info "
-                    "SET remaining_amount = remaining_amount - %s, "
+                    "SET status = IF(remaining_packet = 1, 'sold_out', status), "
+                    "    remaining_amount = remaining_amount - %s, "
                     "    remaining_packet = remaining_packet - 1 "
                     "WHERE red_packet_id = %s AND status = 'active' AND remaining_packet >= 1 "
                     "  AND remaining_amount - %s >= remaining_packet - 1",
@@ -388,23 +454,14 @@ class Ledger:
                         to_datetime(claim.claimed_at_ms),
                     ),
                 )
-                await self._mark_sold_out(cur, [claim.red_packet_id])
+                events = await outbox.claim_events(cur, [claim], [claim.red_packet_id])
+                await outbox.write(cur, events)
                 await conn.commit()
                 return claim.amount, True
             except BaseException:
                 with contextlib.suppress(Exception):
                     await conn.rollback()
                 raise
-
-    @staticmethod
-    async def _mark_sold_out(cur: aiomysql.Cursor, packet_ids: Iterable[int]) -> None:
-        ids = list(packet_ids)
-        await cur.execute(
-            "UPDATE red_packet_info FORCE INDEX (uk_red_packet_id) "
-            "SET status = 'sold_out' WHERE remaining_packet = 0 "
-            "AND status = 'active' AND red_packet_id IN (" + ", ".join(["%s"] * len(ids)) + ")",
-            ids,
-        )
 
     # -- reads --------------------------------------------------------------------------
 
@@ -413,10 +470,11 @@ class Ledger:
     ) -> list[RecordRow]:
         """Newest first; ``after`` is (create_time_ms, uid) of the previous page's last record."""
         sql = (
-            "SELECT uid, nick_name, img_url, amount, create_time FROM red_packet_record "
-            "WHERE red_packet_id = %s"
+            "SELECT uid, nick_name, img_url, amount, create_time, uid <=> ("
+            "  SELECT luckiest_uid FROM red_packet_info WHERE red_packet_id = %s) "
+            "FROM red_packet_record WHERE red_packet_id = %s"
         )
-        args: list[Any] = [packet_id]
+        args: list[Any] = [packet_id, packet_id]
         if after is not None:
             sql += " AND (create_time < %s OR (create_time = %s AND uid < %s))"
             when = to_datetime(after[0])
@@ -427,7 +485,7 @@ class Ledger:
             await cur.execute(sql, args)
             rows = await cur.fetchall()
             await conn.rollback()
-        return [RecordRow(r[0], r[1], r[2], r[3], to_ms(r[4])) for r in rows]
+        return [RecordRow(r[0], r[1], r[2], r[3], to_ms(r[4]), bool(r[5])) for r in rows]
 
     # -- expiry -------------------------------------------------------------------------
 
@@ -479,6 +537,8 @@ class Ledger:
                     "UPDATE red_packet_info SET status = 'refunded' WHERE red_packet_id = %s",
                     (packet_id,),
                 )
+                states = await outbox.packet_states(cur, [packet_id])
+                await outbox.write(cur, [outbox.sent(states[packet_id], int(amount))])
                 await conn.commit()
                 return int(amount)
             except BaseException:

@@ -36,6 +36,7 @@ from redpacket.node.calls import (
     log_access,
     run_call,
 )
+from redpacket.node.history import HISTORY
 
 log = logging.getLogger("redpacket.node.link")
 _EMPTY: dict[str, str] = {}
@@ -102,6 +103,7 @@ class LinkConnection:
                 call = Call(
                     self._template.shard,
                     self._template.settings,
+                    self._template.history,
                     params,
                     query if isinstance(query, dict) else _EMPTY,
                     body,
@@ -159,7 +161,8 @@ class LinkServer:
             max_msg_size=self.max_message_bytes, compress=False, heartbeat=None
         )
         await ws.prepare(request)
-        template = Call(request.app[SHARD], request.app[SETTINGS], _EMPTY, _EMPTY, b"")
+        app = request.app
+        template = Call(app[SHARD], app[SETTINGS], app[HISTORY], _EMPTY, _EMPTY, b"")
         conn = LinkConnection(self, ws, template)
         self.connections.add(conn)
         try:

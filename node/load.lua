@@ -9,7 +9,9 @@
 -- ARGV[2]  total_amount   ARGV[3] total_packet   ARGV[4] remaining_amount
 -- ARGV[5]  remaining_packet   ARGV[6] expire_at_ms
 -- ARGV[7]  epoch ms at which all three keys are dropped from Redis (MySQL keeps the packet)
--- ARGV[8..] committed claims as uid, amount, uid, amount, ...
+-- ARGV[8]  kind: "lucky" | "equal" | "exclusive"   ARGV[9] amount_each ("" unless equal)
+-- ARGV[10] receiver uid ("" unless exclusive)
+-- ARGV[11..] committed claims as uid, amount, uid, amount, ...
 --
 -- Returns 1 when it loaded the packet, 0 when "create" found it already there.
 
@@ -20,11 +22,12 @@ redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 redis.call('HSET', KEYS[1],
   'total_amount', ARGV[2], 'total_packet', ARGV[3],
   'remaining_amount', ARGV[4], 'remaining_packet', ARGV[5],
-  'expire_at_ms', ARGV[6], 'state', '')
+  'expire_at_ms', ARGV[6], 'state', '',
+  'kind', ARGV[8], 'each', ARGV[9], 'receiver', ARGV[10])
 redis.call('PEXPIREAT', KEYS[1], ARGV[7])
-if #ARGV >= 9 then
+if #ARGV >= 12 then
   -- in slices: Lua's unpack has a stack limit of a few thousand values
-  for first = 8, #ARGV, 1000 do
+  for first = 11, #ARGV, 1000 do
     redis.call('HSET', KEYS[2], unpack(ARGV, first, math.min(first + 999, #ARGV)))
   end
   redis.call('PEXPIREAT', KEYS[2], ARGV[7])

@@ -2,7 +2,9 @@
 --
 -- KEYS[1]  rp:{id}:info     hash: total_amount total_packet remaining_amount remaining_packet
 --                                 expire_at_ms state ("" normally, "frozen" while the node
---                                 rebuilds or hands the packet to another shard)
+--                                 rebuilds or hands the packet to another shard),
+--                                 kind ("lucky" | "equal" | "exclusive"; absent: lucky),
+--                                 each (equal: cents per share), receiver (exclusive: uid)
 -- KEYS[2]  rp:{id}:claims   hash: uid -> amount in cents
 -- KEYS[3]  rp:{id}:pending  hash: uid -> claim details, until the claim is committed to MySQL
 -- ARGV[1]  uid (decimal)
@@ -16,15 +18,22 @@
 --    2  this uid already opened: its amount, shares left, pending = 1 while not yet committed
 --    0  packet not in Redis (never created here, or Redis lost it): caller loads it from MySQL
 --   -1  sold out       -2  expired       -3  frozen (retry shortly)
+--   -4  not for you: an exclusive packet for another uid (checked first: nothing else is
+--       said to someone it was not sent to)
 --
--- The amount follows the double-average rule: uniform in [1, m] where m is the largest whole
+-- The amount by kind: equal: `each` (the last share takes what is left, which is the same);
+-- exclusive: its one share takes all; lucky: the double-average rule: uniform in [1, m] where m is the largest whole
 -- cent below twice the remaining average, capped so that every share still unopened keeps at
 -- least 1 cent. The last share takes exactly what is left.
 
-local state = redis.call('HMGET', KEYS[1], 'remaining_amount', 'remaining_packet', 'expire_at_ms', 'state')
+local state = redis.call('HMGET', KEYS[1], 'remaining_amount', 'remaining_packet', 'expire_at_ms',
+  'state', 'kind', 'each', 'receiver')
 local left = tonumber(state[1])
 if not left then
   return {0, 0, 0, 0}
+end
+if state[7] and state[7] ~= '' and state[7] ~= ARGV[1] then
+  return {-4, 0, tonumber(state[2]), 0}
 end
 local n = tonumber(state[2])
 local frozen = state[4] == 'frozen'
@@ -51,6 +60,8 @@ end
 local amount
 if n == 1 then
   amount = left
+elseif state[5] == 'equal' then
+  amount = tonumber(state[6])
 else
   local m = math.floor((2 * left - 1) / n)
   local cap = left - (n - 1)

@@ -19,6 +19,13 @@ CREATE TABLE IF NOT EXISTS red_packet_info (
   create_time      DATETIME(3)  NOT NULL,
   expire_time      DATETIME(3)  NOT NULL,
   update_time      DATETIME(3)  NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3),
+  -- added with packet kinds and 手气最佳 (node/ledger.py ADDED_COLUMNS adds them to older tables)
+  kind             VARCHAR(16)  NOT NULL DEFAULT 'lucky' COMMENT 'lucky | equal | exclusive',
+  amount_each      INT          NULL COMMENT 'equal: cents per share',
+  receiver_uid     BIGINT       NULL COMMENT 'exclusive: the only uid that may open it',
+  sender_nick      VARCHAR(64)  NOT NULL DEFAULT '' COMMENT 'the sender, as their token named them',
+  sender_img       VARCHAR(512) NOT NULL DEFAULT '',
+  luckiest_uid     BIGINT       NULL COMMENT 'lucky: 手气最佳, set by the commit that sells it out',
   PRIMARY KEY (id),
   UNIQUE KEY uk_red_packet_id (red_packet_id),
   KEY idx_status_expire (status, expire_time),
@@ -101,5 +108,53 @@ CREATE TABLE IF NOT EXISTS shard_ring (
   ring_json    MEDIUMTEXT  NOT NULL,
   update_time  DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3),
   PRIMARY KEY (id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+;
+-- Per-user history (node/history.py, docs/architecture.md "My red packets"). The ledger of a
+-- packet's shard writes an outbox row in the transaction that changes the packet; the relay
+-- (node/relay.py) delivers it, at least once, to the shard owning "user:<uid>", which applies
+-- it exactly once (the primary keys below; every apply is an idempotent merge).
+CREATE TABLE IF NOT EXISTS history_outbox (
+  id            BIGINT UNSIGNED NOT NULL AUTO_INCREMENT,
+  uid           BIGINT       NOT NULL COMMENT 'the user whose history this changes',
+  event         VARCHAR(16)  NOT NULL COMMENT 'received | sent',
+  red_packet_id BIGINT       NOT NULL,
+  payload       VARBINARY(2048) NOT NULL COMMENT 'the row to merge, JSON',
+  create_time   DATETIME(3)  NOT NULL,
+  PRIMARY KEY (id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+;
+-- A share this user received. year: the calendar year in UTC+8 (China Standard Time).
+CREATE TABLE IF NOT EXISTS user_received (
+  uid           BIGINT       NOT NULL,
+  red_packet_id BIGINT       NOT NULL,
+  year          SMALLINT     NOT NULL COMMENT 'of create_time, in UTC+8',
+  sender_uid    BIGINT       NOT NULL,
+  sender_nick   VARCHAR(64)  NOT NULL DEFAULT '',
+  sender_img    VARCHAR(512) NOT NULL DEFAULT '',
+  kind          VARCHAR(16)  NOT NULL,
+  amount        INT          NOT NULL COMMENT 'cents',
+  luckiest      TINYINT      NOT NULL DEFAULT 0,
+  create_time   DATETIME(3)  NOT NULL COMMENT 'when the share was taken',
+  PRIMARY KEY (uid, red_packet_id),
+  KEY idx_user_year_time (uid, year, create_time, red_packet_id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+;
+-- A packet this user sent, with its progress (merged monotonically: counts only grow).
+CREATE TABLE IF NOT EXISTS user_sent (
+  uid             BIGINT       NOT NULL,
+  red_packet_id   BIGINT       NOT NULL,
+  year            SMALLINT     NOT NULL COMMENT 'of create_time, in UTC+8',
+  kind            VARCHAR(16)  NOT NULL,
+  total_amount    INT          NOT NULL,
+  total_packet    INT          NOT NULL,
+  opened_packet   INT          NOT NULL DEFAULT 0,
+  opened_amount   INT          NOT NULL DEFAULT 0,
+  refunded_amount INT          NOT NULL DEFAULT 0,
+  greeting        VARCHAR(255) NOT NULL DEFAULT '',
+  create_time     DATETIME(3)  NOT NULL,
+  expire_time     DATETIME(3)  NOT NULL,
+  PRIMARY KEY (uid, red_packet_id),
+  KEY idx_user_year_time (uid, year, create_time, red_packet_id)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
 ;

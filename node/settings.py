@@ -53,6 +53,9 @@ class NodeSettings:
     drain_s: float = 10.0  # SIGTERM: how long calls in flight may take to finish
     log_level: str = "INFO"
     access_log: bool = False
+    ring_file: str = ""  # the ring, to find the shard owning a user's history ("": this one)
+    # how long the history relay sleeps when its outbox is empty (half that after a delivery)
+    history_relay_idle_s: float = 0.1
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> NodeSettings:
@@ -113,6 +116,10 @@ class NodeSettings:
             drain_s=env_float(env, "REDPACKET_DRAIN_S", cls.drain_s),
             log_level=env_str(env, "REDPACKET_LOG_LEVEL", cls.log_level),
             access_log=env_bool(env, "REDPACKET_ACCESS_LOG", cls.access_log),
+            ring_file=env_str(env, "REDPACKET_RING_FILE", cls.ring_file),
+            history_relay_idle_s=env_float(
+                env, "REDPACKET_HISTORY_RELAY_IDLE_S", cls.history_relay_idle_s
+            ),
         )
         if not settings.node_secret:
             raise SettingsError(

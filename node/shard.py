@@ -67,17 +67,21 @@ def moved(owner: str, owner_url: str = "") -> ApiError:
     return ApiError(421, "packet_moved", "this red packet is served by another shard", extra=extra)
 
 
+def not_for_you() -> ApiError:
+    return ApiError(403, "not_for_you", "this red packet was sent to someone else")
+
+
 def id_collision() -> ApiError:
     return ApiError(409, "id_collision", "red_packet_id is taken by another packet; use a new id")
 
 
-# red_packet_info.status of a copy that is being handed between shards (node/handoff.py):
+# red_packet_info.status of a copy that is being handed between shards (node/handoff/):
 # it takes no claims and no refund, and is served by nobody until the handoff settles.
 MOVING = "moving"
 
 
 class Placement(Protocol):
-    """What this node knows of packets that live elsewhere (implemented in node/handoff.py)."""
+    """What this node knows of packets that live elsewhere (node/handoff/fence.py)."""
 
     def admitting(self) -> AbstractContextManager[None]:
         """Counts a create or key binding in flight, so a rebalance can wait for it."""
@@ -110,6 +114,11 @@ class NewPacketRequest:
     greeting: str
     expire_s: int
     create_token: str
+    kind: str = "lucky"
+    amount_each: int | None = None
+    receiver_uid: int | None = None
+    sender_nick: str = ""
+    sender_img: str = ""
 
 
 class Shard:
@@ -171,6 +180,11 @@ class Shard:
             create_token=req.create_token,
             create_time_ms=created_ms,
             expire_time_ms=created_ms + req.expire_s * 1000,
+            kind=req.kind,
+            amount_each=req.amount_each,
+            receiver_uid=req.receiver_uid,
+            sender_nick=req.sender_nick[:NICK_MAX],
+            sender_img=req.sender_img if len(req.sender_img) <= IMG_URL_MAX else "",
         )
         try:
             stored, created = await self.ledger.insert_packet(row)
@@ -229,6 +243,8 @@ class Shard:
             if outcome == Outcome.NOT_LOADED:
                 await self.rebuild(packet_id)
                 continue
+            if outcome == Outcome.NOT_FOR_YOU:
+                raise not_for_you()
             if outcome == Outcome.FROZEN:
                 if not await self._wait_for_local_rebuild(packet_id):
                     raise await self.moving(packet_id)

@@ -40,6 +40,12 @@ def _common(parser: argparse.ArgumentParser, dry_run: bool = True) -> None:
         help="how long to wait for the gateways to load the final ring",
     )
     parser.add_argument(
+        "--drain-timeout-s",
+        type=float,
+        default=120.0,
+        help="how long a removed shard may take to deliver its history outbox before it stops",
+    )
+    parser.add_argument(
         "--backend",
         choices=("local", "kubernetes"),
         default="local",
@@ -131,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         rate=args.rate,
         progress=not args.no_progress,
         gateway_timeout_s=args.gateway_timeout_s,
+        drain_timeout_s=args.drain_timeout_s,
     )
     dry_run = getattr(args, "dry_run", False)
     if args.action == "add":

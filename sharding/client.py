@@ -1,4 +1,4 @@
-"""The rebalance's HTTP client of the shard nodes' handoff API (node/handoff.py).
+"""The rebalance's HTTP client of the shard nodes' handoff API (node/handoff/).
 
 Every call carries the node secret. Answers that say "try again" (503, a connection that
 failed or timed out) are retried with backoff; anything else that is not a 2xx raises
@@ -137,7 +137,38 @@ class NodeClient:
                 return
             after_uid, after_key = answer["next"]
 
+    async def history(self, node: NodeSpec, page: int = 200) -> AsyncIterator[list[Any]]:
+        """Every user with history on a node: ``[uid, events]`` (node/handoff/keys.py)."""
+        after = "0"
+        while True:
+            answer = await self.request(
+                node, "GET", f"{H}/history", params={"after_uid": after, "limit": str(page)}
+            )
+            for row in answer["users"]:
+                yield row
+            if answer.get("next") is None:
+                return
+            after = answer["next"]
+
+    async def apply_history(self, node: NodeSpec, events: Sequence[list[Any]]) -> dict[str, Any]:
+        """Merge events into the users' history on ``node``: ``{uid: [owner, url]}`` refused."""
+        answer = await self.request(
+            node, "POST", "/internal/v1/history/events", body={"events": list(events)}
+        )
+        return dict(answer.get("moved", {}))
+
+    async def release_history(self, node: NodeSpec, uids: Sequence[str]) -> int:
+        answer = await self.request(node, "POST", f"{H}/history/release", body={"uids": list(uids)})
+        return int(answer.get("deleted", 0))
+
     # -- the steps of one packet ----------------------------------------------------------
+
+    async def drain_outbox(self, node: NodeSpec, timeout_s: int = 10) -> tuple[int, int]:
+        """Have ``node`` deliver its history outbox now: ``(delivered, left)``."""
+        answer = await self.request(
+            node, "POST", f"{H}/outbox/drain", params={"timeout_s": str(timeout_s)}
+        )
+        return int(answer["delivered"]), int(answer["left"])
 
     async def export(
         self, node: NodeSpec, packet_id: int, to: str, ring_version: int

@@ -5,7 +5,7 @@ diagram); the backends (``sharding/backends/``) only start and stop shards and p
 ring. One change, from ring P to ring T:
 
 1. infrastructure: start the new shard (add);
-2. fence every node of P and T with T (node/handoff.py): from now on no node creates a packet
+2. fence every node of P and T with T (node/handoff/): from now on no node creates a packet
    or binds a user's idempotency key that T gives to another node;
 3. publish the transition ring ``{version: v+1, nodes: T, previous: P}``. Gateways keep
    routing by P (where every packet is, or has a tombstone pointing on) and follow
@@ -15,7 +15,8 @@ ring. One change, from ring P to ring T:
    whose owner changes, and delete them at the old owner;
 5. publish the final ring ``{version: v+2, nodes: T}`` (the previous ring is retired), wait
    for the gateways to load it, and lift the fence;
-6. infrastructure: stop the removed shard (remove).
+6. infrastructure: stop the removed shard (remove), once its history outbox has reached the
+   users' shards.
 
 Every step is idempotent, and the state of every packet can be read back from the nodes, so
 running the same command again after a crash resumes where it stopped; ``rollback`` moves
@@ -141,6 +142,7 @@ class Rebalancer:
         rate: float = 0.0,
         progress: bool = True,
         gateway_timeout_s: float = 120.0,
+        drain_timeout_s: float = 120.0,
         say: Callable[[str], None] | None = None,
     ) -> None:
         self.backend = backend
@@ -148,6 +150,7 @@ class Rebalancer:
         self.rate = rate
         self.progress = progress
         self.gateway_timeout_s = gateway_timeout_s
+        self.drain_timeout_s = drain_timeout_s
         self.say = say or (lambda message: print(message, flush=True))
         self.client = NodeClient(backend.node_secret)
 
@@ -282,6 +285,10 @@ class Rebalancer:
                 f"  {conflicts} idempotency key(s) were bound differently on their new owner; "
                 "kept on both (see docs/rebalancing.md)"
             )
+        # 4c. users' history, like the keys: copied (an idempotent merge), then released
+        users = await self._move_history(nodes, target)
+        if users:
+            self.say(f"moved the history of {users} user(s)")
         # 5. retire the previous ring
         final = RingDoc(doc.version + 1, doc.nodes)
         await self.backend.publish_ring(final)
@@ -423,6 +430,36 @@ class Rebalancer:
                     await flush(node, owner, batch)
         return moved, conflicts
 
+    async def _move_history(self, nodes: dict[str, NodeSpec], target: Ring) -> int:
+        """Copy each user's history (我的红包) to the user's owner in ``target``, then delete it
+        where it was; the number of users moved. Fenced nodes already send new events there."""
+        moved = 0
+
+        async def flush(source: NodeSpec, owner: str, batch: list[tuple[str, list[Any]]]) -> None:
+            nonlocal moved
+            events = [event for _, user_events in batch for event in user_events]
+            refused = await self.client.apply_history(nodes[owner], events)
+            if refused:
+                raise RebalanceError(f"{owner} refused the history of users {sorted(refused)}")
+            await self.client.release_history(source, [uid for uid, _ in batch])
+            moved += len(batch)
+
+        for node in nodes.values():
+            batches: dict[str, list[tuple[str, list[Any]]]] = {}
+            async for uid, events in self.client.history(node):
+                owner = target.owner_of_key(user_key(int(uid))).name
+                if owner == node.name:
+                    continue
+                batch = batches.setdefault(owner, [])
+                batch.append((uid, events))
+                if len(batch) >= 200:
+                    await flush(node, owner, batch)
+                    batches[owner] = []
+            for owner, batch in batches.items():
+                if batch:
+                    await flush(node, owner, batch)
+        return moved
+
     # -- the edges ------------------------------------------------------------------------
 
     async def _dry_run(self, holders: list[NodeSpec], target_nodes: list[NodeSpec]) -> int:
@@ -458,8 +495,26 @@ class Rebalancer:
                 f"{node.name} still holds red packet {packet_id}: not stopping it; "
                 "run the command again"
             )
+        await self._drain_outbox(node)
         await self.backend.stop_node(node.name)
         self.say(f"stopped {node.name}")
+
+    async def _drain_outbox(self, node: NodeSpec) -> None:
+        """Wait until the node's history outbox reached the users' shards: the events of its
+        last commits would go with its database otherwise. Nothing adds to it any more (its
+        packets moved out), so this ends once the users' shards take them."""
+        deadline = asyncio.get_running_loop().time() + self.drain_timeout_s
+        delivered, left = await self.client.drain_outbox(node)
+        while left:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise RebalanceError(
+                    f"{node.name} still has {left} history event(s) to deliver after "
+                    f"{self.drain_timeout_s:.0f}s (is a user's shard down?): not stopping it; "
+                    "run the command again"
+                )
+            done, left = await self.client.drain_outbox(node)
+            delivered += done
+        self.say(f"{node.name}: history outbox drained ({delivered} event(s) delivered now)")
 
     async def _stop_leftover(self, name: str, dry_run: bool) -> int:
         """A shard out of the ring that still runs (a removal killed after its last ring)."""

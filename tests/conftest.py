@@ -410,7 +410,9 @@ class Cluster:
         return nodes
 
     async def check(self, observed: list[Observed] | None = None, settle_s: float = 15.0) -> Report:
-        report = await check_shards(self.nodes(), observed or [], settle_s=settle_s)
+        doc = self.ring()
+        owners = doc.ring() if doc.previous is None else None  # where users' history lives
+        report = await check_shards(self.nodes(), observed or [], settle_s=settle_s, owners=owners)
         assert report.ok, "\n".join(report.violations)
         return report
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -18,7 +19,7 @@ from tests.conftest import Cluster
 class OpenLoad:
     cluster: Cluster
     packet_ids: list[str]
-    users: range
+    users: Sequence[int]
     observed: list[Observed] = field(default_factory=list)
     statuses: Counter[int] = field(default_factory=Counter)
     codes: Counter[str] = field(default_factory=Counter)

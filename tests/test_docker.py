@@ -240,6 +240,9 @@ def test_gateway_settings_and_ring() -> None:
         url = urlsplit(spec.url)
         node_settings = NodeSettings.from_env(service_env(url.hostname))
         assert node_settings.name == spec.name
+        # the node reads the same ring (it keeps the history of the users the ring gives it)
+        node_mounts = [interpolate(v).split(":") for v in nodes[url.hostname].get("volumes", [])]
+        assert [m[0] for m in node_mounts if m[1] == node_settings.ring_file] == [host_path]
         assert node_settings.host == "0.0.0.0"
         assert url.port == node_settings.port
         assert node_settings.node_secret == settings.node_secret

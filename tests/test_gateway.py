@@ -23,6 +23,8 @@ PACKET_FIELDS = {
     "total_packet",
     "remaining_amount",
     "remaining_packet",
+    "kind",
+    "luckiest",
     "greeting",
     "status",
     "create_time",
@@ -112,6 +114,7 @@ async def test_records_are_newest_first_with_profiles_and_pages(cluster: Cluster
         "img_url": "https://img.example/35.png",
         "amount": page["records"][0]["amount"],
         "create_time": page["records"][0]["create_time"],
+        "luckiest": page["records"][0]["luckiest"],  # tests/test_kinds.py checks which
     }
     rest = page["records"]
     cursor = page["next_cursor"]

@@ -333,6 +333,27 @@ def test_ring_lists_exactly_the_shards(case: str) -> None:
     ring.ring()  # builds the hash ring
 
 
+def assert_reads_the_ring(
+    docs: list[dict[str, Any]], pod: dict[str, Any], container: dict[str, Any], ring_file: str
+) -> None:
+    """The ring file is a key of the ring ConfigMap, mounted as a directory (no subPath) so
+    the kubelet's updates (``redpacket rebalance``) reach the running process."""
+    ring_cm = one(docs, "ConfigMap", "ring")
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = [
+        m
+        for m in container["volumeMounts"]
+        if volumes[m["name"]].get("configMap", {}).get("name") == ring_cm["metadata"]["name"]
+    ]
+    assert mounts, f"{container['name']} does not mount the ring ConfigMap"
+    (mount,) = mounts
+    assert "subPath" not in mount
+    assert mount.get("readOnly") is True
+    ring_path = Path(ring_file)
+    assert ring_path.parent == Path(mount["mountPath"])
+    assert ring_path.name in ring_cm["data"]
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_gateway_settings_load_from_its_pod(case: str) -> None:
     docs = render(case)
@@ -344,19 +365,7 @@ def test_gateway_settings_load_from_its_pod(case: str) -> None:
     settings = GatewaySettings.from_env(env)  # raises on a missing or short secret
     assert settings.host == "0.0.0.0"
     assert settings.port == container_port(container, "http")
-    # the ring file is a key of the ring ConfigMap, mounted as a directory (no subPath) so
-    # the kubelet's updates reach the running gateway
-    ring_cm = one(docs, "ConfigMap", "ring")
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    mount = next(
-        m
-        for m in container["volumeMounts"]
-        if volumes[m["name"]].get("configMap", {}).get("name") == ring_cm["metadata"]["name"]
-    )
-    assert "subPath" not in mount
-    ring_path = Path(settings.ring_file)
-    assert ring_path.parent == Path(mount["mountPath"])
-    assert ring_path.name in ring_cm["data"]
+    assert_reads_the_ring(docs, pod, container, settings.ring_file)
     # the node secret is the one the nodes check
     node_env = kubelet_env(
         statefulsets(docs)["node"]["spec"]["template"]["spec"]["containers"][0],
@@ -411,6 +420,29 @@ def test_gateway_starts_with_the_charts_env(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=15)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_node_pods_read_the_ring_the_gateway_reads(case: str) -> None:
+    """Nodes keep the history of the users the ring gives them and deliver their outbox by it
+    (node/relay.py): every node pod reads the same ring file as the gateway, from the same
+    ConfigMap, and finds itself in it."""
+    docs = render(case)
+    node_set = statefulsets(docs)["node"]
+    pod = node_set["spec"]["template"]["spec"]
+    (node,) = pod["containers"]
+    gateway = one(docs, "Deployment", "gateway")["spec"]["template"]["spec"]["containers"][0]
+    ring_cm = one(docs, "ConfigMap", "ring")
+    ring = RingDoc.parse(json.loads(ring_cm["data"]["ring.json"]))
+    gateway_env = kubelet_env(gateway, secret_data(docs), {}, "gateway-abc")
+    for i in range(expected_shards(case)):
+        hostname = f"{node_set['metadata']['name']}-{i}"
+        env = kubelet_env(node, secret_data(docs), pod_labels(node_set, i, True), hostname)
+        settings = NodeSettings.from_env(env)
+        assert settings.ring_file, "the node pod has no REDPACKET_RING_FILE"
+        assert settings.ring_file == gateway_env["REDPACKET_RING_FILE"]
+        assert_reads_the_ring(docs, pod, node, settings.ring_file)
+        assert ring.node(settings.name) is not None
 
 
 @pytest.mark.parametrize("with_pod_index", [True, False], ids=["pod-index-label", "hostname"])
@@ -611,15 +643,18 @@ def test_network_policies(case: str) -> None:
     # the gateway takes traffic from anyone on its port only
     assert selects(policies["gateway"]["spec"]["podSelector"]["matchLabels"], gateway)
     assert peers(policies["gateway"]) == []
-    # nodes: the gateway and rebalance Jobs only (plus explicitly configured peers)
+    # nodes: the gateway, rebalance Jobs and other nodes (the outbox relay delivers users'
+    # history node to node) only, plus explicitly configured peers
     node_policy = policies["node"]
     assert selects(node_policy["spec"]["podSelector"]["matchLabels"], node)
     assert not selects(node_policy["spec"]["podSelector"]["matchLabels"], gateway)
     allowed = pod_peers(node_policy)
-    assert len(allowed) == 2
+    assert len(allowed) == 3
     assert any(selects(a, gateway) for a in allowed)
     assert any(selects(a, rebalance) for a in allowed)
-    assert not any(selects(a, node) for a in allowed)
+    assert any(selects(a, node) for a in allowed)
+    redis_or_mysql = [sets[s]["spec"]["template"]["metadata"]["labels"] for s in stores]
+    assert not any(selects(a, labels) for a in allowed for labels in redis_or_mysql)
     extra = [p for p in peers(node_policy) if "podSelector" not in p]
     assert len(extra) == (1 if case == "everything-switched" else 0)
     (rule,) = node_policy["spec"]["ingress"]

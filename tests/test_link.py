@@ -19,6 +19,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
+from redpacket.chaos.proxy import TcpProxy
 from redpacket.cli.devcluster import free_ports
 from redpacket.core.errors import ApiError
 from redpacket.core.frames import LINK_PATH
@@ -26,10 +27,10 @@ from redpacket.gateway.link import LinkDown, Links, NodeLink
 from redpacket.gateway.shards import Shards
 from redpacket.node.app import node_auth_middleware
 from redpacket.node.calls import SETTINGS, SHARD, Call, Reply, reply
+from redpacket.node.history import HISTORY
 from redpacket.node.link import LinkServer
 from redpacket.sharding.ring import NodeSpec, RingDoc
 from tests.conftest import Cluster, NodeHandle
-from tests.faults import TcpProxy
 from tests.load import OpenLoad
 
 SECRET = "link-test-secret"
@@ -83,6 +84,7 @@ async def link_server() -> AsyncIterator[Any]:
         app = web.Application(middlewares=[node_auth_middleware(SECRET)])
         app[SHARD] = None  # type: ignore[assignment]  # these calls need no shard
         app[SETTINGS] = None  # type: ignore[assignment]
+        app[HISTORY] = None  # type: ignore[assignment]
         app.router.add_get(LINK_PATH, link.handle)
         runner = web.AppRunner(app)
         await runner.setup()

@@ -1,0 +1,49 @@
+"""Handing red packets (and users' keys) between shard nodes: the node's half of a rebalance.
+
+One module per concept: ``fence.py`` (the fence and tombstones), ``packets.py`` (the per-packet
+steps), ``keys.py`` (users' idempotency keys), ``http.py`` (the handoff API).
+
+The protocol, with a sequence diagram, is in docs/rebalancing.md. The orchestrator
+(``sharding/rebalance.py``) takes each packet that changes owner through these steps, each
+one an idempotent call on one node, so a rebalance killed anywhere is finished (or undone)
+by running it again:
+
+``export``   (old owner) freeze the packet in Redis, wait for the opens and commits in
+             flight, commit every claim still pending in Redis, then mark the MySQL copy
+             inert (status ``moving``: no claim, no refund, nobody serves it) and return the
+             rows and the Redis state;
+``import``   (new owner) stage the rows, inert as well, replacing any staged copy;
+``activate`` (new owner) restore the status, drop an old tombstone, load Redis. This is the
+             commit point: from here on the new owner's copy is the packet;
+``finish``   (old owner) write a tombstone pointing at the new owner, drop the Redis copy,
+             then delete the MySQL copy;
+``abort``    (old owner) undo an export (rollback before the commit point);
+``discard``  (new owner) drop a staged copy (rollback before the commit point).
+
+At every instant at most one node may accept an open: the old owner stops at ``export``
+(its Redis copy is frozen before anything else), the new owner starts at ``activate``.
+
+The fence: the ring a rebalance moves to, stored in MySQL (table ``shard_ring``) while the
+change is in progress. Once fenced, a node refuses to create a packet, or to bind an
+idempotency key of a user, that this ring gives to another node, unless it already holds
+it: it answers 421 packet_moved with the owner. That keeps a gateway with an older ring from
+creating packets behind a migration's back. Creates and key bindings in flight when the
+fence goes up are waited for. A node also redirects, rather than 404s, calls for packets it
+does not hold that the fence ring gives to another node.
+"""
+
+from redpacket.node.handoff.fence import Fence, HandoffConflict
+from redpacket.node.handoff.http import HANDOFF, ROUTES, Handoff, start
+from redpacket.node.handoff.keys import KeyMoves
+from redpacket.node.handoff.packets import PacketMoves
+
+__all__ = [
+    "HANDOFF",
+    "ROUTES",
+    "Fence",
+    "Handoff",
+    "HandoffConflict",
+    "KeyMoves",
+    "PacketMoves",
+    "start",
+]

@@ -1,0 +1,254 @@
+"""The handoff API of a node (``/internal/v1/handoff/...``), called by ``redpacket rebalance``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pymysql
+from aiohttp import web
+
+from redpacket.core.errors import bad_request, json_response, read_json_object
+from redpacket.core.errors import unavailable as unavailable_error
+from redpacket.core.ids import parse_packet_id, parse_uid
+from redpacket.node.handoff.fence import Fence
+from redpacket.node.handoff.keys import KeyMoves
+from redpacket.node.handoff.packets import PacketMoves
+from redpacket.node.relay import RELAY
+from redpacket.node.shard import Shard
+from redpacket.sharding.ring import RingDoc, RingError
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """A node's half of rebalancing, one part per concept."""
+
+    fence: Fence
+    packets: PacketMoves
+    keys: KeyMoves
+
+    @property
+    def name(self) -> str:
+        return self.fence.name
+
+
+HANDOFF = web.AppKey("handoff", Handoff)
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    return await read_json_object(request) if request.can_read_body else {}
+
+
+def _int(body: dict[str, Any], field: str, default: int | None = None) -> int:
+    value = body.get(field, default)
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise bad_request("invalid_field", f"{field} must be a non-negative integer")
+    return value
+
+
+def _name(body: dict[str, Any], field: str) -> str:
+    value = body.get(field)
+    if not isinstance(value, str) or not value or len(value) > 64:
+        raise bad_request("invalid_field", f"{field} must be a node name")
+    return value
+
+
+async def _step(request: web.Request, step: str) -> web.Response:
+    handoff = request.app[HANDOFF]
+    packet_id = parse_packet_id(request.match_info["id"])
+    body = await _body(request)
+    try:
+        if step == "export":
+            return json_response(
+                await handoff.packets.export(
+                    packet_id, _name(body, "to"), _int(body, "ring_version")
+                )
+            )
+        if step == "import":
+            try:
+                payload = body["export"]
+                if int(payload["packet"]["red_packet_id"]) != packet_id:
+                    raise ValueError("packet id mismatch")
+                state = await handoff.packets.import_(
+                    payload, _name(body, "from"), _int(body, "ring_version")
+                )
+            except (KeyError, TypeError, ValueError) as exc:
+                raise bad_request("invalid_field", f"malformed export: {exc}") from None
+        elif step == "activate":
+            state = await handoff.packets.activate(packet_id)
+        elif step == "finish":
+            url = body.get("owner_url", "")
+            state = await handoff.packets.finish(
+                packet_id,
+                _name(body, "owner"),
+                url if isinstance(url, str) else "",
+                _int(body, "ring_version"),
+            )
+        elif step == "abort":
+            state = await handoff.packets.abort(packet_id)
+        else:
+            state = await handoff.packets.discard(packet_id)
+    except pymysql.err.OperationalError as exc:
+        raise unavailable_error(f"the shard's database refused: {exc.args[:1]}") from None
+    return json_response({"state": state})
+
+
+def _step_handler(step: str) -> Any:
+    """The route handler of one handoff step (they differ only in the step they run)."""
+
+    async def handler(request: web.Request) -> web.Response:
+        return await _step(request, step)
+
+    return handler
+
+
+async def list_packets(request: web.Request) -> web.Response:
+    handoff = request.app[HANDOFF]
+    after = _int(dict(request.query), "after", 0)
+    limit = min(max(_int(dict(request.query), "limit", 1000), 1), 10_000)
+    rows = await handoff.packets.inventory(after, limit)
+    return json_response(
+        {
+            "node": handoff.name,
+            "packets": [[str(pid), state, peer] for pid, state, peer in rows],
+            "next": str(rows[-1][0]) if len(rows) == limit else None,
+        }
+    )
+
+
+async def get_fence(request: web.Request) -> web.Response:
+    handoff = request.app[HANDOFF]
+    fence = handoff.fence.fence.as_dict() if handoff.fence.fence else None
+    return json_response({"node": handoff.name, "fence": fence})
+
+
+async def put_fence(request: web.Request) -> web.Response:
+    handoff = request.app[HANDOFF]
+    try:
+        doc = RingDoc.parse(await read_json_object(request))
+    except RingError as exc:
+        raise bad_request("invalid_ring", str(exc)) from None
+    await handoff.fence.set_fence(doc)
+    return json_response(
+        {
+            "node": handoff.name,
+            "version": doc.version,
+            "member": any(n.name == handoff.name for n in doc.nodes),
+        }
+    )
+
+
+async def delete_fence(request: web.Request) -> web.Response:
+    handoff = request.app[HANDOFF]
+    await handoff.fence.clear_fence()
+    return json_response({"node": handoff.name, "fence": None})
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    handoff = request.app[HANDOFF]
+    query = dict(request.query)
+    after = (_int(query, "after_uid", 0), query.get("after_key", ""))
+    limit = min(max(_int(query, "limit", 1000), 1), 10_000)
+    rows = await handoff.keys.keys(after, limit)
+    return json_response(
+        {
+            "node": handoff.name,
+            "keys": [[str(u), k, h, str(p), t] for u, k, h, p, t in rows],
+            "next": [str(rows[-1][0]), rows[-1][1]] if len(rows) == limit else None,
+        }
+    )
+
+
+def _key_rows(body: dict[str, Any]) -> list[list[Any]]:
+    rows = body.get("keys")
+    if not isinstance(rows, list) or not all(isinstance(r, list) and len(r) >= 4 for r in rows):
+        raise bad_request("invalid_field", "keys must be a list of rows")
+    for row in rows:
+        if parse_uid(row[0]) is None or parse_uid(row[3]) is None:
+            raise bad_request("invalid_field", "every key row needs a uid and a packet id")
+    return rows
+
+
+async def import_keys(request: web.Request) -> web.Response:
+    handoff = request.app[HANDOFF]
+    rows = _key_rows(await read_json_object(request))
+    try:
+        parsed = [(int(u), str(k), str(h), int(p), int(t)) for u, k, h, p, t, *_ in rows]
+    except (TypeError, ValueError):
+        raise bad_request("invalid_field", "malformed key rows") from None
+    conflicts = await handoff.keys.import_keys(parsed)
+    return json_response(
+        {"imported": len(parsed) - len(conflicts), "conflicts": [[str(u), k] for u, k in conflicts]}
+    )
+
+
+async def release_keys(request: web.Request) -> web.Response:
+    handoff = request.app[HANDOFF]
+    rows = _key_rows(await read_json_object(request))
+    parsed = [(int(u), str(k), str(h), int(p)) for u, k, h, p, *_ in rows]
+    return json_response({"deleted": await handoff.keys.release_keys(parsed)})
+
+
+async def list_history(request: web.Request) -> web.Response:
+    handoff = request.app[HANDOFF]
+    query = dict(request.query)
+    limit = min(max(_int(query, "limit", 200), 1), 2000)
+    users = await handoff.keys.history(_int(query, "after_uid", 0), limit)
+    return json_response(
+        {
+            "node": handoff.name,
+            "users": [[str(uid), events] for uid, events in users],
+            "next": str(users[-1][0]) if len(users) == limit else None,
+        }
+    )
+
+
+async def release_history(request: web.Request) -> web.Response:
+    handoff = request.app[HANDOFF]
+    body = await read_json_object(request)
+    uids = (
+        [parse_uid(u) for u in body.get("uids", [])] if isinstance(body.get("uids"), list) else []
+    )
+    if not uids or any(u is None for u in uids):
+        raise bad_request("invalid_field", "uids must be a list of user ids")
+    return json_response({"deleted": await handoff.keys.release_history([u for u in uids if u])})
+
+
+async def drain_outbox(request: web.Request) -> web.Response:
+    """Deliver this node's history outbox now (up to ``timeout_s``, at most 60): what a shard
+    being removed must do before it stops (node/relay.py ``Relay.drain``)."""
+    query = dict(request.query)
+    timeout_s = min(max(_int(query, "timeout_s", 10), 1), 60)
+    delivered, left = await request.app[RELAY].drain(timeout_s)
+    return json_response({"node": request.app[HANDOFF].name, "delivered": delivered, "left": left})
+
+
+PREFIX = "/internal/v1/handoff"
+ROUTES = [
+    web.get(f"{PREFIX}/ring", get_fence),
+    web.put(f"{PREFIX}/ring", put_fence),
+    web.delete(f"{PREFIX}/ring", delete_fence),
+    web.get(f"{PREFIX}/packets", list_packets),
+    web.post(f"{PREFIX}/packets/{{id}}/export", _step_handler("export")),
+    web.post(f"{PREFIX}/packets/{{id}}/import", _step_handler("import")),
+    web.post(f"{PREFIX}/packets/{{id}}/activate", _step_handler("activate")),
+    web.post(f"{PREFIX}/packets/{{id}}/finish", _step_handler("finish")),
+    web.post(f"{PREFIX}/packets/{{id}}/abort", _step_handler("abort")),
+    web.post(f"{PREFIX}/packets/{{id}}/discard", _step_handler("discard")),
+    web.get(f"{PREFIX}/idempotency-keys", list_keys),
+    web.post(f"{PREFIX}/idempotency-keys", import_keys),
+    web.post(f"{PREFIX}/idempotency-keys/release", release_keys),
+    web.get(f"{PREFIX}/history", list_history),
+    web.post(f"{PREFIX}/history/release", release_history),
+    web.post(f"{PREFIX}/outbox/drain", drain_outbox),
+]
+
+
+async def start(shard: Shard, name: str) -> Handoff:
+    """The node's handoff state, loaded from MySQL; installs its fence as the shard's placement."""
+    fence = Fence(shard, name)
+    await fence.load()
+    shard.placement = fence
+    return Handoff(fence, PacketMoves(fence), KeyMoves(fence))

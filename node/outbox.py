@@ -1,0 +1,222 @@
+"""The outbox: history events written in the same transaction as the ledger change they report.
+
+The packet's shard does not write a user's history itself (it lives on the shard that owns
+``user:<uid>``, docs/architecture.md "My red packets"): it writes one outbox row per change,
+inside the transaction that makes the change, so an event exists if and only if the change
+committed. ``node/relay.py`` delivers the rows; ``node/history.py`` applies them.
+
+Two events, each a full row to merge (so applying one twice, or out of order, is harmless):
+
+- ``received`` (to the receiver): one share, with the sender and the kind; ``luckiest`` is
+  true on the copy written by the commit that decided 手气最佳;
+- ``sent`` (to the sender): the packet's progress after the change (opened shares and
+  cents, refund), written at create, by every commit batch that touched it, and at refund.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import aiomysql
+import orjson
+
+if TYPE_CHECKING:  # the ledger imports this module: no import back at run time
+    from redpacket.node.ledger import Claim, PacketRow
+
+_EPOCH = dt.datetime(1970, 1, 1)
+_MS = dt.timedelta(milliseconds=1)
+
+
+def to_ms(value: dt.datetime) -> int:
+    return (value - _EPOCH) // _MS
+
+
+RECEIVED = "received"
+SENT = "sent"
+
+
+@dataclass(frozen=True, slots=True)
+class PacketState:
+    """A packet as the transaction that changed it sees it, for the events it writes."""
+
+    red_packet_id: int
+    uid: int
+    kind: str
+    total_amount: int
+    total_packet: int
+    remaining_amount: int
+    remaining_packet: int
+    greeting: str
+    create_time_ms: int
+    expire_time_ms: int
+    sender_nick: str
+    sender_img: str
+    luckiest_uid: int | None
+
+
+Event = tuple[int, str, int, dict[str, Any]]  # (uid, event, red_packet_id, payload)
+
+_STATE_SQL = (
+    "SELECT red_packet_id, uid, kind, total_amount, total_packet, remaining_amount, "
+    "remaining_packet, greeting, create_time, expire_time, sender_nick, sender_img, luckiest_uid "
+    "FROM red_packet_info FORCE INDEX (uk_red_packet_id) WHERE red_packet_id IN "
+)
+
+
+async def packet_states(cur: aiomysql.Cursor, packet_ids: Iterable[int]) -> dict[int, PacketState]:
+    ids = list(packet_ids)
+    await cur.execute(_STATE_SQL + "(" + ", ".join(["%s"] * len(ids)) + ")", ids)
+    states = {}
+    for row in await cur.fetchall():
+        state = PacketState(*row[:8], to_ms(row[8]), to_ms(row[9]), *row[10:13])
+        states[state.red_packet_id] = state
+    return states
+
+
+def sent(state: PacketState, refunded_amount: int = 0) -> Event:
+    return (
+        state.uid,
+        SENT,
+        state.red_packet_id,
+        {
+            "kind": state.kind,
+            "total_amount": state.total_amount,
+            "total_packet": state.total_packet,
+            "opened_packet": state.total_packet - state.remaining_packet,
+            "opened_amount": state.total_amount - state.remaining_amount,
+            "refunded_amount": refunded_amount,
+            "greeting": state.greeting,
+            "create_time": state.create_time_ms,
+            "expire_time": state.expire_time_ms,
+        },
+    )
+
+
+def received(
+    state: PacketState, uid: int, amount: int, taken_ms: int, luckiest: bool = False
+) -> Event:
+    return (
+        uid,
+        RECEIVED,
+        state.red_packet_id,
+        {
+            "amount": amount,
+            "time": taken_ms,
+            "sender": state.uid,
+            "sender_nick": state.sender_nick,
+            "sender_img": state.sender_img,
+            "kind": state.kind,
+            "luckiest": luckiest,
+        },
+    )
+
+
+def state_of(row: PacketRow) -> PacketState:
+    """The state of a packet just inserted: its row says everything, no read needed."""
+    return PacketState(
+        row.red_packet_id,
+        row.uid,
+        row.kind,
+        row.total_amount,
+        row.total_packet,
+        row.remaining_amount,
+        row.remaining_packet,
+        row.greeting,
+        row.create_time_ms,
+        row.expire_time_ms,
+        row.sender_nick,
+        row.sender_img,
+        row.luckiest_uid,
+    )
+
+
+Best = tuple[int, int, int]  # (uid, amount, taken_ms) of a packet's 手气最佳 share
+
+
+async def decide_luckiest(cur: aiomysql.Cursor, packet_ids: list[int]) -> dict[int, Best]:
+    """手气最佳 of lucky packets this transaction sold out: the highest amount, the earliest
+    share on a tie, then the record id. Set once (``luckiest_uid IS NULL``), in the transaction
+    that takes the last share, so it moves with the packet and never changes.
+
+    The best share is found by a plain (consistent, non-locking) read: this transaction holds
+    the packets' rows, and every writer of a packet's records takes that row first, so the
+    read sees all of them. An ``UPDATE ... SET luckiest_uid = (SELECT ... FROM
+    red_packet_record)`` would read with shared next-key locks instead, and the gap after the
+    sold-out packet's last record reaches the records of every newer packet: their inserts
+    waited for this commit (measured, docs/architecture.md "Kinds and 手气最佳").
+    """
+    await cur.execute(
+        " UNION ALL ".join(
+            [
+                "(SELECT red_packet_id, uid, amount, create_time FROM red_packet_record "
+                "WHERE red_packet_id = %s ORDER BY amount DESC, create_time, id LIMIT 1)"
+            ]
+            * len(packet_ids)
+        ),
+        packet_ids,
+    )
+    best = {
+        int(pid): (int(uid), int(amount), to_ms(when))
+        for pid, uid, amount, when in await cur.fetchall()
+    }
+    if best:
+        ids = sorted(best)
+        await cur.execute(
+            "UPDATE red_packet_info FORCE INDEX (uk_red_packet_id) SET luckiest_uid = "
+            "(CASE red_packet_id " + " ".join(["WHEN %s THEN %s"] * len(ids)) + " END) "
+            "WHERE red_packet_id IN (" + ", ".join(["%s"] * len(ids)) + ") "
+            "AND luckiest_uid IS NULL",
+            [*(v for pid in ids for v in (pid, best[pid][0])), *ids],
+        )
+    return best
+
+
+async def claim_events(
+    cur: aiomysql.Cursor, claims: list[Claim], packet_ids: list[int]
+) -> list[Event]:
+    """The events of one commit batch: a ``received`` per claim, a ``sent`` per packet, and
+    the winner's ``received`` again with ``luckiest`` for lucky packets this batch sold out.
+
+    One read of the packets' state after the batch's update; only a batch that sold a lucky
+    packet out (its remaining_packet is 0 and no 手气最佳 is named yet) reads the records to
+    name one."""
+    states = await packet_states(cur, packet_ids)
+    events = [sent(state) for state in states.values()]
+    sold_lucky = [
+        pid
+        for pid, s in states.items()
+        if s.kind == "lucky" and s.remaining_packet == 0 and s.luckiest_uid is None
+    ]
+    best = await decide_luckiest(cur, sold_lucky) if sold_lucky else {}
+    for c in claims:
+        lucky = c.red_packet_id in best and best[c.red_packet_id][0] == c.uid
+        if lucky:
+            del best[c.red_packet_id]
+        events.append(
+            received(states[c.red_packet_id], c.uid, c.amount, c.claimed_at_ms, luckiest=lucky)
+        )
+    for pid, (uid, amount, taken_ms) in best.items():  # the winner's share is an earlier batch's
+        events.append(received(states[pid], uid, amount, taken_ms, luckiest=True))
+    return events
+
+
+async def write(cur: aiomysql.Cursor, events: list[Event]) -> None:
+    """One multi-row ``INSERT ... VALUES (..), (..)`` for all the events of a transaction
+    (``executemany`` of a plain VALUES insert is sent as one statement), stamped now (the relay
+    measures the history lag from this stamp). A multi-row VALUES insert is a "simple insert"
+    to InnoDB: its AUTO_INCREMENT ids come from a short mutex, not the table-level AUTO-INC
+    lock that INSERT ... SELECT would hold to the end of the statement."""
+    if not events:
+        return
+    when = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    await cur.executemany(
+        "INSERT INTO history_outbox (uid, event, red_packet_id, payload, create_time) "
+        "VALUES (%s, %s, %s, %s, %s)",
+        [
+            (uid, kind, pid, orjson.dumps(payload).decode(), when)
+            for uid, kind, pid, payload in events
+        ],
+    )

@@ -1,0 +1,243 @@
+"""The outbox relay: delivers this shard's history events to the shards that own the users.
+
+At least once, in batches: one read of the oldest N outbox rows, one call (one apply
+transaction) per destination shard, one delete of everything delivered. A row whose delivery
+failed stays and is read again next pass; its destination applies it exactly once (merges on
+primary keys, node/history.py), so a relay killed between apply and delete only repeats
+work. Rows for users this node owns are applied locally, in the same way.
+
+Metrics: ``redpacket_history_outbox_backlog`` (rows waiting) and
+``redpacket_history_lag_seconds`` (from the commit that wrote a row to its apply).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from prometheus_client import Gauge, Histogram
+
+from redpacket.core.errors import ApiError
+from redpacket.node.handlers import SETTINGS, SHARD
+from redpacket.node.history import HISTORY, Event, RingView, UserHistory
+from redpacket.node.ledger import to_ms
+from redpacket.sharding.ring import NodeSpec
+
+log = logging.getLogger("redpacket.node.relay")
+
+NODE_SECRET_HEADER = "X-Redpacket-Node-Secret"
+MAX_HOPS = 4
+
+OUTBOX_BACKLOG = Gauge(
+    "redpacket_history_outbox_backlog", "History events written here and not yet delivered."
+)
+HISTORY_LAG = Histogram(
+    "redpacket_history_lag_seconds",
+    "From the commit that wrote a history event to its apply on the user's shard.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+DELIVERY_ERRORS = Gauge(
+    "redpacket_history_delivery_failing", "1 while the last delivery to a shard failed.", ["node"]
+)
+
+
+class Relay:
+    def __init__(
+        self,
+        history: UserHistory,
+        session: aiohttp.ClientSession,
+        secret: str,
+        *,
+        batch: int = 500,
+        idle_s: float = 0.05,
+    ) -> None:
+        self.history = history
+        self.session = session
+        self.secret = secret
+        self.batch = batch
+        self.idle_s = idle_s
+        self._ring_checked = 0.0
+        self._pass = asyncio.Lock()  # the background loop and drain() never overlap
+
+    async def run(self) -> None:
+        while True:
+            try:
+                delivered, more = await self.pass_once()
+            except Exception:
+                log.warning("history relay pass failed; retrying", exc_info=True)
+                delivered, more = 0, False
+                await asyncio.sleep(1.0)
+            if not more:
+                await asyncio.sleep(self.idle_s / 2 if delivered else self.idle_s)
+
+    async def drain(self, timeout_s: float) -> tuple[int, int]:
+        """Deliver until the outbox is empty or ``timeout_s`` passed: ``(delivered, left)``.
+
+        ``redpacket rebalance remove`` calls this (``POST /internal/v1/handoff/outbox/drain``)
+        before it stops a shard: once its packets moved out nothing writes to its outbox, and
+        what is in it must reach the users' shards before the database goes."""
+        delivered = 0
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                done, _ = await self.pass_once()
+                delivered += done
+            except Exception as exc:
+                log.warning("history drain pass failed: %s", exc)
+                done = 0
+            left = await self._backlog()
+            OUTBOX_BACKLOG.set(left)
+            if left == 0 or time.monotonic() >= deadline:
+                return delivered, left
+            if not done:
+                await asyncio.sleep(0.2)
+
+    async def pass_once(self) -> tuple[int, bool]:
+        """Deliver one batch: ``(rows delivered, whether more are waiting)``."""
+        async with self._pass:
+            return await self._pass_once()
+
+    async def _pass_once(self) -> tuple[int, bool]:
+        if time.monotonic() - self._ring_checked > 1.0:
+            self.history.ring.refresh()
+            self._ring_checked = time.monotonic()
+        async with self.history.connection() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "SELECT id, uid, event, red_packet_id, payload, create_time FROM history_outbox "
+                "ORDER BY id LIMIT %s",
+                (self.batch,),
+            )
+            rows = await cur.fetchall()
+            await conn.rollback()
+        if not rows:
+            OUTBOX_BACKLOG.set(0)
+            return 0, False
+        events: dict[int, Event] = {}
+        written: dict[int, int] = {}
+        for row_id, uid, event, pid, payload, when in rows:
+            events[row_id] = (int(uid), str(event), int(pid), orjson.loads(payload))
+            written[row_id] = to_ms(when)
+        done = await self._deliver(events)
+        if done:
+            async with self.history.connection() as conn, conn.cursor() as cur:
+                await cur.execute(
+                    "DELETE FROM history_outbox WHERE id IN ("
+                    + ", ".join(["%s"] * len(done))
+                    + ")",
+                    done,
+                )
+                await conn.commit()
+            now = time.time() * 1000
+            for row_id in done:
+                HISTORY_LAG.observe(max(0.0, (now - written[row_id]) / 1000))
+        more = len(rows) == self.batch
+        OUTBOX_BACKLOG.set(await self._backlog() if more else len(rows) - len(done))
+        return len(done), more and bool(done)
+
+    async def _backlog(self) -> int:
+        async with self.history.connection() as conn, conn.cursor() as cur:
+            await cur.execute("SELECT COUNT(*) FROM history_outbox")
+            (count,) = await cur.fetchone()
+            await conn.rollback()
+        return int(count)
+
+    async def _deliver(self, events: dict[int, Event]) -> list[int]:
+        """Send every event to its user's shard; the outbox ids that were applied."""
+        by_node: dict[str | None, list[int]] = defaultdict(list)
+        targets: dict[str | None, NodeSpec | None] = {}
+        for row_id, event in events.items():
+            owner = self.history.ring.owner(event[0])
+            name = None if owner is None or owner.name == self.history.name else owner.name
+            by_node[name].append(row_id)
+            targets[name] = owner if name is not None else None
+        results = await asyncio.gather(
+            *(self._send(targets[name], ids, events) for name, ids in by_node.items())
+        )
+        return [row_id for ids in results for row_id in ids]
+
+    async def _send(
+        self, node: NodeSpec | None, ids: list[int], events: dict[int, Event]
+    ) -> list[int]:
+        """Apply ``ids`` on ``node`` (None: here), following packet_moved for moved users."""
+        pending = ids
+        done: list[int] = []
+        for _ in range(MAX_HOPS):
+            try:
+                away = await self._apply_on(node, [events[i] for i in pending])
+            except Exception as exc:
+                log.warning("history delivery to %s failed: %s", node.name if node else "self", exc)
+                if node is not None:
+                    DELIVERY_ERRORS.labels(node.name).set(1)
+                return done
+            if node is not None:
+                DELIVERY_ERRORS.labels(node.name).set(0)
+            done += [i for i in pending if events[i][0] not in away]
+            pending = [i for i in pending if events[i][0] in away]
+            if not pending:
+                return done
+            # every moved user of one answer points at the same owner (the node's fence ring),
+            # or at several: take them one owner at a time
+            owner_name, owner_url = away[events[pending[0]][0]]
+            node = self.history.ring.node(owner_name) or NodeSpec(owner_name, owner_url)
+            if node.name == self.history.name:
+                node = None
+            pending = [i for i in pending if away[events[i][0]][0] == owner_name]
+        return done
+
+    async def _apply_on(
+        self, node: NodeSpec | None, batch: list[Event]
+    ) -> dict[int, tuple[str, str]]:
+        if node is None:
+            moved = await self.history.accept(batch)
+            return {uid: _owner(err) for uid, err in moved.items()}
+        body = orjson.dumps(
+            {"events": [[str(u), kind, str(pid), payload] for u, kind, pid, payload in batch]}
+        )
+        async with self.session.post(
+            node.url + "/internal/v1/history/events",
+            data=body,
+            headers={NODE_SECRET_HEADER: self.secret, "Content-Type": "application/json"},
+        ) as resp:
+            answer = await resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"{node.name} answered {resp.status}: {answer[:200]!r}")
+        moved = orjson.loads(answer).get("moved", {})
+        return {int(uid): (str(o[0]), str(o[1])) for uid, o in moved.items()}
+
+
+def _owner(err: ApiError) -> tuple[str, str]:
+    extra: dict[str, Any] = err.extra or {}
+    return str(extra.get("owner", "")), str(extra.get("owner_url", ""))
+
+
+RELAY = web.AppKey("relay", Relay)
+RELAY_TASK = web.AppKey("relay_task", asyncio.Task)
+
+
+async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The history of this node's users (HISTORY) and the relay of its outbox."""
+    settings = app[SETTINGS]
+    history = UserHistory(app[SHARD], settings.name, RingView(settings.ring_file))
+    app[HISTORY] = history
+    session = aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=5), json_serialize=lambda o: orjson.dumps(o).decode()
+    )
+    relay = Relay(history, session, settings.node_secret, idle_s=settings.history_relay_idle_s)
+    task = asyncio.create_task(relay.run())
+    app[RELAY] = relay
+    app[RELAY_TASK] = task
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await session.close()
