@@ -31,6 +31,7 @@ from redpacket.core.frames import LINK_PATH
 from redpacket.gateway.link import NodeLink
 from redpacket.node.app import node_auth_middleware
 from redpacket.node.calls import SETTINGS, SHARD, Call, Reply, http_routes, reply
+from redpacket.node.history import HISTORY
 from redpacket.node.link import LinkServer
 
 SECRET = "transport-bench-secret"
@@ -56,6 +57,7 @@ def _serve(port: int) -> None:
     app = web.Application(middlewares=[node_auth_middleware(SECRET)])
     app[SHARD] = None  # type: ignore[assignment]  # the trivial call needs no shard
     app[SETTINGS] = None  # type: ignore[assignment]
+    app[HISTORY] = None  # type: ignore[assignment]
     app.router.add_get(LINK_PATH, link.handle)
     app.add_routes(http_routes(entries))
     web.run_app(app, host="127.0.0.1", port=port, loop=loop, print=None, access_log=None)

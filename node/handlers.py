@@ -56,6 +56,7 @@ def packet_json(row: PacketRow) -> dict[str, Any]:
     return {
         "red_packet_id": str(row.red_packet_id),
         "uid": str(row.uid),
+        "sender": {"uid": str(row.uid), "nick_name": row.sender_nick, "img_url": row.sender_img},
         "total_amount": row.total_amount,
         "total_packet": row.total_packet,
         "remaining_amount": row.remaining_amount,
