@@ -68,6 +68,10 @@ def test_bench_smoke(tmp_path: Path, mysql_databases: Any) -> None:
     assert results["open_loop_open_p99_ms"] == open_loop["latency_ms"]["open"]["p99_ms"]
     assert results["targets"]["open_p99_measured_in"] == "open_loop"
     assert "open loop @" in done.stdout
+    # the MySQL server's CPU is sampled (the whole server, shared by the shards)
+    assert results["mysql"]["server_pid"]
+    assert "mysqld" in results["cpu_us_per_committed_open"]
+    assert "mysqld" in open_loop["cpu_us_per_committed_open"]
     assert png.stat().st_size > 0
     assert "invariant check: OK" in done.stdout
 
