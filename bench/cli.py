@@ -64,6 +64,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--reject-duration", type=float, default=30.0, help="seconds of phase 2 (sold out)"
     )
     load.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        metavar="R",
+        help="open-loop phase: R grab+open pairs arriving per second whatever the answers "
+        "(default: 50%% of phase 1's committed opens/s; 0 skips it)",
+    )
+    load.add_argument(
+        "--rate-duration",
+        type=float,
+        default=30.0,
+        help="seconds of the open-loop phase",
+    )
+    load.add_argument(
         "--ceiling-duration",
         type=float,
         default=10.0,

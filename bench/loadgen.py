@@ -8,6 +8,14 @@ connection and sends its next request only when the previous one was answered.
   The worker creates packets through the public API as they run out.
 - ``reject`` phase: every user grabs, then opens, packets that are already sold out, with a
   uid that never won a share of them: each answer is a rejection.
+- ``open`` phase with ``rate`` > 0, **open loop**: grab+open pairs arrive at a fixed rate
+  whatever the answers (arrival k is due at k / rate), each on the next free connection of
+  the pool. Latency counts from the time a request was *due*, not from when a connection
+  was free to send it, so a slow system cannot slow the arrivals down and hide its own
+  queueing (no coordinated omission): a grab from its arrival's due time, an open from its
+  grab's answer (it is due then), and the whole pair from the arrival's due time. Answers
+  are filed under their arrival's due time, so every arrival of the window counts, however
+  late its answer; one not answered within ``drain_s`` after the end is an error.
 
 The worker records the end time and latency of every answer, counts answers by label for
 the live progress line, and sends everything back to the parent when the phase is over.
@@ -62,6 +70,7 @@ class WorkerJob:
     # the gateway sees a token it has never verified (wraps around once all are used)
     crowd: list[bytes] = field(default_factory=list)
     drain_s: float = 15.0  # how long answers still in flight at the end are waited for
+    rate: float = 0.0  # open phase: grab+open pairs per second, open loop (0: closed loop)
 
 
 class Recorder:
@@ -231,6 +240,105 @@ async def open_user(
             rec.add(error_label("open", status, body), clock(), perf() - started, LIVE_ERRORS)
 
 
+# -- the open phase, open loop --------------------------------------------------------------
+
+
+async def open_arrival(
+    *,
+    due: float,
+    uid: int,
+    token: bytes,
+    pool: asyncio.Queue[ClientConnection],
+    supply: Supply,
+    rec: Recorder,
+    clock: Any,
+    observed: list[tuple[int, int, int]],
+) -> None:
+    """One grab+open pair due at ``due``; every latency is measured from a due time."""
+    packet = await supply.ticket(uid)
+    if packet is None:  # the phase ended before a packet with a share for it was created
+        rec.add("error:open-loop:no_packet", due, clock() - due, LIVE_ERRORS)
+        return
+    conn = await pool.get()  # waiting for a free connection counts: the clock started at due
+    try:
+        base = PACKETS + b"/" + packet.id
+        try:
+            status, body = await conn.request(POST, base + b"/grab", token)
+        except HttpError:
+            rec.add("error:grab:conn", due, clock() - due, LIVE_ERRORS)
+            return
+        grabbed = clock()
+        if status != 200:
+            rec.add(error_label("grab", status, body), due, grabbed - due, LIVE_ERRORS)
+            return
+        rec.add("grab", due, grabbed - due, LIVE_GRABS)
+        if not orjson.loads(body).get("can_open"):
+            rec.add("grab_cannot_open", due, 0.0, None)
+            return
+        try:
+            status, body = await conn.request(POST, base + b"/open", token)
+        except HttpError:
+            rec.add("error:open:conn", due, clock() - due, LIVE_ERRORS)
+            return
+        done = clock()
+        if status != 200:
+            rec.add(error_label("open", status, body), due, done - due, LIVE_ERRORS)
+            return
+        answer = orjson.loads(body)
+        observed.append((int(packet.id), uid, int(answer["amount"])))
+        if answer.get("replayed"):
+            rec.add("open_replayed", due, done - grabbed, None)
+            return
+        packet.won += 1
+        rec.add("open", due, done - grabbed, LIVE_OPENS)
+        rec.add("pair", due, done - due, None)
+    finally:
+        pool.put_nowait(conn)
+
+
+async def open_loop(
+    *,
+    job: WorkerJob,
+    conns: list[ClientConnection],
+    supply: Supply,
+    rec: Recorder,
+    clock: Any,
+    observed: list[tuple[int, int, int]],
+) -> list[asyncio.Task[None]]:
+    """Start ``rate x duration`` arrivals on schedule (bounded in time and count); returns
+    their tasks, some possibly still running."""
+    pool: asyncio.Queue[ClientConnection] = asyncio.Queue()
+    for conn in conns:
+        pool.put_nowait(conn)
+    total = int(job.rate * job.duration_s)
+    users = job.users
+    tasks: list[asyncio.Task[None]] = []
+    k = 0
+    while k < total:
+        now = clock()
+        # every arrival already due starts now (a late wake-up does not skip or delay any)
+        while k < total and k / job.rate <= now:
+            uid, token = users[k % len(users)]
+            tasks.append(
+                asyncio.ensure_future(
+                    open_arrival(
+                        due=k / job.rate,
+                        uid=uid,
+                        token=token,
+                        pool=pool,
+                        supply=supply,
+                        rec=rec,
+                        clock=clock,
+                        observed=observed,
+                    )
+                )
+            )
+            k += 1
+        if k < total:
+            await asyncio.sleep(max(0.0, k / job.rate - clock()))
+    return tasks
+
+
 # -- the reject phase -----------------------------------------------------------------------
 
 
@@ -323,6 +431,11 @@ async def run_job(
         tasks: list[asyncio.Task[None]] = []
         if supply is not None:
             tasks += [asyncio.ensure_future(supply.creator(c)) for c in creators]
+        if supply is not None and job.rate > 0:
+            users = await open_loop(
+                job=job, conns=conns, supply=supply, rec=rec, clock=clock, observed=observed
+            )
+        elif supply is not None:
             users = [
                 asyncio.ensure_future(
                     open_user(
@@ -361,7 +474,9 @@ async def run_job(
         if supply is not None:
             supply.stop()
         # answers still in flight are waited for (a 200 open must reach the checker)
-        _, late = await asyncio.wait(users, timeout=job.drain_s)
+        _, late = await asyncio.wait(users, timeout=job.drain_s) if users else (set(), set())
+        if job.rate > 0 and late:  # open loop: an arrival never answered is an error
+            rec.counts["error:open-loop:unanswered"] = len(late)
         for conn in [*conns, *creators]:
             conn.close()
         for task in [*late, *tasks]:

@@ -72,6 +72,67 @@ def find_pids(*names: str) -> list[int]:
     return sorted(found)
 
 
+MYSQL_NAMES = ("mariadbd", "mysqld")
+
+
+def mysql_server_pid(pid_file: str | None, port: int | None) -> tuple[int | None, str]:
+    """The local MySQL/MariaDB server's pid, and how it was found: from the pid file the
+    server itself names (``@@pid_file``), else from who listens on its TCP port, else the
+    one process named mariadbd/mysqld. (None, why) when it is not on this machine."""
+    if pid_file:
+        try:
+            pid = int(Path(pid_file).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pid = 0
+        if pid and _comm(pid) in MYSQL_NAMES:
+            return pid, f"@@pid_file {pid_file}"
+    if port:
+        pid = listening_pid(port)
+        if pid and _comm(pid) in MYSQL_NAMES:
+            return pid, f"listens on port {port}"
+    found = find_pids(*MYSQL_NAMES)
+    if len(found) == 1:
+        return found[0], "the only mariadbd/mysqld process"
+    return None, f"not found on this machine ({len(found)} mariadbd/mysqld processes)"
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def listening_pid(port: int) -> int | None:
+    """The process with a listening TCP socket on ``port`` (any address, IPv4 or IPv6)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # local address is HEX_IP:HEX_PORT; state 0A is LISTEN; field 9 is the inode
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return None
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            for fd in (entry / "fd").iterdir():
+                try:
+                    if os.readlink(fd) in inodes:
+                        return int(entry.name)
+                except OSError:
+                    continue
+        except OSError:
+            continue
+    return None
+
+
 def machine_cpu_s() -> float | None:
     """Busy CPU seconds of the whole machine (all cores, idle and iowait excluded)."""
     try:

@@ -83,17 +83,25 @@ _HTTP_CODES = {
 async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         return await handler(request)
-    except ApiError as err:
-        return error_response(err)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        return exception_response(request, exc)
+    except Exception as exc:
+        return exception_response(request, exc)
+
+
+def exception_response(request: web.Request, exc: Exception) -> web.Response:
+    """The JSON error for what a handler raised (an HTTPException below 400 is not an error:
+    the caller re-raises it); anything unexpected is logged and becomes a 500."""
+    if isinstance(exc, ApiError):
+        return error_response(exc)
+    if isinstance(exc, web.HTTPException):
         code, message = _HTTP_CODES.get(exc.status, ("http_error", exc.reason))
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
         return error_response(ApiError(exc.status, code, message, headers=headers))
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(ApiError(500, "internal_error", "internal error"))
+    log.exception("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+    return error_response(ApiError(500, "internal_error", "internal error"))
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:

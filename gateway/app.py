@@ -12,10 +12,9 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from redpacket.core.errors import error_middleware
+from redpacket.core.edge import edge_middleware
 from redpacket.core.ids import IdGenerator
-from redpacket.core.logs import request_id_middleware
-from redpacket.core.metrics import metrics_handler, metrics_middleware
+from redpacket.core.metrics import metrics_handler
 from redpacket.gateway import handlers
 from redpacket.gateway.auth import Authenticator
 from redpacket.gateway.finished import FinishedPackets
@@ -112,7 +111,7 @@ async def shards_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: GatewaySettings) -> web.Application:
     app = web.Application(
-        middlewares=[request_id_middleware, metrics_middleware("gateway"), error_middleware],
+        middlewares=[edge_middleware("gateway")],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings

@@ -38,6 +38,7 @@ def test_bench_smoke(tmp_path: Path, mysql_databases: Any) -> None:
         sys.executable, "-m", "redpacket.cli", "bench",
         "--duration", "2", "--reject-duration", "1", "--ceiling-duration", "1",
         "--users", "16", "--shares", "4", "--packets", "4", "--latecomers", "300",
+        "--rate-duration", "1",
         "--var", str(tmp_path / "var"), "--json", str(out), "--plot", str(png), "--quiet",
     ]  # fmt: skip
     done = subprocess.run(
@@ -57,6 +58,20 @@ def test_bench_smoke(tmp_path: Path, mysql_databases: Any) -> None:
     assert results["lua_ceiling_per_s"] and results["trivial_ceiling_per_s"]
     for op in ("grab", "open", "reject"):
         assert {"p50_ms", "p99_ms", "p999_ms"} <= results["latency_ms"][op].keys()
+    # the open-loop phase ran at 50% of phase 1's committed opens, latency from due times
+    open_loop = results["open_loop"]
+    assert open_loop["rate_per_s"] == round(0.5 * results["opens_per_s"], 1) > 0
+    assert open_loop["arrivals"] == int(open_loop["rate_per_s"] * 1)
+    assert open_loop["opens_per_s"] > 0
+    for op in ("grab", "open", "pair"):
+        assert {"p50_ms", "p99_ms", "p999_ms"} <= open_loop["latency_ms"][op].keys()
+    assert results["open_loop_open_p99_ms"] == open_loop["latency_ms"]["open"]["p99_ms"]
+    assert results["targets"]["open_p99_measured_in"] == "open_loop"
+    assert "open loop @" in done.stdout
+    # the MySQL server's CPU is sampled (the whole server, shared by the shards)
+    assert results["mysql"]["server_pid"]
+    assert "mysqld" in results["cpu_us_per_committed_open"]
+    assert "mysqld" in open_loop["cpu_us_per_committed_open"]
     assert png.stat().st_size > 0
     assert "invariant check: OK" in done.stdout
 
