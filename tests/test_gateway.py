@@ -19,6 +19,7 @@ from tests.conftest import Cluster, sql
 PACKET_FIELDS = {
     "red_packet_id",
     "uid",
+    "sender",
     "total_amount",
     "total_packet",
     "remaining_amount",
@@ -47,6 +48,11 @@ async def test_create_returns_the_packet_with_string_ids_and_zoned_times(cluster
     assert set(body) == PACKET_FIELDS
     assert isinstance(body["red_packet_id"], str) and int(body["red_packet_id"]) > 2**53
     assert body["uid"] == "42"
+    assert body["sender"] == {
+        "uid": "42",
+        "nick_name": "user42",  # as the token named the sender
+        "img_url": "https://img.example/42.png",
+    }
     assert (body["remaining_amount"], body["remaining_packet"]) == (888, 8)
     assert (body["greeting"], body["status"]) == ("新年快乐", "active")
     created = dt.datetime.fromisoformat(body["create_time"])
