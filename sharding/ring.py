@@ -89,7 +89,13 @@ class RingDoc:
     note: str = ""  # what the change in progress is, e.g. "add shard-2" (informational)
 
     def ring(self) -> Ring:
-        return Ring(self.nodes)
+        """The hash ring of these nodes, built once per document: building one hashes 160
+        points per node, far too slow for the per-call owner lookups that use it."""
+        ring: Ring | None = self.__dict__.get("_ring")
+        if ring is None:
+            ring = Ring(self.nodes)
+            object.__setattr__(self, "_ring", ring)  # a cache, not a field: eq/replace ignore it
+        return ring
 
     def node(self, name: str) -> NodeSpec | None:
         """A node by name, in this ring or the previous one (a handoff may point at either)."""
