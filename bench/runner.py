@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from redpacket.bench import ceilings, procstats
+from redpacket.bench import ceilings, history, procstats
 from redpacket.bench.httpclient import HttpError, RawConnection
 from redpacket.bench.loadgen import LIVE_FIELDS, WorkerJob, worker_main
 from redpacket.bench.stats import PhaseResult
@@ -868,6 +868,8 @@ def render_table(r: dict[str, Any]) -> str:
             f"group commit (phase 1): {gc['claims']:,} claims in {gc['transactions']:,} "
             f"transactions, mean batch {gc['mean_batch']}, mean commit {gc['mean_commit_ms']} ms"
         )
+    if (r.get("history") or {}).get("events_applied"):
+        lines.append(history.render(r["history"]))
     mysql = r["mysql"]
     if mysql and "error" not in mysql:
         lines.append(
@@ -1044,6 +1046,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         target.refresh_pids()
         await wait_quiet(args, "phase 1")
         metrics_before = await node_metrics(target.nodes)
+        history_before = await history.sample(target.nodes)
+        backlog = history.BacklogWatch(target.nodes)
+        backlog.start()
         p1 = await run_phase(
             args,
             title="phase 1: grab + open",
@@ -1074,6 +1079,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 senders=senders,
                 rate=rate,
             )
+        await backlog.stop()
+        history_after = await history.drain(target.nodes, timeout_s=10)
         sold_out, extra = await top_up_sold_out(
             target, p1.sold_out + (ol.sold_out if ol else []), openers[0], senders[0], MIN_SOLD_OUT
         )
@@ -1148,6 +1155,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     )
     results["machine"]["busy_before_start_cores"] = busy_before
     results["group_commit"] = commits
+    results["history"] = history.report(history_before, history_after, backlog)
     # a phase is clean when processes outside the benchmark used under 0.1 core meanwhile
     results["clean"] = {
         phase: cores.get("other (not measured here)", 0.0) < 0.1

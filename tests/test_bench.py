@@ -72,6 +72,12 @@ def test_bench_smoke(tmp_path: Path, mysql_databases: Any) -> None:
     assert results["mysql"]["server_pid"]
     assert "mysqld" in results["cpu_us_per_committed_open"]
     assert "mysqld" in open_loop["cpu_us_per_committed_open"]
+    # every committed open reached its user's history, and the lag is reported
+    h = results["history"]
+    assert h["events_applied"] >= results["check"]["observed_200_opens"] > 0
+    assert h["lag_mean_ms"] is not None and h["lag_p99_le_s"] is not None
+    assert h["backlog_end"] == 0
+    assert "my red packets (phase 1 + open loop)" in done.stdout
     assert png.stat().st_size > 0
     assert "invariant check: OK" in done.stdout
 

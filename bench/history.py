@@ -1,0 +1,132 @@
+"""How far "my red packets" trails the opens under the benchmark's load (issue 12's 1 s p99).
+
+Every committed open writes a history event to its shard's outbox; the relay delivers it to
+the shard that owns the user, which observes ``redpacket_history_lag_seconds`` (commit of
+the event → its apply there) when it applies it. The benchmark reads that histogram from
+every node before and after the load and reports the difference, and samples the outbox
+backlog gauge while the load runs. Histogram buckets bound the percentiles: "p99 ≤ 0.25 s"
+means at least 99% of the events were applied within 0.25 s of their commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from redpacket.sharding.ring import NodeSpec
+
+LAG = "redpacket_history_lag_seconds"
+BACKLOG = "redpacket_history_outbox_backlog"
+
+
+@dataclass
+class HistorySample:
+    buckets: dict[float, float] = field(default_factory=dict)  # le -> cumulative count
+    count: float = 0.0
+    total_s: float = 0.0
+    backlog: float = 0.0  # summed over nodes
+
+
+async def sample(nodes: list[NodeSpec]) -> HistorySample:
+    """The lag histogram and the outbox backlog, summed over every node that answers."""
+    out = HistorySample()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        for node in nodes:
+            try:
+                async with session.get(node.url + "/metrics") as resp:
+                    text = await resp.text()
+            except (aiohttp.ClientError, TimeoutError):
+                continue
+            for family in text_string_to_metric_families(text):
+                for s in family.samples:
+                    if s.name == LAG + "_bucket":
+                        le = float(s.labels["le"])
+                        out.buckets[le] = out.buckets.get(le, 0.0) + s.value
+                    elif s.name == LAG + "_count":
+                        out.count += s.value
+                    elif s.name == LAG + "_sum":
+                        out.total_s += s.value
+                    elif s.name == BACKLOG:
+                        out.backlog += s.value
+    return out
+
+
+class BacklogWatch:
+    """Samples the summed outbox backlog every ``every_s`` while the load runs."""
+
+    def __init__(self, nodes: list[NodeSpec], every_s: float = 1.0) -> None:
+        self._nodes, self._every_s = nodes, every_s
+        self.samples: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            self.samples.append((await sample(self._nodes)).backlog)
+            await asyncio.sleep(self._every_s)
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+def _bound(buckets: dict[float, float], total: float, q: float) -> float | None:
+    """The smallest bucket bound that holds at least ``q`` of the events."""
+    for le in sorted(buckets):
+        if buckets[le] >= q * total:
+            return le
+    return None
+
+
+async def drain(nodes: list[NodeSpec], timeout_s: float) -> HistorySample:
+    """The sample once every outbox is empty (or ``timeout_s`` has passed)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    now = await sample(nodes)
+    while now.backlog > 0 and loop.time() < deadline:
+        await asyncio.sleep(0.2)
+        now = await sample(nodes)
+    return now
+
+
+def report(before: HistorySample, after: HistorySample, watch: BacklogWatch) -> dict[str, Any]:
+    events = after.count - before.count
+    buckets = {le: after.buckets.get(le, 0.0) - before.buckets.get(le, 0.0) for le in after.buckets}
+
+    def fmt(le: float | None) -> float | None:
+        return None if le is None or math.isinf(le) else le
+
+    return {
+        "events_applied": int(events),
+        "lag_mean_ms": round(1000 * (after.total_s - before.total_s) / events, 1)
+        if events
+        else None,
+        "lag_p50_le_s": fmt(_bound(buckets, events, 0.50)) if events else None,
+        "lag_p99_le_s": fmt(_bound(buckets, events, 0.99)) if events else None,
+        "lag_p99_within_1s": bool(events) and (_bound(buckets, events, 0.99) or math.inf) <= 1.0,
+        "backlog_max": int(max(watch.samples, default=0)),
+        "backlog_end": int(after.backlog),
+    }
+
+
+def render(h: dict[str, Any]) -> str:
+    def s(v: float | None) -> str:
+        return "-" if v is None else f"≤ {v:g} s"
+
+    return (
+        f"my red packets (phase 1 + open loop): {h['events_applied']:,} history events applied, "
+        f"lag mean {h['lag_mean_ms']} ms, p50 {s(h['lag_p50_le_s'])}, "
+        f"p99 {s(h['lag_p99_le_s'])} (target ≤ 1 s: "
+        f"{'met' if h['lag_p99_within_1s'] else 'MISSED'}); "
+        f"outbox backlog max {h['backlog_max']:,}, at end {h['backlog_end']:,}"
+    )
