@@ -16,9 +16,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from redpacket.bench.scrape import metrics_pages
 from redpacket.sharding.ring import NodeSpec
 
 LAG = "redpacket_history_lag_seconds"
@@ -36,24 +36,18 @@ class HistorySample:
 async def sample(nodes: list[NodeSpec]) -> HistorySample:
     """The lag histogram and the outbox backlog, summed over every node that answers."""
     out = HistorySample()
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-        for node in nodes:
-            try:
-                async with session.get(node.url + "/metrics") as resp:
-                    text = await resp.text()
-            except (aiohttp.ClientError, TimeoutError):
-                continue
-            for family in text_string_to_metric_families(text):
-                for s in family.samples:
-                    if s.name == LAG + "_bucket":
-                        le = float(s.labels["le"])
-                        out.buckets[le] = out.buckets.get(le, 0.0) + s.value
-                    elif s.name == LAG + "_count":
-                        out.count += s.value
-                    elif s.name == LAG + "_sum":
-                        out.total_s += s.value
-                    elif s.name == BACKLOG:
-                        out.backlog += s.value
+    for text in await metrics_pages(nodes):
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == LAG + "_bucket":
+                    le = float(s.labels["le"])
+                    out.buckets[le] = out.buckets.get(le, 0.0) + s.value
+                elif s.name == LAG + "_count":
+                    out.count += s.value
+                elif s.name == LAG + "_sum":
+                    out.total_s += s.value
+                elif s.name == BACKLOG:
+                    out.backlog += s.value
     return out
 
 

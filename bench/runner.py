@@ -33,6 +33,7 @@ import orjson
 from redpacket.bench import ceilings, history, procstats
 from redpacket.bench.httpclient import HttpError, RawConnection
 from redpacket.bench.loadgen import LIVE_FIELDS, WorkerJob, worker_main
+from redpacket.bench.scrape import metrics_pages
 from redpacket.bench.stats import PhaseResult
 from redpacket.gateway.auth import mint_token
 from redpacket.sharding.ring import NodeSpec, RingDoc
@@ -404,20 +405,12 @@ COMMIT_METRICS = (
 
 async def node_metrics(nodes: list[NodeSpec]) -> dict[str, dict[str, float]]:
     """The group-commit counters of every node (from its /metrics), summed over nodes."""
-    import aiohttp
-
     totals = dict.fromkeys(COMMIT_METRICS, 0.0)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-        for node in nodes:
-            try:
-                async with session.get(node.url + "/metrics") as resp:
-                    text = await resp.text()
-            except (aiohttp.ClientError, TimeoutError):
-                continue
-            for line in text.splitlines():
-                name, _, value = line.partition(" ")
-                if name in totals:
-                    totals[name] += float(value)
+    for text in await metrics_pages(nodes):
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in totals:
+                totals[name] += float(value)
     return {"totals": totals}
 
 

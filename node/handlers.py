@@ -7,8 +7,6 @@ one table both transports serve: a new node call is a function here and a line t
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
 from typing import Any
 
@@ -18,12 +16,12 @@ from redpacket.core.amounts import (
     parse_new_packet,
     refuse_unknown_fields,
 )
+from redpacket.core.cursors import decode_cursor, encode_cursor
 from redpacket.core.errors import ApiError, bad_request, unavailable
 from redpacket.core.ids import parse_packet_id, parse_uid
 from redpacket.core.metrics import REJECTIONS
 from redpacket.node.calls import SETTINGS, SHARD, Call, CallEntry, Reply, reply
 from redpacket.node.counters import Outcome
-from redpacket.node.history import decode_cursor as history_cursor
 from redpacket.node.history import this_year
 from redpacket.node.ledger import LedgerUnavailable, PacketRow, RecordRow
 from redpacket.node.shard import MOVING, NewPacketRequest, now_ms
@@ -92,19 +90,6 @@ def record_json(row: RecordRow) -> dict[str, Any]:
         "create_time": iso(row.create_time_ms),
         "luckiest": row.luckiest,
     }
-
-
-def encode_cursor(row: RecordRow) -> str:
-    return base64.urlsafe_b64encode(f"{row.create_time_ms}:{row.uid}".encode()).decode().rstrip("=")
-
-
-def decode_cursor(raw: str) -> tuple[int, int]:
-    try:
-        text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode("ascii")
-        ms, uid = text.split(":")
-        return int(ms), int(uid)
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise bad_request("invalid_cursor", "cursor is not one this API returned") from None
 
 
 def _uid(body: dict[str, Any]) -> int:
@@ -244,7 +229,9 @@ async def records(call: Call) -> Reply:
     except LedgerUnavailable:
         raise unavailable("the shard's database is unavailable") from None
     page = rows[:limit]
-    next_cursor = encode_cursor(page[-1]) if len(rows) > limit else None
+    next_cursor = (
+        encode_cursor(page[-1].create_time_ms, page[-1].uid) if len(rows) > limit else None
+    )
     return reply({"records": [record_json(r) for r in page], "next_cursor": next_cursor})
 
 
@@ -352,7 +339,7 @@ def _history_query(call: Call) -> tuple[int, int, int, tuple[int, int] | None]:
             400, "invalid_field", "limit must be an integer from 1 to 100", extra={"field": "limit"}
         )
     cursor = call.query.get("cursor")
-    return uid, year, int(raw_limit), history_cursor(cursor) if cursor else None
+    return uid, year, int(raw_limit), decode_cursor(cursor) if cursor else None
 
 
 async def received(call: Call) -> Reply:

@@ -16,8 +16,6 @@ year in UTC.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import datetime as dt
 import os
@@ -29,7 +27,8 @@ from typing import Any
 import aiomysql
 from aiohttp import web
 
-from redpacket.core.errors import ApiError, bad_request
+from redpacket.core.cursors import encode_cursor
+from redpacket.core.errors import ApiError
 from redpacket.node.ledger import Ledger, retry_lock_conflicts, to_datetime, to_ms
 from redpacket.node.outbox import RECEIVED, SENT
 from redpacket.node.shard import Shard, moved
@@ -47,19 +46,6 @@ def year_of(ms: int) -> int:
 
 def this_year() -> int:
     return dt.datetime.now(CALENDAR).year
-
-
-def encode_cursor(time_ms: int, packet_id: int) -> str:
-    return base64.urlsafe_b64encode(f"{time_ms}:{packet_id}".encode()).decode().rstrip("=")
-
-
-def decode_cursor(raw: str) -> tuple[int, int]:
-    try:
-        text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode("ascii")
-        ms, pid = text.split(":")
-        return int(ms), int(pid)
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise bad_request("invalid_cursor", "cursor is not one this API returned") from None
 
 
 class RingView:
