@@ -6,19 +6,8 @@ steps), ``keys.py`` (users' idempotency keys), ``http.py`` (the handoff API).
 The protocol, with a sequence diagram, is in docs/rebalancing.md. The orchestrator
 (``sharding/rebalance.py``) takes each packet that changes owner through these steps, each
 one an idempotent call on one node, so a rebalance killed anywhere is finished (or undone)
-by running it again:
-
-``export``   (old owner) freeze the packet in Redis, wait for the opens and commits in
-             flight, commit every claim still pending in Redis, then mark the MySQL copy
-             inert (status ``moving``: no claim, no refund, nobody serves it) and return the
-             rows and the Redis state;
-``import``   (new owner) stage the rows, inert as well, replacing any staged copy;
-``activate`` (new owner) restore the status, drop an old tombstone, load Redis. This is the
-             commit point: from here on the new owner's copy is the packet;
-``finish``   (old owner) write a tombstone pointing at the new owner, drop the Redis copy,
-             then delete the MySQL copy;
-``abort``    (old owner) undo an export (rollback before the commit point);
-``discard``  (new owner) drop a staged copy (rollback before the commit point).
+by running it again: export, import, activate and finish (or abort and discard to roll
+back), each described at the top of ``packets.py``.
 
 At every instant at most one node may accept an open: the old owner stops at ``export``
 (its Redis copy is frozen before anything else), the new owner starts at ``activate``.
