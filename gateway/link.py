@@ -62,7 +62,7 @@ class _Connection:
         """Connect, serve, and reconnect with backoff, for as long as the link lives."""
         delay = BACKOFF_FIRST_S
         link = self.link
-        while True:
+        while not link.session.closed:  # closed: the gateway is shutting down
             try:
                 ws = await link.session.ws_connect(
                     link.url + LINK_PATH,
