@@ -152,9 +152,7 @@ class Nemesis:
                 record.notes.append(f"{name} was not restarted within {RESTART_WAIT_S:.0f}s")
         elif kind in (Kind.NODE_PAUSE, Kind.REDIS_PAUSE):
             suffix = "-node" if kind is Kind.NODE_PAUSE else "-redis"
-            proc = self.cluster.child(fault.target + suffix).proc
-            assert proc is not None
-            proc.send_signal(signal.SIGSTOP)
+            proc = await self._stop_live(fault.target + suffix)
             self._paused.append(proc)
             record.injected_at = self.now()
             await asyncio.sleep(fault.hold_s)
@@ -180,6 +178,21 @@ class Nemesis:
             record.healed_at = self.now()
         else:
             await self._rebalance(record)
+
+    async def _stop_live(self, name: str) -> asyncio.subprocess.Process:
+        """SIGSTOP the child's live process. One that is down (an earlier fault killed it, or
+        it exited starting up under other faults) is paused once its supervisor has brought
+        it back, within RESTART_WAIT_S: a pause needs a process to pause."""
+        deadline = time.monotonic() + RESTART_WAIT_S
+        while True:
+            proc = self.cluster.child(name).proc
+            if proc is not None and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):  # it died just now: wait again
+                    proc.send_signal(signal.SIGSTOP)
+                    return proc
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} was not running for {RESTART_WAIT_S:.0f}s")
+            await asyncio.sleep(0.05)
 
     def _resume(self, proc: asyncio.subprocess.Process) -> None:
         with contextlib.suppress(ProcessLookupError):
