@@ -128,8 +128,8 @@ async def create_packet(request: web.Request) -> web.Response:
         described += [new.kind, new.amount_each, new.receiver_uid]
     request_hash = hashlib.sha256(orjson.dumps(described)).hexdigest()
     fields["create_token"] = hashlib.sha256(f"{user.uid}:{key}".encode()).hexdigest()[:32]
-    bound = await shards.call(
-        shards.user_owner(user.uid),
+    bound = await shards.user_call(
+        user.uid,
         "POST",
         "/internal/v1/idempotency-keys",
         body={
@@ -296,8 +296,8 @@ async def _my_history(request: web.Request, which: str) -> web.Response:
     params = {k: request.query[k] for k in ("year", "limit", "cursor") if k in request.query}
     shards = request.app[SHARDS]
     return passthrough(
-        await shards.call(
-            shards.user_owner(user.uid),
+        await shards.user_call(
+            user.uid,
             "GET",
             f"/internal/v1/users/{user.uid}/{which}",
             params=params,

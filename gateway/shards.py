@@ -134,6 +134,26 @@ class Shards:
             upstream = await self._call_once(node, method, path, body=body, params=params)
         return upstream
 
+    async def user_call(
+        self,
+        uid: int,
+        method: str,
+        path: str,
+        *,
+        body: Mapping[str, object] | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> Upstream:
+        """Call the node that keeps a user's own data (idempotency keys, history).
+
+        While a rebalance moves the user, the old and new owner may each point at the other
+        for a moment; what is left of that after following the moves is a 503 to retry,
+        never the internal 421.
+        """
+        upstream = await self.call(self.user_owner(uid), method, path, body=body, params=params)
+        if upstream.error_code() == "packet_moved":
+            raise unavailable("this user's data is moving between shards; retry")
+        return upstream
+
     async def _call_once(
         self,
         node: NodeSpec,

@@ -29,6 +29,7 @@ from redpacket.node.app import node_auth_middleware
 from redpacket.node.calls import SETTINGS, SHARD, Call, Reply, reply
 from redpacket.node.history import HISTORY
 from redpacket.node.link import LinkServer
+from redpacket.node.shard import moved
 from redpacket.sharding.ring import NodeSpec, RingDoc
 from tests.conftest import Cluster, NodeHandle
 from tests.load import OpenLoad
@@ -301,3 +302,52 @@ async def test_sigterm_of_a_node_mid_load_answers_its_calls_and_the_ledger_is_cl
     assert load.statuses[200] == 20 * 20
     assert set(load.statuses) <= {200, 410, 503}, load.statuses  # a stopped node: only 503
     await cluster.check(load.observed)
+
+
+async def test_a_user_whose_two_owners_point_at_each_other_gets_503_not_421(
+    session: aiohttp.ClientSession,
+) -> None:
+    """Mid-rebalance the old and the new owner of ``user:<uid>`` may each answer that the
+    other keeps it; the gateway follows, then answers 503 to retry, never the internal 421."""
+    runners: list[web.AppRunner] = []
+    ports = free_ports(2)
+    names = ("shard-a", "shard-b")
+
+    def pointing_at(other: str) -> Any:
+        async def received(call: Call) -> Reply:
+            raise moved(other, f"http://127.0.0.1:{ports[names.index(other)]}")
+
+        return received
+
+    for other, port in zip(reversed(names), ports, strict=True):
+        link = LinkServer(
+            [("GET", "/internal/v1/users/{uid}/received", pointing_at(other))],
+            max_inflight=64,
+            max_message_bytes=1 << 20,
+            max_body_bytes=1024,
+            access_log=False,
+        )
+        app = web.Application(middlewares=[node_auth_middleware(SECRET)])
+        app[SHARD] = None  # type: ignore[assignment]  # these calls need no shard
+        app[SETTINGS] = None  # type: ignore[assignment]
+        app[HISTORY] = None  # type: ignore[assignment]
+        app.router.add_get(LINK_PATH, link.handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runners.append(runner)
+    nodes = tuple(NodeSpec(n, f"http://127.0.0.1:{p}") for n, p in zip(names, ports, strict=True))
+    links = _links(session, SECRET)
+    shards = Shards(RingDoc(version=1, nodes=nodes), session, SECRET, 0.1, links=links)
+    try:
+        with pytest.raises(ApiError) as err:
+            await shards.user_call(42, "GET", "/internal/v1/users/42/received")
+        assert (err.value.status, err.value.code) == (503, "unavailable")
+        assert err.value.headers.get("Retry-After") == "1"
+        # the plain call, which packet routes use, still hands the last answer back
+        plain = await shards.call(nodes[0], "GET", "/internal/v1/users/42/received")
+        assert plain.error_code() == "packet_moved"
+    finally:
+        await links.close()
+        for runner in runners:
+            await runner.cleanup()
