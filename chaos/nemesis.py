@@ -139,9 +139,7 @@ class Nemesis:
                 Kind.REDIS_RESTART: f"{fault.target}-redis",
             }.get(kind, "gateway")
             child = self.cluster.child(name)
-            before = child.restarts
-            assert child.proc is not None
-            child.proc.send_signal(signal.SIGKILL)
+            _, before = await self._signal_live(name, signal.SIGKILL)
             record.injected_at = self.now()
             deadline = time.monotonic() + RESTART_WAIT_S
             while child.restarts <= before and time.monotonic() < deadline:  # noqa: ASYNC110
@@ -152,7 +150,7 @@ class Nemesis:
                 record.notes.append(f"{name} was not restarted within {RESTART_WAIT_S:.0f}s")
         elif kind in (Kind.NODE_PAUSE, Kind.REDIS_PAUSE):
             suffix = "-node" if kind is Kind.NODE_PAUSE else "-redis"
-            proc = await self._stop_live(fault.target + suffix)
+            proc, _ = await self._signal_live(fault.target + suffix, signal.SIGSTOP)
             self._paused.append(proc)
             record.injected_at = self.now()
             await asyncio.sleep(fault.hold_s)
@@ -179,17 +177,23 @@ class Nemesis:
         else:
             await self._rebalance(record)
 
-    async def _stop_live(self, name: str) -> asyncio.subprocess.Process:
-        """SIGSTOP the child's live process. One that is down (an earlier fault killed it, or
-        it exited starting up under other faults) is paused once its supervisor has brought
-        it back, within RESTART_WAIT_S: a pause needs a process to pause."""
+    async def _signal_live(
+        self, name: str, sig: signal.Signals
+    ) -> tuple[asyncio.subprocess.Process, int]:
+        """Signal the child's live process: ``(that process, the child's restart count then)``.
+
+        One that is down (an earlier fault killed it, or it exited starting up under other
+        faults) is signalled once its supervisor has brought it back, within RESTART_WAIT_S:
+        a fault needs a process to hit (seeds 1 and 3 at 600 s found this race)."""
         deadline = time.monotonic() + RESTART_WAIT_S
         while True:
-            proc = self.cluster.child(name).proc
+            child = self.cluster.child(name)
+            proc = child.proc
             if proc is not None and proc.returncode is None:
+                before = child.restarts
                 with contextlib.suppress(ProcessLookupError):  # it died just now: wait again
-                    proc.send_signal(signal.SIGSTOP)
-                    return proc
+                    proc.send_signal(sig)
+                    return proc, before
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{name} was not running for {RESTART_WAIT_S:.0f}s")
             await asyncio.sleep(0.05)
