@@ -69,28 +69,36 @@ class Server:
         self.calls, self.link, self.runner, self.url = calls, link, runner, url
 
 
+async def serve_calls(
+    entries: list[Any], port: int, **options: int
+) -> tuple[LinkServer, web.AppRunner]:
+    """A node's link server on a real socket, serving only ``entries`` (no shard behind it)."""
+    link = LinkServer(
+        entries,
+        max_inflight=options.get("max_inflight", 1024),
+        max_message_bytes=options.get("max_message_bytes", 1 << 20),
+        max_body_bytes=options.get("max_body_bytes", 1024),
+        access_log=False,
+    )
+    app = web.Application(middlewares=[node_auth_middleware(SECRET)])
+    app[SHARD] = None  # type: ignore[assignment]  # these calls need no shard
+    app[SETTINGS] = None  # type: ignore[assignment]
+    app[HISTORY] = None  # type: ignore[assignment]
+    app.router.add_get(LINK_PATH, link.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return link, runner
+
+
 @pytest_asyncio.fixture
 async def link_server() -> AsyncIterator[Any]:
     made: list[web.AppRunner] = []
 
     async def make(**options: int) -> Server:
         calls = Calls()
-        link = LinkServer(
-            calls.entries(),
-            max_inflight=options.get("max_inflight", 1024),
-            max_message_bytes=options.get("max_message_bytes", 1 << 20),
-            max_body_bytes=options.get("max_body_bytes", 1024),
-            access_log=False,
-        )
-        app = web.Application(middlewares=[node_auth_middleware(SECRET)])
-        app[SHARD] = None  # type: ignore[assignment]  # these calls need no shard
-        app[SETTINGS] = None  # type: ignore[assignment]
-        app[HISTORY] = None  # type: ignore[assignment]
-        app.router.add_get(LINK_PATH, link.handle)
-        runner = web.AppRunner(app)
-        await runner.setup()
         port = free_ports(1)[0]
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        link, runner = await serve_calls(calls.entries(), port, **options)
         made.append(runner)
         return Server(calls, link, runner, f"http://127.0.0.1:{port}")
 
@@ -320,22 +328,8 @@ async def test_a_user_whose_two_owners_point_at_each_other_gets_503_not_421(
         return received
 
     for other, port in zip(reversed(names), ports, strict=True):
-        link = LinkServer(
-            [("GET", "/internal/v1/users/{uid}/received", pointing_at(other))],
-            max_inflight=64,
-            max_message_bytes=1 << 20,
-            max_body_bytes=1024,
-            access_log=False,
-        )
-        app = web.Application(middlewares=[node_auth_middleware(SECRET)])
-        app[SHARD] = None  # type: ignore[assignment]  # these calls need no shard
-        app[SETTINGS] = None  # type: ignore[assignment]
-        app[HISTORY] = None  # type: ignore[assignment]
-        app.router.add_get(LINK_PATH, link.handle)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        runners.append(runner)
+        entries = [("GET", "/internal/v1/users/{uid}/received", pointing_at(other))]
+        runners.append((await serve_calls(entries, port))[1])
     nodes = tuple(NodeSpec(n, f"http://127.0.0.1:{p}") for n, p in zip(names, ports, strict=True))
     links = _links(session, SECRET)
     shards = Shards(RingDoc(version=1, nodes=nodes), session, SECRET, 0.1, links=links)
