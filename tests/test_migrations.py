@@ -252,6 +252,8 @@ HELM_HOMES = {
     f"HELM_{kind}_HOME": str(REPO / ".cache" / "helm" / kind.lower())
     for kind in ("CACHE", "CONFIG", "DATA")
 }
+
+
 @functools.cache
 def render(*args: str) -> tuple[dict[str, Any], ...]:
     done = subprocess.run(
