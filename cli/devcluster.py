@@ -33,6 +33,7 @@ from aiohttp import web
 
 from redpacket.core.env import SettingsError
 from redpacket.node.ledger import connect_one, parse_mysql_url
+from redpacket.node.migrations.runner import migrate
 from redpacket.sharding.ring import NodeSpec, RingDoc, RingError
 
 DEFAULT_MYSQL_URL = "mysql://root@127.0.0.1:3306"
@@ -342,6 +343,8 @@ class DevCluster:
         (self.home / "logs").mkdir(parents=True, exist_ok=True)
         RingDoc(1, tuple(p.spec() for p in self.plans)).save(self.ring_file)
         started = time.monotonic()
+        for plan in self.plans:  # as the chart's Job does before the nodes start
+            await migrate(plan.mysql_url)
         for child in self._children():
             self.children[child.name] = child
             await child.start()
@@ -457,6 +460,7 @@ class DevCluster:
                     self.mysql_server,
                 )
                 self.plans.append(plan)
+                await migrate(plan.mysql_url)
                 for child in self._shard_children(plan):
                     self.children[child.name] = child
                     await child.start()

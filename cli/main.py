@@ -42,28 +42,6 @@ def _node(_: argparse.Namespace) -> int:
     return _serve("node", NodeSettings.from_env(), create_app)
 
 
-def _db_init(args: argparse.Namespace) -> int:
-    import asyncio
-    import os
-
-    from redpacket.node.ledger import Ledger
-
-    url = args.mysql_url or os.environ.get(
-        "REDPACKET_MYSQL_URL", "mysql://root@127.0.0.1:3306/redpacket_shard_0"
-    )
-
-    async def init() -> None:
-        ledger = await Ledger.connect(url, pool_size=1)
-        try:
-            await ledger.apply_schema()
-        finally:
-            await ledger.close()
-
-    asyncio.run(init())
-    print(f"schema applied to {url}")
-    return 0
-
-
 def _token(args: argparse.Namespace) -> int:
     from redpacket.cli.devcluster import jwt_secret_for
     from redpacket.gateway.auth import mint_token
@@ -114,11 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database tools").add_subparsers(
         dest="db_command", required=True
     )
-    p = db.add_parser("init", help="apply the schema to a shard's MySQL database (idempotent)")
-    p.add_argument(
-        "--mysql-url", help="mysql://user:pass@host:port/database (default: REDPACKET_MYSQL_URL)"
-    )
-    p.set_defaults(func=_db_init)
+    from redpacket.cli.migrate import register as register_db
+
+    register_db(db)
 
     p = sub.add_parser("token", help="print a signed user token (JWT) for local use")
     p.add_argument("--uid", type=int, required=True)

@@ -29,6 +29,7 @@ from redpacket.node.counters import Counters, connect_redis
 from redpacket.node.handlers import CALLS, SETTINGS, SHARD
 from redpacket.node.ledger import Ledger, LedgerUnavailable
 from redpacket.node.link import LINK, LinkServer
+from redpacket.node.migrations.runner import SchemaMismatch, check_database
 from redpacket.node.reconciler import Reconciler
 from redpacket.node.relay import relay_ctx
 from redpacket.node.settings import NodeSettings
@@ -98,8 +99,20 @@ async def _patiently(what: str, connect: Callable[[], Awaitable[T]], wait_s: flo
 
 
 async def stores_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Redis and MySQL of this shard: schema applied, scripts loaded, group commit running."""
+    """Redis and MySQL of this shard: schema checked, scripts loaded, group commit running.
+
+    The node never changes the schema: `redpacket db migrate` (a Job before the nodes roll)
+    does, and a node whose code does not fit its database's schema version refuses to start.
+    """
     settings = app[SETTINGS]
+    try:
+        state = await _patiently(
+            "MySQL", lambda: check_database(settings.mysql_url), settings.startup_wait_s
+        )
+    except SchemaMismatch as exc:
+        log.error("not starting: %s", exc)
+        raise
+    log.info("database %s at schema version %d", state.database, state.version)
     ledger = await _patiently(
         "MySQL",
         lambda: Ledger.connect(
@@ -111,7 +124,6 @@ async def stores_ctx(app: web.Application) -> AsyncIterator[None]:
         settings.redis_url, settings.redis_cluster, settings.redis_pool_size
     )
     try:
-        await ledger.apply_schema()
         counters = Counters(redis_client, settings.redis_max_pipelines)
         await _patiently("Redis", counters.register_scripts, settings.startup_wait_s)
         shard = Shard(settings, counters, ledger)

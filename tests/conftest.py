@@ -36,6 +36,7 @@ from redpacket.gateway.auth import mint_token
 from redpacket.node.app import create_app as create_node_app
 from redpacket.node.handlers import SHARD
 from redpacket.node.ledger import connect_one, parse_mysql_url
+from redpacket.node.migrations.runner import migrate
 from redpacket.node.settings import NodeSettings
 from redpacket.node.shard import Shard
 from redpacket.sharding.ring import NodeSpec, RingDoc
@@ -256,6 +257,7 @@ async def start_node(
         **overrides,
     }
     settings = NodeSettings.from_env(env)
+    await migrate(mysql_url)  # nodes never migrate: `redpacket db migrate` runs first
     app = create_node_app(settings)
     runner = web.AppRunner(app)
     await runner.setup()

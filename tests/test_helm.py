@@ -534,10 +534,12 @@ def test_external_stores_need_one_url_per_shard() -> None:
 def test_every_container_has_probes_and_resources(case: str) -> None:
     """Long-running containers need liveness and readiness probes. Exempt: the `helm test`
     hook pod, which runs once to completion (a probe would have nothing to keep alive and no
-    Service to gate). Every container, exempt or not, declares CPU and memory requests and
-    limits."""
+    Service to gate), and the schema migration hook Jobs. Every container, exempt or not,
+    declares CPU and memory requests and limits."""
     for doc, pod in workloads(render(case)):
-        one_shot = doc["kind"] == "Pod" and "helm.sh/hook" in doc["metadata"].get("annotations", {})
+        one_shot = doc["kind"] in ("Pod", "Job") and "helm.sh/hook" in doc["metadata"].get(
+            "annotations", {}
+        )
         for container in [*pod.get("initContainers", []), *pod["containers"]]:
             where = f"{doc['kind']}/{doc['metadata']['name']}/{container['name']} ({case})"
             if not one_shot:
@@ -659,15 +661,17 @@ def test_network_policies(case: str) -> None:
     assert len(extra) == (1 if case == "everything-switched" else 0)
     (rule,) = node_policy["spec"]["ingress"]
     assert [p["port"] for p in rule["ports"]] == ["http"]
-    # stores: node pods only
+    # stores: node pods only, and MySQL the schema migration Jobs (migrate-job.yaml) too
+    migrate = {**rebalance, "app.kubernetes.io/component": "migrate"}
     for store in stores:
         policy = policies[store]
         labels = sets[store]["spec"]["template"]["metadata"]["labels"]
         assert selects(policy["spec"]["podSelector"]["matchLabels"], labels)
         allowed = pod_peers(policy)
-        assert len(allowed) == len(peers(policy)) == 1
+        assert len(allowed) == len(peers(policy)) == (2 if store == "mysql" else 1)
         assert selects(allowed[0], node)
-        assert not selects(allowed[0], gateway)
+        assert not any(selects(a, gateway) for a in allowed)
+        assert any(selects(a, migrate) for a in allowed) == (store == "mysql")
 
 
 @pytest.mark.parametrize("case", ["default", "external-stores"])
