@@ -379,7 +379,8 @@ def test_gateway_settings_load_from_its_pod(case: str) -> None:
 def test_gateway_starts_with_the_charts_env(tmp_path: Path) -> None:
     """The real `redpacket gateway` process, started with the container's command and env
     (only the address, port and ring file's folder moved to this machine): it serves /healthz,
-    loads the ring and, with no shard reachable here, answers /readyz with 503 listing them."""
+    loads the ring and, with no shard reachable here, is still ready on its readiness probe's
+    path (listing the shards as down), while /readyz/shards answers 503."""
     docs = render("default")
     deployment = one(docs, "Deployment", "gateway")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
@@ -411,11 +412,18 @@ def test_gateway_starts_with_the_charts_env(tmp_path: Path) -> None:
                 assert proc.poll() is None, f"the gateway exited: {proc.communicate()[1]}"
                 assert time.monotonic() < deadline, "the gateway did not serve /healthz"
                 time.sleep(0.1)
+        ring = RingDoc.parse(json.loads(ring_cm["data"]["ring.json"]))
+        # the readiness probe's path: this gateway can serve, whatever the shards' state
+        probe = container["readinessProbe"]["httpGet"]
+        assert container_port(container, probe["port"]) == container_port(container, "http")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{probe['path']}", timeout=10) as r:
+            assert r.status == 200
+            assert json.loads(r.read())["shards"] == {n.name: "down" for n in ring.nodes}
+        # the all-shards signal says which are down
         with pytest.raises(urllib.error.HTTPError) as answer:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10)
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz/shards", timeout=10)
         assert answer.value.code == 503
         body = json.loads(answer.value.read())
-        ring = RingDoc.parse(json.loads(ring_cm["data"]["ring.json"]))
         assert body["error"]["shards"] == {n.name: "down" for n in ring.nodes}
     finally:
         proc.terminate()
@@ -719,7 +727,7 @@ def test_helm_test_hook_calls_gateway_readyz() -> None:
     parts = urlsplit(url)
     assert parts.hostname == f"{service['metadata']['name']}.{NAMESPACE}.svc.{DOMAIN}"
     assert parts.port == service["spec"]["ports"][0]["port"]
-    assert parts.path == "/readyz"
+    assert parts.path == "/readyz/shards"  # an installed release serves every shard
     assert float(timeout) > 0
     assert pod["spec"]["restartPolicy"] == "Never"
 
