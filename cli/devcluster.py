@@ -96,9 +96,7 @@ async def answers_ready(url: str, timeout_s: float, path: str = "/readyz") -> bo
     async with aiohttp.ClientSession() as session:
         while True:
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                async with session.get(
-                    url + path, timeout=aiohttp.ClientTimeout(total=2)
-                ) as resp:
+                async with session.get(url + path, timeout=aiohttp.ClientTimeout(total=2)) as resp:
                     if resp.status == 200:
                         return True
             if time.monotonic() > deadline:
