@@ -818,3 +818,48 @@ def test_chart_metadata() -> None:
     assert chart["name"] == CHART.name
     assert re.fullmatch(r"\d+\.\d+\.\d+", chart["version"])
     assert chart["kubeVersion"].startswith(">=1.25")
+
+
+# -- issue 20: the chart in a real cluster ----------------------------------------------------
+
+
+def render_args(*args: str) -> tuple[dict[str, Any], ...]:
+    """Render with ad-hoc arguments (not cached: each case is used once)."""
+    proc = run_helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *args)
+    assert proc.returncode == 0, f"helm template {args} failed:\n{proc.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(proc.stdout) if doc)
+
+
+def store_templates(docs: tuple[dict[str, Any], ...]) -> dict[str, str]:
+    """The pod templates of the Redis and MySQL StatefulSets, as canonical YAML text."""
+    sets = statefulsets(docs)
+    return {s: yaml.safe_dump(sets[s]["spec"]["template"]) for s in ("redis", "mysql")}
+
+
+def test_store_pod_templates_ignore_the_image_the_chart_and_other_secrets() -> None:
+    """A gateway hotfix at peak (a new image.tag), or a new chart version or JWT secret, must
+    not roll every shard's Redis and MySQL: their pod templates are byte-identical."""
+    fixed = ("secrets.redisPassword=r3dis", "secrets.mysqlPassword=mysq1")
+    base = store_templates(render_args(*sets("image.tag=1.0.0", *fixed)))
+    hotfix = store_templates(
+        render_args(
+            *sets(
+                "image.tag=1.0.1-hotfix",
+                "image.digest=sha256:" + "a" * 64,
+                "gateway.config.rateOpenBurst=99",
+                "secrets.jwtSecret=" + "j" * 40,
+                "secrets.nodeSecret=" + "n" * 32,
+                *fixed,
+            )
+        )
+    )
+    assert hotfix == base
+    for store, text in base.items():
+        labels = yaml.safe_load(text)["metadata"]["labels"]
+        assert "helm.sh/chart" not in labels and "app.kubernetes.io/version" not in labels, store
+    # their own keys do roll them: a new Redis password restarts Redis only
+    rotated = store_templates(
+        render_args(*sets("image.tag=1.0.0", "secrets.redisPassword=n3w", fixed[1]))
+    )
+    assert rotated["redis"] != base["redis"]
+    assert rotated["mysql"] == base["mysql"]

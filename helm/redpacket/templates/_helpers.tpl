@@ -57,6 +57,17 @@ Labels and selector labels of one component. Call with (dict "root" $ "component
 app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
+{{/*
+Pod labels of a store (Redis, MySQL): no chart or app version, so a release that changes
+only the redpacket image or the chart never rolls the stores (issue 20). Call like
+componentLabels.
+*/}}
+{{- define "redpacket.storePodLabels" -}}
+{{ include "redpacket.componentSelectorLabels" . }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: redpacket
+{{- end }}
+
 {{- define "redpacket.componentSelectorLabels" -}}
 {{ include "redpacket.selectorLabels" .root }}
 app.kubernetes.io/component: {{ .component }}
@@ -104,7 +115,15 @@ ServiceAccount of rebalance Jobs.
 The redpacket image.
 */}}
 {{- define "redpacket.image" -}}
-{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- include "redpacket.imageRef" (dict "repository" .Values.image.repository "tag" (.Values.image.tag | default .Chart.AppVersion) "digest" .Values.image.digest) }}
+{{- end }}
+
+{{/*
+repository:tag, pinned with @digest when a digest is given (a tag can be moved; a digest
+cannot). Call with (dict "repository" .. "tag" .. "digest" ..).
+*/}}
+{{- define "redpacket.imageRef" -}}
+{{- printf "%s:%s" .repository .tag }}{{ with .digest }}@{{ . }}{{ end }}
 {{- end }}
 
 {{/*
