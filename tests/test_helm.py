@@ -169,6 +169,8 @@ def workloads(docs: tuple[dict[str, Any], ...]) -> list[tuple[dict[str, Any], di
     for doc in docs:
         if doc["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
             found.append((doc, doc["spec"]["template"]["spec"]))
+        elif doc["kind"] == "CronJob":
+            found.append((doc, doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]))
         elif doc["kind"] == "Pod":
             found.append((doc, doc["spec"]))
     return found
@@ -541,11 +543,12 @@ def test_external_stores_need_one_url_per_shard() -> None:
 @pytest.mark.parametrize("case", CASES)
 def test_every_container_has_probes_and_resources(case: str) -> None:
     """Long-running containers need liveness and readiness probes. Exempt: the `helm test`
-    hook pod, which runs once to completion (a probe would have nothing to keep alive and no
-    Service to gate). Every container, exempt or not, declares CPU and memory requests and
-    limits."""
+    hook pod, Jobs and CronJobs, which run once to completion (a probe would have nothing to
+    keep alive and no Service to gate). Every container, exempt or not, declares CPU and
+    memory requests and limits."""
     for doc, pod in workloads(render(case)):
-        one_shot = doc["kind"] == "Pod" and "helm.sh/hook" in doc["metadata"].get("annotations", {})
+        hook_pod = doc["kind"] == "Pod" and "helm.sh/hook" in doc["metadata"].get("annotations", {})
+        one_shot = hook_pod or doc["kind"] in ("Job", "CronJob")
         for container in [*pod.get("initContainers", []), *pod["containers"]]:
             where = f"{doc['kind']}/{doc['metadata']['name']}/{container['name']} ({case})"
             if not one_shot:
@@ -706,8 +709,12 @@ def test_rebalance_rbac_is_just_enough(case: str) -> None:
     assert subject["kind"] == "ServiceAccount" and subject["name"] in accounts
     labels = accounts[subject["name"]]["metadata"]["labels"]
     assert labels["app.kubernetes.io/component"] == "rebalance"
-    # the services themselves get no API token
-    for _doc, pod in workloads(docs):
+    # the services themselves get no API token; only rebalance-side Jobs (the pre-rollback
+    # guard) run with the rebalance account
+    for doc, pod in workloads(docs):
+        if doc["metadata"]["labels"]["app.kubernetes.io/component"] == "rebalance":
+            assert pod["serviceAccountName"] == subject["name"]
+            continue
         assert pod.get("automountServiceAccountToken") is False
         assert pod.get("serviceAccountName") != subject["name"]
 
@@ -863,3 +870,96 @@ def test_store_pod_templates_ignore_the_image_the_chart_and_other_secrets() -> N
     )
     assert rotated["redis"] != base["redis"]
     assert rotated["mysql"] == base["mysql"]
+
+
+def test_secret_and_ring_are_made_once_and_kept() -> None:
+    """Neither is part of a release revision (a pre-install hook), so `helm upgrade` and
+    `helm rollback` never re-template them, and uninstall keeps them."""
+    docs = render("default")
+    secret = next(d for d in of_kind(docs, "Secret") if d["metadata"]["name"] == "rp-redpacket")
+    for doc in (secret, one(docs, "ConfigMap", "ring")):
+        annotations = doc["metadata"]["annotations"]
+        assert annotations["helm.sh/hook"] == "pre-install", doc["metadata"]["name"]
+        assert annotations["helm.sh/resource-policy"] == "keep"
+        # made before the pods that mount them
+        assert int(annotations["helm.sh/hook-weight"]) < 0
+    # GitOps with `helm template`: the ring can be left to the operator
+    assert not [
+        d
+        for d in of_kind(render_args(*sets("ring.create=false")), "ConfigMap")
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == "ring"
+    ]
+
+
+def rollback_guard(shards: int) -> list[str]:
+    """The argv of the pre-rollback Job of a revision rendered with ``shards``."""
+    docs = render_args("--namespace", "pay", *sets(f"shards={shards}"))
+    (job,) = [
+        d
+        for d in of_kind(docs, "Job")
+        if d["metadata"].get("annotations", {}).get("helm.sh/hook") == "pre-rollback"
+    ]
+    assert job["spec"]["backoffLimit"] > 0
+    pod = job["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "rp-redpacket-rebalance"
+    (container,) = pod["containers"]
+    assert container["command"] == ["python", "-c"]
+    return [sys.executable, "-c", *container["args"]]
+
+
+@pytest.mark.parametrize(
+    ("target", "running", "rebalancing", "allowed"),
+    [(3, 3, False, True), (4, 3, False, True), (2, 3, False, False), (3, 3, True, False)],
+    ids=["same", "more", "fewer", "mid-rebalance"],
+)
+async def test_pre_rollback_hook_refuses_fewer_shards_than_run(
+    tmp_path: Path, target: int, running: int, rebalancing: bool, allowed: bool
+) -> None:
+    """The hook's real script, run against the fake API server of the backend's tests: a
+    rollback to fewer shards than run (or mid-rebalance) fails, so helm aborts it."""
+    import asyncio
+
+    from aiohttp import web
+
+    from redpacket.cli.devcluster import free_ports
+    from redpacket.sharding.ring import NodeSpec
+    from tests.test_kubernetes_backend import FakeKube
+
+    nodes = tuple(NodeSpec(f"shard-{i}", f"http://n{i}:9000") for i in range(running))
+    ring = RingDoc(2, nodes)
+    if rebalancing:
+        ring = RingDoc(3, nodes, previous=RingDoc(2, nodes[:-1]))
+    sts = {f"rp-redpacket-{c}": running for c in ("node", "redis", "mysql")}
+    fake = FakeKube(sts, "rp-redpacket-ring", ring)
+    runner = web.AppRunner(fake.app())
+    await runner.setup()
+    port = free_ports(1)[0]
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+                "users": [{"name": "u", "user": {}}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "x",
+            }
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *rollback_guard(target),
+            env={**env, "KUBECONFIG": str(kubeconfig)},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        await runner.cleanup()
+    text = out.decode()
+    assert (proc.returncode == 0) == allowed, text
+    assert ("ok:" if allowed else "refused:") in text, text
+    assert fake.calls and all(method == "GET" for method, _ in fake.calls), fake.calls
