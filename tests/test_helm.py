@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -963,3 +964,57 @@ async def test_pre_rollback_hook_refuses_fewer_shards_than_run(
     assert (proc.returncode == 0) == allowed, text
     assert ("ok:" if allowed else "refused:") in text, text
     assert fake.calls and all(method == "GET" for method, _ in fake.calls), fake.calls
+
+
+def memory_bytes(quantity: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(float(quantity[: -len(suffix)]) * factor)
+    return int(quantity)
+
+
+@pytest.mark.parametrize("limit", ["1Gi", "1.5Gi", "600M"])
+def test_redis_refuses_writes_at_60_percent_of_its_limit(limit: str) -> None:
+    """A full Redis answers errors to writes (noeviction) well below its limit, instead of
+    being OOM-killed and replaying its AOF; its requests equal its limits."""
+    docs = render_args(
+        *sets(f"redis.resources.limits.memory={limit}", f"redis.resources.requests.memory={limit}")
+    )
+    (redis,) = statefulsets(docs)["redis"]["spec"]["template"]["spec"]["containers"]
+    args = command_of(redis)
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    maxmemory = int(args[args.index("--maxmemory") + 1])
+    assert maxmemory == memory_bytes(limit) * 60 // 100
+
+
+@pytest.mark.parametrize("case", ["default", "shards=3", "everything-switched"])
+def test_stores_have_guaranteed_resources(case: str) -> None:
+    sets_ = statefulsets(render(case))
+    for store in ("redis", "mysql"):
+        for container in sets_[store]["spec"]["template"]["spec"]["containers"]:
+            resources = container["resources"]
+            assert resources["requests"] == resources["limits"], (store, container["name"])
+
+
+def test_stores_with_requests_below_limits_are_refused() -> None:
+    proc = run_helm("template", RELEASE, str(CHART), *sets("mysql.resources.requests.memory=1Gi"))
+    assert proc.returncode != 0
+    assert "mysql.resources: requests must equal limits" in proc.stderr
+
+
+def test_mysql_binlogs_expire() -> None:
+    (mysql,) = statefulsets(render("default"))["mysql"]["spec"]["template"]["spec"]["containers"]
+    flags = dict(a.removeprefix("--").split("=", 1) for a in mysql["args"] if "=" in a)
+    assert flags["sync-binlog"] == "1"  # the ledger's durability is not traded for space
+    assert 86400 <= int(flags["binlog-expire-logs-seconds"]) <= 7 * 86400
+    assert flags["binlog-row-image"] == "MINIMAL"
+    # the server this repository's tests run on takes the same flags (MySQL 8 does too)
+    help_text = subprocess.run(
+        [shutil.which("mariadbd") or "/usr/sbin/mariadbd", "--verbose", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    for flag in ("binlog-expire-logs-seconds", "binlog-row-image", "sync-binlog"):
+        assert re.search(rf"^{flag}\s", help_text, re.M), flag
