@@ -86,6 +86,9 @@ EVERYTHING_SWITCHED = sets(
     "redis.maxmemory=512mb",
     "redis.persistence.enabled=false",
     "mysql.persistence.storageClass=fast",
+    "storageClass.create=true",
+    "storageClass.provisioner=ebs.csi.aws.com",
+    "backup.persistence.existingClaim=backups",
     "metrics.podAnnotations=false",
     "dashboard.enabled=false",
     "secrets.jwtSecret=0123456789abcdef0123456789abcdef",
@@ -282,6 +285,8 @@ def test_manifests_validate_against_kubernetes_schemas(case: str, version: str) 
 @pytest.mark.parametrize("case", CASES)
 def test_standard_labels_and_namespace(case: str) -> None:
     for doc in render(case):
+        if doc["kind"] in ("StorageClass",):  # cluster-scoped
+            continue
         labels = doc["metadata"]["labels"]
         for key in (
             "helm.sh/chart",
@@ -671,15 +676,24 @@ def test_network_policies(case: str) -> None:
     assert len(extra) == (1 if case == "everything-switched" else 0)
     (rule,) = node_policy["spec"]["ingress"]
     assert [p["port"] for p in rule["ports"]] == ["http"]
-    # stores: node pods only
+    # stores: node pods only, and for MySQL the backup and password-rotation Jobs' pods
+    jobs = {
+        j["metadata"]["labels"]["app.kubernetes.io/component"]: j
+        for j in of_kind(docs, "Job") + of_kind(docs, "CronJob")
+    }
     for store in stores:
         policy = policies[store]
         labels = sets[store]["spec"]["template"]["metadata"]["labels"]
         assert selects(policy["spec"]["podSelector"]["matchLabels"], labels)
         allowed = pod_peers(policy)
-        assert len(allowed) == len(peers(policy)) == 1
+        assert len(allowed) == len(peers(policy)) == (3 if store == "mysql" else 1)
         assert selects(allowed[0], node)
-        assert not selects(allowed[0], gateway)
+        assert not any(selects(a, gateway) for a in allowed)
+        for component in ("backup", "password-rotation"):
+            if component in jobs and store == "mysql":
+                job = jobs[component]
+                spec = job["spec"].get("jobTemplate", job)["spec"]
+                assert any(selects(a, spec["template"]["metadata"]["labels"]) for a in allowed)
 
 
 @pytest.mark.parametrize("case", ["default", "external-stores"])
@@ -1018,3 +1032,67 @@ def test_mysql_binlogs_expire() -> None:
     ).stdout
     for flag in ("binlog-expire-logs-seconds", "binlog-row-image", "sync-binlog"):
         assert re.search(rf"^{flag}\s", help_text, re.M), flag
+
+
+def job_script(component: str, *args: str) -> tuple[str, dict[str, str]]:
+    """The shell script and literal env of the (Cron)Job of ``component``, rendered by helm."""
+    docs = render_args(*args)
+    (job,) = [
+        d
+        for d in of_kind(docs, "Job") + of_kind(docs, "CronJob")
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == component
+    ]
+    spec = job["spec"]["jobTemplate"]["spec"] if job["kind"] == "CronJob" else job["spec"]
+    (container,) = spec["template"]["spec"]["containers"]
+    assert container["command"][-1] == "-c", container["command"]
+    (script,) = container["args"]
+    return script, {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+def test_backup_cronjob_dumps_every_shard_with_the_password_from_a_file() -> None:
+    docs = render("default")
+    (cron,) = of_kind(docs, "CronJob")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    spec = cron["spec"]["jobTemplate"]["spec"]
+    assert spec["backoffLimit"] > 0
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    script, env = job_script("backup")
+    assert "mysqldump" in script and "--single-transaction" in script
+    assert "pipefail" in script  # a failed dump is not hidden by gzip
+    # no password in the env or the command line: a file from the Secret
+    assert not [e for e in container["env"] if "valueFrom" in e]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    secret_dir = str(Path(env["MYSQL_PASSWORD_FILE"]).parent)
+    assert volumes[mounts[secret_dir]]["secret"]["items"] == [
+        {"key": "mysql-password", "path": "mysql-password"}
+    ]
+    # the shards come from the live ring, the dumps go to a kept volume
+    assert_reads_the_ring(list(docs), pod, container, env["RING_FILE"])
+    claim = volumes[mounts[env["BACKUP_DIR"]]]["persistentVolumeClaim"]["claimName"]
+    (pvc,) = [p for p in of_kind(docs, "PersistentVolumeClaim") if p["metadata"]["name"] == claim]
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert int(env["SHARDS_AT_LEAST"]) == expected_shards("default")
+
+
+def test_storage_class_retains_and_expands() -> None:
+    docs = render_args(
+        *sets(
+            "storageClass.create=true",
+            "storageClass.provisioner=pd.csi.storage.gke.io",
+            "mysql.persistence.storageClass=fast",
+        )
+    )
+    (sc,) = of_kind(docs, "StorageClass")
+    assert sc["reclaimPolicy"] == "Retain"
+    assert sc["allowVolumeExpansion"] is True
+    assert sc["volumeBindingMode"] == "WaitForFirstConsumer"
+    sets_ = statefulsets(docs)
+    (redis_claim,) = sets_["redis"]["spec"]["volumeClaimTemplates"]
+    assert redis_claim["spec"]["storageClassName"] == sc["metadata"]["name"]
+    (mysql_claim,) = sets_["mysql"]["spec"]["volumeClaimTemplates"]
+    assert mysql_claim["spec"]["storageClassName"] == "fast"  # an explicit class wins
+    (backup,) = of_kind(docs, "PersistentVolumeClaim")
+    assert backup["spec"]["storageClassName"] == sc["metadata"]["name"]
+    assert not of_kind(render("default"), "StorageClass")

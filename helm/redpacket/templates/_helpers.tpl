@@ -227,3 +227,13 @@ instead of being OOM-killed and replaying its AOF for minutes.
 {{- div (mul $limit (int .Values.redis.maxmemoryPercent)) 100 }}
 {{- end }}
 {{- end }}
+
+{{/*
+Name of the chart's Retain StorageClass when storageClass.create, else empty (the cluster's
+default class).
+*/}}
+{{- define "redpacket.storageClassName" -}}
+{{- if .Values.storageClass.create }}
+{{- .Values.storageClass.name | default (printf "%s-%s-retain" .Release.Namespace (include "redpacket.fullname" .)) }}
+{{- end }}
+{{- end }}
