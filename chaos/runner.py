@@ -22,7 +22,7 @@ from redpacket.chaos.load import Client, Load, Outcomes, discover_api
 from redpacket.chaos.nemesis import Nemesis
 from redpacket.chaos.schedule import Schedule, draw
 from redpacket.chaos.verdict import Verdict, judge
-from redpacket.cli.devcluster import answers_ready
+from redpacket.cli.devcluster import ALL_SHARDS_READY, answers_ready
 from redpacket.sharding.ring import NodeSpec, Ring, RingDoc
 
 PROBER = 1  # the uid of the prober (it only reads and grabs: it never takes a share)
@@ -172,7 +172,7 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
             hurt.cancel()
         await nemesis.heal_all()
         say("chaos: load stopped, everything healed; judging")
-        await answers_ready(cluster.gateway_url, 120)
+        await answers_ready(cluster.gateway_url, 120, ALL_SHARDS_READY)
         doc = RingDoc.load(cluster.ring_file)
         nodes = list(doc.nodes)
         if doc.previous is not None:

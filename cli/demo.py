@@ -23,7 +23,13 @@ import aiohttp
 from tqdm import tqdm
 
 from redpacket.cli.check import Observed, check_shards
-from redpacket.cli.devcluster import DevCluster, Unmet, answers_ready, load_state
+from redpacket.cli.devcluster import (
+    ALL_SHARDS_READY,
+    DevCluster,
+    Unmet,
+    answers_ready,
+    load_state,
+)
 from redpacket.gateway.auth import mint_token
 from redpacket.sharding.ring import RingDoc
 
@@ -211,7 +217,9 @@ def run_demo(args: argparse.Namespace) -> int:
             return await demo(args.url, secret, args.users, args.packets, None)
         with contextlib.suppress(Unmet):
             state = load_state(args.var, args.cluster)
-            if state.get("ready") and await answers_ready(state["gateway"]["url"], 0):
+            if state.get("ready") and await answers_ready(
+                state["gateway"]["url"], 0, ALL_SHARDS_READY
+            ):
                 print(f"using the running local cluster {args.cluster!r}")
                 return await demo(
                     state["gateway"]["url"],

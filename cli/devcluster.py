@@ -87,15 +87,17 @@ def jwt_secret_for(cluster: str, var: str) -> str:
     return os.environ.get("REDPACKET_JWT_SECRET") or load_state(var, cluster)["jwt_secret"]
 
 
-async def answers_ready(url: str, timeout_s: float) -> bool:
-    """Poll ``url``/readyz until it answers 200; False if it has not within ``timeout_s``."""
+ALL_SHARDS_READY = "/readyz/shards"  # the gateway's "every shard is up" (its /readyz is itself)
+
+
+async def answers_ready(url: str, timeout_s: float, path: str = "/readyz") -> bool:
+    """Poll ``url``+``path`` until it answers 200; False if it has not within ``timeout_s``.
+    A gateway is polled on :data:`ALL_SHARDS_READY`, a node on /readyz."""
     deadline = time.monotonic() + timeout_s
     async with aiohttp.ClientSession() as session:
         while True:
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                async with session.get(
-                    url + "/readyz", timeout=aiohttp.ClientTimeout(total=2)
-                ) as resp:
+                async with session.get(url + path, timeout=aiohttp.ClientTimeout(total=2)) as resp:
                     if resp.status == 200:
                         return True
             if time.monotonic() > deadline:
@@ -356,7 +358,7 @@ class DevCluster:
         self.say(f"ready in {time.monotonic() - started:.1f}s")
 
     async def wait_ready(self, timeout_s: float) -> None:
-        if not await answers_ready(self.gateway_url, timeout_s):
+        if not await answers_ready(self.gateway_url, timeout_s, ALL_SHARDS_READY):
             raise Unmet(
                 f"cluster not ready after {timeout_s:.0f}s; see the logs in {self.home / 'logs'}"
             )

@@ -24,6 +24,7 @@ from redpacket.gateway.handlers import (
     FINISHED,
     IDS,
     OPEN_LIMIT,
+    RING_WATCHER,
     SETTINGS,
     SHARDS,
 )
@@ -35,7 +36,6 @@ from redpacket.gateway.webapp import add_page_routes
 from redpacket.sharding.ring import RingDoc
 
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
-RING_WATCHER = web.AppKey("ring_watcher", RingWatcher)
 
 
 async def openapi(_: web.Request) -> web.Response:
@@ -52,6 +52,7 @@ ROUTES = [
     web.get("/v1/me/sent", handlers.my_sent),
     web.get("/healthz", handlers.healthz),
     web.get("/readyz", handlers.readyz),
+    web.get("/readyz/shards", handlers.readyz_shards),
     web.get("/openapi.json", openapi),
     web.get("/metrics", metrics_handler),
 ]
@@ -89,7 +90,7 @@ async def shards_ctx(app: web.Application) -> AsyncIterator[None]:
     app[SHARDS] = shards
     watcher = RingWatcher(settings.ring_file, shards)
     app[RING_WATCHER] = watcher
-    task = asyncio.create_task(watcher.run(settings.ring_poll_s))
+    watcher.start(settings.ring_poll_s)
     # SIGHUP: re-read the ring file now (`redpacket rebalance` says so after publishing it)
     loop = asyncio.get_running_loop()
     hup = False
@@ -101,9 +102,7 @@ async def shards_ctx(app: web.Application) -> AsyncIterator[None]:
     finally:
         if hup:
             loop.remove_signal_handler(signal.SIGHUP)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await watcher.stop()
         if links is not None:
             await links.close()
         await session.close()

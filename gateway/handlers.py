@@ -24,13 +24,14 @@ from redpacket.gateway.auth import Authenticator, User
 from redpacket.gateway.finished import FinishedPackets
 from redpacket.gateway.ratelimit import RateLimiter
 from redpacket.gateway.settings import GatewaySettings
-from redpacket.gateway.shards import Shards, Upstream
+from redpacket.gateway.shards import RingWatcher, Shards, Upstream
 
 log = logging.getLogger("redpacket.gateway")
 
 SETTINGS = web.AppKey("settings", GatewaySettings)
 AUTH = web.AppKey("auth", Authenticator)
 SHARDS = web.AppKey("shards", Shards)
+RING_WATCHER = web.AppKey("ring_watcher", RingWatcher)
 IDS = web.AppKey("ids", IdGenerator)
 FINISHED = web.AppKey("finished", FinishedPackets)
 CREATE_LIMIT = web.AppKey("create_limit", RateLimiter)
@@ -269,8 +270,9 @@ async def healthz(_: web.Request) -> web.Response:
     return json_response({"ok": True})
 
 
-async def readyz(request: web.Request) -> web.Response:
-    shards = request.app[SHARDS]
+async def _shard_states(shards: Shards) -> dict[str, str]:
+    """Each shard of the ring: "ready" when its node's /readyz is 200 (its Redis and MySQL
+    answer), else "down"."""
     nodes = list(shards.ring.nodes.values())
 
     async def probe(node: Any) -> bool:
@@ -280,8 +282,34 @@ async def readyz(request: web.Request) -> web.Response:
             return False
 
     results = await asyncio.gather(*(probe(n) for n in nodes))
-    status = {n.name: ("ready" if ok else "down") for n, ok in zip(nodes, results, strict=True)}
-    if not all(results):
+    return {n.name: ("ready" if ok else "down") for n, ok in zip(nodes, results, strict=True)}
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """This gateway can serve: it answers (so it listens), its ring is loaded and watched,
+    and its node links are managed. Shards that are down do NOT make it unready: a dead
+    shard costs only its own packets, and a readiness probe that failed on any shard would
+    empty the gateway Service for every shard at once (issue 20). The body still lists each
+    shard's state; ``/readyz/shards`` is the signal that every shard is up."""
+    shards = request.app[SHARDS]
+    problems = []
+    if not request.app[RING_WATCHER].watching:
+        problems.append("the ring file is not being watched")
+    if not shards.links_managed:
+        problems.append("the node links are closed")
+    status = await _shard_states(shards)
+    if problems:
+        raise ApiError(503, "unavailable", "; ".join(problems), extra={"shards": status})
+    body = {"ready": True, "ring_version": shards.ring_doc.version, "shards": status}
+    return json_response(body)
+
+
+async def readyz_shards(request: web.Request) -> web.Response:
+    """Every shard of the ring is up (for alerts and `helm test`, not for the gateway's own
+    readiness probe): 200, or 503 naming the shards that are down."""
+    shards = request.app[SHARDS]
+    status = await _shard_states(shards)
+    if any(state != "ready" for state in status.values()):
         raise ApiError(503, "unavailable", "not every shard is ready", extra={"shards": status})
     return json_response({"ready": True, "ring_version": shards.ring_doc.version, "shards": status})
 

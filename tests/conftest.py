@@ -350,7 +350,7 @@ class Cluster:
         assert self.session is not None
         while True:
             try:
-                async with self.session.get(self.url + "/readyz") as resp:
+                async with self.session.get(self.url + "/readyz/shards") as resp:
                     if resp.status == 200:
                         return
             except aiohttp.ClientError:

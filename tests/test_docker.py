@@ -455,8 +455,8 @@ def test_the_compose_stack_serves_a_crowd_survives_a_node_crash_and_keeps_its_le
         started = time.monotonic()
         run([*cmd, "up", "-d", "--no-build"], env=stack_env, timeout=STACK_TIMEOUT_S)
         wait_until(
-            "the gateway's /readyz (every shard up)",
-            lambda: http("GET", f"{gateway}/readyz", "")[0] == 200,
+            "the gateway's /readyz/shards (every shard up)",
+            lambda: http("GET", f"{gateway}/readyz/shards", "")[0] == 200,
             STACK_TIMEOUT_S,
         )
         containers = {s: container_of(eng, project, s) for s in compose()["services"]}

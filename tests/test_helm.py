@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -85,6 +86,9 @@ EVERYTHING_SWITCHED = sets(
     "redis.maxmemory=512mb",
     "redis.persistence.enabled=false",
     "mysql.persistence.storageClass=fast",
+    "storageClass.create=true",
+    "storageClass.provisioner=ebs.csi.aws.com",
+    "backup.persistence.existingClaim=backups",
     "metrics.podAnnotations=false",
     "dashboard.enabled=false",
     "secrets.jwtSecret=0123456789abcdef0123456789abcdef",
@@ -169,6 +173,8 @@ def workloads(docs: tuple[dict[str, Any], ...]) -> list[tuple[dict[str, Any], di
     for doc in docs:
         if doc["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
             found.append((doc, doc["spec"]["template"]["spec"]))
+        elif doc["kind"] == "CronJob":
+            found.append((doc, doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]))
         elif doc["kind"] == "Pod":
             found.append((doc, doc["spec"]))
     return found
@@ -279,6 +285,8 @@ def test_manifests_validate_against_kubernetes_schemas(case: str, version: str) 
 @pytest.mark.parametrize("case", CASES)
 def test_standard_labels_and_namespace(case: str) -> None:
     for doc in render(case):
+        if doc["kind"] in ("StorageClass",):  # cluster-scoped
+            continue
         labels = doc["metadata"]["labels"]
         for key in (
             "helm.sh/chart",
@@ -379,7 +387,8 @@ def test_gateway_settings_load_from_its_pod(case: str) -> None:
 def test_gateway_starts_with_the_charts_env(tmp_path: Path) -> None:
     """The real `redpacket gateway` process, started with the container's command and env
     (only the address, port and ring file's folder moved to this machine): it serves /healthz,
-    loads the ring and, with no shard reachable here, answers /readyz with 503 listing them."""
+    loads the ring and, with no shard reachable here, is still ready on its readiness probe's
+    path (listing the shards as down), while /readyz/shards answers 503."""
     docs = render("default")
     deployment = one(docs, "Deployment", "gateway")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
@@ -411,11 +420,18 @@ def test_gateway_starts_with_the_charts_env(tmp_path: Path) -> None:
                 assert proc.poll() is None, f"the gateway exited: {proc.communicate()[1]}"
                 assert time.monotonic() < deadline, "the gateway did not serve /healthz"
                 time.sleep(0.1)
+        ring = RingDoc.parse(json.loads(ring_cm["data"]["ring.json"]))
+        # the readiness probe's path: this gateway can serve, whatever the shards' state
+        probe = container["readinessProbe"]["httpGet"]
+        assert container_port(container, probe["port"]) == container_port(container, "http")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{probe['path']}", timeout=10) as r:
+            assert r.status == 200
+            assert json.loads(r.read())["shards"] == {n.name: "down" for n in ring.nodes}
+        # the all-shards signal says which are down
         with pytest.raises(urllib.error.HTTPError) as answer:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10)
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz/shards", timeout=10)
         assert answer.value.code == 503
         body = json.loads(answer.value.read())
-        ring = RingDoc.parse(json.loads(ring_cm["data"]["ring.json"]))
         assert body["error"]["shards"] == {n.name: "down" for n in ring.nodes}
     finally:
         proc.terminate()
@@ -533,13 +549,12 @@ def test_external_stores_need_one_url_per_shard() -> None:
 @pytest.mark.parametrize("case", CASES)
 def test_every_container_has_probes_and_resources(case: str) -> None:
     """Long-running containers need liveness and readiness probes. Exempt: the `helm test`
-    hook pod, which runs once to completion (a probe would have nothing to keep alive and no
-    Service to gate), and the schema migration hook Jobs. Every container, exempt or not,
-    declares CPU and memory requests and limits."""
+    hook pod, Jobs and CronJobs, which run once to completion (a probe would have nothing to
+    keep alive and no Service to gate). Every container, exempt or not, declares CPU and
+    memory requests and limits."""
     for doc, pod in workloads(render(case)):
-        one_shot = doc["kind"] in ("Pod", "Job") and "helm.sh/hook" in doc["metadata"].get(
-            "annotations", {}
-        )
+        hook_pod = doc["kind"] == "Pod" and "helm.sh/hook" in doc["metadata"].get("annotations", {})
+        one_shot = hook_pod or doc["kind"] in ("Job", "CronJob")
         for container in [*pod.get("initContainers", []), *pod["containers"]]:
             where = f"{doc['kind']}/{doc['metadata']['name']}/{container['name']} ({case})"
             if not one_shot:
@@ -661,17 +676,26 @@ def test_network_policies(case: str) -> None:
     assert len(extra) == (1 if case == "everything-switched" else 0)
     (rule,) = node_policy["spec"]["ingress"]
     assert [p["port"] for p in rule["ports"]] == ["http"]
-    # stores: node pods only, and MySQL the schema migration Jobs (migrate-job.yaml) too
     migrate = {**rebalance, "app.kubernetes.io/component": "migrate"}
+    # stores: node pods only, and for MySQL the backup and password-rotation Jobs' pods
+    jobs = {
+        j["metadata"]["labels"]["app.kubernetes.io/component"]: j
+        for j in of_kind(docs, "Job") + of_kind(docs, "CronJob")
+    }
     for store in stores:
         policy = policies[store]
         labels = sets[store]["spec"]["template"]["metadata"]["labels"]
         assert selects(policy["spec"]["podSelector"]["matchLabels"], labels)
         allowed = pod_peers(policy)
-        assert len(allowed) == len(peers(policy)) == (2 if store == "mysql" else 1)
+        assert len(allowed) == len(peers(policy)) == (4 if store == "mysql" else 1)
         assert selects(allowed[0], node)
         assert not any(selects(a, gateway) for a in allowed)
         assert any(selects(a, migrate) for a in allowed) == (store == "mysql")
+        for component in ("backup", "password-rotation"):
+            if component in jobs and store == "mysql":
+                job = jobs[component]
+                spec = job["spec"].get("jobTemplate", job)["spec"]
+                assert any(selects(a, spec["template"]["metadata"]["labels"]) for a in allowed)
 
 
 @pytest.mark.parametrize("case", ["default", "external-stores"])
@@ -702,8 +726,12 @@ def test_rebalance_rbac_is_just_enough(case: str) -> None:
     assert subject["kind"] == "ServiceAccount" and subject["name"] in accounts
     labels = accounts[subject["name"]]["metadata"]["labels"]
     assert labels["app.kubernetes.io/component"] == "rebalance"
-    # the services themselves get no API token
-    for _doc, pod in workloads(docs):
+    # the services themselves get no API token; only rebalance-side Jobs (the pre-rollback
+    # guard) run with the rebalance account
+    for doc, pod in workloads(docs):
+        if doc["metadata"]["labels"]["app.kubernetes.io/component"] == "rebalance":
+            assert pod["serviceAccountName"] == subject["name"]
+            continue
         assert pod.get("automountServiceAccountToken") is False
         assert pod.get("serviceAccountName") != subject["name"]
 
@@ -723,7 +751,7 @@ def test_helm_test_hook_calls_gateway_readyz() -> None:
     parts = urlsplit(url)
     assert parts.hostname == f"{service['metadata']['name']}.{NAMESPACE}.svc.{DOMAIN}"
     assert parts.port == service["spec"]["ports"][0]["port"]
-    assert parts.path == "/readyz"
+    assert parts.path == "/readyz/shards"  # an installed release serves every shard
     assert float(timeout) > 0
     assert pod["spec"]["restartPolicy"] == "Never"
 
@@ -814,3 +842,259 @@ def test_chart_metadata() -> None:
     assert chart["name"] == CHART.name
     assert re.fullmatch(r"\d+\.\d+\.\d+", chart["version"])
     assert chart["kubeVersion"].startswith(">=1.25")
+
+
+# -- issue 20: the chart in a real cluster ----------------------------------------------------
+
+
+def render_args(*args: str) -> tuple[dict[str, Any], ...]:
+    """Render with ad-hoc arguments (not cached: each case is used once)."""
+    proc = run_helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *args)
+    assert proc.returncode == 0, f"helm template {args} failed:\n{proc.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(proc.stdout) if doc)
+
+
+def store_templates(docs: tuple[dict[str, Any], ...]) -> dict[str, str]:
+    """The pod templates of the Redis and MySQL StatefulSets, as canonical YAML text."""
+    sets = statefulsets(docs)
+    return {s: yaml.safe_dump(sets[s]["spec"]["template"]) for s in ("redis", "mysql")}
+
+
+def test_store_pod_templates_ignore_the_image_the_chart_and_other_secrets() -> None:
+    """A gateway hotfix at peak (a new image.tag), or a new chart version or JWT secret, must
+    not roll every shard's Redis and MySQL: their pod templates are byte-identical."""
+    fixed = ("secrets.redisPassword=r3dis", "secrets.mysqlPassword=mysq1")
+    base = store_templates(render_args(*sets("image.tag=1.0.0", *fixed)))
+    hotfix = store_templates(
+        render_args(
+            *sets(
+                "image.tag=1.0.1-hotfix",
+                "image.digest=sha256:" + "a" * 64,
+                "gateway.config.rateOpenBurst=99",
+                "secrets.jwtSecret=" + "j" * 40,
+                "secrets.nodeSecret=" + "n" * 32,
+                *fixed,
+            )
+        )
+    )
+    assert hotfix == base
+    for store, text in base.items():
+        labels = yaml.safe_load(text)["metadata"]["labels"]
+        assert "helm.sh/chart" not in labels and "app.kubernetes.io/version" not in labels, store
+    # their own keys do roll them: a new Redis password restarts Redis only
+    rotated = store_templates(
+        render_args(*sets("image.tag=1.0.0", "secrets.redisPassword=n3w", fixed[1]))
+    )
+    assert rotated["redis"] != base["redis"]
+    assert rotated["mysql"] == base["mysql"]
+
+
+def test_secret_and_ring_are_made_once_and_kept() -> None:
+    """Neither is part of a release revision (a pre-install hook), so `helm upgrade` and
+    `helm rollback` never re-template them, and uninstall keeps them."""
+    docs = render("default")
+    secret = next(d for d in of_kind(docs, "Secret") if d["metadata"]["name"] == "rp-redpacket")
+    for doc in (secret, one(docs, "ConfigMap", "ring")):
+        annotations = doc["metadata"]["annotations"]
+        assert annotations["helm.sh/hook"] == "pre-install", doc["metadata"]["name"]
+        assert annotations["helm.sh/resource-policy"] == "keep"
+        # made before the pods that mount them
+        assert int(annotations["helm.sh/hook-weight"]) < 0
+    # GitOps with `helm template`: the ring can be left to the operator
+    assert not [
+        d
+        for d in of_kind(render_args(*sets("ring.create=false")), "ConfigMap")
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == "ring"
+    ]
+
+
+def rollback_guard(shards: int) -> list[str]:
+    """The argv of the pre-rollback Job of a revision rendered with ``shards``."""
+    docs = render_args("--namespace", "pay", *sets(f"shards={shards}"))
+    (job,) = [
+        d
+        for d in of_kind(docs, "Job")
+        if d["metadata"].get("annotations", {}).get("helm.sh/hook") == "pre-rollback"
+    ]
+    assert job["spec"]["backoffLimit"] > 0
+    pod = job["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "rp-redpacket-rebalance"
+    (container,) = pod["containers"]
+    assert container["command"] == ["python", "-c"]
+    return [sys.executable, "-c", *container["args"]]
+
+
+@pytest.mark.parametrize(
+    ("target", "running", "rebalancing", "allowed"),
+    [(3, 3, False, True), (4, 3, False, True), (2, 3, False, False), (3, 3, True, False)],
+    ids=["same", "more", "fewer", "mid-rebalance"],
+)
+async def test_pre_rollback_hook_refuses_fewer_shards_than_run(
+    tmp_path: Path, target: int, running: int, rebalancing: bool, allowed: bool
+) -> None:
+    """The hook's real script, run against the fake API server of the backend's tests: a
+    rollback to fewer shards than run (or mid-rebalance) fails, so helm aborts it."""
+    import asyncio
+
+    from aiohttp import web
+
+    from redpacket.cli.devcluster import free_ports
+    from redpacket.sharding.ring import NodeSpec
+    from tests.test_kubernetes_backend import FakeKube
+
+    nodes = tuple(NodeSpec(f"shard-{i}", f"http://n{i}:9000") for i in range(running))
+    ring = RingDoc(2, nodes)
+    if rebalancing:
+        ring = RingDoc(3, nodes, previous=RingDoc(2, nodes[:-1]))
+    sts = {f"rp-redpacket-{c}": running for c in ("node", "redis", "mysql")}
+    fake = FakeKube(sts, "rp-redpacket-ring", ring)
+    runner = web.AppRunner(fake.app())
+    await runner.setup()
+    port = free_ports(1)[0]
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+                "users": [{"name": "u", "user": {}}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "x",
+            }
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *rollback_guard(target),
+            env={**env, "KUBECONFIG": str(kubeconfig)},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        await runner.cleanup()
+    text = out.decode()
+    assert (proc.returncode == 0) == allowed, text
+    assert ("ok:" if allowed else "refused:") in text, text
+    assert fake.calls and all(method == "GET" for method, _ in fake.calls), fake.calls
+
+
+def memory_bytes(quantity: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(float(quantity[: -len(suffix)]) * factor)
+    return int(quantity)
+
+
+@pytest.mark.parametrize("limit", ["1Gi", "1.5Gi", "600M"])
+def test_redis_refuses_writes_at_60_percent_of_its_limit(limit: str) -> None:
+    """A full Redis answers errors to writes (noeviction) well below its limit, instead of
+    being OOM-killed and replaying its AOF; its requests equal its limits."""
+    docs = render_args(
+        *sets(f"redis.resources.limits.memory={limit}", f"redis.resources.requests.memory={limit}")
+    )
+    (redis,) = statefulsets(docs)["redis"]["spec"]["template"]["spec"]["containers"]
+    args = command_of(redis)
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    maxmemory = int(args[args.index("--maxmemory") + 1])
+    assert maxmemory == memory_bytes(limit) * 60 // 100
+
+
+@pytest.mark.parametrize("case", ["default", "shards=3", "everything-switched"])
+def test_stores_have_guaranteed_resources(case: str) -> None:
+    sets_ = statefulsets(render(case))
+    for store in ("redis", "mysql"):
+        for container in sets_[store]["spec"]["template"]["spec"]["containers"]:
+            resources = container["resources"]
+            assert resources["requests"] == resources["limits"], (store, container["name"])
+
+
+def test_stores_with_requests_below_limits_are_refused() -> None:
+    proc = run_helm("template", RELEASE, str(CHART), *sets("mysql.resources.requests.memory=1Gi"))
+    assert proc.returncode != 0
+    assert "mysql.resources: requests must equal limits" in proc.stderr
+
+
+def test_mysql_binlogs_expire() -> None:
+    (mysql,) = statefulsets(render("default"))["mysql"]["spec"]["template"]["spec"]["containers"]
+    flags = dict(a.removeprefix("--").split("=", 1) for a in mysql["args"] if "=" in a)
+    assert flags["sync-binlog"] == "1"  # the ledger's durability is not traded for space
+    assert 86400 <= int(flags["binlog-expire-logs-seconds"]) <= 7 * 86400
+    assert flags["binlog-row-image"] == "MINIMAL"
+    # the server this repository's tests run on takes the same flags (MySQL 8 does too)
+    help_text = subprocess.run(
+        [shutil.which("mariadbd") or "/usr/sbin/mariadbd", "--verbose", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    for flag in ("binlog-expire-logs-seconds", "binlog-row-image", "sync-binlog"):
+        assert re.search(rf"^{flag}\s", help_text, re.M), flag
+
+
+def job_script(component: str, *args: str) -> tuple[str, dict[str, str]]:
+    """The shell script and literal env of the (Cron)Job of ``component``, rendered by helm."""
+    docs = render_args(*args)
+    (job,) = [
+        d
+        for d in of_kind(docs, "Job") + of_kind(docs, "CronJob")
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == component
+    ]
+    spec = job["spec"]["jobTemplate"]["spec"] if job["kind"] == "CronJob" else job["spec"]
+    (container,) = spec["template"]["spec"]["containers"]
+    assert container["command"][-1] == "-c", container["command"]
+    (script,) = container["args"]
+    return script, {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+def test_backup_cronjob_dumps_every_shard_with_the_password_from_a_file() -> None:
+    docs = render("default")
+    (cron,) = of_kind(docs, "CronJob")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    spec = cron["spec"]["jobTemplate"]["spec"]
+    assert spec["backoffLimit"] > 0
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    script, env = job_script("backup")
+    assert "mysqldump" in script and "--single-transaction" in script
+    assert "pipefail" in script  # a failed dump is not hidden by gzip
+    # no password in the env or the command line: a file from the Secret
+    assert not [e for e in container["env"] if "valueFrom" in e]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    secret_dir = str(Path(env["MYSQL_PASSWORD_FILE"]).parent)
+    assert volumes[mounts[secret_dir]]["secret"]["items"] == [
+        {"key": "mysql-password", "path": "mysql-password"}
+    ]
+    # the shards come from the live ring, the dumps go to a kept volume
+    assert_reads_the_ring(list(docs), pod, container, env["RING_FILE"])
+    claim = volumes[mounts[env["BACKUP_DIR"]]]["persistentVolumeClaim"]["claimName"]
+    (pvc,) = [p for p in of_kind(docs, "PersistentVolumeClaim") if p["metadata"]["name"] == claim]
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert int(env["SHARDS_AT_LEAST"]) == expected_shards("default")
+
+
+def test_storage_class_retains_and_expands() -> None:
+    docs = render_args(
+        *sets(
+            "storageClass.create=true",
+            "storageClass.provisioner=pd.csi.storage.gke.io",
+            "mysql.persistence.storageClass=fast",
+        )
+    )
+    (sc,) = of_kind(docs, "StorageClass")
+    assert sc["reclaimPolicy"] == "Retain"
+    assert sc["allowVolumeExpansion"] is True
+    assert sc["volumeBindingMode"] == "WaitForFirstConsumer"
+    sets_ = statefulsets(docs)
+    (redis_claim,) = sets_["redis"]["spec"]["volumeClaimTemplates"]
+    assert redis_claim["spec"]["storageClassName"] == sc["metadata"]["name"]
+    (mysql_claim,) = sets_["mysql"]["spec"]["volumeClaimTemplates"]
+    assert mysql_claim["spec"]["storageClassName"] == "fast"  # an explicit class wins
+    (backup,) = of_kind(docs, "PersistentVolumeClaim")
+    assert backup["spec"]["storageClassName"] == sc["metadata"]["name"]
+    assert not of_kind(render("default"), "StorageClass")

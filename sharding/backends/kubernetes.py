@@ -246,6 +246,12 @@ class KubernetesBackend:
                 await self._scale(sts, ordinal)
         await self._wait_pods([f"{sts}-{ordinal}" for sts in stores], gone=True)
 
+    async def running_shards(self) -> int:
+        """How many shards run: the most replicas of the shard StatefulSets (a half-finished
+        scale counts its highest pods, which hold or await packets)."""
+        counts = [await self._replicas(sts) for sts in self._statefulsets()]
+        return max(counts, default=0)
+
     async def running_node(self, name: str) -> NodeSpec | None:
         ordinal = _ordinal(name)
         if await self._replicas(self.names.node_statefulset) > ordinal:

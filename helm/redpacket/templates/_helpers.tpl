@@ -57,6 +57,17 @@ Labels and selector labels of one component. Call with (dict "root" $ "component
 app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
+{{/*
+Pod labels of a store (Redis, MySQL): no chart or app version, so a release that changes
+only the redpacket image or the chart never rolls the stores (issue 20). Call like
+componentLabels.
+*/}}
+{{- define "redpacket.storePodLabels" -}}
+{{ include "redpacket.componentSelectorLabels" . }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: redpacket
+{{- end }}
+
 {{- define "redpacket.componentSelectorLabels" -}}
 {{ include "redpacket.selectorLabels" .root }}
 app.kubernetes.io/component: {{ .component }}
@@ -104,7 +115,15 @@ ServiceAccount of rebalance Jobs.
 The redpacket image.
 */}}
 {{- define "redpacket.image" -}}
-{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- include "redpacket.imageRef" (dict "repository" .Values.image.repository "tag" (.Values.image.tag | default .Chart.AppVersion) "digest" .Values.image.digest) }}
+{{- end }}
+
+{{/*
+repository:tag, pinned with @digest when a digest is given (a tag can be moved; a digest
+cannot). Call with (dict "repository" .. "tag" .. "digest" ..).
+*/}}
+{{- define "redpacket.imageRef" -}}
+{{- printf "%s:%s" .repository .tag }}{{ with .digest }}@{{ . }}{{ end }}
 {{- end }}
 
 {{/*
@@ -170,5 +189,51 @@ key, or nothing. Call with (dict "root" $ "port" <metrics port or 0> "extra" <di
 {{- if $out -}}
 annotations:
   {{- toYaml $out | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+Bytes of a Kubernetes memory quantity ("1Gi", "512Mi", "2G", "1073741824").
+*/}}
+{{- define "redpacket.memoryBytes" -}}
+{{- $q := toString . }}
+{{- $units := dict "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "k" 1000 "K" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 }}
+{{- $bytes := 0 }}
+{{- $found := false }}
+{{- range $suffix := list "Ki" "Mi" "Gi" "Ti" "k" "K" "M" "G" "T" }}
+{{- if and (not $found) (hasSuffix $suffix $q) }}
+{{- $bytes = mulf (float64 (trimSuffix $suffix $q)) (get $units $suffix) | int64 }}
+{{- $found = true }}
+{{- end }}
+{{- end }}
+{{- if not $found }}{{ $bytes = float64 $q | int64 }}{{ end }}
+{{- $bytes }}
+{{- end }}
+
+{{/*
+Redis maxmemory in bytes: redis.maxmemory when set, else redis.maxmemoryPercent of the
+container's memory limit. Redis's own overhead (the AOF rewrite's fork copy-on-write, client
+buffers, fragmentation) lives in the rest, so a full Redis refuses writes (noeviction)
+instead of being OOM-killed and replaying its AOF for minutes.
+*/}}
+{{- define "redpacket.redisMaxmemory" -}}
+{{- if .Values.redis.maxmemory }}
+{{- .Values.redis.maxmemory }}
+{{- else }}
+{{- $limit := include "redpacket.memoryBytes" .Values.redis.resources.limits.memory | int64 }}
+{{- if le $limit 0 }}
+{{- fail (printf "redis.resources.limits.memory %v: not a memory quantity the chart can read; set redis.maxmemory" .Values.redis.resources.limits.memory) }}
+{{- end }}
+{{- div (mul $limit (int .Values.redis.maxmemoryPercent)) 100 }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the chart's Retain StorageClass when storageClass.create, else empty (the cluster's
+default class).
+*/}}
+{{- define "redpacket.storageClassName" -}}
+{{- if .Values.storageClass.create }}
+{{- .Values.storageClass.name | default (printf "%s-%s-retain" .Release.Namespace (include "redpacket.fullname" .)) }}
 {{- end }}
 {{- end }}
