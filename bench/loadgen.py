@@ -44,7 +44,7 @@ from redpacket.bench.httpclient import (
     close_quietly,
 )
 
-# live counters, one slot each per worker (see Progress in runner.py)
+# live counters, one slot each per worker (see Progress in phases.py)
 LIVE_FIELDS = ("grabs", "opens", "rejections", "errors", "creates")
 LIVE_GRABS, LIVE_OPENS, LIVE_REJECTIONS, LIVE_ERRORS, LIVE_CREATES = range(len(LIVE_FIELDS))
 
