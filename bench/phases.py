@@ -17,7 +17,8 @@ import orjson
 from redpacket.bench import procstats
 from redpacket.bench.cluster import Target
 from redpacket.bench.httpclient import HttpError, RawConnection
-from redpacket.bench.loadgen import LIVE_FIELDS, WorkerJob, worker_main
+from redpacket.bench.loadgen import LIVE_FIELDS, LIVE_FINISHED, Mint, WorkerJob, worker_main
+from redpacket.bench.scenarios import Shape, shape_of
 from redpacket.bench.stats import PhaseResult
 
 
@@ -56,7 +57,11 @@ class Progress:
             for name, total, last in zip(LIVE_FIELDS, totals, self._last, strict=True)
         }
         self._last, self._last_t = totals, now
-        shown = {k: f"{v:,.0f}/s" for k, v in rates.items() if v or k in ("opens", "rejections")}
+        shown = {
+            k: f"{v:,.0f}/s"
+            for k, v in rates.items()
+            if (v or k in ("opens", "rejections")) and k != "finished"
+        }
         self._bar.set_postfix(shown, refresh=False)
         self._bar.n = min(self._bar.total, round(elapsed_s, 1))
         self._bar.refresh()
@@ -81,13 +86,19 @@ async def run_phase(
     workers: int | None = None,
     crowd: list[bytes] | None = None,
     rate: float = 0.0,
+    shape: Shape | None = None,
+    fresh: Mint | None = None,
 ) -> PhaseResult:
+    """One measured phase; ``shape`` says how the open phase makes and picks packets,
+    ``fresh`` the identities its pairs take (split between the workers)."""
     workers = max(1, min(workers or args.workers, len(users)))
     ctx = multiprocessing.get_context("spawn")
     live = ctx.RawArray("d", workers * len(LIVE_FIELDS))
     groups = [users[w::workers] for w in range(workers)]
     procs, pipes = [], []
-    initial = max(0, args.packets)
+    shape = shape or shape_of(args)
+    initial = max(0, shape.initial_packets)
+    per_fresh = fresh.count // workers if fresh else 0
     for w, group in enumerate(groups):
         job = WorkerJob(
             index=w,
@@ -98,9 +109,15 @@ async def run_phase(
             users=group,
             duration_s=duration_s,
             senders=(senders or [])[w::workers],
-            shares=args.shares,
-            amount=args.amount,
+            shares=shape.shares,
+            shares_min=shape.shares_min,
+            amount=shape.amount,
             initial_packets=initial // workers + (1 if w < initial % workers else 0),
+            in_flight=shape.in_flight // workers,
+            finite=shape.finite,
+            fresh=Mint(fresh.secret, fresh.first_uid + w * per_fresh, per_fresh, fresh.ttl_s)
+            if fresh
+            else None,
             packets=packets or [],
             crowd=(crowd or [])[w::workers],
             rate=rate / workers,
@@ -128,6 +145,9 @@ async def run_phase(
         next_sample = 0.0
         try:
             while (elapsed := time.time() - go) < duration_s:
+                if finished := _finished_at(live, workers):  # a finite crowd used up
+                    duration_s = result.duration_s = finished
+                    break
                 if elapsed >= next_sample:
                     for name, pid in pids.items():
                         kib = procstats.rss_kib(pid)
@@ -165,6 +185,13 @@ async def run_phase(
                 proc.kill()
                 proc.join()
     return result
+
+
+def _finished_at(live: Any, workers: int) -> float:
+    """The second at which the last worker used up its finite crowd (0: not all have)."""
+    n = len(LIVE_FIELDS)
+    done = [live[w * n + LIVE_FINISHED] for w in range(workers)]
+    return max(done) if all(done) else 0.0
 
 
 def _busiest_others(
@@ -237,6 +264,26 @@ async def _wait_for(pipes: list[Any], what: str, timeout_s: float) -> list[Any]:
     return [answers[i] for i in range(len(pipes))]
 
 
+async def _create(conn: RawConnection, sender: bytes, shares: int, amount: int) -> str:
+    body = orjson.dumps({"total_amount": amount, "total_packet": shares, "greeting": "bench"})
+    status, answer = await conn.request(b"POST", b"/v1/red-packets", sender, body)
+    if status != 201:
+        raise RuntimeError(f"could not create a packet: {status} {answer[:200]!r}")
+    return orjson.loads(answer)["red_packet_id"]
+
+
+async def create_packet(target: Target, sender: bytes, shares: int, amount: int) -> str:
+    """One packet through the public API, outside any measured window (the boss packet)."""
+    host, port = target.host_port
+    conn = RawConnection(host, port)
+    try:
+        return await _create(conn, sender, shares, amount)
+    except HttpError as exc:
+        raise RuntimeError(f"gateway unreachable: {exc}") from None
+    finally:
+        conn.close()
+
+
 async def top_up_sold_out(
     target: Target, have: list[str], user: tuple[int, bytes], sender: bytes, want: int
 ) -> tuple[list[str], list[tuple[int, int, int]]]:
@@ -247,13 +294,9 @@ async def top_up_sold_out(
     host, port = target.host_port
     conn = RawConnection(host, port)
     uid, token = user
-    body = orjson.dumps({"total_amount": 100, "total_packet": 1, "greeting": "bench"})
     try:
         while len(packets) < want:
-            status, answer = await conn.request(b"POST", b"/v1/red-packets", sender, body)
-            if status != 201:
-                raise RuntimeError(f"could not create a packet: {status} {answer[:200]!r}")
-            pid = orjson.loads(answer)["red_packet_id"]
+            pid = await _create(conn, sender, 1, 100)
             status, answer = await conn.request(
                 b"POST", f"/v1/red-packets/{pid}/open".encode(), token
             )

@@ -13,6 +13,7 @@ from typing import Any
 
 from redpacket.bench import procstats
 from redpacket.bench.cluster import Target
+from redpacket.bench.scenarios import shape_of
 from redpacket.bench.stats import PhaseResult
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,6 +87,7 @@ def build_results(
 ) -> dict[str, Any]:
     cpus = os.cpu_count() or 1
     commit, dirty = git_commit()
+    shape = shape_of(args)
     opens = p1.rate("open")
     grabs = p1.rate("grab")
     rejections = p2.rate("reject_grab", "reject_open")
@@ -143,9 +145,15 @@ def build_results(
             "users": args.users,
             "workers": args.workers,
             "client": args.client,
-            "initial_packets": args.packets,
-            "shares": args.shares,
-            "amount": args.amount,
+            "scenario": shape.scenario,
+            "initial_packets": shape.initial_packets,
+            "shares": shape.shares,
+            "shares_min": shape.shares_min or shape.shares,
+            "amount": shape.amount,
+            "in_flight": shape.in_flight,
+            "fresh_identities": shape.fresh,
+            "senders": shape.senders,
+            "identities_reused": p1.counts.get("identities_reused", 0),
             "duration_s": args.duration,
             "reject_duration_s": args.reject_duration,
             "latecomers": getattr(args, "latecomers", 0),

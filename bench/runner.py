@@ -24,12 +24,15 @@ import asyncio
 import datetime as dt
 import secrets
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from redpacket.bench import ceilings, history
 from redpacket.bench.cluster import mysql_settings, start_target, stop_target
 from redpacket.bench.commits import commit_stats, node_metrics
+from redpacket.bench.loadgen import Mint
 from redpacket.bench.phases import (
+    create_packet,
     machine_busy,
     run_phase,
     top_up_sold_out,
@@ -37,6 +40,7 @@ from redpacket.bench.phases import (
 )
 from redpacket.bench.report import write_outputs
 from redpacket.bench.results import build_results
+from redpacket.bench.scenarios import BOSS_USERS, Shape, lift_limits_for, shape_of
 from redpacket.gateway.auth import mint_token
 
 FIRST_UID = 7_000_000_000  # + a random offset per run, so runs on one cluster never share uids
@@ -55,31 +59,57 @@ def _tokens(secret: str, first_uid: int, n: int, ttl_s: int) -> list[tuple[int, 
     ]
 
 
+@dataclass
+class Crowds:
+    """Every identity of a run, in disjoint uid ranges: the virtual users' own, phase 2's
+    latecomers, the senders, and (minted by the workers) the fresh openers of each phase."""
+
+    openers: list[tuple[int, bytes]]
+    latecomers: list[tuple[int, bytes]]
+    senders: list[bytes]
+    crowd: list[bytes]
+    next_uid: int
+    secret: str
+    ttl_s: int
+
+    def fresh(self, count: int) -> Mint:
+        mint = Mint(self.secret, self.next_uid, count, self.ttl_s)
+        self.next_uid += count
+        return mint
+
+
+def _crowds(args: argparse.Namespace, secret: str, shape: Shape) -> Crowds:
+    ttl = int(args.duration + args.reject_duration + 2 * args.ceiling_duration + 3600)
+    uid = FIRST_UID + secrets.randbelow(10**9) * 1000
+    openers = _tokens(secret, uid, args.users, ttl)
+    latecomers = _tokens(secret, uid + args.users, args.users, ttl)
+    uid += 2 * args.users
+    senders = [t for _, t in _tokens(secret, uid, shape.senders, ttl)]
+    uid += shape.senders
+    crowd = [t for _, t in _tokens(secret, uid, args.latecomers, ttl)]
+    return Crowds(openers, latecomers, senders, crowd, uid + args.latecomers, secret, ttl)
+
+
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     from redpacket.cli.check import Observed, check_shards
 
     started = dt.datetime.now(dt.UTC)
     say = (lambda *_: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    shape = shape_of(args)
     if not (args.url or args.cluster):
-        say("redpacket bench: starting a local cluster")
+        say(f"redpacket bench: starting a local cluster (scenario {shape.scenario})")
+        lift_limits_for(shape)
     target = await start_target(args)
     try:
         host, port = target.host_port
-        ttl = int(args.duration + args.reject_duration + 2 * args.ceiling_duration + 3600)
-        base = FIRST_UID + secrets.randbelow(10**9) * 1000
-        openers = _tokens(target.jwt_secret, base, args.users, ttl)
-        latecomers = _tokens(target.jwt_secret, base + args.users, args.users, ttl)
-        senders = [t for _, t in _tokens(target.jwt_secret, base + 2 * args.users, 64, ttl)]
         say(f"minting {args.latecomers} tokens for the sold-out crowd ...")
-        crowd = [
-            t
-            for _, t in _tokens(target.jwt_secret, base + 2 * args.users + 64, args.latecomers, ttl)
-        ]
+        ids = _crowds(args, target.jwt_secret, shape)
+        openers, latecomers, senders, crowd = ids.openers, ids.latecomers, ids.senders, ids.crowd
         mysql = await mysql_settings(target)
         per_worker = args.users // max(1, args.workers)
-        if args.shares > per_worker:
+        if shape.scenario == "hot" and shape.shares > per_worker:
             target.notes.append(
-                f"--shares {args.shares} > {per_worker} users per load worker: a packet needs "
+                f"--shares {shape.shares} > {per_worker} users per load worker: a packet needs "
                 "that many different users, so phase 1 leaves packets partly opened and "
                 f"phase 2 hammers {MIN_SOLD_OUT} small packets sold out for it"
             )
@@ -101,9 +131,15 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         history_before = await history.sample(target.nodes)
         backlog = history.BacklogWatch(target.nodes)
         backlog.start()
+        boss = (
+            [await create_packet(target, senders[0], shape.shares, shape.amount)]
+            if shape.finite
+            else None
+        )
+        fresh_1 = int(args.fresh_per_s * args.duration) if shape.fresh else 0
         p1 = await run_phase(
             args,
-            title="phase 1: grab + open",
+            title=f"phase 1: grab + open ({shape.scenario})",
             mode="open",
             host=host,
             port=port,
@@ -111,10 +147,16 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             duration_s=args.duration,
             pids=target.pids,
             senders=senders,
+            packets=[p.encode() for p in boss] if boss else None,
+            shape=shape,
+            fresh=ids.fresh(BOSS_USERS if shape.finite else fresh_1) if shape.fresh else None,
         )
         commits = commit_stats(metrics_before, await node_metrics(target.nodes))
         # open loop: pairs arrive at a fixed rate, by default half the closed-loop maximum
         rate = args.rate if args.rate is not None else round(0.5 * p1.rate("open"), 1)
+        if shape.finite:
+            rate = 0.0
+            target.notes.append("boss: no open-loop phase (the one packet is sold out)")
         ol = None
         if rate > 0 and args.rate_duration > 0:
             await wait_quiet(args, "the open-loop phase")
@@ -130,6 +172,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 pids=target.pids,
                 senders=senders,
                 rate=rate,
+                shape=shape,
+                fresh=ids.fresh(int(rate * args.rate_duration) + 1) if shape.fresh else None,
             )
         await backlog.stop()
         history_after = await history.drain(target.nodes, timeout_s=10)
