@@ -119,6 +119,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="seconds of each ceiling measurement (0: skip them)",
     )
     load.add_argument(
+        "--naive-duration",
+        type=float,
+        default=15.0,
+        help="seconds of the naive peer, right after phase 1 (0: skip it)",
+    )
+    load.add_argument(
         "--settle",
         type=float,
         default=15.0,

@@ -25,6 +25,13 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return f"{value:,}"
 
 
+def _credit(lag: dict[str, Any] | None) -> str:
+    if not lag or lag.get("credits") is None:
+        return "n/a (no node exposes redpacket_credit_lag_seconds yet)"
+    p99 = lag.get("p99_le_s")
+    return f"≤ {p99:g} s over {lag['credits']:,} credits" if p99 is not None else "-"
+
+
 def render_table(r: dict[str, Any]) -> str:
     lat = r["latency_ms"]
     cfg = r["config"]
@@ -56,6 +63,14 @@ def render_table(r: dict[str, Any]) -> str:
         row("phase 1: create", r["creates_per_s"], lat["create"]),
         *(
             [
+                row("reference: naive peer, open", nv["opens_per_s"], nv["latency_ms"]["open"]),
+                row("  naive peer, create", nv["creates_per_s"], nv["latency_ms"]["create"]),
+            ]
+            if (nv := r.get("naive_peer"))
+            else []
+        ),
+        *(
+            [
                 row(
                     f"open loop @ {ol['rate_per_s']:,.0f} pairs/s: grab",
                     ol["grabs_per_s"],
@@ -76,6 +91,12 @@ def render_table(r: dict[str, Any]) -> str:
         f"open_ratio   {_fmt(r['open_ratio'], 4)}  (opens/s / Lua ceiling; target >= 0.10)",
         f"reject_ratio {_fmt(r['reject_ratio'], 4)}  (rejections/s / trivial ceiling;"
         " target >= 0.6)",
+        f"naive_ratio  {_fmt(r.get('naive_ratio'), 2)}  (cluster opens/s / naive peer's;"
+        " target >= 3)",
+        f"box CPU µs per committed open: cluster {_fmt(r.get('box_cpu_us_per_committed_open'), 0)}"
+        f", naive peer {_fmt((r.get('naive_peer') or {}).get('box_cpu_us_per_committed_open'), 0)}"
+        " (target <= 250)",
+        f"credit lag p99: {_credit(r.get('credit_lag'))}",
     ]
     if r["errors"]:
         lines.append("errors: " + ", ".join(f"{k} x{v}" for k, v in r["errors"].items()))

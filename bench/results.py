@@ -84,6 +84,7 @@ def build_results(
     started: dt.datetime,
     ol: PhaseResult | None = None,
     ol_rate: float = 0.0,
+    naive: PhaseResult | None = None,
 ) -> dict[str, Any]:
     cpus = os.cpu_count() or 1
     commit, dirty = git_commit()
@@ -193,6 +194,10 @@ def build_results(
             "reject_phase": p2.process_cpu(),
         },
         "open_loop": open_loop,
+        "naive_peer": naive_results(naive, opens),
+        "naive_ratio": _ratio(opens, naive.rate("open")) if naive else None,
+        "box_cpu_us_per_committed_open": box_cpu_us(p1, opens),
+        "create_p99_ms": lat["create"]["p99_ms"],
         "open_loop_open_p50_ms": open_loop["latency_ms"]["open"]["p50_ms"] if open_loop else None,
         "open_loop_open_p99_ms": open_loop["latency_ms"]["open"]["p99_ms"] if open_loop else None,
         "open_loop_open_p999_ms": open_loop["latency_ms"]["open"]["p999_ms"] if open_loop else None,
@@ -240,6 +245,33 @@ def build_results(
         "notes": target.notes,
     }
     return results
+
+
+def box_cpu_us(phase: PhaseResult, opens_per_s: float) -> float | None:
+    """The whole machine's CPU per committed open (every process, ours or not)."""
+    machine = phase.process_cpu().get("machine")
+    return round(machine / opens_per_s * 1e6, 1) if machine and opens_per_s else None
+
+
+def naive_results(naive: PhaseResult | None, cluster_opens: float) -> dict[str, Any] | None:
+    """The naive peer's phase, as phase 1's: rates, latency, CPU."""
+    if naive is None:
+        return None
+    opens = naive.rate("open")
+    return {
+        "opens_per_s": round(opens, 1),
+        "grabs_per_s": round(naive.rate("grab"), 1),
+        "creates_per_s": round(naive.rate("create"), 1),
+        "latency_ms": {op: naive.latency(op) for op in ("grab", "open", "create")},
+        "errors": naive.errors(),
+        "duration_s": naive.duration_s,
+        "process_cores": naive.process_cpu(),
+        "loadgen": naive.loadgen(os.cpu_count() or 1),
+        "box_cpu_us_per_committed_open": box_cpu_us(naive, opens),
+        "cluster_over_naive": _ratio(cluster_opens, opens),
+        "what": "one aiohttp process on uvloop; per open PyJWT verify, one EVALSHA, one MySQL "
+        "transaction (guarded UPDATE + INSERT, COMMIT) awaited before the 200 (bench/naive.py)",
+    }
 
 
 def open_loop_results(

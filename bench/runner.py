@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redpacket.bench import ceilings, history
-from redpacket.bench.cluster import mysql_settings, start_target, stop_target
+from redpacket.bench.cluster import Target, mysql_settings, start_target, stop_target
 from redpacket.bench.commits import commit_stats, node_metrics
 from redpacket.bench.loadgen import Mint
 from redpacket.bench.phases import (
@@ -41,6 +41,7 @@ from redpacket.bench.phases import (
 from redpacket.bench.report import write_outputs
 from redpacket.bench.results import build_results
 from redpacket.bench.scenarios import BOSS_USERS, Shape, lift_limits_for, shape_of
+from redpacket.bench.stats import PhaseResult
 from redpacket.gateway.auth import mint_token
 
 FIRST_UID = 7_000_000_000  # + a random offset per run, so runs on one cluster never share uids
@@ -88,6 +89,52 @@ def _crowds(args: argparse.Namespace, secret: str, shape: Shape) -> Crowds:
     uid += shape.senders
     crowd = [t for _, t in _tokens(secret, uid, args.latecomers, ttl)]
     return Crowds(openers, latecomers, senders, crowd, uid + args.latecomers, secret, ttl)
+
+
+async def naive_phase(
+    args: argparse.Namespace, target: Target, shape: Shape, ids: Crowds
+) -> PhaseResult | None:
+    """The naive peer (bench/naive.py) driven by phase 1's load generator, same shape, same
+    kind of identities, on the same Redis and MySQL servers; only on the bench's own cluster
+    (it needs a MySQL server and a database it may create and drop)."""
+    duration_s = args.naive_duration
+    if duration_s <= 0 or target.cluster is None or not target.mysql_server or shape.finite:
+        return None
+    from redpacket.cli.devcluster import free_ports
+
+    await wait_quiet(args, "the naive peer")
+    database = f"{target.databases[0].rsplit('_shard_', 1)[0]}_naive"
+    target.databases.append(database)  # dropped with the shards' at the end
+    port = free_ports(1)[0]
+    proc = await ceilings.start_naive(
+        port,
+        redis_url=target.nodes[0].redis,
+        mysql_url=target.mysql_server,
+        database=database,
+        jwt_secret=target.jwt_secret,
+    )
+    pids = {
+        "naive": proc.pid,
+        f"{target.nodes[0].name}-redis": target.pids.get(f"{target.nodes[0].name}-redis", 0),
+    }
+    if "mysqld" in target.pids:
+        pids["mysqld"] = target.pids["mysqld"]
+    try:
+        return await run_phase(
+            args,
+            title="reference: naive peer",
+            mode="open",
+            host="127.0.0.1",
+            port=port,
+            users=ids.openers,
+            duration_s=duration_s,
+            pids={k: v for k, v in pids.items() if v},
+            senders=ids.senders,
+            shape=shape,
+            fresh=ids.fresh(int(args.fresh_per_s * duration_s)) if shape.fresh else None,
+        )
+    finally:
+        await ceilings.stop_process(proc)
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -152,6 +199,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             fresh=ids.fresh(BOSS_USERS if shape.finite else fresh_1) if shape.fresh else None,
         )
         commits = commit_stats(metrics_before, await node_metrics(target.nodes))
+        naive = await naive_phase(args, target, shape, ids)
         # open loop: pairs arrive at a fixed rate, by default half the closed-loop maximum
         rate = args.rate if args.rate is not None else round(0.5 * p1.rate("open"), 1)
         if shape.finite:
@@ -248,10 +296,12 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         check=check,
         mysql=mysql,
         started=started,
+        naive=naive,
     )
     results["machine"]["busy_before_start_cores"] = busy_before
     results["group_commit"] = commits
     results["history"] = history.report(history_before, history_after, backlog)
+    results["credit_lag"] = history.credit_lag(history_before, history_after)
     # a phase is clean when processes outside the benchmark used under 0.1 core meanwhile
     results["clean"] = {
         phase: cores.get("other (not measured here)", 0.0) < 0.1
