@@ -37,8 +37,9 @@ def test_bench_smoke(tmp_path: Path, mysql_databases: Any) -> None:
     argv = [
         sys.executable, "-m", "redpacket.cli", "bench",
         "--duration", "2", "--reject-duration", "1", "--ceiling-duration", "1",
-        "--users", "16", "--shares", "4", "--packets", "4", "--latecomers", "300",
-        "--rate-duration", "1",
+        "--users", "16", "--shares", "4", "--shares-min", "2", "--in-flight", "8",
+        "--fresh-per-s", "400", "--senders", "20", "--latecomers", "300",
+        "--rate-duration", "1", "--naive-duration", "1",
         "--var", str(tmp_path / "var"), "--json", str(out), "--plot", str(png), "--quiet",
     ]  # fmt: skip
     done = subprocess.run(
@@ -54,6 +55,20 @@ def test_bench_smoke(tmp_path: Path, mysql_databases: Any) -> None:
     assert not missing, missing
     assert results["check"]["ok"] is True, results["check"]
     assert results["config"]["latecomers"] == 300
+    # the default is the real crowd: small packets, every opener a fresh identity
+    assert results["config"]["scenario"] == "crowd"
+    assert results["config"]["fresh_identities"] is True
+    assert results["config"]["shares_min"] == 2 and results["config"]["in_flight"] == 8
+    # the naive peer ran on the same load generator, and the ratio is stated
+    naive = results["naive_peer"]
+    assert naive["opens_per_s"] > 0 and not naive["errors"], naive
+    assert results["naive_ratio"] == round(results["opens_per_s"] / naive["opens_per_s"], 4)
+    assert "reference: naive peer, open" in done.stdout
+    assert results["box_cpu_us_per_committed_open"] > 0
+    assert results["creates_per_s"] > 0 and results["create_p99_ms"] is not None
+    # no node exposes the wallet's credit lag yet: reported as n/a, not as zero
+    assert results["credit_lag"]["credits"] is None
+    assert "credit lag p99: n/a" in done.stdout
     assert results["opens_per_s"] > 0 and results["rejections_per_s"] > 0
     assert results["lua_ceiling_per_s"] and results["trivial_ceiling_per_s"]
     for op in ("grab", "open", "reject"):
