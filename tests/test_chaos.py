@@ -5,6 +5,7 @@ every fault of its schedule injected and healed."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
 import json
 import os
@@ -20,6 +21,9 @@ from redpacket.chaos.nemesis import FaultRecord
 from redpacket.chaos.runner import judge_faults, publish
 from redpacket.chaos.schedule import Fault, Kind, draw
 from redpacket.chaos.verdict import Verdict, judge_liveness
+from redpacket.cli.check import Observed
+from redpacket.core import clock
+from tests.conftest import NodeHandle
 
 SEEDS = range(1, 21)
 
@@ -216,3 +220,49 @@ def test_plot_without_matplotlib_says_what_to_install_and_still_writes_json_and_
     assert "violations: 0" in printed.out
     assert "pip install 'redpacket[bench]'" in printed.err
     assert not (tmp_path / "run.png").exists()
+
+
+async def test_a_node_clock_stepping_forward_and_back_refunds_once_and_sells_nothing_after(
+    fresh_node: Any, tmp_path: Path
+) -> None:
+    """The node's one clock (core/clock.py) jumps 60 s ahead: the packet expires and is
+    refunded early. It steps back before the expiry: the refund stands, no share is sold (not
+    even for a moment in Redis), replays still answer their amounts; ahead again: no second
+    refund. The checker ends it."""
+    offset = tmp_path / "clock-offset-ms"
+    node: NodeHandle = await fresh_node(
+        REDPACKET_CLOCK_OFFSET_FILE=str(offset),
+        REDPACKET_SWEEP_INTERVAL_S="0.1",
+        REDPACKET_REFUND_GRACE_S="0",
+    )
+    try:
+        packet_id = await node.create(total_amount=1000, total_packet=10, uid=8, expire_seconds=30)
+        opened = {uid: (await node.open(packet_id, uid))[1]["amount"] for uid in (1, 2, 3)}
+        observed = [Observed(packet_id, uid, amount) for uid, amount in opened.items()]
+        offset.write_text("60000")  # the clock jumps a minute ahead: the packet has expired
+
+        async def refunded() -> bool:
+            return await node.shard.ledger.refund_of(packet_id) is not None
+
+        async with asyncio.timeout(10):
+            while not await refunded():  # noqa: ASYNC110 - the node's sweeper runs on its own
+                await asyncio.sleep(0.05)
+        offset.write_text("-5000")  # back, to before the expiry: the refund stands
+        await asyncio.sleep(0.2)  # past clock.RECHECK_S
+        answers: list[int] = []
+        async with asyncio.timeout(5):  # the packet expires for real 25 s later: not waited for
+            while 410 not in answers:
+                status, body = await node.open(packet_id, 100 + len(answers))
+                assert status in (410, 503), body  # never a share of a refunded packet
+                answers.append(status)
+                await asyncio.sleep(0.05)
+        assert body["error"]["code"] == "expired"  # once rebuilt, Redis knows it is over
+        for uid, amount in opened.items():
+            assert await node.open(packet_id, uid) == (200, {"amount": amount, "replayed": True})
+        offset.write_text("120000")  # ahead again: sweeps pass, nothing is refunded twice
+        await asyncio.sleep(0.5)
+        report = await node.check(observed)
+        assert report.refunds == 1
+        assert await node.shard.ledger.refund_of(packet_id) == 1000 - sum(opened.values())
+    finally:
+        clock.use_offset_file("")
