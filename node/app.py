@@ -112,7 +112,14 @@ async def stores_ctx(app: web.Application) -> AsyncIterator[None]:
         settings.redis_url, settings.redis_cluster, settings.redis_pool_size
     )
     try:
-        await ledger.apply_schema()
+        # retried, and given longer than one query: with MySQL slow or cut a moment (chaos:
+        # latency on its link), a node that exited here crash-looped with a growing back-off
+        # and stayed down for a minute after MySQL was fine again (issue 24)
+        await _patiently(
+            "MySQL",
+            lambda: ledger.apply_schema(timeout_s=settings.startup_wait_s / 4),
+            settings.startup_wait_s,
+        )
         counters = Counters(redis_client, settings.redis_max_pipelines)
         await _patiently("Redis", counters.register_scripts, settings.startup_wait_s)
         shard = Shard(settings, counters, ledger)

@@ -252,17 +252,21 @@ class Ledger:
         await self._pool.wait_closed()
 
     @contextlib.asynccontextmanager
-    async def connection(self) -> AsyncIterator[aiomysql.Connection]:
-        """A pooled connection; any failure closes it, MySQL outages become LedgerUnavailable."""
+    async def connection(
+        self, timeout_s: float | None = None
+    ) -> AsyncIterator[aiomysql.Connection]:
+        """A pooled connection; any failure closes it, MySQL outages become LedgerUnavailable.
+        ``timeout_s`` (default: the ledger's) bounds the acquire and, again, the use."""
+        timeout_s = self._timeout_s if timeout_s is None else timeout_s
         try:
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout(timeout_s):
                 conn = await self._pool.acquire()
         except Exception as exc:
             if _is_down(exc):
                 raise LedgerUnavailable(str(exc)) from exc
             raise
         try:
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout(timeout_s):
                 yield conn
         except BaseException as exc:
             conn.close()
@@ -272,8 +276,10 @@ class Ledger:
         finally:
             self._pool.release(conn)
 
-    async def apply_schema(self) -> None:
-        async with self.connection() as conn, conn.cursor() as cur:
+    async def apply_schema(self, timeout_s: float | None = None) -> None:
+        """Dozens of statements: ``timeout_s`` bounds them all (a slow MySQL makes each round
+        trip slow, and a node must still be able to start; issue 24)."""
+        async with self.connection(timeout_s) as conn, conn.cursor() as cur:
             for statement in schema_statements():
                 await cur.execute(statement)
             for table, column, definition in ADDED_COLUMNS:
