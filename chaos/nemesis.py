@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from redpacket.chaos.cluster import ChaosCluster
 from redpacket.chaos.schedule import Fault, Kind, Schedule
 from redpacket.sharding.ring import RingDoc
@@ -41,6 +43,7 @@ class FaultRecord:
     injected_at: float | None = None
     healed_at: float | None = None
     answered_at: float | None = None  # the affected shard(s) answered again
+    serving_at: float | None = None  # a killed process answers its own port again
     skipped: str = ""
     notes: list[str] = field(default_factory=list)
 
@@ -49,6 +52,27 @@ class FaultRecord:
         if self.healed_at is None or self.answered_at is None:
             return None
         return max(0.0, self.answered_at - self.healed_at)
+
+    @property
+    def late_s(self) -> float | None:
+        """How much later than scheduled the nemesis could inject it (its resource was
+        still taken: a process not yet back from the fault before). The harness's delay,
+        not the system's."""
+        if self.injected_at is None:
+            return None
+        return max(0.0, self.injected_at - self.fault.at_s)
+
+    @property
+    def harness_problem(self) -> str | None:
+        """Why the nemesis could not run this fault as scheduled, if it could not: the
+        harness's problem, reported apart from the verdict on the system."""
+        if self.skipped:
+            return f"fault {self.fault.index} ({self.fault.kind}) not injected: {self.skipped}"
+        errors = [n for n in self.notes if n.startswith("error:")]
+        if self.injected_at is None or errors:
+            why = "; ".join(errors) or "never injected"
+            return f"fault {self.fault.index} ({self.fault.kind}) could not be run: {why}"
+        return None
 
     @property
     def outage_s(self) -> float | None:
@@ -63,6 +87,8 @@ class FaultRecord:
             "injected_at": rnd(self.injected_at),
             "healed_at": rnd(self.healed_at),
             "answered_at": rnd(self.answered_at),
+            "serving_at": rnd(self.serving_at),
+            "late_s": rnd(self.late_s),
             "recovery_s": rnd(self.recovery_s),
             "outage_s": rnd(self.outage_s),
             **({"skipped": self.skipped} if self.skipped else {}),
@@ -146,6 +172,11 @@ class Nemesis:
                 await asyncio.sleep(0.05)  # the supervisor's counter, in this process
             if child.restarts > before:
                 record.healed_at = self.now()
+                # Its resource stays taken until the process serves again: the next fault on
+                # it must hit a running service. Released at the restart alone, a burst of
+                # kills hit a gateway (and a node) still starting, again and again, and
+                # neither listened for 38 s (issue 24: seed 690262816 at 471-508 s).
+                await self._until_serving(record, name)
             else:
                 record.notes.append(f"{name} was not restarted within {RESTART_WAIT_S:.0f}s")
         elif kind in (Kind.NODE_PAUSE, Kind.REDIS_PAUSE):
@@ -176,6 +207,37 @@ class Nemesis:
             record.healed_at = self.now()
         else:
             await self._rebalance(record)
+
+    def _serving_url(self, name: str) -> str | None:
+        """Where a supervised process answers for itself (None: redis, checked by a connect)."""
+        if name.startswith("gateway"):
+            return self.cluster.gateway_url + "/healthz"
+        for plan in self.cluster.plans:
+            if name == f"{plan.name}-node":
+                return plan.node_url + "/healthz"
+        return None
+
+    async def _until_serving(self, record: FaultRecord, name: str) -> None:
+        """Wait (RESTART_WAIT_S at most) until a restarted process answers its own port."""
+        url = self._serving_url(name)
+        port = next((p.redis_port for p in self.cluster.plans if name == f"{p.name}-redis"), None)
+        deadline = time.monotonic() + RESTART_WAIT_S
+        timeout = aiohttp.ClientTimeout(total=1)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while time.monotonic() < deadline:
+                with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                    if url is not None:
+                        async with session.get(url) as resp:
+                            if resp.status == 200:
+                                record.serving_at = self.now()
+                                return
+                    elif port is not None:
+                        _, writer = await asyncio.open_connection("127.0.0.1", port)
+                        writer.close()
+                        record.serving_at = self.now()
+                        return
+                await asyncio.sleep(0.1)
+        record.notes.append(f"{name} did not serve within {RESTART_WAIT_S:.0f}s of its restart")
 
     async def _signal_live(
         self, name: str, sig: signal.Signals

@@ -117,6 +117,45 @@ class Schedule:
                     pairs.append((ai, bi))
         return pairs
 
+    def window(self, from_s: float, until_s: float) -> Schedule:
+        """The faults injected from ``from_s`` up to ``until_s`` of this schedule, moved to
+        start at ``start_s``: a targeted replay of one burst of a long run (same faults, same
+        order, same gaps) in a run of its own, with the usual margin to heal and settle.
+        Rebalances are left out: each depends on the ring the ones before it left."""
+        if not 0 <= from_s < until_s:
+            raise ValueError("--from must be >= 0 and below --until")
+        shift = self.start_s - from_s
+        picked = [
+            f for f in self.faults if from_s <= f.at_s <= until_s and f.resource != "rebalance"
+        ]
+        last_heal = max((f.heal_s + shift for f in picked), default=self.start_s)
+        margin = max(8.0, (until_s - from_s) * 0.15)
+        seconds = round(last_heal + SETTLE_S[Kind.NODE_KILL] + margin, 2)
+        moved = tuple(
+            Fault(
+                i,
+                f.kind,
+                round(f.at_s + shift, 2),
+                f.hold_s,
+                f.target,
+                f.action,
+                f.latency_ms,
+                f.kill_after_s,
+            )
+            for i, f in enumerate(picked)
+        )
+        note = f"faults {from_s:g}-{until_s:g}s of the {self.seconds:g}s schedule"
+        return Schedule(
+            self.seed,
+            seconds,
+            self.shards,
+            moved,
+            self.start_s,
+            max((f.at_s for f in moved), default=self.start_s),
+            round(last_heal, 2),
+            [note, *(f"was fault {f.index} at {f.at_s:g}s" for f in picked)],
+        )
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "seed": self.seed,

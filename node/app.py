@@ -19,6 +19,7 @@ from aiohttp import web
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from redpacket.core import clock
 from redpacket.core.errors import ApiError, error_middleware, unavailable
 from redpacket.core.frames import LINK_PATH
 from redpacket.core.logs import request_id_middleware
@@ -168,6 +169,7 @@ def create_app(settings: NodeSettings) -> web.Application:
         client_max_size=max(settings.max_body_bytes, 4 * 1024 * 1024),
     )
     app[SETTINGS] = settings
+    clock.use_offset_file(settings.clock_offset_file)
     link = LinkServer(
         CALLS,
         max_inflight=settings.link_max_inflight,

@@ -233,17 +233,21 @@ class Ledger:
         await self._pool.wait_closed()
 
     @contextlib.asynccontextmanager
-    async def connection(self) -> AsyncIterator[aiomysql.Connection]:
-        """A pooled connection; any failure closes it, MySQL outages become LedgerUnavailable."""
+    async def connection(
+        self, timeout_s: float | None = None
+    ) -> AsyncIterator[aiomysql.Connection]:
+        """A pooled connection; any failure closes it, MySQL outages become LedgerUnavailable.
+        ``timeout_s`` (default: the ledger's) bounds the acquire and, again, the use."""
+        timeout_s = self._timeout_s if timeout_s is None else timeout_s
         try:
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout(timeout_s):
                 conn = await self._pool.acquire()
         except Exception as exc:
             if _is_down(exc):
                 raise LedgerUnavailable(str(exc)) from exc
             raise
         try:
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout(timeout_s):
                 yield conn
         except BaseException as exc:
             conn.close()

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 import aiomysql
 import orjson
 
+from redpacket.core.clock import now_utc
+
 if TYPE_CHECKING:  # the ledger imports this module: no import back at run time
     from redpacket.node.ledger import Claim, PacketRow
 
@@ -211,7 +213,7 @@ async def write(cur: aiomysql.Cursor, events: list[Event]) -> None:
     lock that INSERT ... SELECT would hold to the end of the statement."""
     if not events:
         return
-    when = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    when = now_utc()
     await cur.executemany(
         "INSERT INTO history_outbox (uid, event, red_packet_id, payload, create_time) "
         "VALUES (%s, %s, %s, %s, %s)",

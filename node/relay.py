@@ -25,6 +25,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import Gauge, Histogram
 
+from redpacket.core.clock import now_ms
 from redpacket.core.errors import ApiError
 from redpacket.node.handlers import SETTINGS, SHARD
 from redpacket.node.history import HISTORY, Event, RingView, UserHistory
@@ -135,7 +136,7 @@ class Relay:
                     done,
                 )
                 await conn.commit()
-            now = time.time() * 1000
+            now = now_ms()
             for row_id in done:
                 HISTORY_LAG.observe(max(0.0, (now - written[row_id]) / 1000))
         more = len(rows) == self.batch

@@ -56,6 +56,8 @@ class NodeSettings:
     ring_file: str = ""  # the ring, to find the shard owning a user's history ("": this one)
     # how long the history relay sleeps when its outbox is empty (half that after a delivery)
     history_relay_idle_s: float = 0.1
+    # a file of milliseconds added to the node's clock (core/clock.py): chaos runs only
+    clock_offset_file: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> NodeSettings:
@@ -120,6 +122,7 @@ class NodeSettings:
             history_relay_idle_s=env_float(
                 env, "REDPACKET_HISTORY_RELAY_IDLE_S", cls.history_relay_idle_s
             ),
+            clock_offset_file=env_str(env, "REDPACKET_CLOCK_OFFSET_FILE", ""),
         )
         if not settings.node_secret:
             raise SettingsError(

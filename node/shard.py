@@ -21,12 +21,12 @@ import contextlib
 import dataclasses
 import logging
 import secrets
-import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
+from redpacket.core.clock import now_ms  # the node's one clock (re-exported for its modules)
 from redpacket.core.errors import ApiError, gone, not_found, unavailable
 from redpacket.node.admission import Admission, PacketGate
 from redpacket.node.committer import GroupCommitter
@@ -46,10 +46,6 @@ log = logging.getLogger("redpacket.node.shard")
 
 NICK_MAX = 64
 IMG_URL_MAX = 512
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def frozen() -> ApiError:
