@@ -109,8 +109,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     load.add_argument(
         "--rate-duration",
         type=float,
-        default=30.0,
-        help="seconds of the open-loop phase",
+        default=120.0,
+        help="seconds of the open-loop phase (the target's flatness is over 120 s; 30 for a "
+        "quick run)",
     )
     load.add_argument(
         "--ceiling-duration",

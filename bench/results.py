@@ -279,7 +279,15 @@ def open_loop_results(
 ) -> dict[str, Any]:
     """The open-loop phase: arrivals at a fixed rate, latency from each request's due time."""
     opens = ol.rate("open")
+    edge_s = min(10.0, ol.duration_s / 2)
+    first = ol.latency_between(0.0, edge_s, "open")["p99_ms"]
+    last = ol.latency_between(ol.duration_s - edge_s, ol.duration_s + 1e-9, "open")["p99_ms"]
     return {
+        # flat: the last 10 s's open p99 within 1.2 x the first 10 s's
+        "open_p99_first_10s_ms": first,
+        "open_p99_last_10s_ms": last,
+        "open_p99_last_over_first": round(last / first, 3) if first and last else None,
+        "flat": bool(first and last and last <= 1.2 * first),
         "rate_per_s": rate,
         "rate_from": "--rate" if args.rate is not None else "50% of phase 1's committed opens/s",
         "share_of_closed_loop_max": _ratio(rate, closed_loop_opens),

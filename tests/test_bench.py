@@ -81,6 +81,14 @@ def test_bench_smoke(tmp_path: Path, mysql_databases: Any) -> None:
     for op in ("grab", "open", "pair"):
         assert {"p50_ms", "p99_ms", "p999_ms"} <= open_loop["latency_ms"][op].keys()
     assert results["open_loop_open_p99_ms"] == open_loop["latency_ms"]["open"]["p99_ms"]
+    # flatness: the open p99 of the first and the last 10 s (here the 1 s phase's halves)
+    assert {"open_p99_first_10s_ms", "open_p99_last_10s_ms", "open_p99_last_over_first"} <= (
+        open_loop.keys()
+    )
+    # the load generator's own GC never pauses it inside a measured window
+    for phase in (results["loadgen"]["open_phase"], open_loop["loadgen"]):
+        for worker in phase["gc"]:
+            assert all(gen["collections"] == 0 for gen in worker.values()), worker
     assert results["targets"]["open_p99_measured_in"] == "open_loop"
     assert "open loop @" in done.stdout
     # the MySQL server's CPU is sampled (the whole server, shared by the shards)
