@@ -174,6 +174,8 @@ def build_results(
         "opens_replayed": p1.count("open_replayed"),
         "opens_answered_200_total": len(p1.observed),  # replays and late answers included
         "sold_out_packets": len(p1.sold_out),
+        # boss: the openers who came after the last share (can_open false, or 410)
+        "phase1_sold_out_answers": p1.count("grab_cannot_open", "open_sold_out"),
         "lua_ceiling": lua,
         "trivial_ceiling": {
             "per_s": round(trivial_per_s, 1) if trivial_per_s else None,
