@@ -151,5 +151,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="PNG",
         help="draw throughput and latency over time (default: next to the JSON)",
     )
+    out.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="py-spy the gateway and the nodes during phase 1 (and the naive peer during its "
+        "phase) into DIR/*.speedscope.json (needs py-spy)",
+    )
     out.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_run)

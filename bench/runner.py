@@ -123,6 +123,7 @@ async def naive_phase(
         return await run_phase(
             args,
             title="reference: naive peer",
+            profile="naive",
             mode="open",
             host="127.0.0.1",
             port=port,
@@ -265,6 +266,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         p1 = await run_phase(
             args,
             title=f"phase 1: grab + open ({shape.scenario})",
+            profile="phase1",
             mode="open",
             host=host,
             port=port,
@@ -329,6 +331,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     results["group_commit"] = commits
     results["history"] = history.report(history_before, history_after, backlog)
     results["credit_lag"] = history.credit_lag(history_before, history_after)
+    results["profiles"] = [*p1.profiles, *(naive.profiles if naive else [])]
+    for note in (p1.profile_note, naive.profile_note if naive else None):
+        if note and note not in results["notes"]:
+            results["notes"].append(note)
     # a phase is clean when processes outside the benchmark used under 0.1 core meanwhile
     results["clean"] = {
         phase: cores.get("other (not measured here)", 0.0) < 0.1

@@ -54,6 +54,8 @@ class PhaseResult:
     others: list[dict[str, Any]] = field(default_factory=list)  # busiest processes not ours
     started_at: float = 0.0  # wall-clock time of t = 0 (to line up with service logs)
     loadgen_gc: list[dict[str, Any]] = field(default_factory=list)  # per worker
+    profiles: list[str] = field(default_factory=list)  # --profile: py-spy's files
+    profile_note: str | None = None
 
     def merge(self, part: dict[str, Any]) -> None:
         for label, times in part["times"].items():
