@@ -6,6 +6,10 @@ connection and sends its next request only when the previous one was answered.
 - ``open`` phase: every user takes a ticket for a packet that still has a share for it
   (each packet's K tickets go to K different users of the worker), then grabs and opens it.
   The worker creates packets through the public API as they run out.
+  The real crowd (``in_flight`` > 0, ``fresh``): each pair is the next minted identity, on
+  a random one of ``in_flight`` open packets of ``shares_min``..``shares`` shares. The boss
+  packet (``finite``): every identity grabs and opens the given packet once, then the
+  worker is done (see bench/scenarios.py).
 - ``reject`` phase: every user grabs, then opens, packets that are already sold out, with a
   uid that never won a share of them: each answer is a rejection.
 - ``open`` phase with ``rate`` > 0, **open loop**: grab+open pairs arrive at a fixed rate
