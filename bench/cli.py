@@ -109,8 +109,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     load.add_argument(
         "--rate-duration",
         type=float,
-        default=30.0,
-        help="seconds of the open-loop phase",
+        default=120.0,
+        help="seconds of the open-loop phase (the target's flatness is over 120 s; 30 for a "
+        "quick run)",
     )
     load.add_argument(
         "--ceiling-duration",
@@ -149,6 +150,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="PNG",
         help="draw throughput and latency over time (default: next to the JSON)",
+    )
+    out.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="py-spy the gateway and the nodes during phase 1 (and the naive peer during its "
+        "phase) into DIR/*.speedscope.json (needs py-spy)",
     )
     out.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_run)

@@ -6,6 +6,10 @@ connection and sends its next request only when the previous one was answered.
 - ``open`` phase: every user takes a ticket for a packet that still has a share for it
   (each packet's K tickets go to K different users of the worker), then grabs and opens it.
   The worker creates packets through the public API as they run out.
+  The real crowd (``in_flight`` > 0, ``fresh``): each pair is the next minted identity, on
+  a random one of ``in_flight`` open packets of ``shares_min``..``shares`` shares. The boss
+  packet (``finite``): every identity grabs and opens the given packet once, then the
+  worker is done (see bench/scenarios.py).
 - ``reject`` phase: every user grabs, then opens, packets that are already sold out, with a
   uid that never won a share of them: each answer is a rejection.
 - ``open`` phase with ``rate`` > 0, **open loop**: grab+open pairs arrive at a fixed rate
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import multiprocessing.connection
 import random
 import resource
@@ -426,7 +431,9 @@ async def open_loop(
         pool.put_nowait(conn)
     total = int(job.rate * job.duration_s)
     users = job.users
-    tasks: list[asyncio.Task[None]] = []
+    # arrivals still running; a finished one is dropped, so the set stays as small as the
+    # number in flight (a list of every arrival grew by rate x duration tasks)
+    tasks: set[asyncio.Task[None]] = set()
     k = 0
     while k < total:
         now = clock()
@@ -436,24 +443,24 @@ async def open_loop(
             if identity is None:
                 break
             uid, token = identity
-            tasks.append(
-                asyncio.ensure_future(
-                    open_arrival(
-                        due=k / job.rate,
-                        uid=uid,
-                        token=token,
-                        pool=pool,
-                        supply=supply,
-                        rec=rec,
-                        clock=clock,
-                        observed=observed,
-                    )
+            task = asyncio.ensure_future(
+                open_arrival(
+                    due=k / job.rate,
+                    uid=uid,
+                    token=token,
+                    pool=pool,
+                    supply=supply,
+                    rec=rec,
+                    clock=clock,
+                    observed=observed,
                 )
             )
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
             k += 1
         if k < total:
             await asyncio.sleep(max(0.0, k / job.rate - clock()))
-    return tasks
+    return list(tasks)
 
 
 # -- the reject phase -----------------------------------------------------------------------
@@ -504,6 +511,31 @@ async def reject_user(
 
 
 # -- the worker process ---------------------------------------------------------------------
+
+
+class GcWatch:
+    """Times the worker's own cyclic-GC collections by generation: a pause in the load
+    generator delays answers it then files as the system's latency."""
+
+    def __init__(self) -> None:
+        self.by_gen: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.by_gen[info["generation"]].append(time.perf_counter() - self._started)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            f"gen{g}": {
+                "collections": len(ms),
+                "total_ms": round(1000 * sum(ms), 1),
+                "max_ms": round(1000 * max(ms, default=0.0), 2),
+            }
+            for g, ms in self.by_gen.items()
+        }
 
 
 def _cpu_s() -> float:
@@ -597,10 +629,20 @@ async def run_job(
 
     supply = Supply(job, rec, clock) if job.mode == "open" else None
     identities = Identities(job.fresh.tokens() if job.fresh else [], job.finite)
+    gc_watch = GcWatch()
     try:
         await asyncio.gather(*(c.warm() for c in [*conns, *creators]))
         if supply is not None and creators:
             await _fill(supply, creators, max(job.initial_packets, job.in_flight))
+        # Everything made so far lives all phase (identities, connections, packets): frozen,
+        # the collector no longer walks it. And no collection runs in the measured window: a
+        # full one took 640 ms in a 60 s open loop (its heap grows with every answer kept), a
+        # pause that delayed the answers then filed as the system's latency. A worker lives
+        # for one phase; what cycles it leaves are collected once the window is over.
+        gc.collect()
+        gc.freeze()
+        gc.callbacks.append(gc_watch)
+        gc.disable()
         pipe.send(("ready", job.index))
         # the parent answers with the wall-clock time at which every worker starts
         _, start_at = await asyncio.get_running_loop().run_in_executor(None, pipe.recv)
@@ -634,6 +676,8 @@ async def run_job(
         if clock() < end:  # a finite crowd used up early: the phase is this long
             live[slot + LIVE_FINISHED] = clock()
         cpu_s = _cpu_s() - cpu_start
+        gc.enable()
+        gc.callbacks.remove(gc_watch)
         if supply is not None:
             supply.stop()
         # answers still in flight are waited for (a 200 open must reach the checker)
@@ -658,6 +702,7 @@ async def run_job(
             "cpu_s": cpu_s,
             "late": len(late),
             "packets_created": len(supply.all) if supply and creators else 0,
+            "gc": gc_watch.report(),
         }
     finally:
         for conn in [*conns, *creators]:

@@ -142,7 +142,9 @@ def create_app(secret: str, redis_url: str, mysql_url: str, database: str) -> we
         async with app[POOL].acquire() as conn, conn.cursor() as cur:
             for ddl in SCHEMA:
                 await cur.execute(ddl)
-        app[REDIS] = aioredis.Redis.from_url(redis_url, max_connections=64)
+        # a full pool waits for a free connection (as the node's does), it does not fail
+        pool = aioredis.BlockingConnectionPool.from_url(redis_url, max_connections=64)
+        app[REDIS] = aioredis.Redis(connection_pool=pool)
         script = Path(__file__).with_name("naive_claim.lua").read_text("utf-8")
         app[CLAIM_SHA] = await app[REDIS].script_load(script)
         yield

@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -18,6 +19,7 @@ from redpacket.bench import procstats
 from redpacket.bench.cluster import Target
 from redpacket.bench.httpclient import HttpError, RawConnection
 from redpacket.bench.loadgen import LIVE_FIELDS, LIVE_FINISHED, Mint, WorkerJob, worker_main
+from redpacket.bench.profile import Profiler
 from redpacket.bench.scenarios import Shape, shape_of
 from redpacket.bench.stats import PhaseResult
 
@@ -88,9 +90,11 @@ async def run_phase(
     rate: float = 0.0,
     shape: Shape | None = None,
     fresh: Mint | None = None,
+    profile: str | None = None,
 ) -> PhaseResult:
     """One measured phase; ``shape`` says how the open phase makes and picks packets,
-    ``fresh`` the identities its pairs take (split between the workers)."""
+    ``fresh`` the identities its pairs take (split between the workers); with ``--profile``
+    a phase named in ``profile`` is sampled by py-spy."""
     workers = max(1, min(workers or args.workers, len(users)))
     ctx = multiprocessing.get_context("spawn")
     live = ctx.RawArray("d", workers * len(LIVE_FIELDS))
@@ -140,6 +144,9 @@ async def run_phase(
         result.started_at = go
         for pipe in pipes:
             pipe.send(("go", go))
+        out_dir = getattr(args, "profile", None)
+        profiler = Profiler(Path(out_dir) if out_dir and profile else None, profile or "", pids)
+        await profiler.start(duration_s)
         progress = Progress(title, duration_s, live, workers, args.quiet)
         rss: dict[str, list[tuple[float, int]]] = {name: [] for name in pids}
         next_sample = 0.0
@@ -168,6 +175,8 @@ async def run_phase(
             progress.close()
         for part in await _wait_for(pipes, "done", timeout_s=120):
             result.merge(part)
+        await profiler.stop()
+        result.profiles, result.profile_note = profiler.files, profiler.note
         result.rss_kib = {k: v for k, v in rss.items() if v}
         result.proc_cpu_s = {
             name: after - cpu_before[name]

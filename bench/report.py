@@ -80,6 +80,10 @@ def render_table(r: dict[str, Any]) -> str:
                     "  open (committed, from due time)", ol["opens_per_s"], ol["latency_ms"]["open"]
                 ),
                 row("  grab+open pair, from arrival", None, ol["latency_ms"]["pair"]),
+                f"  open p99 first 10 s {_fmt(ol['open_p99_first_10s_ms'], 1)} ms, last 10 s "
+                f"{_fmt(ol['open_p99_last_10s_ms'], 1)} ms: "
+                f"x{_fmt(ol['open_p99_last_over_first'], 2)}"
+                f" ({'flat' if ol['flat'] else 'GROWING'}; target <= 1.2)",
             ]
             if (ol := r.get("open_loop"))
             else []

@@ -174,6 +174,8 @@ def build_results(
         "opens_replayed": p1.count("open_replayed"),
         "opens_answered_200_total": len(p1.observed),  # replays and late answers included
         "sold_out_packets": len(p1.sold_out),
+        # boss: the openers who came after the last share (can_open false, or 410)
+        "phase1_sold_out_answers": p1.count("grab_cannot_open", "open_sold_out"),
         "lua_ceiling": lua,
         "trivial_ceiling": {
             "per_s": round(trivial_per_s, 1) if trivial_per_s else None,
@@ -279,7 +281,15 @@ def open_loop_results(
 ) -> dict[str, Any]:
     """The open-loop phase: arrivals at a fixed rate, latency from each request's due time."""
     opens = ol.rate("open")
+    edge_s = min(10.0, ol.duration_s / 2)
+    first = ol.latency_between(0.0, edge_s, "open")["p99_ms"]
+    last = ol.latency_between(ol.duration_s - edge_s, ol.duration_s + 1e-9, "open")["p99_ms"]
     return {
+        # flat: the last 10 s's open p99 within 1.2 x the first 10 s's
+        "open_p99_first_10s_ms": first,
+        "open_p99_last_10s_ms": last,
+        "open_p99_last_over_first": round(last / first, 3) if first and last else None,
+        "flat": bool(first and last and last <= 1.2 * first),
         "rate_per_s": rate,
         "rate_from": "--rate" if args.rate is not None else "50% of phase 1's committed opens/s",
         "share_of_closed_loop_max": _ratio(rate, closed_loop_opens),

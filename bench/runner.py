@@ -123,6 +123,7 @@ async def naive_phase(
         return await run_phase(
             args,
             title="reference: naive peer",
+            profile="naive",
             mode="open",
             host="127.0.0.1",
             port=port,
@@ -137,9 +138,91 @@ async def naive_phase(
         await ceilings.stop_process(proc)
 
 
-async def bench(args: argparse.Namespace) -> dict[str, Any]:
+async def lua_phase(args: argparse.Namespace, target: Target, say: Any) -> dict[str, Any]:
+    """The Lua ceiling against shard 0's redis-server, while the cluster is idle."""
+    if not (target.nodes and target.nodes[0].redis and args.ceiling_duration > 0):
+        return {"per_s": None, "skipped": "no redis listed for the shards"}
+    await wait_quiet(args, "the Lua ceiling")
+    say(f"ceiling 1/2: open.lua via redis-benchmark ({args.ceiling_duration:.0f}s)")
+    return await ceilings.lua_ceiling(target.nodes[0].redis, args.ceiling_duration)
+
+
+async def open_loop_phase(
+    args: argparse.Namespace, target: Target, shape: Shape, ids: Crowds, rate: float
+) -> PhaseResult | None:
+    """Pairs arriving at a fixed rate (by default half the closed-loop maximum)."""
+    if rate <= 0 or args.rate_duration <= 0:
+        return None
+    await wait_quiet(args, "the open-loop phase")
+    target.refresh_pids()
+    host, port = target.host_port
+    return await run_phase(
+        args,
+        title=f"open loop: {rate:,.0f} pairs/s",
+        mode="open",
+        host=host,
+        port=port,
+        users=ids.openers,
+        duration_s=args.rate_duration,
+        pids=target.pids,
+        senders=ids.senders,
+        rate=rate,
+        shape=shape,
+        fresh=ids.fresh(int(rate * args.rate_duration) + 1) if shape.fresh else None,
+    )
+
+
+async def trivial_phase(
+    args: argparse.Namespace, latecomers: list[tuple[int, bytes]]
+) -> PhaseResult | None:
+    """The trivial-handler ceiling, driven by phase 2's load generator."""
+    if args.ceiling_duration <= 0:
+        return None
+    from redpacket.cli.devcluster import free_ports
+
+    await wait_quiet(args, "the trivial ceiling")
+    port = free_ports(1)[0]
+    proc = await ceilings.start_trivial(port)
+    try:
+        return await run_phase(
+            args,
+            title="ceiling 2/2: trivial handler",
+            mode="reject",
+            host="127.0.0.1",
+            port=port,
+            users=latecomers,
+            duration_s=args.ceiling_duration,
+            pids={"trivial": proc.pid},
+            packets=[str(10**15 + i).encode() for i in range(64)],
+        )
+    finally:
+        await ceilings.stop_process(proc)
+
+
+async def check_phase(
+    args: argparse.Namespace, target: Target, observed: list[tuple[int, int, int]], say: Any
+) -> dict[str, Any]:
+    """The invariant checker over every shard, with every 200 open the load generator saw."""
     from redpacket.cli.check import Observed, check_shards
 
+    if not target.nodes or args.settle < 0:
+        return {"ok": None, "skipped": "no ring: the ledgers were not checked"}
+    say(f"checking the ledgers of {len(target.nodes)} shard(s) ...")
+    report = await check_shards(
+        target.nodes, [Observed(*o) for o in observed], settle_s=args.settle
+    )
+    return {
+        "ok": report.ok,
+        "summary": report.summary(),
+        "violations": report.violations[:100],
+        "violation_count": len(report.violations),
+        "packets": report.packets,
+        "records": report.records,
+        "observed_200_opens": len(observed),
+    }
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
     started = dt.datetime.now(dt.UTC)
     say = (lambda *_: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     shape = shape_of(args)
@@ -167,11 +250,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 "benchmark started; other work skews every number"
             )
 
-        lua: dict[str, Any] = {"per_s": None, "skipped": "no redis listed for the shards"}
-        if target.nodes and target.nodes[0].redis and args.ceiling_duration > 0:
-            await wait_quiet(args, "the Lua ceiling")
-            say(f"ceiling 1/2: open.lua via redis-benchmark ({args.ceiling_duration:.0f}s)")
-            lua = await ceilings.lua_ceiling(target.nodes[0].redis, args.ceiling_duration)
+        lua = await lua_phase(args, target, say)
         target.refresh_pids()
         await wait_quiet(args, "phase 1")
         metrics_before = await node_metrics(target.nodes)
@@ -187,6 +266,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         p1 = await run_phase(
             args,
             title=f"phase 1: grab + open ({shape.scenario})",
+            profile="phase1",
             mode="open",
             host=host,
             port=port,
@@ -205,50 +285,13 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         if shape.finite:
             rate = 0.0
             target.notes.append("boss: no open-loop phase (the one packet is sold out)")
-        ol = None
-        if rate > 0 and args.rate_duration > 0:
-            await wait_quiet(args, "the open-loop phase")
-            target.refresh_pids()
-            ol = await run_phase(
-                args,
-                title=f"open loop: {rate:,.0f} pairs/s",
-                mode="open",
-                host=host,
-                port=port,
-                users=openers,
-                duration_s=args.rate_duration,
-                pids=target.pids,
-                senders=senders,
-                rate=rate,
-                shape=shape,
-                fresh=ids.fresh(int(rate * args.rate_duration) + 1) if shape.fresh else None,
-            )
+        ol = await open_loop_phase(args, target, shape, ids, rate)
         await backlog.stop()
         history_after = await history.drain(target.nodes, timeout_s=10)
         sold_out, extra = await top_up_sold_out(
             target, p1.sold_out + (ol.sold_out if ol else []), openers[0], senders[0], MIN_SOLD_OUT
         )
-        trivial = None
-        if args.ceiling_duration > 0:
-            from redpacket.cli.devcluster import free_ports
-
-            await wait_quiet(args, "the trivial ceiling")
-            trivial_port = free_ports(1)[0]
-            proc = await ceilings.start_trivial(trivial_port)
-            try:
-                trivial = await run_phase(
-                    args,
-                    title="ceiling 2/2: trivial handler",
-                    mode="reject",
-                    host="127.0.0.1",
-                    port=trivial_port,
-                    users=latecomers,
-                    duration_s=args.ceiling_duration,
-                    pids={"trivial": proc.pid},
-                    packets=[str(10**15 + i).encode() for i in range(64)],
-                )
-            finally:
-                await ceilings.stop_process(proc)
+        trivial = await trivial_phase(args, latecomers)
 
         await wait_quiet(args, "phase 2")
         target.refresh_pids()
@@ -265,22 +308,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             crowd=crowd,
         )
 
-        observed = [Observed(*o) for o in [*p1.observed, *(ol.observed if ol else []), *extra]]
-        check: dict[str, Any]
-        if target.nodes and args.settle >= 0:
-            say(f"checking the ledgers of {len(target.nodes)} shard(s) ...")
-            report = await check_shards(target.nodes, observed, settle_s=args.settle)
-            check = {
-                "ok": report.ok,
-                "summary": report.summary(),
-                "violations": report.violations[:100],
-                "violation_count": len(report.violations),
-                "packets": report.packets,
-                "records": report.records,
-                "observed_200_opens": len(observed),
-            }
-        else:
-            check = {"ok": None, "skipped": "no ring: the ledgers were not checked"}
+        observed = [*p1.observed, *(ol.observed if ol else []), *extra]
+        check = await check_phase(args, target, observed, say)
     finally:
         await stop_target(target, keep=args.keep)
 
@@ -302,6 +331,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     results["group_commit"] = commits
     results["history"] = history.report(history_before, history_after, backlog)
     results["credit_lag"] = history.credit_lag(history_before, history_after)
+    results["profiles"] = [*p1.profiles, *(naive.profiles if naive else [])]
+    for note in (p1.profile_note, naive.profile_note if naive else None):
+        if note and note not in results["notes"]:
+            results["notes"].append(note)
     # a phase is clean when processes outside the benchmark used under 0.1 core meanwhile
     results["clean"] = {
         phase: cores.get("other (not measured here)", 0.0) < 0.1

@@ -81,6 +81,14 @@ def test_bench_smoke(tmp_path: Path, mysql_databases: Any) -> None:
     for op in ("grab", "open", "pair"):
         assert {"p50_ms", "p99_ms", "p999_ms"} <= open_loop["latency_ms"][op].keys()
     assert results["open_loop_open_p99_ms"] == open_loop["latency_ms"]["open"]["p99_ms"]
+    # flatness: the open p99 of the first and the last 10 s (here the 1 s phase's halves)
+    assert {"open_p99_first_10s_ms", "open_p99_last_10s_ms", "open_p99_last_over_first"} <= (
+        open_loop.keys()
+    )
+    # the load generator's own GC never pauses it inside a measured window
+    for phase in (results["loadgen"]["open_phase"], open_loop["loadgen"]):
+        for worker in phase["gc"]:
+            assert all(gen["collections"] == 0 for gen in worker.values()), worker
     assert results["targets"]["open_p99_measured_in"] == "open_loop"
     assert "open loop @" in done.stdout
     # the MySQL server's CPU is sampled (the whole server, shared by the shards)
@@ -108,3 +116,28 @@ def test_transport_bench_measures_both_hops(tmp_path: Path) -> None:
     for row in rows.values():
         assert row["calls_per_s"] > 0
         assert row["client_us_per_call"] > 0 and row["server_us_per_call"] > 0
+
+
+def _shape(*argv: str) -> Any:
+    from redpacket.bench.scenarios import shape_of
+    from redpacket.cli.main import build_parser
+
+    return shape_of(build_parser().parse_args(["bench", *argv]))
+
+
+def test_default_scenario_is_the_real_crowd() -> None:
+    shape = _shape()
+    assert shape.scenario == "crowd"
+    assert (shape.shares_min, shape.shares) == (5, 20)  # drawn per packet
+    assert shape.in_flight == 1000 and shape.fresh and not shape.finite
+    assert shape.senders == 2000
+    assert shape.amount == 20 * 100  # 100 cents a share, pro rata for smaller packets
+
+
+def test_hot_and_boss_scenarios_keep_their_shapes() -> None:
+    hot = _shape("--scenario", "hot")
+    assert (hot.shares, hot.shares_min, hot.initial_packets) == (100, 0, 32)
+    assert not hot.fresh and hot.in_flight == 0 and hot.amount == 10_000
+    boss = _shape("--scenario", "boss")
+    assert (boss.shares, boss.initial_packets) == (10_000, 1)
+    assert boss.fresh and boss.finite
