@@ -741,9 +741,13 @@ def test_rebalance_rbac_is_just_enough(case: str) -> None:
     rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): r for r in role["rules"]}
     assert set(rules) == {
         (("apps",), ("statefulsets/scale",)),
+        (("apps",), ("deployments",)),
         (("",), ("pods",)),
         (("",), ("configmaps",)),
     }
+    deployments = rules[("apps",), ("deployments",)]
+    assert deployments["verbs"] == ["get"]
+    assert deployments["resourceNames"] == [one(docs, "Deployment", "gateway")["metadata"]["name"]]
     scale = rules[("apps",), ("statefulsets/scale",)]
     assert set(scale["verbs"]) == {"get", "patch"}
     assert set(scale["resourceNames"]) == {
