@@ -1332,3 +1332,85 @@ def test_pods_spread_across_hosts_and_zones(case: str) -> None:
         "spec"
     ]["topologySpreadConstraints"]
     assert given["topologyKey"] == "topology.kubernetes.io/zone"
+
+
+@pytest.mark.parametrize(
+    ("action", "extra"),
+    [("add", ()), ("remove", ()), ("add", EXTERNAL), ("resume", ())],
+    ids=["add", "remove", "add-external-stores", "resume"],
+)
+def test_rebalance_job_ships_with_the_flags_the_backend_needs(
+    action: str, extra: tuple[str, ...]
+) -> None:
+    """The rebalance Job the chart renders runs a real `redpacket rebalance` command whose
+    kubernetes backend, built from its flags, drives exactly this release's objects."""
+    from redpacket.sharding.backends.kubernetes import KubernetesNames
+
+    shard = () if action == "resume" else sets("rebalance.job.node=shard-2")
+    docs = render_args(*extra, *sets(f"rebalance.job.action={action}"), *shard)
+    (job,) = [
+        d
+        for d in of_kind(docs, "Job")
+        if "helm.sh/hook" not in d["metadata"].get("annotations", {})
+    ]
+    assert job["spec"]["backoffLimit"] > 0  # resumable: docs/rebalancing.md
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    argv = container["command"]
+    assert_real_cli(argv)
+    args = build_parser().parse_args(argv[1:])
+    assert (args.backend, args.release, args.namespace) == ("kubernetes", RELEASE, NAMESPACE)
+    names = KubernetesNames(
+        namespace=args.namespace,
+        release=args.release,
+        fullname=args.fullname,
+        redis_statefulset=None if args.redis_statefulset == "none" else args.redis_statefulset,
+        mysql_statefulset=None if args.mysql_statefulset == "none" else args.mysql_statefulset,
+        node_port=args.node_port,
+        gateway_port=args.gateway_port,
+        cluster_domain=args.cluster_domain,
+    ).resolved()
+    sts = statefulsets(docs)
+    assert names.node_statefulset == sts["node"]["metadata"]["name"]
+    assert names.redis_statefulset == (sts["redis"]["metadata"]["name"] if "redis" in sts else None)
+    assert names.mysql_statefulset == (sts["mysql"]["metadata"]["name"] if "mysql" in sts else None)
+    assert names.ring_configmap == one(docs, "ConfigMap", "ring")["metadata"]["name"]
+    gateway = one(docs, "Deployment", "gateway")
+    assert names.gateway_deployment == gateway["metadata"]["name"]
+    assert selects(
+        dict(kv.split("=") for kv in names.gateway_selector.split(",")),
+        gateway["spec"]["template"]["metadata"]["labels"],
+    )
+    assert names.gateway_port == container_port(
+        gateway["spec"]["template"]["spec"]["containers"][0], "http"
+    )
+    ring = RingDoc.parse(json.loads(one(docs, "ConfigMap", "ring")["data"]["ring.json"]))
+    assert names.node_statefulset and ring.nodes[0].url.startswith(
+        f"http://{names.node_statefulset}-0.{names.node_statefulset}.{NAMESPACE}.svc.{names.cluster_domain}:{names.node_port}"
+    )
+    # its account is the rebalance Role's, its node secret the nodes'
+    (binding,) = of_kind(docs, "RoleBinding")
+    assert pod["serviceAccountName"] == binding["subjects"][0]["name"]
+    (secret_env,) = container["env"]
+    assert secret_env["name"] == "REDPACKET_NODE_SECRET"
+    assert secret_env["valueFrom"]["secretKeyRef"]["key"] == "node-secret"
+
+
+def test_rebalance_job_is_not_part_of_a_release() -> None:
+    assert not [
+        d
+        for d in render("default")
+        if d["kind"] == "Job"
+        and "rebalance-" in d["metadata"]["name"]
+        and "guard" not in d["metadata"]["name"]
+    ]
+    proc = run_helm(
+        "template",
+        RELEASE,
+        str(CHART),
+        "--is-upgrade",
+        *sets("rebalance.job.action=add", "rebalance.job.node=shard-2"),
+    )
+    assert proc.returncode != 0 and "never by an upgrade" in proc.stderr
+    proc = run_helm("template", RELEASE, str(CHART), *sets("rebalance.job.action=remove"))
+    assert proc.returncode != 0 and "needs rebalance.job.node" in proc.stderr
