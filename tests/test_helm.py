@@ -1427,3 +1427,30 @@ def test_the_chart_renders_the_shards_capacity_plans_for() -> None:
     assert 2 * len(one(docs, "ConfigMap", "ring")["data"]["ring.json"]) < 1024 * 1024 // 2
     for doc in docs:
         kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+
+
+@pytest.mark.parametrize("case", ["default", "everything-switched"])
+def test_gateway_keeps_serving_while_its_endpoint_goes_and_liveness_is_patient(case: str) -> None:
+    docs = render(case)
+    pod = one(docs, "Deployment", "gateway")["spec"]["template"]["spec"]
+    (gateway,) = pod["containers"]
+    command = gateway["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    sleep_s = int(command[1])
+    assert sleep_s >= 5  # EndpointSlice -> kube-proxy / load balancers take seconds
+    assert pod["terminationGracePeriodSeconds"] > sleep_s + 5  # time to drain after SIGTERM
+    # the image has the sleep binary the hook runs (a Debian-based python image)
+    assert "slim-bookworm" in (REPO / "docker" / "Dockerfile").read_text()
+    node = statefulsets(docs)["node"]["spec"]["template"]["spec"]["containers"][0]
+    for container in (gateway, node):
+        probe = container["livenessProbe"]
+        assert probe["timeoutSeconds"] >= 5 and probe["failureThreshold"] >= 5, container["name"]
+
+
+def test_liveness_below_5_is_refused() -> None:
+    proc = run_helm(
+        "template", RELEASE, str(CHART), *sets("gateway.livenessProbe.timeoutSeconds=3")
+    )
+    assert proc.returncode != 0 and "/gateway/livenessProbe/timeoutSeconds" in proc.stderr
+    proc = run_helm("template", RELEASE, str(CHART), *sets("gateway.preStopSleepSeconds=40"))
+    assert proc.returncode != 0 and "must exceed gateway.preStopSleepSeconds" in proc.stderr
