@@ -237,3 +237,39 @@ default class).
 {{- .Values.storageClass.name | default (printf "%s-%s-retain" .Release.Namespace (include "redpacket.fullname" .)) }}
 {{- end }}
 {{- end }}
+
+{{/*
+Shell command of the Redis probes: PONG from the local server; the password (when auth is on)
+read from the mounted Secret file into redis-cli's REDISCLI_AUTH, never argv.
+*/}}
+{{- define "redpacket.redisPing" -}}
+{{- if .Values.redis.auth.enabled -}}
+REDISCLI_AUTH="$(cat /etc/redpacket/secrets/redis-password)" redis-cli -h 127.0.0.1 -p {{ .Values.redis.port }} ping | grep -q PONG
+{{- else -}}
+redis-cli -h 127.0.0.1 -p {{ .Values.redis.port }} ping | grep -q PONG
+{{- end }}
+{{- end }}
+
+{{/*
+Topology spread of a component's pods (the whole `topologySpreadConstraints:` key): the
+user's constraints when given (the label selector filled in), else the chart's: at most one
+pod more on any host than on another (hard, tainted hosts left out of the count), and the
+same across zones where nodes carry topology.kubernetes.io/zone (soft: a cluster without
+zones is not blocked). Call with (dict "root" $ "component" <name> "given" <list>).
+*/}}
+{{- define "redpacket.topologySpread" -}}
+{{- $selector := dict "matchLabels" (include "redpacket.componentSelectorLabels" . | fromYaml) }}
+{{- $spread := .root.Values.topologySpread }}
+{{- $constraints := .given }}
+{{- if and (not $constraints) $spread.enabled }}
+{{- $constraints = list
+    (dict "maxSkew" 1 "topologyKey" "kubernetes.io/hostname" "whenUnsatisfiable" $spread.hostWhenUnsatisfiable "nodeTaintsPolicy" "Honor")
+    (dict "maxSkew" 1 "topologyKey" "topology.kubernetes.io/zone" "whenUnsatisfiable" $spread.zoneWhenUnsatisfiable) }}
+{{- end }}
+{{- if $constraints }}
+topologySpreadConstraints:
+{{- range $constraints }}
+  - {{- toYaml (merge (deepCopy .) (dict "labelSelector" $selector)) | nindent 4 }}
+{{- end }}
+{{- end }}
+{{- end }}
