@@ -172,12 +172,6 @@ class Outcome:
     pending: tuple[Migration, ...]
     dry_run: bool
 
-    @property
-    def version(self) -> int:
-        if self.dry_run or not self.pending:
-            return self.before.version
-        return self.pending[-1].version
-
 
 def _pending(state: SchemaState, migrations: tuple[Migration, ...]) -> tuple[Migration, ...]:
     """The migrations not yet applied; a released one that was edited since is refused."""
@@ -258,15 +252,13 @@ def _shown(url: str) -> str:
 def describe(url: str, outcome: Outcome, *, with_sql: bool = False) -> str:
     """What a migration of ``url`` did, for the operator."""
     lines = []
-    before = outcome.before.version
-    code = outcome.pending[-1].version if outcome.pending else before
     if not outcome.pending:
-        lines.append(f"{_shown(url)}: at schema version {before}, nothing to apply")
+        lines.append(f"{_shown(url)}: at schema version {outcome.before.version}, nothing to apply")
     for migration in outcome.pending:
         verb = "would apply" if outcome.dry_run else "applied"
         lines.append(f"{_shown(url)}: {verb} {migration.name}")
         if with_sql:
             lines += [f"    {s};" for s in migration.statements]
     if outcome.pending and not outcome.dry_run:
-        lines.append(f"{_shown(url)}: now at schema version {code}")
+        lines.append(f"{_shown(url)}: now at schema version {outcome.pending[-1].version}")
     return "\n".join(lines)
