@@ -303,7 +303,7 @@ class Load:
             if status == 200:
                 self.observed.append(Observed(internal_id(packet), uid, body["amount"]))
                 done.add(packet)
-            elif status in (404, 409, 410):  # sold out, already opened, expired: final
+            elif 400 <= status < 500:  # 410 sold out is final; anything else is judged below
                 done.add(packet)
             else:  # 503, a connection cut by a restart: the user taps again
                 await asyncio.sleep(0.05 + random.random() * 0.1)
@@ -361,7 +361,10 @@ async def test_a_cluster_of_the_previous_release_rolls_to_this_code_under_load(
         await asyncio.wait_for(running, 60)
     assert len(load.observed) > opened_before, "nothing was opened once every process was new"
     assert load.statuses[201] >= 10 and load.statuses[200] >= 50, load.statuses
-    assert load.statuses[500] == 0, f"{load.statuses}\n{cluster.logs()}"
+    # every packet the clients were given stays openable (old decimal ids included), and no
+    # answer but 503 or a cut connection asks them to retry
+    unexpected = set(load.statuses) - {200, 201, 410, 503, 599}
+    assert not unexpected, f"{load.statuses}\n{cluster.logs()}"
     for shard in cluster.shards:
         assert (await sql(shard["mysql"], "SELECT MAX(version) FROM schema_migration")) == [
             (code_version(),)
