@@ -82,11 +82,18 @@ def old_release(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:
     commit = previous_release().commit
     home = tmp_path_factory.mktemp("previous-release")
     tree = home / "tree"
-    subprocess.run(
+    # a run killed before its cleanup left a worktree entry whose folder is gone: forget it
+    subprocess.run(["git", "-C", str(REPO), "worktree", "prune"], capture_output=True)
+    added = subprocess.run(
         ["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), commit],
-        check=True,
         capture_output=True,
+        text=True,
     )
+    if added.returncode != 0:
+        pytest.fail(
+            f"cannot check out the previous release {commit} (CHANGELOG.md): the test needs "
+            f"the repository's git history (not a shallow clone).\n{added.stderr}"
+        )
     try:
         package_dir = tomllib.loads((tree / "pyproject.toml").read_text())["tool"]["setuptools"][
             "package-dir"
