@@ -156,7 +156,7 @@ class UpgradeCluster:
             name,
             [sys.executable, "-m", "redpacket.cli", service],
             release.env(REDPACKET_NODE_SECRET=self.node_secret, **env),
-            self.home / f"{name}.log",
+            self.home / f"{name}{'-old' if release.pythonpath else ''}.log",
         )
         self.procs[name] = proc
         proc.start()
@@ -192,6 +192,14 @@ class UpgradeCluster:
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.log.read_text()[-1500:]}" for p in self.procs.values())
+
+    async def listening(self, name: str, timeout_s: float = 60) -> None:
+        """Until the process ``name`` said it listens (a gateway: its port is shared, so
+        /readyz may be answered by the other one)."""
+        deadline = time.monotonic() + timeout_s
+        while "listening on" not in self.procs[name].log.read_text():
+            assert time.monotonic() < deadline, f"{name} did not start:\n{self.logs()}"
+            await asyncio.sleep(0.2)
 
     async def ready(self, url: str, timeout_s: float = 60) -> None:
         deadline = time.monotonic() + timeout_s
@@ -352,6 +360,7 @@ async def test_a_cluster_of_the_previous_release_rolls_to_this_code_under_load(
         for i in range(2):
             cluster.procs[f"gateway-{i}"].stop()
             cluster.start_gateway(i, new, **{LEGACY_IDS_SETTING: legacy_before_ms})
+            await cluster.listening(f"gateway-{i}")
             await cluster.ready(cluster.url)
             await asyncio.sleep(1)
         for i, shard in enumerate(cluster.shards):
