@@ -107,7 +107,9 @@ async def stores_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     try:
         state = await _patiently(
-            "MySQL", lambda: check_database(settings.mysql_url), settings.startup_wait_s
+            "MySQL",
+            lambda: check_database(settings.mysql_url, timeout_s=settings.mysql_timeout_s),
+            settings.startup_wait_s,
         )
     except SchemaMismatch as exc:
         log.error("not starting: %s", exc)

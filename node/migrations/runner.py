@@ -20,6 +20,7 @@ that died half way is simply run again.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -151,15 +152,21 @@ def judge(state: SchemaState, code: int) -> None:
         )
 
 
-async def check_database(url: str, folder: Path = MIGRATIONS) -> SchemaState:
-    """The check a node makes before it starts: its database fits its code, or SchemaMismatch."""
+async def check_database(
+    url: str, folder: Path = MIGRATIONS, timeout_s: float = 5.0
+) -> SchemaState:
+    """The check a node makes before it starts: its database fits its code, or SchemaMismatch.
+
+    Bounded by ``timeout_s`` (TimeoutError), so a link that swallows packets is retried by
+    the caller like a refused one, not waited on for ever."""
     target = parse_mysql_url(url)
-    conn = await connect_one(url, with_database=False)
-    try:
-        async with conn.cursor() as cur:
-            state = await read_state(cur, target.database)
-    finally:
-        conn.close()
+    async with asyncio.timeout(timeout_s):
+        conn = await connect_one(url, with_database=False)
+        try:
+            async with conn.cursor() as cur:
+                state = await read_state(cur, target.database)
+        finally:
+            conn.close()
     judge(state, code_version(folder))
     return state
 
