@@ -105,6 +105,12 @@ async def test_db_init_is_an_alias_of_migrate(mysql_databases: Any) -> None:
     assert await applied(url) == [(m.version, m.name) for m in load()]
 
 
+def test_migrate_without_a_database_says_how_to_name_one() -> None:
+    done = redpacket("db", "migrate", REDPACKET_MYSQL_URL="mysql://root@127.0.0.1:3306")
+    assert done.returncode == 2
+    assert "which database?" in done.stderr and "Traceback" not in done.stderr
+
+
 async def test_migrate_takes_every_shard_of_a_ring(mysql_databases: Any, tmp_path: Path) -> None:
     from redpacket.sharding.ring import NodeSpec, RingDoc
 

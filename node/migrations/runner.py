@@ -20,6 +20,7 @@ that died half way is simply run again.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -151,15 +152,21 @@ def judge(state: SchemaState, code: int) -> None:
         )
 
 
-async def check_database(url: str, folder: Path = MIGRATIONS) -> SchemaState:
-    """The check a node makes before it starts: its database fits its code, or SchemaMismatch."""
+async def check_database(
+    url: str, folder: Path = MIGRATIONS, timeout_s: float = 5.0
+) -> SchemaState:
+    """The check a node makes before it starts: its database fits its code, or SchemaMismatch.
+
+    Bounded by ``timeout_s`` (TimeoutError), so a link that swallows packets is retried by
+    the caller like a refused one, not waited on for ever."""
     target = parse_mysql_url(url)
-    conn = await connect_one(url, with_database=False)
-    try:
-        async with conn.cursor() as cur:
-            state = await read_state(cur, target.database)
-    finally:
-        conn.close()
+    async with asyncio.timeout(timeout_s):
+        conn = await connect_one(url, with_database=False)
+        try:
+            async with conn.cursor() as cur:
+                state = await read_state(cur, target.database)
+        finally:
+            conn.close()
     judge(state, code_version(folder))
     return state
 
@@ -171,12 +178,6 @@ class Outcome:
     before: SchemaState
     pending: tuple[Migration, ...]
     dry_run: bool
-
-    @property
-    def version(self) -> int:
-        if self.dry_run or not self.pending:
-            return self.before.version
-        return self.pending[-1].version
 
 
 def _pending(state: SchemaState, migrations: tuple[Migration, ...]) -> tuple[Migration, ...]:
@@ -258,15 +259,13 @@ def _shown(url: str) -> str:
 def describe(url: str, outcome: Outcome, *, with_sql: bool = False) -> str:
     """What a migration of ``url`` did, for the operator."""
     lines = []
-    before = outcome.before.version
-    code = outcome.pending[-1].version if outcome.pending else before
     if not outcome.pending:
-        lines.append(f"{_shown(url)}: at schema version {before}, nothing to apply")
+        lines.append(f"{_shown(url)}: at schema version {outcome.before.version}, nothing to apply")
     for migration in outcome.pending:
         verb = "would apply" if outcome.dry_run else "applied"
         lines.append(f"{_shown(url)}: {verb} {migration.name}")
         if with_sql:
             lines += [f"    {s};" for s in migration.statements]
     if outcome.pending and not outcome.dry_run:
-        lines.append(f"{_shown(url)}: now at schema version {code}")
+        lines.append(f"{_shown(url)}: now at schema version {outcome.pending[-1].version}")
     return "\n".join(lines)
