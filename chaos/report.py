@@ -117,6 +117,11 @@ COLORS = {
     "mysql_latency": "#17becf",
     "rebalance": "#2ca02c",
     "rebalance_kill": "#e377c2",
+    "link_cut": "#393b79",
+    "link_latency": "#6b6ecf",
+    "link_oneway": "#9c9ede",
+    "gateway_restart": "#7b4173",
+    "clock_jump": "#e7969c",
 }
 
 
