@@ -14,7 +14,12 @@ The API-level checks (each failure is a violation):
 - every packet ends ``sold_out`` (nothing remaining) or ``refunded`` (something remaining,
   refunded once: the refund fields the API shows equal what remained);
 - with per-user history: each user's received history and each sender's sent history
-  equal the ledgers (read once the outbox has had time to drain).
+  equal the ledgers (read once the outbox has had time to drain);
+- liveness: every open has a final answer within a bound of the last fault's heal.
+
+What reads showed while the load ran (a created packet never 404, records never missing a
+200, remaining never up, a history never shrinking) is judged as it happens
+(``load.Outcomes``) and lands here among the contradictions.
 """
 
 from __future__ import annotations
