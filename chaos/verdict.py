@@ -54,7 +54,7 @@ class Verdict:
     refunded: int = 0
     sold_out: int = 0
     history_users: int = 0
-    liveness_s: float = 0.0  # the last open without a final answer, after the last heal
+    liveness_s: float = 0.0  # the last open answered without an outcome, after the last heal
     checker: str = ""
 
     def as_dict(self) -> dict[str, Any]:
@@ -325,7 +325,8 @@ def judge_liveness(out: Outcomes, last_heal_s: float, bound_s: float, verdict: V
     liveness violation (issue 24: an open unanswerable for minutes after two faults)."""
     limit = last_heal_s + bound_s
     late = sorted((at, key) for key, at in out.last_unknown_open.items() if at > limit)
-    verdict.liveness_s = round(max((at for at, _ in late), default=limit) - last_heal_s, 2)
+    last_unknown = max(out.last_unknown_open.values(), default=last_heal_s)
+    verdict.liveness_s = round(max(0.0, last_unknown - last_heal_s), 2)
     for at, (packet, uid) in late[:20]:
         verdict.violations.append(
             f"liveness: open of {packet} by uid {uid} still had no final answer "

@@ -156,7 +156,7 @@ def test_an_open_without_a_final_answer_long_after_the_last_heal_is_a_liveness_v
     verdict = Verdict()
     judge_liveness(out, last_heal_s=50.0, bound_s=30.0, verdict=verdict)
     assert len(verdict.violations) == 1 and "open of b by uid 2" in verdict.violations[0]
-    assert verdict.liveness_s == 45.0
+    assert verdict.liveness_s == 45.0  # the last unknown answer, after the last heal
     healthy = Verdict()
     judge_liveness(out, last_heal_s=70.0, bound_s=30.0, verdict=healthy)
     assert healthy.violations == []
