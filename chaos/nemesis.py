@@ -31,6 +31,7 @@ REBALANCE_ATTEMPT_S = 120.0  # one run of the rebalance command, at most
 REBALANCE_ATTEMPTS = 6
 RESTART_WAIT_S = 60.0
 ANSWER_WAIT_S = 120.0
+LATE_LIMIT_S = 60.0  # a fault may be injected this long after the run's end, at most
 
 Probe = Callable[[list[str], bool], Awaitable[bool]]  # (shards, any of them is enough)
 
@@ -124,11 +125,12 @@ class Nemesis:
         await asyncio.sleep(max(0.0, fault.at_s - self.now()))
         lock = self._locks.setdefault(fault.resource, asyncio.Lock())
         async with lock:
-            # a rebalance waits for the one before it, however long the faults made that take;
-            # it may start until the end (the load runs on until it is healed)
-            last = self.schedule.inject_until_s + 2.0
-            if fault.resource == "rebalance":
-                last = self.schedule.seconds
+            # A fault waits for its resource (the fault before it on the same process, node,
+            # store or ring) however long the faults made that take, up to LATE_LIMIT_S past
+            # the run: the load runs on until every fault is healed, so a late one still
+            # happens under load (its delay is reported: late_s). Past that it is the
+            # harness's problem: its resource never came free.
+            last = self.schedule.seconds + LATE_LIMIT_S
             if self.now() > last:
                 record.skipped = f"its resource was busy until {self.now():.1f}s"
                 return
@@ -196,8 +198,9 @@ class Nemesis:
             finally:
                 proxy.unblock()
             record.healed_at = self.now()
-        elif kind is Kind.MYSQL_LATENCY:
-            proxy = self.cluster.proxies[fault.target]
+        elif kind in (Kind.MYSQL_LATENCY, Kind.LINK_LATENCY):
+            proxies = self.cluster.proxies if kind is Kind.MYSQL_LATENCY else self.cluster.links
+            proxy = proxies[fault.target]
             proxy.delay_s = fault.latency_ms / 1000
             record.injected_at = self.now()
             try:
@@ -205,8 +208,60 @@ class Nemesis:
             finally:
                 proxy.delay_s = 0.0
             record.healed_at = self.now()
+        elif kind in (Kind.LINK_CUT, Kind.LINK_ONEWAY, Kind.CLOCK_JUMP):
+            await self._hold(record)
+        elif kind is Kind.GATEWAY_RESTART:
+            await self._gateway_restart(record)
         else:
             await self._rebalance(record)
+
+    async def _hold(self, record: FaultRecord) -> None:
+        """A link cut or stalled one way, or a node clock moved, for the fault's hold."""
+        fault = record.fault
+        link = self.cluster.links.get(fault.target)
+        clock = self.cluster.clock_file(fault.target)
+        if fault.kind is Kind.LINK_CUT:
+            assert link is not None
+            link.block()
+        elif fault.kind is Kind.LINK_ONEWAY:
+            assert link is not None
+            link.hold("up" if fault.action == "to_node" else "down")
+        else:
+            clock.write_text(str(fault.jump_ms))
+        record.injected_at = self.now()
+        try:
+            await asyncio.sleep(fault.hold_s)
+        finally:
+            if fault.kind is Kind.CLOCK_JUMP:
+                clock.write_text("0")  # and back: the clock steps the other way
+            elif link is not None:
+                link.unblock()
+                link.release()
+        record.healed_at = self.now()
+
+    async def _gateway_restart(self, record: FaultRecord) -> None:
+        """Hold every node's replies to the gateway so its links fill with calls in flight,
+        then SIGTERM it (a rolling restart) while they are full; release; it is healed when
+        the supervisor has started it again, and released when it serves."""
+        links = list(self.cluster.links.values())
+        for link in links:
+            link.hold("down")
+        try:
+            await asyncio.sleep(record.fault.hold_s)
+            child = self.cluster.child("gateway")
+            _, before = await self._signal_live("gateway", signal.SIGTERM)
+            record.injected_at = self.now()
+        finally:
+            for link in links:
+                link.release()
+        deadline = time.monotonic() + RESTART_WAIT_S
+        while child.restarts <= before and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        if child.restarts > before:
+            record.healed_at = self.now()
+            await self._until_serving(record, "gateway")
+        else:
+            record.notes.append(f"gateway was not restarted within {RESTART_WAIT_S:.0f}s")
 
     def _serving_url(self, name: str) -> str | None:
         """Where a supervised process answers for itself (None: redis, checked by a connect)."""
@@ -350,6 +405,9 @@ class Nemesis:
         """The safety net at the end: nothing stays paused, cut or slow."""
         for proc in list(self._paused):
             self._resume(proc)
-        for proxy in self.cluster.proxies.values():
+        for proxy in [*self.cluster.proxies.values(), *self.cluster.links.values()]:
             proxy.unblock()
+            proxy.release()
             proxy.delay_s = 0.0
+        for plan in self.cluster.plans:
+            self.cluster.clock_file(plan.name).write_text("0")

@@ -87,8 +87,8 @@ def table(report: dict[str, Any]) -> str:
         f"{verdict['refunded']} refunded), {verdict['records']} records, "
         f"{verdict['resolved_opens']} opens and {verdict['resolved_creates']} creates "
         f"resolved after the run, {verdict['history_users']} user histories compared",
-        f"liveness: every open had a final answer {verdict.get('liveness_s', 0):.1f}s after "
-        f"the last fault healed ({report.get('last_heal_s', 0):.1f}s into the run)",
+        f"liveness: the last open without a final answer came {verdict.get('liveness_s', 0):.1f}s "
+        f"after the last fault healed ({report.get('last_heal_s', 0):.1f}s into the run)",
         f"checker: {verdict['checker']}",
         f"violations: {len(report['violations'])}",
     ]
@@ -117,6 +117,11 @@ COLORS = {
     "mysql_latency": "#17becf",
     "rebalance": "#2ca02c",
     "rebalance_kill": "#e377c2",
+    "link_cut": "#393b79",
+    "link_latency": "#6b6ecf",
+    "link_oneway": "#9c9ede",
+    "gateway_restart": "#7b4173",
+    "clock_jump": "#e7969c",
 }
 
 

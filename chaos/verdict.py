@@ -14,7 +14,12 @@ The API-level checks (each failure is a violation):
 - every packet ends ``sold_out`` (nothing remaining) or ``refunded`` (something remaining,
   refunded once: the refund fields the API shows equal what remained);
 - with per-user history: each user's received history and each sender's sent history
-  equal the ledgers (read once the outbox has had time to drain).
+  equal the ledgers (read once the outbox has had time to drain);
+- liveness: every open has a final answer within a bound of the last fault's heal.
+
+What reads showed while the load ran (a created packet never 404, records never missing a
+200, remaining never up, a history never shrinking) is judged as it happens
+(``load.Outcomes``) and lands here among the contradictions.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ class Verdict:
     refunded: int = 0
     sold_out: int = 0
     history_users: int = 0
-    liveness_s: float = 0.0  # the last open without a final answer, after the last heal
+    liveness_s: float = 0.0  # the last open answered without an outcome, after the last heal
     checker: str = ""
 
     def as_dict(self) -> dict[str, Any]:
@@ -320,7 +325,8 @@ def judge_liveness(out: Outcomes, last_heal_s: float, bound_s: float, verdict: V
     liveness violation (issue 24: an open unanswerable for minutes after two faults)."""
     limit = last_heal_s + bound_s
     late = sorted((at, key) for key, at in out.last_unknown_open.items() if at > limit)
-    verdict.liveness_s = round(max((at for at, _ in late), default=limit) - last_heal_s, 2)
+    last_unknown = max(out.last_unknown_open.values(), default=last_heal_s)
+    verdict.liveness_s = round(max(0.0, last_unknown - last_heal_s), 2)
     for at, (packet, uid) in late[:20]:
         verdict.violations.append(
             f"liveness: open of {packet} by uid {uid} still had no final answer "

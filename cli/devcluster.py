@@ -343,7 +343,7 @@ class DevCluster:
         await self.check_prerequisites()
         self.plan()
         (self.home / "logs").mkdir(parents=True, exist_ok=True)
-        RingDoc(1, tuple(p.spec() for p in self.plans)).save(self.ring_file)
+        await self.write_ring(RingDoc(1, tuple(p.spec() for p in self.plans)))
         started = time.monotonic()
         for plan in self.plans:  # as the chart's Job does before the nodes start
             await migrate(plan.mysql_url)
@@ -499,11 +499,15 @@ class DevCluster:
         A gateway ignores SIGHUP until it serves (cli/serve.py), and one still starting reads
         the new file when it starts; any it misses, it picks up by polling the file.
         """
-        doc.save(self.ring_file)
+        await self.write_ring(doc)
         for name, child in self.children.items():
             if name.startswith("gateway") and child.proc and child.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     child.proc.send_signal(signal.SIGHUP)
+
+    async def write_ring(self, doc: RingDoc) -> None:
+        """Write the ring file (`redpacket chaos` also writes its gateways' proxied view)."""
+        doc.save(self.ring_file)
 
     def describe(self) -> str:
         lines = [

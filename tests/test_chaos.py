@@ -18,6 +18,7 @@ import pytest
 
 from redpacket.chaos.load import Answer, Outcomes, Packet
 from redpacket.chaos.nemesis import FaultRecord
+from redpacket.chaos.proxy import TcpProxy
 from redpacket.chaos.runner import judge_faults, publish
 from redpacket.chaos.schedule import Fault, Kind, draw
 from redpacket.chaos.verdict import Verdict, judge_liveness
@@ -156,7 +157,7 @@ def test_an_open_without_a_final_answer_long_after_the_last_heal_is_a_liveness_v
     verdict = Verdict()
     judge_liveness(out, last_heal_s=50.0, bound_s=30.0, verdict=verdict)
     assert len(verdict.violations) == 1 and "open of b by uid 2" in verdict.violations[0]
-    assert verdict.liveness_s == 45.0
+    assert verdict.liveness_s == 45.0  # the last unknown answer, after the last heal
     healthy = Verdict()
     judge_liveness(out, last_heal_s=70.0, bound_s=30.0, verdict=healthy)
     assert healthy.violations == []
@@ -266,3 +267,39 @@ async def test_a_node_clock_stepping_forward_and_back_refunds_once_and_sells_not
         assert await node.shard.ledger.refund_of(packet_id) == 1000 - sum(opened.values())
     finally:
         clock.use_offset_file("")
+
+
+async def test_the_link_proxy_stalls_one_direction_and_loses_nothing_when_released() -> None:
+    """``link_oneway``: bytes toward the held side wait (as TCP's do in a one-way partition),
+    nothing is closed, and all of them flow in order once released."""
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(1024):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    proxy = TcpProxy("127.0.0.1", server.sockets[0].getsockname()[1])
+    await proxy.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"one ")
+        assert await reader.readexactly(4) == b"one "
+        proxy.hold("down")  # replies wait; requests still reach the server
+        writer.write(b"two ")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reader.readexactly(4), 0.3)
+        proxy.release()
+        assert await asyncio.wait_for(reader.readexactly(4), 5) == b"two "
+        proxy.hold("up")  # requests wait
+        writer.write(b"three")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reader.readexactly(5), 0.3)
+        proxy.release()
+        assert await asyncio.wait_for(reader.readexactly(5), 5) == b"three"
+        writer.close()
+    finally:
+        await proxy.stop()
+        server.close()
+        await server.wait_closed()
