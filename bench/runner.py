@@ -35,6 +35,7 @@ from redpacket.bench.httpclient import HttpError, RawConnection
 from redpacket.bench.loadgen import LIVE_FIELDS, WorkerJob, worker_main
 from redpacket.bench.scrape import metrics_pages
 from redpacket.bench.stats import PhaseResult
+from redpacket.core.ids import snowflake_of
 from redpacket.gateway.auth import mint_token
 from redpacket.sharding.ring import NodeSpec, RingDoc
 
@@ -491,7 +492,7 @@ async def top_up_sold_out(
             )
             if status != 200:
                 raise RuntimeError(f"could not open a packet: {status} {answer[:200]!r}")
-            observed.append((int(pid), uid, int(orjson.loads(answer)["amount"])))
+            observed.append((snowflake_of(pid), uid, int(orjson.loads(answer)["amount"])))
             packets.append(pid)
     except HttpError as exc:
         raise RuntimeError(f"gateway unreachable: {exc}") from None

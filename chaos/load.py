@@ -83,7 +83,7 @@ class Api:
 class Packet:
     """A packet a client saw created (201), with the body that created it."""
 
-    id: int
+    id: str  # public (core/ids.py): the checker gets snowflake_of(id)
     sender: int
     body: dict[str, Any]
 
@@ -273,7 +273,7 @@ class Load:
             self.outcomes.unknown_creates.append((uid, key, body))
 
     def saw_created(self, uid: int, body: dict[str, Any], answer: dict[str, Any]) -> None:
-        packet = Packet(int(answer["red_packet_id"]), uid, body)
+        packet = Packet(str(answer["red_packet_id"]), uid, body)
         self.outcomes.packets[packet.id] = packet
         self.recent.append(packet.id)
 

@@ -23,6 +23,7 @@ from redpacket.chaos.nemesis import Nemesis
 from redpacket.chaos.schedule import Schedule, draw
 from redpacket.chaos.verdict import Verdict, judge
 from redpacket.cli.devcluster import answers_ready
+from redpacket.core.ids import snowflake_of
 from redpacket.sharding.ring import NodeSpec, Ring, RingDoc
 
 PROBER = 1  # the uid of the prober (it only reads and grabs: it never takes a share)
@@ -52,11 +53,11 @@ def cluster_env(lifetime_s: float) -> None:
     os.environ.setdefault("REDPACKET_MYSQL_TIMEOUT_S", "2")
 
 
-async def make_probes(load: Load, shards: list[NodeSpec], extra: str) -> dict[str, int]:
+async def make_probes(load: Load, shards: list[NodeSpec], extra: str) -> dict[str, str]:
     """One packet per base shard that the shard owns with and without the extra shard, to
     ask whether that shard answers (GET the packet: MySQL; grab it: Redis)."""
     plain, grown = Ring(shards), Ring([*shards, NodeSpec(extra, "", 1)])
-    probes: dict[str, int] = {}
+    probes: dict[str, str] = {}
     for _ in range(400):
         if len(probes) == len(shards):
             return probes
@@ -67,14 +68,14 @@ async def make_probes(load: Load, shards: list[NodeSpec], extra: str) -> dict[st
             continue
         load.saw_created(PROBER, body, answer.body)
         load.recent.pop()  # the load does not open probes
-        packet = int(answer.body["red_packet_id"])
-        owner = plain.owner(packet).name
-        if owner == grown.owner(packet).name:
+        packet = str(answer.body["red_packet_id"])
+        owner = plain.owner(snowflake_of(packet)).name
+        if owner == grown.owner(snowflake_of(packet)).name:
             probes.setdefault(owner, packet)
     raise RuntimeError(f"could not make a probe packet for every shard (have {sorted(probes)})")
 
 
-def make_probe(load: Load, probes: dict[str, int]) -> Any:
+def make_probe(load: Load, probes: dict[str, str]) -> Any:
     async def answers(shard: str) -> bool:
         packet = probes[shard]
         info = await load.client.call("GET", f"/v1/red-packets/{packet}", PROBER, timeout_s=1)

@@ -28,6 +28,7 @@ from typing import Any
 
 from redpacket.chaos.load import Answer, Client, Load, Outcomes
 from redpacket.cli.check import Observed, check_shards
+from redpacket.core.ids import snowflake_of
 from redpacket.sharding.ring import NodeSpec
 
 FINAL = ("sold_out", "refunded")
@@ -277,9 +278,9 @@ async def judge_history(
             if got_r is None or got_s is None:
                 problem = f"uid {uid}: history not readable"
             else:
-                mine_r = {int(r["red_packet_id"]): int(r["amount"]) for r in got_r}
+                mine_r = {str(r["red_packet_id"]): int(r["amount"]) for r in got_r}
                 mine_s = {
-                    int(p["red_packet_id"]): (
+                    str(p["red_packet_id"]): (
                         int(p["total_amount"]),
                         int(p["opened_amount"]),
                         int(p["refunded_amount"]),
@@ -315,7 +316,7 @@ async def judge(
     ledgers = judge_packets(load.outcomes, seen, verdict)
     if load.api.history:
         await judge_history(load, ledgers, seen, verdict)
-    observed = [Observed(p, u, a) for (p, u), a in load.outcomes.opened.items()]
+    observed = [Observed(snowflake_of(p), u, a) for (p, u), a in load.outcomes.opened.items()]
     report = await check_shards(nodes, observed, settle_s=settle_s)
     verdict.checker = report.summary()
     verdict.violations += [f"checker: {x}" for x in report.violations]

@@ -13,7 +13,7 @@ import orjson
 from aiohttp import web
 
 from redpacket.core.edge import edge_middleware
-from redpacket.core.ids import IdGenerator
+from redpacket.core.ids import IdGenerator, PublicIds
 from redpacket.core.metrics import metrics_handler
 from redpacket.gateway import handlers
 from redpacket.gateway.auth import Authenticator
@@ -24,8 +24,10 @@ from redpacket.gateway.handlers import (
     FINISHED,
     IDS,
     OPEN_LIMIT,
+    PUBLIC_IDS,
     SETTINGS,
     SHARDS,
+    UNKNOWN_LIMIT,
 )
 from redpacket.gateway.link import Links
 from redpacket.gateway.ratelimit import RateLimiter
@@ -120,6 +122,8 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app[FINISHED] = FinishedPackets(settings.finished_cache_size, settings.finished_ttl_s)
     app[CREATE_LIMIT] = RateLimiter(settings.create_per_s, settings.create_burst)
     app[OPEN_LIMIT] = RateLimiter(settings.open_per_s, settings.open_burst)
+    app[PUBLIC_IDS] = PublicIds(settings.id_key(), settings.legacy_ids_before_ms)
+    app[UNKNOWN_LIMIT] = RateLimiter(settings.unknown_ids_per_s, settings.unknown_ids_burst)
     app.cleanup_ctx.append(shards_ctx)
     app.add_routes(ROUTES)
     add_page_routes(app, settings.dev_login)  # /app/, not part of the API (openapi.json)

@@ -30,6 +30,7 @@ import pytest_asyncio
 from aiohttp import web
 
 from redpacket.cli.devcluster import free_ports
+from redpacket.core.ids import snowflake_of
 from redpacket.gateway.app import create_app
 from redpacket.gateway.settings import GatewaySettings
 from redpacket.gateway.webapp import STATIC_DIR
@@ -428,7 +429,7 @@ async def test_people_send_and_open_a_red_packet_in_the_browser(
     seen = await asyncio.to_thread(people_send_and_open, cluster.url, shots)
 
     # what the page showed is what the ledger holds, to the cent
-    shard = {n.name: n for n in cluster.nodes()}[cluster.shard_of(int(seen.packet_id))]
+    shard = {n.name: n for n in cluster.nodes()}[cluster.shard_of(snowflake_of(seen.packet_id))]
     assert shard.mysql
     [(total_amount, total_packet, greeting, uid)] = await sql(
         shard.mysql,
