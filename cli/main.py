@@ -24,6 +24,7 @@ def _serve(service: str, settings: Any, create_app: Any) -> int:
         service=service,
         log_level=settings.log_level,
         access_log=settings.access_log,
+        keepalive_timeout_s=getattr(settings, "header_timeout_s", 75.0),
     )
     return 0
 

@@ -44,8 +44,8 @@ def parse_uid(raw: object) -> int | None:
     """A user id (decimal string or int, 1..2^63-1), or None if it is not one."""
     if isinstance(raw, bool):
         return None
-    if isinstance(raw, str):
-        if not (0 < len(raw) <= 19 and raw.isascii() and raw.isdigit()):
+    if isinstance(raw, str):  # canonical decimal only: "07777" is not uid 7777 (issue 19)
+        if not (0 < len(raw) <= 19 and raw.isascii() and raw.isdigit()) or raw[0] == "0":
             return None
         raw = int(raw)
     if isinstance(raw, int) and 0 < raw <= MAX_ID:

@@ -12,7 +12,8 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from redpacket.core.edge import edge_middleware
+from redpacket.core.body import BODY_READ_TIMEOUT_S
+from redpacket.core.edge import edge_middleware, json_parser_errors, secure_headers
 from redpacket.core.ids import IdGenerator, PublicIds
 from redpacket.core.metrics import metrics_handler
 from redpacket.gateway import handlers
@@ -43,6 +44,13 @@ RING_WATCHER = web.AppKey("ring_watcher", RingWatcher)
 async def openapi(_: web.Request) -> web.Response:
     return web.Response(body=OPENAPI_PATH.read_bytes(), content_type="application/json")
 
+
+# The query parameters each /v1/ route takes; any other is 400 unknown_field (core/edge.py).
+QUERY_PARAMS = {
+    "/v1/red-packets/{id}/records": frozenset({"limit", "cursor"}),
+    "/v1/me/received": frozenset({"year", "limit", "cursor"}),
+    "/v1/me/sent": frozenset({"year", "limit", "cursor"}),
+}
 
 ROUTES = [
     web.post("/v1/red-packets", handlers.create_packet),
@@ -113,10 +121,13 @@ async def shards_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: GatewaySettings) -> web.Application:
     app = web.Application(
-        middlewares=[edge_middleware("gateway")],
+        middlewares=[edge_middleware("gateway", QUERY_PARAMS)],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
+    app[BODY_READ_TIMEOUT_S] = settings.body_read_timeout_s
+    app.on_response_prepare.append(secure_headers)
+    json_parser_errors()
     app[AUTH] = Authenticator(settings.jwt_secret)
     app[IDS] = IdGenerator(settings.generator_id)
     app[FINISHED] = FinishedPackets(settings.finished_cache_size, settings.finished_ttl_s)

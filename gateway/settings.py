@@ -44,6 +44,8 @@ class GatewaySettings:
     legacy_ids_before_ms: int = 0
     unknown_ids_per_s: float = 1.0  # per-user answers "no such red packet", then 429
     unknown_ids_burst: int = 20
+    header_timeout_s: float = 10.0  # request headers (and an idle keep-alive) within this
+    body_read_timeout_s: float = 10.0  # a request body within this, else 408 and closed
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewaySettings:
@@ -94,6 +96,10 @@ class GatewaySettings:
             log_level=env_str(env, "REDPACKET_LOG_LEVEL", cls.log_level),
             access_log=env_bool(env, "REDPACKET_ACCESS_LOG", cls.access_log),
             dev_login=env_bool(env, "REDPACKET_DEV_LOGIN", cls.dev_login),
+            header_timeout_s=env_float(env, "REDPACKET_HEADER_TIMEOUT_S", cls.header_timeout_s),
+            body_read_timeout_s=env_float(
+                env, "REDPACKET_BODY_READ_TIMEOUT_S", cls.body_read_timeout_s
+            ),
             id_secret=env_str(env, "REDPACKET_ID_SECRET", ""),
             legacy_ids_before_ms=env_int(
                 env, "REDPACKET_LEGACY_IDS_BEFORE_MS", cls.legacy_ids_before_ms, minimum=0

@@ -333,7 +333,7 @@ def people_send_and_open(base_url: str, shots: Path) -> Seen:
         by_id(sender, "send-button").click()
         link_el = wait_for(sender, "the link to the new packet", visible("sent-link"))
         link = link_el.text
-        match = re.fullmatch(re.escape(base_url) + r"/app/#/p/(\d+)", link)
+        match = re.fullmatch(re.escape(base_url) + r"/app/#/p/([A-Za-z0-9_-]{22})", link)
         assert match, link
         seen.packet_id = match.group(1)
         people.shot(sender, "sent")
@@ -435,7 +435,7 @@ async def test_people_send_and_open_a_red_packet_in_the_browser(
         shard.mysql,
         "SELECT total_amount, total_packet, greeting, uid FROM red_packet_info "
         "WHERE red_packet_id = %s",
-        (int(seen.packet_id),),
+        (snowflake_of(seen.packet_id),),
     )
     assert (total_amount, total_packet, greeting, uid) == (888, 3, "新年快乐，万事如意", SENDER)
     ledger = {
@@ -443,7 +443,7 @@ async def test_people_send_and_open_a_red_packet_in_the_browser(
         for u, a in await sql(
             shard.mysql,
             "SELECT uid, amount FROM red_packet_record WHERE red_packet_id = %s",
-            (int(seen.packet_id),),
+            (snowflake_of(seen.packet_id),),
         )
     }
     assert ledger == seen.opened == seen.records
