@@ -15,7 +15,7 @@ from aiohttp import web
 from redpacket.core.body import BODY_READ_TIMEOUT_S
 from redpacket.core.edge import edge_middleware, json_parser_errors, secure_headers
 from redpacket.core.ids import IdGenerator, PublicIds
-from redpacket.core.metrics import metrics_handler
+from redpacket.core.metrics import metrics_server
 from redpacket.gateway import handlers
 from redpacket.gateway.auth import Authenticator
 from redpacket.gateway.finished import FinishedPackets
@@ -63,7 +63,6 @@ ROUTES = [
     web.get("/healthz", handlers.healthz),
     web.get("/readyz", handlers.readyz),
     web.get("/openapi.json", openapi),
-    web.get("/metrics", metrics_handler),
 ]
 
 
@@ -135,6 +134,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app[OPEN_LIMIT] = RateLimiter(settings.open_per_s, settings.open_burst)
     app[PUBLIC_IDS] = PublicIds(settings.id_key(), settings.legacy_ids_before_ms)
     app[UNKNOWN_LIMIT] = RateLimiter(settings.unknown_ids_per_s, settings.unknown_ids_burst)
+    app.cleanup_ctx.append(metrics_server(settings.host, settings.metrics_port))
     app.cleanup_ctx.append(shards_ctx)
     app.add_routes(ROUTES)
     add_page_routes(app, settings.dev_login)  # /app/, not part of the API (openapi.json)

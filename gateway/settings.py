@@ -44,6 +44,7 @@ class GatewaySettings:
     legacy_ids_before_ms: int = 0
     unknown_ids_per_s: float = 1.0  # per-user answers "no such red packet", then 429
     unknown_ids_burst: int = 20
+    metrics_port: int = 9100  # GET /metrics, on its own port (0: any free one)
     header_timeout_s: float = 10.0  # request headers (and an idle keep-alive) within this
     body_read_timeout_s: float = 10.0  # a request body within this, else 408 and closed
 
@@ -96,6 +97,7 @@ class GatewaySettings:
             log_level=env_str(env, "REDPACKET_LOG_LEVEL", cls.log_level),
             access_log=env_bool(env, "REDPACKET_ACCESS_LOG", cls.access_log),
             dev_login=env_bool(env, "REDPACKET_DEV_LOGIN", cls.dev_login),
+            metrics_port=env_int(env, "REDPACKET_METRICS_PORT", cls.metrics_port, minimum=0),
             header_timeout_s=env_float(env, "REDPACKET_HEADER_TIMEOUT_S", cls.header_timeout_s),
             body_read_timeout_s=env_float(
                 env, "REDPACKET_BODY_READ_TIMEOUT_S", cls.body_read_timeout_s

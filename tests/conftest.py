@@ -253,6 +253,7 @@ async def start_node(
         "REDPACKET_REDIS_URL": redis.url,
         "REDPACKET_MYSQL_URL": mysql_url,
         "REDPACKET_RECONCILE_INTERVAL_S": "0.5",
+        "REDPACKET_METRICS_PORT": "0",  # app[METRICS_URL] says where
         **overrides,
     }
     settings = NodeSettings.from_env(env)

@@ -91,7 +91,7 @@ async def test_an_undeliverable_event_is_set_aside_and_the_rest_is_delivered(
     listed = cli(cluster, "list")
     assert "4 dead letter(s)" in listed
     assert "refused here: KeyError" in listed and "answered 400" in listed
-    shard_urls = [n.url for n in cluster.nodes()]
+    shard_urls = [n.metrics or "" for n in cluster.nodes()]
     async with asyncio.timeout(20):
         while sum([await node_metric(u, "redpacket_dead_letters") for u in shard_urls]) != 4:  # noqa: ASYNC110
             await asyncio.sleep(0.2)

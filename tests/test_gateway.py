@@ -190,9 +190,11 @@ async def test_health_readiness_metrics_and_openapi(cluster: Cluster) -> None:
     status, ready = await cluster.call("GET", "/readyz")
     assert status == 200 and set(ready["shards"]) == {"shard-0", "shard-1"}
     assert cluster.session is not None
-    async with cluster.session.get(cluster.url + "/metrics") as resp:
+    async with cluster.session.get(cluster.state["gateway"]["metrics_url"] + "/metrics") as resp:
         text = await resp.text()
     assert resp.status == 200 and "redpacket_http_requests_total" in text
+    status, body = await cluster.call("GET", "/metrics")  # not on the public port
+    assert (status, body["error"]["code"]) == (404, "not_found")
     status, doc = await cluster.call("GET", "/openapi.json")
     assert status == 200 and doc["openapi"].startswith("3.")
 
@@ -290,12 +292,12 @@ async def test_metrics_count_commits_rejections_and_batches(cluster: Cluster) ->
     await cluster.open(packet_id, 70)
     await cluster.open(packet_id, 71)  # sold out
     assert cluster.session is not None
-    node_url = next(
-        n.url for n in cluster.nodes() if n.name == cluster.shard_of(snowflake_of(packet_id))
+    node_metrics = next(
+        n.metrics or "" for n in cluster.nodes() if n.name == cluster.shard_of(packet_id)
     )
-    async with cluster.session.get(node_url + "/metrics") as resp:
+    async with cluster.session.get(node_metrics + "/metrics") as resp:
         node = await resp.text()
-    async with cluster.session.get(cluster.url + "/metrics") as resp:
+    async with cluster.session.get(cluster.state["gateway"]["metrics_url"] + "/metrics") as resp:
         gateway = await resp.text()
 
     def value(text: str, sample: str) -> float:

@@ -20,6 +20,7 @@ from typing import Any
 
 from redpacket.cli.check import Observed, check_shards
 from redpacket.core.ids import snowflake_of
+from redpacket.core.metrics import METRICS_URL
 from redpacket.node.history import HISTORY
 from redpacket.sharding.ring import NodeSpec, Ring, RingDoc, user_key
 from tests.conftest import IDS, NODE_SECRET_HEADER, Cluster, NodeHandle, sql
@@ -235,7 +236,7 @@ async def test_users_shard_mysql_cut_backs_the_outbox_up_then_it_drains(
     assert waiting >= 4 * 10  # a received per open (+ a sent per packet and batch)
 
     async def backlog_gauge() -> float:
-        async with packets_node.session.get(packets_node.url + "/metrics") as resp:
+        async with packets_node.session.get(packets_node.app[METRICS_URL] + "/metrics") as resp:
             text = await resp.text()
         (line,) = [
             x for x in text.splitlines() if x.startswith("redpacket_history_outbox_backlog ")

@@ -73,6 +73,7 @@ async def production_gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncI
             "REDPACKET_RING_FILE": str(ring_file),
             "REDPACKET_JWT_SECRET": secrets.token_urlsafe(32),
             "REDPACKET_NODE_SECRET": secrets.token_hex(16),
+            "REDPACKET_METRICS_PORT": "0",
         }
     )
     runner = web.AppRunner(create_app(settings))
