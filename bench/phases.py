@@ -22,6 +22,7 @@ from redpacket.bench.loadgen import LIVE_FIELDS, LIVE_FINISHED, Mint, WorkerJob,
 from redpacket.bench.profile import Profiler
 from redpacket.bench.scenarios import Shape, shape_of
 from redpacket.bench.stats import PhaseResult
+from redpacket.core.ids import snowflake_of
 
 
 class Progress:
@@ -311,7 +312,7 @@ async def top_up_sold_out(
             )
             if status != 200:
                 raise RuntimeError(f"could not open a packet: {status} {answer[:200]!r}")
-            observed.append((int(pid), uid, int(orjson.loads(answer)["amount"])))
+            observed.append((snowflake_of(pid), uid, int(orjson.loads(answer)["amount"])))
             packets.append(pid)
     except HttpError as exc:
         raise RuntimeError(f"gateway unreachable: {exc}") from None

@@ -11,7 +11,6 @@ in :data:`KINDS`; a new read is one entry in :meth:`Load._ops`.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import random
 import time
@@ -29,18 +28,6 @@ MAX_AMOUNT = 20_000
 
 # An answer that says nothing about what happened: the client must find out later.
 UNKNOWN = ("timeout", "conn_error", "500", "502", "503", "504")
-
-
-def snowflake_of(public_id: str) -> int:
-    """The internal id behind a public red packet id, for the ledger checker only.
-
-    The load treats ids as opaque strings; the checker reads the shards' ledgers, which key
-    packets by the 63-bit snowflake. A public id is either that number in decimal, or 22
-    base64url characters: the snowflake as 8 big-endian bytes, then an 8-byte tag."""
-    if public_id.isdigit():
-        return int(public_id)
-    raw = base64.urlsafe_b64decode(public_id + "=" * (-len(public_id) % 4))
-    return int.from_bytes(raw[:8], "big")
 
 
 def _lucky(rng: random.Random, sender: int, users: list[int]) -> dict[str, Any]:

@@ -18,12 +18,13 @@ import orjson
 
 from redpacket.chaos import report as reports
 from redpacket.chaos.cluster import ChaosCluster, new_prefix
-from redpacket.chaos.load import Client, Load, Outcomes, discover_api, snowflake_of
+from redpacket.chaos.load import Client, Load, Outcomes, discover_api
 from redpacket.chaos.nemesis import FaultRecord, Nemesis
 from redpacket.chaos.schedule import Schedule, draw
 from redpacket.chaos.verdict import Verdict, judge
 from redpacket.cli.devcluster import ALL_SHARDS_READY, answers_ready
 from redpacket.core.env import SettingsError
+from redpacket.core.ids import snowflake_of
 from redpacket.sharding.ring import NodeSpec, Ring, RingDoc
 
 PROBER = 1  # the uid of the prober (it only reads and grabs: it never takes a share)

@@ -31,8 +31,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from redpacket.chaos.load import Answer, Client, Load, Outcomes, snowflake_of
+from redpacket.chaos.load import Answer, Client, Load, Outcomes
 from redpacket.cli.check import Observed, check_shards
+from redpacket.core.ids import snowflake_of
 from redpacket.sharding.ring import NodeSpec
 
 FINAL = ("sold_out", "refunded")

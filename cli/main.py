@@ -24,6 +24,7 @@ def _serve(service: str, settings: Any, create_app: Any) -> int:
         service=service,
         log_level=settings.log_level,
         access_log=settings.access_log,
+        keepalive_timeout_s=getattr(settings, "header_timeout_s", 75.0),
     )
     return 0
 
@@ -77,6 +78,7 @@ def _cluster_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from redpacket.bench.cli import register as register_bench
     from redpacket.chaos.cli import register as register_chaos
+    from redpacket.cli.deadletters import register as register_dead_letters
     from redpacket.sharding.cli import register as register_rebalance
 
     parser = argparse.ArgumentParser(
@@ -148,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_args(p)
     p.set_defaults(func=_check)
 
+    register_dead_letters(sub)
     register_bench(sub)
     register_chaos(sub)
     register_rebalance(sub)

@@ -23,7 +23,7 @@ from redpacket.core import clock
 from redpacket.core.errors import ApiError, error_middleware, unavailable
 from redpacket.core.frames import LINK_PATH
 from redpacket.core.logs import request_id_middleware
-from redpacket.core.metrics import metrics_handler, metrics_middleware
+from redpacket.core.metrics import metrics_middleware, metrics_server
 from redpacket.node import handoff
 from redpacket.node.calls import http_routes
 from redpacket.node.counters import Counters, connect_redis
@@ -47,7 +47,6 @@ SWEEPER = web.AppKey("sweeper", Sweeper)
 ROUTES = [
     *http_routes(CALLS),  # the gateway's calls (node/handlers.py), also served over the link
     *handoff.ROUTES,  # /internal/v1/handoff/...: rebalancing (node/handoff/)
-    web.get("/metrics", metrics_handler),
 ]
 
 
@@ -182,6 +181,7 @@ def create_app(settings: NodeSettings) -> web.Application:
         access_log=settings.access_log,
     )
     app[LINK] = link
+    app.cleanup_ctx.append(metrics_server(settings.host, settings.metrics_port))
     app.cleanup_ctx.append(stores_ctx)
     app.cleanup_ctx.append(background_ctx)
     app.cleanup_ctx.append(relay_ctx)  # users' history and the outbox relay (node/relay.py)

@@ -40,6 +40,7 @@ import pytest
 import yaml
 
 from redpacket.cli.main import build_parser
+from redpacket.core.ids import snowflake_of
 from redpacket.gateway.auth import mint_token
 from redpacket.gateway.settings import GatewaySettings
 from redpacket.node.ledger import parse_mysql_url
@@ -490,11 +491,13 @@ def test_the_compose_stack_serves_a_crowd_survives_a_node_crash_and_keeps_its_le
             {"total_amount": 1000, "total_packet": 5, "greeting": "crash"},
         )
         assert status == 201, created
-        packet_id = int(created["red_packet_id"])
+        packet_id = created["red_packet_id"]
         status, first = http("POST", f"{gateway}/v1/red-packets/{packet_id}/open", opener)
         assert status == 200, first
         ring = json.loads((DOCKER / "ring.json").read_text())
-        owner = Ring([NodeSpec(n["name"], n["url"]) for n in ring["nodes"]]).owner(packet_id)
+        owner = Ring([NodeSpec(n["name"], n["url"]) for n in ring["nodes"]]).owner(
+            snowflake_of(packet_id)
+        )
         service = urlsplit(owner.url).hostname or ""
         container = container_of(eng, project, service)
         restarts = int(inspect(eng, container, "{{.RestartCount}}"))
