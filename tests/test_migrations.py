@@ -172,7 +172,7 @@ async def test_a_database_made_by_0_1_0_is_adopted_and_gets_its_late_columns(
     with pytest.raises(SchemaMismatch, match="was never migrated"):
         await check_database(url)
     outcome = await migrate(url)
-    assert [m.name for m in outcome.pending] == ["0001_initial"]
+    assert outcome.pending[0].name == "0001_initial"  # and every later one: none is recorded
     assert {"kind", "luckiest_uid"} <= await columns(url, "red_packet_info")
     assert await sql(url, "SELECT red_packet_id, kind FROM red_packet_info") == [(7, "lucky")]
     await check_database(url)
