@@ -282,22 +282,16 @@ def migrate_jobs(docs: tuple[dict[str, Any], ...]) -> list[dict[str, Any]]:
     ]
 
 
-def mysql_url_of(container: dict[str, Any], secrets_: dict[str, str]) -> str:
-    """The URL `redpacket db migrate` (or the node) reads from this container's env."""
-    env: dict[str, str] = {}
-    for var in container["env"]:
-        if "value" in var:
-            env[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], var["value"])
-        else:
-            env[var["name"]] = secrets_[var["valueFrom"]["secretKeyRef"]["key"]]
-    return NodeSettings.from_env({**env, "REDPACKET_NODE_SECRET": "x"}).mysql_url
-
-
-def chart_secrets(docs: tuple[dict[str, Any], ...]) -> dict[str, str]:
-    import base64
-
-    (secret,) = [d for d in docs if d["kind"] == "Secret"]
-    return {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+def mysql_target_of(pod: dict[str, Any], container: dict[str, Any]) -> tuple[str, str]:
+    """The MySQL URL `redpacket db migrate` (or the node) reads from this container's env,
+    and the Secret key its password file holds."""
+    env = {v["name"]: v["value"] for v in container["env"] if "value" in v}
+    url = NodeSettings.from_env({**env, "REDPACKET_NODE_SECRET": "x"}).mysql_url
+    folder, file = env["REDPACKET_MYSQL_PASSWORD_FILE"].rsplit("/", 1)
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == folder]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    (item,) = [i for i in volume["secret"]["items"] if i["path"] == file]
+    return url, item["key"]
 
 
 @pytest.mark.parametrize("shards", [1, 3])
@@ -311,14 +305,15 @@ def test_the_chart_migrates_every_shard_before_the_nodes_roll(shards: int) -> No
         if d["kind"] == "StatefulSet"
         and d["metadata"]["labels"]["app.kubernetes.io/component"] == "node"
     ]
-    (node,) = node_set["spec"]["template"]["spec"]["containers"]
-    values = chart_secrets(docs)
+    node_pod = node_set["spec"]["template"]["spec"]
+    (node,) = node_pod["containers"]
     for i, job in enumerate(jobs):
         notes = job["metadata"]["annotations"]
         # in-chart MySQL does not exist before install: after it, but before every upgrade
         assert notes["helm.sh/hook"] == "post-install,pre-upgrade"
         assert int(notes["helm.sh/hook-weight"]) < 0
-        (container,) = job["spec"]["template"]["spec"]["containers"]
+        pod = job["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
         argv = container["command"]
         assert argv[:3] == ["redpacket", "db", "migrate"]
         build_parser().parse_args(argv[1:])  # a real command
@@ -326,20 +321,38 @@ def test_the_chart_migrates_every_shard_before_the_nodes_roll(shards: int) -> No
             v if v["name"] != "REDPACKET_ORDINAL" else {"name": v["name"], "value": str(i)}
             for v in node["env"]
         ]
-        assert mysql_url_of(container, values) == mysql_url_of({"env": node_env}, values)
-        assert f"-mysql-{i}." in mysql_url_of(container, values)
+        url, password_key = mysql_target_of(pod, container)
+        assert (url, password_key) == mysql_target_of(node_pod, {**node, "env": node_env})
+        assert f"-mysql-{i}." in url and password_key == "mysql-password"
 
 
-def test_with_external_mysql_in_an_existing_secret_the_jobs_run_before_install() -> None:
-    docs = render("--set", "mysql.enabled=false", "--set", "secrets.existingSecret=mine")
+@pytest.mark.parametrize("existing_secret", ["", "mine"])
+def test_with_external_mysql_the_jobs_run_before_install_after_the_secret(
+    existing_secret: str,
+) -> None:
+    args = ["--set", "mysql.enabled=false"]
+    if existing_secret:
+        args += ["--set", f"secrets.existingSecret={existing_secret}"]
+    else:
+        args += ["--set", "externalStores.mysqlUrls={mysql://a@db-a/rp,mysql://b@db-b/rp}"]
+    docs = render(*args)
     jobs = migrate_jobs(docs)
     assert [j["metadata"]["annotations"]["helm.sh/hook"] for j in jobs] == [
         "pre-install,pre-upgrade"
     ] * 2
+    secret_name = existing_secret
+    for doc in docs:
+        if doc["kind"] == "Secret":  # the chart's own: a pre-install hook made before the Jobs
+            notes = doc["metadata"]["annotations"]
+            assert "pre-install" in notes["helm.sh/hook"]
+            for job in jobs:
+                job_weight = int(job["metadata"]["annotations"]["helm.sh/hook-weight"])
+                assert int(notes["helm.sh/hook-weight"]) < job_weight
+            secret_name = doc["metadata"]["name"]
     for i, job in enumerate(jobs):
         (container,) = job["spec"]["template"]["spec"]["containers"]
         (url,) = [v for v in container["env"] if v["name"] == "REDPACKET_MYSQL_URL"]
-        assert url["valueFrom"]["secretKeyRef"] == {"name": "mine", "key": f"mysql-url-{i}"}
+        assert url["valueFrom"]["secretKeyRef"] == {"name": secret_name, "key": f"mysql-url-{i}"}
 
 
 def test_the_jobs_can_be_turned_off() -> None:

@@ -7,7 +7,7 @@ start on the database (an expand migration keeps K at the previous release's ver
 contract migration raises it). The database records every applied migration in
 ``schema_migration``; its version is the highest one applied.
 
-Why a runner of our own (about 200 lines) rather than a library: yoyo-migrations (raw SQL,
+Why a runner of our own (under 300 lines) rather than a library: yoyo-migrations (raw SQL,
 MySQL) is the one that fits, but it is synchronous on PyMySQL, takes its lock with a lock
 *table* (a crashed migrator leaves a row to clear by hand) and has no notion of "code this old
 may no longer run here", which is what a rolling upgrade needs; alembic wants SQLAlchemy, which
