@@ -1606,3 +1606,28 @@ def test_exporter_files_are_written_from_the_secret(tmp_path: Path) -> None:
     subprocess.run(["/bin/sh", "-c", script], check=True, timeout=10)
     cnf = (tmp_path / "exporter.cnf").read_text()
     assert 'password="m1"' in cnf and "user=redpacket" in cnf
+
+
+def test_a_restricted_gateway_still_answers_rebalance_jobs() -> None:
+    """ring_loaded asks every gateway pod for its ring: a gatewayIngressFrom that left the
+    rebalance Job out would make every rebalance wait for nothing and fail."""
+    docs = render_args(
+        *sets_json(
+            'networkPolicy.gatewayIngressFrom=[{"namespaceSelector":'
+            '{"matchLabels":{"kubernetes.io/metadata.name":"ingress"}}}]'
+        ),
+        *sets("rebalance.job.action=status"),
+    )
+    (policy,) = [
+        p
+        for p in of_kind(docs, "NetworkPolicy")
+        if p["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"
+    ]
+    (rule,) = [r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == "http"]
+    (job,) = [j for j in of_kind(docs, "Job") if "rebalance-status" in j["metadata"]["name"]]
+    job_labels = job["spec"]["template"]["metadata"]["labels"]
+    assert any(
+        selects(p.get("podSelector", {}).get("matchLabels", {"x": "y"}), job_labels)
+        for p in rule["from"]
+    )
+    assert any("namespaceSelector" in p for p in rule["from"])
