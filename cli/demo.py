@@ -30,6 +30,7 @@ from redpacket.cli.devcluster import (
     answers_ready,
     load_state,
 )
+from redpacket.core.ids import snowflake_of
 from redpacket.gateway.auth import mint_token
 from redpacket.sharding.ring import RingDoc
 
@@ -198,7 +199,9 @@ async def demo(url: str, secret: str, users: int, packets: int, ring_file: str |
     if ring_file:
         nodes = list(RingDoc.load(ring_file).nodes)
         seen = [
-            Observed(int(r.packet_id), uid, amount) for r in runs for uid, amount in r.wins.items()
+            Observed(snowflake_of(r.packet_id), uid, amount)
+            for r in runs
+            for uid, amount in r.wins.items()
         ]
         result = await check_shards(nodes, seen)
         print(f"\nledger check on every shard: {result.summary()}")

@@ -33,6 +33,7 @@ from aiohttp import web
 
 from redpacket.core.env import SettingsError
 from redpacket.node.ledger import connect_one, parse_mysql_url
+from redpacket.node.migrations.runner import migrate
 from redpacket.sharding.ring import NodeSpec, RingDoc, RingError
 
 DEFAULT_MYSQL_URL = "mysql://root@127.0.0.1:3306"
@@ -181,6 +182,11 @@ class ShardPlan:
     redis_port: int
     database: str
     mysql_server: str
+    metrics_port: int = 0
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}"
 
     @property
     def node_url(self) -> str:
@@ -195,7 +201,9 @@ class ShardPlan:
         return f"{self.mysql_server.rstrip('/')}/{self.database}"
 
     def spec(self) -> NodeSpec:
-        return NodeSpec(self.name, self.node_url, 1, self.redis_url, self.mysql_url)
+        return NodeSpec(
+            self.name, self.node_url, 1, self.redis_url, self.mysql_url, metrics=self.metrics_url
+        )
 
 
 @dataclass
@@ -214,6 +222,7 @@ class DevCluster:
     children: dict[str, Child] = field(default_factory=dict)
     plans: list[ShardPlan] = field(default_factory=list)
     gateway_url: str = ""
+    metrics_port: int = 0  # the gateway's /metrics (every process listens on its own port)
     jwt_secret: str = field(default_factory=jwt_secret_from_env)
     node_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     _stopping: bool = False
@@ -254,7 +263,8 @@ class DevCluster:
 
     def plan(self) -> None:
         prefix = self._prefix()
-        ports = free_ports(2 * self.shards + 1)
+        ports = free_ports(3 * self.shards + 2)
+        self.metrics_port = ports.pop()
         if self.port == 0:
             self.port = ports.pop()
         else:
@@ -270,10 +280,11 @@ class DevCluster:
             ShardPlan(
                 i,
                 f"shard-{i}",
-                ports[2 * i],
-                ports[2 * i + 1],
+                ports[3 * i],
+                ports[3 * i + 1],
                 f"{prefix}_shard_{i}",
                 self.mysql_server,
+                metrics_port=ports[3 * i + 2],
             )
             for i in range(self.shards)
         ]
@@ -309,6 +320,7 @@ class DevCluster:
                     REDPACKET_REDIS_URL=plan.redis_url,
                     REDPACKET_MYSQL_URL=plan.mysql_url,
                     REDPACKET_RING_FILE=str(self.ring_file.resolve()),  # users' history
+                    REDPACKET_METRICS_PORT=str(plan.metrics_port),
                 ),
                 logs / f"{plan.name}-node.log",
             ),
@@ -326,6 +338,7 @@ class DevCluster:
                     [*python, "gateway"],
                     self._service_env(
                         REDPACKET_PORT=str(self.port),
+                        REDPACKET_METRICS_PORT=str(self.metrics_port),
                         REDPACKET_RING_FILE=str(self.ring_file.resolve()),
                         REDPACKET_JWT_SECRET=self.jwt_secret,
                         REDPACKET_EXPIRE_S=str(self.expire_s),
@@ -342,8 +355,10 @@ class DevCluster:
         await self.check_prerequisites()
         self.plan()
         (self.home / "logs").mkdir(parents=True, exist_ok=True)
-        RingDoc(1, tuple(p.spec() for p in self.plans)).save(self.ring_file)
+        await self.write_ring(RingDoc(1, tuple(p.spec() for p in self.plans)))
         started = time.monotonic()
+        for plan in self.plans:  # as the chart's Job does before the nodes start
+            await migrate(plan.mysql_url)
         for child in self._children():
             self.children[child.name] = child
             await child.start()
@@ -388,7 +403,11 @@ class DevCluster:
             "name": self.name,
             "ready": ready,
             "supervisor_pid": os.getpid(),
-            "gateway": {"url": self.gateway_url, "pid": self._pid("gateway")},
+            "gateway": {
+                "url": self.gateway_url,
+                "metrics_url": f"http://127.0.0.1:{self.metrics_port}",
+                "pid": self._pid("gateway"),
+            },
             "ring_file": str(self.ring_file.resolve()),
             "jwt_secret": self.jwt_secret,
             "node_secret": self.node_secret,
@@ -398,6 +417,7 @@ class DevCluster:
                 {
                     "name": p.name,
                     "url": p.node_url,
+                    "metrics_url": p.metrics_url,
                     "pid": self._pid(f"{p.name}-node"),
                     "redis": p.redis_url,
                     "redis_pid": self._pid(f"{p.name}-redis"),
@@ -449,7 +469,7 @@ class DevCluster:
         async with self._change_lock:
             plan = next((p for p in self.plans if p.name == name), None)
             if plan is None:
-                ports = free_ports(2)
+                ports = free_ports(3)
                 plan = ShardPlan(
                     max((p.index for p in self.plans), default=-1) + 1,
                     name,
@@ -457,8 +477,10 @@ class DevCluster:
                     ports[1],
                     f"{self._prefix()}_{re.sub(r'[^a-z0-9]+', '_', name.lower())}",
                     self.mysql_server,
+                    metrics_port=ports[2],
                 )
                 self.plans.append(plan)
+                await migrate(plan.mysql_url)
                 for child in self._shard_children(plan):
                     self.children[child.name] = child
                     await child.start()
@@ -495,11 +517,15 @@ class DevCluster:
         A gateway ignores SIGHUP until it serves (cli/serve.py), and one still starting reads
         the new file when it starts; any it misses, it picks up by polling the file.
         """
-        doc.save(self.ring_file)
+        await self.write_ring(doc)
         for name, child in self.children.items():
             if name.startswith("gateway") and child.proc and child.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     child.proc.send_signal(signal.SIGHUP)
+
+    async def write_ring(self, doc: RingDoc) -> None:
+        """Write the ring file (`redpacket chaos` also writes its gateways' proxied view)."""
+        doc.save(self.ring_file)
 
     def describe(self) -> str:
         lines = [

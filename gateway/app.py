@@ -12,9 +12,10 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from redpacket.core.edge import edge_middleware
-from redpacket.core.ids import IdGenerator
-from redpacket.core.metrics import metrics_handler
+from redpacket.core.body import BODY_READ_TIMEOUT_S
+from redpacket.core.edge import edge_middleware, json_parser_errors, secure_headers
+from redpacket.core.ids import IdGenerator, PublicIds
+from redpacket.core.metrics import metrics_server
 from redpacket.gateway import handlers
 from redpacket.gateway.auth import Authenticator
 from redpacket.gateway.finished import FinishedPackets
@@ -24,9 +25,11 @@ from redpacket.gateway.handlers import (
     FINISHED,
     IDS,
     OPEN_LIMIT,
+    PUBLIC_IDS,
     RING_WATCHER,
     SETTINGS,
     SHARDS,
+    UNKNOWN_LIMIT,
 )
 from redpacket.gateway.link import Links
 from redpacket.gateway.ratelimit import RateLimiter
@@ -42,6 +45,13 @@ async def openapi(_: web.Request) -> web.Response:
     return web.Response(body=OPENAPI_PATH.read_bytes(), content_type="application/json")
 
 
+# The query parameters each /v1/ route takes; any other is 400 unknown_field (core/edge.py).
+QUERY_PARAMS = {
+    "/v1/red-packets/{id}/records": frozenset({"limit", "cursor"}),
+    "/v1/me/received": frozenset({"year", "limit", "cursor"}),
+    "/v1/me/sent": frozenset({"year", "limit", "cursor"}),
+}
+
 ROUTES = [
     web.post("/v1/red-packets", handlers.create_packet),
     web.get("/v1/red-packets/{id}", handlers.get_packet),
@@ -54,7 +64,6 @@ ROUTES = [
     web.get("/readyz", handlers.readyz),
     web.get("/readyz/shards", handlers.readyz_shards),
     web.get("/openapi.json", openapi),
-    web.get("/metrics", metrics_handler),
 ]
 
 
@@ -110,15 +119,21 @@ async def shards_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: GatewaySettings) -> web.Application:
     app = web.Application(
-        middlewares=[edge_middleware("gateway")],
+        middlewares=[edge_middleware("gateway", QUERY_PARAMS)],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
+    app[BODY_READ_TIMEOUT_S] = settings.body_read_timeout_s
+    app.on_response_prepare.append(secure_headers)
+    json_parser_errors()
     app[AUTH] = Authenticator(settings.jwt_secret)
     app[IDS] = IdGenerator(settings.generator_id)
     app[FINISHED] = FinishedPackets(settings.finished_cache_size, settings.finished_ttl_s)
     app[CREATE_LIMIT] = RateLimiter(settings.create_per_s, settings.create_burst)
     app[OPEN_LIMIT] = RateLimiter(settings.open_per_s, settings.open_burst)
+    app[PUBLIC_IDS] = PublicIds(settings.id_key(), settings.legacy_ids_before_ms)
+    app[UNKNOWN_LIMIT] = RateLimiter(settings.unknown_ids_per_s, settings.unknown_ids_burst)
+    app.cleanup_ctx.append(metrics_server(settings.host, settings.metrics_port))
     app.cleanup_ctx.append(shards_ctx)
     app.add_routes(ROUTES)
     add_page_routes(app, settings.dev_login)  # /app/, not part of the API (openapi.json)

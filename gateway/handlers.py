@@ -17,8 +17,9 @@ import orjson
 from aiohttp import web
 
 from redpacket.core.amounts import check_sender, parse_new_packet, refuse_unknown_fields
-from redpacket.core.errors import ApiError, gone, json_response, read_json_object
-from redpacket.core.ids import IdGenerator, parse_packet_id
+from redpacket.core.body import read_json_object
+from redpacket.core.errors import ApiError, gone, json_response
+from redpacket.core.ids import IdGenerator, PublicIds
 from redpacket.core.metrics import REJECTIONS
 from redpacket.gateway.auth import Authenticator, User
 from redpacket.gateway.finished import FinishedPackets
@@ -36,6 +37,8 @@ IDS = web.AppKey("ids", IdGenerator)
 FINISHED = web.AppKey("finished", FinishedPackets)
 CREATE_LIMIT = web.AppKey("create_limit", RateLimiter)
 OPEN_LIMIT = web.AppKey("open_limit", RateLimiter)
+PUBLIC_IDS = web.AppKey("public_ids", PublicIds)
+UNKNOWN_LIMIT = web.AppKey("unknown_limit", RateLimiter)
 
 _FINAL_REASONS = ("sold_out", "expired")
 # What a latecomer to a finished packet gets, built once: this is the crowd's hot path, and
@@ -59,6 +62,42 @@ def passthrough(upstream: Upstream) -> web.Response:
 
 def _user(request: web.Request) -> User:
     return request.app[AUTH].user(request.headers.get("Authorization"))
+
+
+def _packet_id(request: web.Request, user: User) -> int:
+    """The snowflake of the public id in the path (core/ids.py PublicIds).
+
+    Every "no such red packet" a user gets spends a token of their unknown-id bucket, and a
+    user whose bucket is empty gets 429 before the id is even looked at: guessing ids costs
+    the guesser (issue 19), and a 200 cannot tell an exhausted guesser a right guess."""
+    unknown = request.app[UNKNOWN_LIMIT]
+    unknown.check(user.uid)
+    try:
+        return request.app[PUBLIC_IDS].parse(request.match_info["id"])
+    except ApiError as err:
+        if err.status == 404:
+            unknown.take(user.uid)
+        raise
+
+
+def _counted(request: web.Request, user: User, upstream: Upstream) -> Upstream:
+    """A node's 404 for a packet counts against the caller like a bad tag does."""
+    if upstream.status == 404:
+        request.app[UNKNOWN_LIMIT].take(user.uid)
+    return upstream
+
+
+def with_public_ids(request: web.Request, upstream: Upstream, rows: str = "") -> web.Response:
+    """The node's answer with every red packet id in it made public (the body's own
+    ``red_packet_id``, and each row's in the list ``rows``); errors pass through."""
+    if upstream.status not in (200, 201):
+        return passthrough(upstream)
+    ids = request.app[PUBLIC_IDS]
+    data = upstream.json()
+    for item in [data, *(data.get(rows) or [] if rows else [])]:
+        if "red_packet_id" in item:
+            item["red_packet_id"] = ids.format(int(item["red_packet_id"]))
+    return json_response(data, status=upstream.status)
 
 
 async def _empty_body(request: web.Request) -> None:
@@ -114,7 +153,7 @@ async def create_packet(request: web.Request) -> web.Response:
                 body={**fields, "red_packet_id": str(packet_id)},
             )
             if upstream.error_code() != "id_collision":
-                return passthrough(upstream)
+                return with_public_ids(request, upstream)
             log.warning("red packet id %s collided; retrying with a new id", packet_id)
         raise ApiError(
             503,
@@ -159,7 +198,7 @@ async def create_packet(request: web.Request) -> web.Response:
         # new key. Astronomically rare; see docs/api.md.
         raise ApiError(409, "id_collision", "retry this create with a new Idempotency-Key")
     if upstream.status in (200, 201):  # 200: the node already had it, a replayed create
-        response = passthrough(Upstream(201, upstream.body, None))
+        response = with_public_ids(request, Upstream(201, upstream.body, None))
         if upstream.status == 200:
             response.headers["Idempotent-Replayed"] = "true"
         return response
@@ -170,22 +209,22 @@ async def create_packet(request: web.Request) -> web.Response:
 
 
 async def get_packet(request: web.Request) -> web.Response:
-    _user(request)
-    packet_id = parse_packet_id(request.match_info["id"])
-    return passthrough(
-        await request.app[SHARDS].packet_call(packet_id, "GET", f"/internal/v1/packets/{packet_id}")
+    user = _user(request)
+    packet_id = _packet_id(request, user)
+    upstream = await request.app[SHARDS].packet_call(
+        packet_id, "GET", f"/internal/v1/packets/{packet_id}"
     )
+    return with_public_ids(request, _counted(request, user, upstream))
 
 
 async def list_records(request: web.Request) -> web.Response:
-    _user(request)
-    packet_id = parse_packet_id(request.match_info["id"])
+    user = _user(request)
+    packet_id = _packet_id(request, user)
     params = {k: request.query[k] for k in ("limit", "cursor") if k in request.query}
-    return passthrough(
-        await request.app[SHARDS].packet_call(
-            packet_id, "GET", f"/internal/v1/packets/{packet_id}/records", params=params
-        )
+    upstream = await request.app[SHARDS].packet_call(
+        packet_id, "GET", f"/internal/v1/packets/{packet_id}/records", params=params
     )
+    return passthrough(_counted(request, user, upstream))
 
 
 # -- grab and open --------------------------------------------------------------------------
@@ -194,7 +233,7 @@ async def list_records(request: web.Request) -> web.Response:
 async def grab(request: web.Request) -> web.Response:
     app = request.app
     user = _user(request)
-    packet_id = parse_packet_id(request.match_info["id"])
+    packet_id = _packet_id(request, user)
     await _empty_body(request)
     finished = app[FINISHED].get(packet_id)
     if finished is not None:
@@ -203,8 +242,12 @@ async def grab(request: web.Request) -> web.Response:
             return json_response({"can_open": False, "reason": "already_opened", "amount": amount})
         _REJECTED[finished.reason].inc()
         return web.Response(body=_GRAB_FINAL[finished.reason], content_type="application/json")
-    upstream = await app[SHARDS].packet_call(
-        packet_id, "POST", f"/internal/v1/packets/{packet_id}/grab", body={"uid": str(user.uid)}
+    upstream = _counted(
+        request,
+        user,
+        await app[SHARDS].packet_call(
+            packet_id, "POST", f"/internal/v1/packets/{packet_id}/grab", body={"uid": str(user.uid)}
+        ),
     )
     if upstream.status == 200:
         reason = upstream.json().get("reason")
@@ -216,7 +259,7 @@ async def grab(request: web.Request) -> web.Response:
 async def open_packet(request: web.Request) -> web.Response:
     app = request.app
     user = _user(request)
-    packet_id = parse_packet_id(request.match_info["id"])
+    packet_id = _packet_id(request, user)
     await _empty_body(request)
     finished = app[FINISHED].get(packet_id)
     if finished is not None:
@@ -234,6 +277,7 @@ async def open_packet(request: web.Request) -> web.Response:
         f"/internal/v1/packets/{packet_id}/open",
         body={"uid": str(user.uid), "nick_name": user.nick_name, "img_url": user.img_url},
     )
+    _counted(request, user, upstream)
     if upstream.status == 410:
         _learn_winners(app, packet_id)
     return passthrough(upstream)
@@ -319,18 +363,12 @@ async def readyz_shards(request: web.Request) -> web.Response:
 
 async def _my_history(request: web.Request, which: str) -> web.Response:
     """One call to the shard owning ``user:<uid>``: a user's history is one shard's read."""
-    user = _user(request)
-    refuse_unknown_fields(dict(request.query), frozenset({"year", "limit", "cursor"}))
+    user = _user(request)  # the parameters were checked at the edge (gateway/app.py)
     params = {k: request.query[k] for k in ("year", "limit", "cursor") if k in request.query}
-    shards = request.app[SHARDS]
-    return passthrough(
-        await shards.user_call(
-            user.uid,
-            "GET",
-            f"/internal/v1/users/{user.uid}/{which}",
-            params=params,
-        )
+    upstream = await request.app[SHARDS].user_call(
+        user.uid, "GET", f"/internal/v1/users/{user.uid}/{which}", params=params
     )
+    return with_public_ids(request, upstream, "records" if which == "received" else "packets")
 
 
 async def my_received(request: web.Request) -> web.Response:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from redpacket.core.amounts import Limits
 from redpacket.core.env import SettingsError, env_bool, env_float, env_int, env_str, environ
+from redpacket.core.ids import derive_id_key
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,15 @@ class GatewaySettings:
     log_level: str = "INFO"
     access_log: bool = False
     dev_login: bool = False  # POST /dev/login mints tokens for anyone: local clusters only
+    # public ids (core/ids.py PublicIds): the tag key ("": derived from the node secret), and
+    # the time before which release 0.1.0's decimal ids are still accepted (0: none)
+    id_secret: str = ""
+    legacy_ids_before_ms: int = 0
+    unknown_ids_per_s: float = 1.0  # per-user answers "no such red packet", then 429
+    unknown_ids_burst: int = 20
+    metrics_port: int = 9100  # GET /metrics, on its own port (0: any free one)
+    header_timeout_s: float = 10.0  # request headers (and an idle keep-alive) within this
+    body_read_timeout_s: float = 10.0  # a request body within this, else 408 and closed
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewaySettings:
@@ -87,6 +97,21 @@ class GatewaySettings:
             log_level=env_str(env, "REDPACKET_LOG_LEVEL", cls.log_level),
             access_log=env_bool(env, "REDPACKET_ACCESS_LOG", cls.access_log),
             dev_login=env_bool(env, "REDPACKET_DEV_LOGIN", cls.dev_login),
+            metrics_port=env_int(env, "REDPACKET_METRICS_PORT", cls.metrics_port, minimum=0),
+            header_timeout_s=env_float(env, "REDPACKET_HEADER_TIMEOUT_S", cls.header_timeout_s),
+            body_read_timeout_s=env_float(
+                env, "REDPACKET_BODY_READ_TIMEOUT_S", cls.body_read_timeout_s
+            ),
+            id_secret=env_str(env, "REDPACKET_ID_SECRET", ""),
+            legacy_ids_before_ms=env_int(
+                env, "REDPACKET_LEGACY_IDS_BEFORE_MS", cls.legacy_ids_before_ms, minimum=0
+            ),
+            unknown_ids_per_s=env_float(
+                env, "REDPACKET_RATE_UNKNOWN_ID_PER_S", cls.unknown_ids_per_s
+            ),
+            unknown_ids_burst=env_int(
+                env, "REDPACKET_RATE_UNKNOWN_ID_BURST", cls.unknown_ids_burst, minimum=1
+            ),
         )
         missing = [
             name
@@ -103,4 +128,11 @@ class GatewaySettings:
             raise SettingsError(f"the gateway needs {', '.join(missing)} to be set")
         if len(settings.jwt_secret.encode()) < 32:
             raise SettingsError("REDPACKET_JWT_SECRET must be at least 32 bytes (HS256 key)")
+        if settings.id_secret and len(settings.id_secret.encode()) < 32:
+            raise SettingsError("REDPACKET_ID_SECRET must be at least 32 bytes")
         return settings
+
+    def id_key(self) -> bytes:
+        """The public id tag key (core/ids.py): REDPACKET_ID_SECRET, or one derived from the
+        node secret. Changing it changes every public id: docs/api.md "What an id is"."""
+        return self.id_secret.encode() if self.id_secret else derive_id_key(self.node_secret)

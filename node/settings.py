@@ -56,6 +56,9 @@ class NodeSettings:
     ring_file: str = ""  # the ring, to find the shard owning a user's history ("": this one)
     # how long the history relay sleeps when its outbox is empty (half that after a delivery)
     history_relay_idle_s: float = 0.1
+    # a file of milliseconds added to the node's clock (core/clock.py): chaos runs only
+    clock_offset_file: str = ""
+    metrics_port: int = 9101  # GET /metrics, on its own port (0: any free one)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> NodeSettings:
@@ -120,6 +123,8 @@ class NodeSettings:
             history_relay_idle_s=env_float(
                 env, "REDPACKET_HISTORY_RELAY_IDLE_S", cls.history_relay_idle_s
             ),
+            clock_offset_file=env_str(env, "REDPACKET_CLOCK_OFFSET_FILE", ""),
+            metrics_port=env_int(env, "REDPACKET_METRICS_PORT", cls.metrics_port, minimum=0),
         )
         if not settings.node_secret:
             raise SettingsError(

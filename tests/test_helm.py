@@ -738,6 +738,7 @@ def test_network_policies(case: str) -> None:
     for component in ("gateway", "node"):
         ports = [p["port"] for r in policies[component]["spec"]["ingress"] for p in r["ports"]]
         assert sorted(ports) == ["http", "metrics"], component
+    migrate = {**rebalance, "app.kubernetes.io/component": "migrate"}
     # stores: node pods only, and for MySQL the backup and password-rotation Jobs' pods
     jobs = {
         j["metadata"]["labels"]["app.kubernetes.io/component"]: j
@@ -748,9 +749,10 @@ def test_network_policies(case: str) -> None:
         labels = sets[store]["spec"]["template"]["metadata"]["labels"]
         assert selects(policy["spec"]["podSelector"]["matchLabels"], labels)
         allowed = pod_peers(policy)
-        assert len(allowed) == len(peers(policy)) == (3 if store == "mysql" else 1)
+        assert len(allowed) == len(peers(policy)) == (4 if store == "mysql" else 1)
         assert selects(allowed[0], node)
         assert not any(selects(a, gateway) for a in allowed)
+        assert any(selects(a, migrate) for a in allowed) == (store == "mysql")
         for component in ("backup", "password-rotation"):
             if component in jobs and store == "mysql":
                 job = jobs[component]

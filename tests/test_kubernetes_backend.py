@@ -21,6 +21,7 @@ from kubernetes import client as k8s
 
 from redpacket.cli.check import Observed, check_shards
 from redpacket.cli.devcluster import free_ports
+from redpacket.core.ids import snowflake_of
 from redpacket.sharding.backends import BackendError
 from redpacket.sharding.backends.kubernetes import KubernetesBackend, KubernetesNames
 from redpacket.sharding.rebalance import Rebalancer
@@ -254,7 +255,7 @@ async def test_kubernetes_backend_scales_statefulsets_and_rewrites_the_ring(
         packets, observed = [], []
         for _ in range(60):
             packet_id = IDS.next_id()
-            owner = by_name[owner_ring.owner(packet_id).name]
+            owner = by_name[owner_ring.owner(snowflake_of(packet_id)).name]
             status, _ = await owner.call(
                 "POST",
                 "/internal/v1/packets",
@@ -296,7 +297,7 @@ async def test_kubernetes_backend_scales_statefulsets_and_rewrites_the_ring(
         puts = [p for m, p in fake.calls if m == "PUT"]
         assert len(puts) == 2  # the transition ring, then the final one
         new_ring = doc.ring()
-        on_shard2 = [p for p in packets if new_ring.owner(p).name == "shard-2"]
+        on_shard2 = [p for p in packets if new_ring.owner(snowflake_of(p)).name == "shard-2"]
         assert on_shard2
         assert (await check_shards([shard2.spec()], settle_s=1)).packets == len(on_shard2)
 

@@ -231,7 +231,7 @@
     $("who").title = `uid ${state.me.uid} · 点击退出登录`;
     $("nav-me").hidden = !(state.features && state.features.me);
     const hash = location.hash || "#/";
-    const packet = /^#\/p\/(\d{1,19})$/.exec(hash);
+    const packet = /^#\/p\/([A-Za-z0-9_-]{1,22})$/.exec(hash);
     if (packet) {
       showPacket(packet[1], state.routeSeq);
     } else if (hash === "#/me") {

@@ -1,7 +1,11 @@
--- The MySQL ledger of one shard. Applied idempotently at node start and by `redpacket db init`.
+-- oldest code: 1
+-- The MySQL ledger of one shard as release 0.1.0 (e6803e9) left it: its node/schema.sql, then
+-- the columns its node/ledger.py ADDED_COLUMNS put on tables made before them. Every statement
+-- is idempotent, so this migration also adopts a database that a 0.1.0 node made (no version
+-- table yet): it changes nothing there but recording version 1.
 -- Runs unchanged on MySQL 8 and MariaDB 10.11: utf8mb4_unicode_ci exists on both, and both
 -- enforce CHECK constraints. Times are UTC (the node sets time_zone = '+00:00').
--- Statements are separated by lines holding only ';' so the loader needs no SQL parser.
+-- Statements are separated by lines holding only ';' so the runner needs no SQL parser.
 
 -- One row per red packet (the seed's table, with the fixes the issue asks for).
 CREATE TABLE IF NOT EXISTS red_packet_info (
@@ -19,7 +23,7 @@ CREATE TABLE IF NOT EXISTS red_packet_info (
   create_time      DATETIME(3)  NOT NULL,
   expire_time      DATETIME(3)  NOT NULL,
   update_time      DATETIME(3)  NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3),
-  -- added with packet kinds and 手气最佳 (node/ledger.py ADDED_COLUMNS adds them to older tables)
+  -- added with packet kinds and 手气最佳 (the end of this file adds them to older tables)
   kind             VARCHAR(16)  NOT NULL DEFAULT 'lucky' COMMENT 'lucky | equal | exclusive',
   amount_each      INT          NULL COMMENT 'equal: cents per share',
   receiver_uid     BIGINT       NULL COMMENT 'exclusive: the only uid that may open it',
@@ -157,4 +161,73 @@ CREATE TABLE IF NOT EXISTS user_sent (
   PRIMARY KEY (uid, red_packet_id),
   KEY idx_user_year_time (uid, year, create_time, red_packet_id)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+;
+-- Columns added to red_packet_info after its first version (0.1.0's ADDED_COLUMNS), for a
+-- table made before them. MySQL 8 has no ADD COLUMN IF NOT EXISTS, so each one is a statement
+-- built from information_schema: the ALTER when the column is missing, else a no-op (DO 0).
+SET @ddl = (SELECT IF(COUNT(*) = 0,
+  'ALTER TABLE red_packet_info ADD COLUMN kind VARCHAR(16) NOT NULL DEFAULT ''lucky''', 'DO 0')
+  FROM information_schema.COLUMNS
+  WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'red_packet_info' AND COLUMN_NAME = 'kind')
+;
+PREPARE add_column FROM @ddl
+;
+EXECUTE add_column
+;
+DEALLOCATE PREPARE add_column
+;
+SET @ddl = (SELECT IF(COUNT(*) = 0,
+  'ALTER TABLE red_packet_info ADD COLUMN amount_each INT NULL', 'DO 0')
+  FROM information_schema.COLUMNS
+  WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'red_packet_info' AND COLUMN_NAME = 'amount_each')
+;
+PREPARE add_column FROM @ddl
+;
+EXECUTE add_column
+;
+DEALLOCATE PREPARE add_column
+;
+SET @ddl = (SELECT IF(COUNT(*) = 0,
+  'ALTER TABLE red_packet_info ADD COLUMN receiver_uid BIGINT NULL', 'DO 0')
+  FROM information_schema.COLUMNS
+  WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'red_packet_info' AND COLUMN_NAME = 'receiver_uid')
+;
+PREPARE add_column FROM @ddl
+;
+EXECUTE add_column
+;
+DEALLOCATE PREPARE add_column
+;
+SET @ddl = (SELECT IF(COUNT(*) = 0,
+  'ALTER TABLE red_packet_info ADD COLUMN sender_nick VARCHAR(64) NOT NULL DEFAULT ''''', 'DO 0')
+  FROM information_schema.COLUMNS
+  WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'red_packet_info' AND COLUMN_NAME = 'sender_nick')
+;
+PREPARE add_column FROM @ddl
+;
+EXECUTE add_column
+;
+DEALLOCATE PREPARE add_column
+;
+SET @ddl = (SELECT IF(COUNT(*) = 0,
+  'ALTER TABLE red_packet_info ADD COLUMN sender_img VARCHAR(512) NOT NULL DEFAULT ''''', 'DO 0')
+  FROM information_schema.COLUMNS
+  WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'red_packet_info' AND COLUMN_NAME = 'sender_img')
+;
+PREPARE add_column FROM @ddl
+;
+EXECUTE add_column
+;
+DEALLOCATE PREPARE add_column
+;
+SET @ddl = (SELECT IF(COUNT(*) = 0,
+  'ALTER TABLE red_packet_info ADD COLUMN luckiest_uid BIGINT NULL', 'DO 0')
+  FROM information_schema.COLUMNS
+  WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'red_packet_info' AND COLUMN_NAME = 'luckiest_uid')
+;
+PREPARE add_column FROM @ddl
+;
+EXECUTE add_column
+;
+DEALLOCATE PREPARE add_column
 ;
