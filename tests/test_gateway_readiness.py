@@ -18,7 +18,7 @@ async def packets_on(cluster: Cluster, shard: str, count: int) -> list[str]:
     found: list[str] = []
     for _ in range(200):
         packet_id = await cluster.create(1, 200, 2)
-        if cluster.shard_of(int(packet_id)) == shard:
+        if cluster.shard_of(packet_id) == shard:
             found.append(packet_id)
             if len(found) == count:
                 return found

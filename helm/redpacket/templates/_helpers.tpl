@@ -273,3 +273,40 @@ topologySpreadConstraints:
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/*
+NetworkPolicy ingress rule of a pod's metrics port (named "metrics"): from
+networkPolicy.metricsIngressFrom, or any pod when that is empty.
+*/}}
+{{- define "redpacket.metricsIngress" -}}
+- ports:
+    - port: metrics
+      protocol: TCP
+  {{- with .Values.networkPolicy.metricsIngressFrom }}
+  from:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+
+{{/*
+Annotations of a store's pod template (the whole `annotations:` key, or nothing): the
+checksum of its own password when given in values, and scrape annotations for its
+exporter when one runs. Call with (dict "root" $ "store" "redis" "checksum" <bool>
+"secret" <value>).
+*/}}
+{{- define "redpacket.storeAnnotations" -}}
+{{- $out := dict }}
+{{- if .checksum }}
+{{- $_ := set $out (printf "checksum/%s-password" .store) (.secret | sha256sum) }}
+{{- end }}
+{{- $exporter := index .root.Values.metrics.exporters .store }}
+{{- if and $exporter.enabled .root.Values.metrics.podAnnotations }}
+{{- $_ := set $out "prometheus.io/scrape" "true" }}
+{{- $_ := set $out "prometheus.io/port" (toString $exporter.port) }}
+{{- $_ := set $out "prometheus.io/path" "/metrics" }}
+{{- end }}
+{{- if $out -}}
+annotations:
+  {{- toYaml $out | nindent 2 }}
+{{- end }}
+{{- end }}
