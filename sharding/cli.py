@@ -17,7 +17,7 @@ import sys
 from redpacket.core.env import SettingsError
 from redpacket.sharding.backends import Backend, BackendError
 from redpacket.sharding.client import NodeError
-from redpacket.sharding.rebalance import RebalanceError, Rebalancer
+from redpacket.sharding.rebalance import BATCH, RebalanceError, Rebalancer
 
 
 def _common(parser: argparse.ArgumentParser, dry_run: bool = True) -> None:
@@ -28,7 +28,12 @@ def _common(parser: argparse.ArgumentParser, dry_run: bool = True) -> None:
             help="change nothing: print how many packets would move between each pair of nodes",
         )
     run = parser.add_argument_group("migration")
-    run.add_argument("--concurrency", type=int, default=8, help="packets handed off at once")
+    run.add_argument(
+        "--concurrency", type=int, default=8, help="batches (or single packets) handed off at once"
+    )
+    run.add_argument(
+        "--batch", type=int, default=BATCH, help=f"packets per batched handoff (default {BATCH})"
+    )
     run.add_argument(
         "--rate", type=float, default=0.0, help="at most this many packets per second (0: no cap)"
     )
@@ -135,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         _backend(args),
         concurrency=args.concurrency,
         rate=args.rate,
+        batch_size=args.batch,
         progress=not args.no_progress,
         gateway_timeout_s=args.gateway_timeout_s,
         drain_timeout_s=args.drain_timeout_s,

@@ -214,6 +214,14 @@ class NodeClient:
         answer = await self.request(node, "POST", f"{H}/packets/{packet_id}/discard", body={})
         return str(answer["state"])
 
+    # -- the steps of a batch of packets (node/handoff/batch.py) -----------------------------
+
+    async def batch(self, node: NodeSpec, step: str, body: dict[str, Any]) -> dict[int, Any]:
+        """One step for many packets: ``{packet id: result}`` (a result with state "failed"
+        carries the status, code and message of that packet's own failure)."""
+        answer = await self.request(node, "POST", f"{H}/batches/{step}", body=body)
+        return {int(pid): result for pid, result in answer["results"].items()}
+
     # -- idempotency keys -----------------------------------------------------------------
 
     async def import_keys(self, node: NodeSpec, rows: Sequence[list[Any]]) -> list[list[str]]:

@@ -1,0 +1,502 @@
+"""Handing off many red packets at once: the per-packet steps of ``packets.py``, batched.
+
+A rebalance that moves a million packets cannot afford a request and a handful of queries
+per packet per step (about 140 packets/s). Each step here takes a batch of ids between the
+same two nodes and does, for the whole batch: one ``SELECT ... WHERE red_packet_id IN (...)``
+to learn what is held, one MySQL transaction to change it, and Redis calls issued together.
+
+The invariants are those of the single steps, per packet (docs/rebalancing.md):
+
+- ``export``: every packet is frozen in Redis first, its opens in flight and pending claims
+  committed, then the batch's MySQL copies become inert in one transaction;
+- ``import`` stages inert copies in one transaction; ``activate`` restores them in one
+  transaction (the commit point of the whole batch), then loads Redis;
+- ``finish``: tombstones first (one transaction), then Redis copies dropped, then MySQL copies
+  deleted (one transaction).
+
+Packets not in the plain state a step expects (a tombstone, a copy left half way by an earlier
+run) go through the single step instead, which knows every state; so a batch killed anywhere
+is finished or undone by running it again, exactly like single handoffs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
+from typing import Any
+
+from redpacket.core.errors import ApiError
+from redpacket.node.handoff.packets import (
+    Held,
+    PacketMoves,
+    _packet_json,
+    parse_export,
+)
+from redpacket.node.keys import packet_keys
+from redpacket.node.ledger import (
+    PACKET_COLUMNS,
+    PACKET_PLACEHOLDERS,
+    PacketRow,
+    packet_from_row,
+    packet_values,
+    retry_lock_conflicts,
+    to_datetime,
+    to_ms,
+)
+from redpacket.node.shard import MOVING, now_ms
+
+log = logging.getLogger("redpacket.node.handoff")
+
+MAX_BATCH = 1000  # ids per call: one IN list, one transaction
+
+
+def _in(ids: Sequence[int]) -> str:
+    return ", ".join(["%s"] * len(ids))
+
+
+def _failure(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, ApiError):
+        return {"state": "failed", "status": exc.status, "code": exc.code, "message": str(exc)}
+    return {"state": "failed", "status": 503, "code": "unavailable", "message": repr(exc)[:200]}
+
+
+class PacketBatches:
+    """The batched handoff steps of one node; each answers ``{id: result}``."""
+
+    def __init__(self, moves: PacketMoves) -> None:
+        self.moves = moves
+        self.fence = moves.fence
+        self.shard = moves.shard
+        self.name = moves.name
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, ids: Iterable[int]) -> AsyncIterator[None]:
+        """Every packet's lock, taken in id order (so two batches cannot deadlock)."""
+        async with contextlib.AsyncExitStack() as stack:
+            for packet_id in sorted(set(ids)):
+                await stack.enter_async_context(self.shard.packet_lock(packet_id))
+            yield
+
+    async def _held(self, ids: Sequence[int]) -> dict[int, Held]:
+        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "SELECT i.red_packet_id, i.status, i.create_token, h.direction, h.peer, "
+                "h.prior_status FROM red_packet_info i LEFT JOIN red_packet_handoff h "
+                f"ON h.red_packet_id = i.red_packet_id WHERE i.red_packet_id IN ({_in(ids)})",
+                tuple(ids),
+            )
+            rows = await cur.fetchall()
+            await conn.rollback()
+        return {int(row[0]): Held(*row[1:]) for row in rows}
+
+    async def _singly(self, ids: Iterable[int], step: Any, *args: Any) -> dict[int, dict[str, Any]]:
+        """The single step for packets in a state the batch does not handle."""
+
+        async def one(packet_id: int) -> dict[str, Any]:
+            try:
+                result = await step(packet_id, *args)
+            except Exception as exc:  # reported per packet; the orchestrator retries
+                return _failure(exc)
+            return result if isinstance(result, dict) else {"state": result}
+
+        ids = list(ids)
+        results = await asyncio.gather(*(one(i) for i in ids))
+        return dict(zip(ids, results, strict=True))
+
+    # -- export (old owner) ---------------------------------------------------------------
+
+    async def export(self, ids: Sequence[int], to: str, ring_version: int) -> dict[int, Any]:
+        self.fence.current(ring_version)
+        held = await self._held(ids)
+        plain = [i for i in ids if i in held and held[i].direction is None]
+        plain = [i for i in plain if held[i].status != MOVING]
+        rest = [i for i in ids if i not in set(plain)]
+        results = await self._singly(rest, self.moves.export, to, ring_version)
+        if not plain:
+            return results
+        async with self._locked(plain):
+            ready, failed = await self._quiesce(plain)
+            results.update(failed)
+            if ready:
+                results.update(await self._export_ready(ready, to, ring_version))
+        return results
+
+    async def _quiesce(self, ids: list[int]) -> tuple[list[int], dict[int, Any]]:
+        """Freeze every packet, then commit what each owes; a packet that cannot be made
+        consistent is unfrozen and reported, the others go on."""
+        shard, counters = self.shard, self.shard.counters
+        await counters.freeze_many(ids, True)
+
+        async def settle(packet_id: int) -> None:
+            await shard.quiesce(packet_id)
+            await self.moves._commit_pending(packet_id)
+            await self.moves._check_redis_claims(packet_id)
+
+        outcomes = await asyncio.gather(*(settle(i) for i in ids), return_exceptions=True)
+        failed = {i: o for i, o in zip(ids, outcomes, strict=True) if isinstance(o, BaseException)}
+        for packet_id in failed:
+            with contextlib.suppress(Exception):
+                await counters.freeze(packet_id, False)
+        ready = [i for i in ids if i not in failed]
+        return ready, {i: _failure(exc) for i, exc in failed.items()}
+
+    async def _export_ready(
+        self, ids: list[int], to: str, ring_version: int
+    ) -> dict[int, dict[str, Any]]:
+        packets, records, refunds = await self._mark_moving(ids, to, ring_version)
+        states = await self._redis_states(ids)
+        results: dict[int, dict[str, Any]] = {}
+        for packet_id in ids:
+            if packet_id not in packets:
+                results[packet_id] = {"state": "absent"}
+                continue
+            results[packet_id] = {
+                "state": "exported",
+                "from": self.name,
+                "packet": _packet_json(packets[packet_id]),
+                "records": records.get(packet_id, []),
+                "refund": refunds.get(packet_id),
+                "redis": states[packet_id],
+            }
+        return results
+
+    @retry_lock_conflicts
+    async def _mark_moving(
+        self, ids: list[int], to: str, ring_version: int
+    ) -> tuple[dict[int, PacketRow], dict[int, list[list[Any]]], dict[int, list[Any]]]:
+        """One transaction: the batch's MySQL copies made inert, and read."""
+        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+            try:
+                await cur.execute(
+                    f"SELECT {PACKET_COLUMNS} FROM red_packet_info "
+                    f"WHERE red_packet_id IN ({_in(ids)}) AND status <> %s FOR UPDATE",
+                    (*ids, MOVING),
+                )
+                packets = {p.red_packet_id: p for p in map(packet_from_row, await cur.fetchall())}
+                found = sorted(packets)
+                if found:
+                    created = to_datetime(now_ms())
+                    await cur.executemany(
+                        "INSERT INTO red_packet_handoff (red_packet_id, direction, peer, "
+                        "prior_status, ring_version, create_time) "
+                        "VALUES (%s, 'out', %s, %s, %s, %s)",
+                        [(i, to, packets[i].status, ring_version, created) for i in found],
+                    )
+                    await cur.execute(
+                        "UPDATE red_packet_info SET status = %s "
+                        f"WHERE red_packet_id IN ({_in(found)})",
+                        (MOVING, *found),
+                    )
+                    records, refunds = await _read_rows(cur, found)
+                else:
+                    records, refunds = {}, {}
+                await conn.commit()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await conn.rollback()
+                raise
+        return packets, records, refunds
+
+    async def _redis_states(self, ids: list[int]) -> dict[int, dict[str, Any] | None]:
+        pipe = self.shard.counters.client.pipeline(transaction=False)
+        for packet_id in ids:
+            info, claims, _ = packet_keys(packet_id)
+            pipe.hmget(info, "remaining_amount", "remaining_packet", "state")
+            pipe.hlen(claims)
+        answers = await pipe.execute()
+        states: dict[int, dict[str, Any] | None] = {}
+        for n, packet_id in enumerate(ids):
+            (amount, count, state), claims = answers[2 * n], answers[2 * n + 1]
+            states[packet_id] = (
+                None
+                if amount is None
+                else {
+                    "remaining_amount": int(amount),
+                    "remaining_packet": int(count),
+                    "state": state,
+                    "claims": int(claims),
+                }
+            )
+        return states
+
+    # -- import and activate (new owner) ----------------------------------------------------
+
+    async def import_(
+        self, exports: Sequence[dict[str, Any]], peer: str, ring_version: int
+    ) -> dict[int, Any]:
+        """Stage every exported packet, inert, in one transaction (``parse_export`` has
+        checked that each adds up)."""
+        self.fence.current(ring_version)
+        parsed = {p.red_packet_id: (p, r, f) for p, r, f in map(parse_export, exports)}
+        ids = list(parsed)
+        held = await self._held(ids)
+        plain = [i for i in ids if i not in held]
+        rest = [i for i in ids if i in held]
+        results = await self._singly(
+            rest, lambda i: self.moves.import_(_payload(exports, i), peer, ring_version)
+        )
+        if plain:
+            async with self._locked(plain):
+                staged = await self._stage([parsed[i] for i in plain], peer, ring_version)
+            results.update({i: {"state": "staged"} for i in staged})
+            # raced with another copy arriving: the single step sorts it out
+            late = [i for i in plain if i not in staged]
+            results.update(
+                await self._singly(
+                    late, lambda i: self.moves.import_(_payload(exports, i), peer, ring_version)
+                )
+            )
+        return results
+
+    @retry_lock_conflicts
+    async def _stage(
+        self,
+        batch: list[tuple[PacketRow, list[tuple[int, int, str, str, int]], Any]],
+        peer: str,
+        ring_version: int,
+    ) -> list[int]:
+        ids = [p.red_packet_id for p, _, _ in batch]
+        created = to_datetime(now_ms())
+        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+            try:
+                await cur.execute(
+                    "SELECT red_packet_id FROM red_packet_info "
+                    f"WHERE red_packet_id IN ({_in(ids)}) FOR UPDATE",
+                    tuple(ids),
+                )
+                taken = {int(r[0]) for r in await cur.fetchall()}
+                batch = [b for b in batch if b[0].red_packet_id not in taken]
+                if batch:
+                    await _insert_staged(cur, batch, peer, ring_version, created)
+                await conn.commit()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await conn.rollback()
+                raise
+        return [p.red_packet_id for p, _, _ in batch]
+
+    async def activate(self, ids: Sequence[int]) -> dict[int, Any]:
+        held = await self._held(ids)
+        plain = [i for i in ids if i in held and held[i].direction == "in"]
+        plain = [i for i in plain if held[i].status == MOVING]
+        rest = [i for i in ids if i not in set(plain)]
+        results = await self._singly(rest, self.moves.activate)
+        if plain:
+            async with self._locked(plain):
+                flipped = await self._restore(plain)
+                results.update(await self._load_redis(flipped))
+            late = [i for i in plain if i not in set(flipped)]
+            results.update(await self._singly(late, self.moves.activate))
+        return results
+
+    @retry_lock_conflicts
+    async def _restore(self, ids: list[int]) -> list[int]:
+        """One transaction, the batch's commit point: staged copies become the packets."""
+        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+            try:
+                await cur.execute(
+                    "SELECT red_packet_id FROM red_packet_handoff "
+                    f"WHERE red_packet_id IN ({_in(ids)}) AND direction = 'in' FOR UPDATE",
+                    tuple(ids),
+                )
+                found = sorted(int(r[0]) for r in await cur.fetchall())
+                if found:
+                    marks = _in(found)
+                    await cur.execute(
+                        "UPDATE red_packet_info i JOIN red_packet_handoff h "
+                        "ON h.red_packet_id = i.red_packet_id SET i.status = h.prior_status "
+                        f"WHERE i.red_packet_id IN ({marks}) AND i.status = %s",
+                        (*found, MOVING),
+                    )
+                    for table in ("red_packet_handoff", "red_packet_tombstone"):
+                        await cur.execute(
+                            f"DELETE FROM {table} WHERE red_packet_id IN ({marks})", tuple(found)
+                        )
+                await conn.commit()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await conn.rollback()
+                raise
+        return found
+
+    async def _load_redis(self, ids: list[int]) -> dict[int, dict[str, Any]]:
+        """Load the activated packets into Redis as MySQL has them (a failure is repaired on
+        first use, as in the single step)."""
+        shard = self.shard
+        packets, claims = await self._rows_for_load(ids)
+        retention_ms = shard.settings.redis_retention_s * 1000
+
+        async def load(packet: PacketRow) -> None:
+            try:
+                await shard.counters.load(
+                    packet,
+                    claims.get(packet.red_packet_id, {}),
+                    replace=True,
+                    drop_at_ms=packet.expire_time_ms + retention_ms,
+                )
+            except Exception:
+                log.warning("red packet %s: Redis load after import failed", packet.red_packet_id)
+            shard.admission.forget(packet.red_packet_id)
+
+        await _bounded(load(p) for p in packets)
+        return {i: {"state": "active"} for i in ids}
+
+    async def _rows_for_load(
+        self, ids: list[int]
+    ) -> tuple[list[PacketRow], dict[int, dict[int, int]]]:
+        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+            await cur.execute(
+                f"SELECT {PACKET_COLUMNS} FROM red_packet_info WHERE red_packet_id IN ({_in(ids)})",
+                tuple(ids),
+            )
+            packets = [packet_from_row(r) for r in await cur.fetchall()]
+            await cur.execute(
+                "SELECT red_packet_id, uid, amount FROM red_packet_record "
+                f"WHERE red_packet_id IN ({_in(ids)})",
+                tuple(ids),
+            )
+            claims: dict[int, dict[int, int]] = {}
+            for pid, uid, amount in await cur.fetchall():
+                claims.setdefault(int(pid), {})[int(uid)] = int(amount)
+            await conn.rollback()
+        return packets, claims
+
+    # -- finish (old owner) ---------------------------------------------------------------
+
+    async def finish(
+        self, ids: Sequence[int], owner: str, owner_url: str, ring_version: int
+    ) -> dict[int, Any]:
+        """Tombstones first (one transaction), then the Redis copies, then the MySQL copies."""
+        self.fence.current(ring_version)
+        held = await self._held(ids)
+        plain = [i for i in ids if i in held and held[i].direction == "out"]
+        plain = [i for i in plain if held[i].status == MOVING]
+        rest = [i for i in ids if i not in set(plain)]
+        results = await self._singly(rest, self.moves.finish, owner, owner_url, ring_version)
+        if not plain:
+            return results
+        async with self._locked(plain):
+            await self._tombstones(plain, owner, owner_url, ring_version)
+            self.fence.has_tombstones = True
+            await _bounded(self.moves._drop_redis(i) for i in plain)
+            await self._delete_copies(plain)
+            for packet_id in plain:
+                self.shard.admission.forget(packet_id)
+        results.update({i: {"state": "moved"} for i in plain})
+        return results
+
+    @retry_lock_conflicts
+    async def _tombstones(
+        self, ids: list[int], owner: str, owner_url: str, ring_version: int
+    ) -> None:
+        created = to_datetime(now_ms())
+        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+            await cur.executemany(
+                "INSERT INTO red_packet_tombstone "
+                "(red_packet_id, owner, owner_url, ring_version, create_time) "
+                "VALUES (%s, %s, %s, %s, %s) ON DUPLICATE KEY UPDATE owner = VALUES(owner), "
+                "owner_url = VALUES(owner_url), ring_version = VALUES(ring_version)",
+                [(i, owner, owner_url, ring_version, created) for i in ids],
+            )
+            await conn.commit()
+
+    @retry_lock_conflicts
+    async def _delete_copies(self, ids: list[int]) -> None:
+        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+            try:
+                for table in (
+                    "red_packet_record",
+                    "red_packet_refund",
+                    "red_packet_info",
+                    "red_packet_handoff",
+                ):
+                    await cur.execute(
+                        f"DELETE FROM {table} WHERE red_packet_id IN ({_in(ids)})", tuple(ids)
+                    )
+                await conn.commit()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await conn.rollback()
+                raise
+
+
+async def _read_rows(
+    cur: Any, ids: list[int]
+) -> tuple[dict[int, list[list[Any]]], dict[int, list[Any]]]:
+    """The records and refunds of a batch, in the export's format."""
+    records: dict[int, list[list[Any]]] = {}
+    await cur.execute(
+        "SELECT red_packet_id, uid, amount, nick_name, img_url, create_time "
+        f"FROM red_packet_record WHERE red_packet_id IN ({_in(ids)}) ORDER BY id",
+        tuple(ids),
+    )
+    for pid, uid, amount, nick, img, when in await cur.fetchall():
+        records.setdefault(int(pid), []).append([str(uid), amount, nick, img, to_ms(when)])
+    await cur.execute(
+        "SELECT red_packet_id, uid, amount, create_time FROM red_packet_refund "
+        f"WHERE red_packet_id IN ({_in(ids)})",
+        tuple(ids),
+    )
+    refunds = {
+        int(pid): [str(uid), amount, to_ms(when)] for pid, uid, amount, when in await cur.fetchall()
+    }
+    return records, refunds
+
+
+async def _insert_staged(
+    cur: Any,
+    batch: list[tuple[PacketRow, list[tuple[int, int, str, str, int]], Any]],
+    peer: str,
+    ring_version: int,
+    created: Any,
+) -> None:
+    await cur.executemany(
+        f"INSERT INTO red_packet_info ({PACKET_COLUMNS}) VALUES ({PACKET_PLACEHOLDERS})",
+        [packet_values(p, MOVING) for p, _, _ in batch],
+    )
+    records = [
+        (p.red_packet_id, u, a, n, i, to_datetime(ms))
+        for p, rows, _ in batch
+        for u, a, n, i, ms in rows
+    ]
+    if records:
+        await cur.executemany(
+            "INSERT INTO red_packet_record "
+            "(red_packet_id, uid, amount, nick_name, img_url, create_time) "
+            "VALUES (%s, %s, %s, %s, %s, %s)",
+            records,
+        )
+    refunds = [
+        (p.red_packet_id, f[0], f[1], to_datetime(f[2])) for p, _, f in batch if f is not None
+    ]
+    if refunds:
+        await cur.executemany(
+            "INSERT INTO red_packet_refund (red_packet_id, uid, amount, create_time) "
+            "VALUES (%s, %s, %s, %s)",
+            refunds,
+        )
+    await cur.executemany(
+        "INSERT INTO red_packet_handoff (red_packet_id, direction, peer, "
+        "prior_status, ring_version, create_time) VALUES (%s, 'in', %s, %s, %s, %s)",
+        [(p.red_packet_id, peer, p.status, ring_version, created) for p, _, _ in batch],
+    )
+
+
+def _payload(exports: Sequence[dict[str, Any]], packet_id: int) -> dict[str, Any]:
+    for export in exports:
+        if int(export["packet"]["red_packet_id"]) == packet_id:
+            return export
+    raise KeyError(packet_id)
+
+
+async def _bounded(calls: Iterable[Awaitable[Any]], limit: int = 32) -> list[Any]:
+    """Run Redis calls together, at most ``limit`` at once (the node's pool is shared)."""
+    slots = asyncio.Semaphore(limit)
+
+    async def one(call: Awaitable[Any]) -> Any:
+        async with slots:
+            return await call
+
+    return await asyncio.gather(*(one(c) for c in calls))
