@@ -107,10 +107,11 @@ class NodeClient:
         return await self.request(node, "DELETE", f"{H}/ring")
 
     async def inventory(
-        self, node: NodeSpec, page: int = 2000
+        self, node: NodeSpec, page: int = 2000, after: int = 0
     ) -> AsyncIterator[tuple[int, str, str | None]]:
-        """Every packet a node holds: ``(id, "active" | "out" | "in", peer)``."""
-        after = "0"
+        """Every packet a node holds (of id above ``after``): ``(id, "active" | "out" | "in",
+        peer)``."""
+        after = str(after)
         while True:
             answer = await self.request(
                 node, "GET", f"{H}/packets", params={"after": after, "limit": str(page)}
@@ -120,6 +121,17 @@ class NodeClient:
             if answer.get("next") is None:
                 return
             after = str(answer["next"])
+
+    async def live(self, node: NodeSpec, from_id: int, before_id: int) -> int:
+        """How many packets with ``from_id <= id < before_id`` the node holds that have not
+        both expired and been settled (refunded or sold out)."""
+        answer = await self.request(
+            node,
+            "GET",
+            f"{H}/live",
+            params={"from_id": str(from_id), "before_id": str(before_id)},
+        )
+        return int(answer["live"])
 
     async def keys(self, node: NodeSpec, page: int = 2000) -> AsyncIterator[list[Any]]:
         """Every idempotency key a node holds: ``[uid, key, request_hash, packet id, ms]``."""

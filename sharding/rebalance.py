@@ -26,21 +26,26 @@ everything back to P instead.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sys
+import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm import tqdm
 
+from redpacket.core.ids import MAX_ID, IdGenerator
 from redpacket.sharding.backends import Backend, BackendError
 from redpacket.sharding.client import NodeClient, NodeError
-from redpacket.sharding.ring import NodeSpec, Ring, RingDoc, user_key
+from redpacket.sharding.ring import NodeSpec, Ring, RingDoc, packet_owner, user_key
 
 ACTIVE, OUT, IN = "active", "out", "in"
 # keys per import call: one MySQL transaction that must beat the node's MySQL timeout under load
 KEY_BATCH = 100
+HISTORY_BATCH = 200  # users per history apply (one multi-row merge per table)
+USER_PAGE = 1000  # users (or keys) listed per call
 # packets per batched handoff: one IN list and one transaction per step on each node; small
 # enough that a batch's packets are frozen (opens retried by the gateway) only tens of ms
 BATCH = 100
@@ -141,8 +146,49 @@ def _failed(results: dict[int, Any]) -> list[str]:
 
 
 def transition(doc: RingDoc, nodes: Iterable[NodeSpec], note: str) -> RingDoc:
-    """The ring document of a change from ``doc`` to ``nodes``."""
-    return RingDoc(doc.version + 1, tuple(nodes), RingDoc(doc.version, doc.nodes), note)
+    """The ring document of a change from ``doc`` to ``nodes`` that moves packets: every
+    packet goes to its owner in ``nodes``, whichever version placed it (the versions of
+    ``doc`` collapse into one)."""
+    return RingDoc(doc.version + 1, tuple(nodes), doc.settled(), note)
+
+
+def new_version(doc: RingDoc, nodes: Iterable[NodeSpec], note: str, since_ms: int) -> RingDoc:
+    """The ring document of a change that moves no packet: ``nodes`` place the packets made
+    from ``since_ms`` on, and every version of ``doc`` keeps serving the packets it placed."""
+    since_ms = max(since_ms, doc.since_ms + 1)
+    older = tuple(v.as_version() for v in doc.versions())
+    return RingDoc(doc.version + 1, tuple(nodes), doc.settled(), note, since_ms, older)
+
+
+def rollback_of(doc: RingDoc, note: str) -> RingDoc:
+    """The ring document that undoes the change ``doc``: back to the previous ring's nodes and
+    versions, routed meanwhile by the ring it abandons."""
+    assert doc.previous is not None
+    back = doc.previous
+    return RingDoc(doc.version + 1, back.nodes, doc.settled(), note, back.since_ms, back.older)
+
+
+def unmoved_before_ms(doc: RingDoc) -> int | None:
+    """When a change keeps every old version, packets made before the new version's
+    ``since_ms`` keep their owner: only later ones can need a move (this returns that
+    time). None: any packet may move."""
+    previous = doc.previous
+    if previous is None:
+        return None
+    if doc.older and _placements(doc.older) == _placements(previous.versions()):
+        return doc.since_ms  # a new version (add --no-move, remove --drain)
+    if previous.older and _placements(previous.older) == _placements(doc.versions()):
+        return previous.since_ms  # the rollback of one
+    return None
+
+
+def _placements(versions: Iterable[RingDoc]) -> list[tuple[int, tuple[NodeSpec, ...]]]:
+    """What decides where packets are: each version's start and nodes (not its number)."""
+    return [(v.since_ms, v.nodes) for v in versions]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 class Pacer:
@@ -175,6 +221,8 @@ class Rebalancer:
         progress: bool = True,
         gateway_timeout_s: float = 120.0,
         drain_timeout_s: float = 120.0,
+        settle_s: float = 2.0,
+        wait_s: float = 0.0,
         say: Callable[[str], None] | None = None,
     ) -> None:
         self.backend = backend
@@ -185,14 +233,25 @@ class Rebalancer:
         self.progress = progress
         self.gateway_timeout_s = gateway_timeout_s
         self.drain_timeout_s = drain_timeout_s
+        self.settle_s = settle_s  # how far ahead a new ring version starts placing packets
+        self.wait_s = wait_s  # how long `retire` waits for draining versions to empty
+        self.timings: dict[str, float] = {}  # seconds per phase of the last change (bench)
+        self.moved_users = 0
         self.say = say or (lambda message: print(message, flush=True))
         self.client = NodeClient(backend.node_secret)
 
     # -- commands -------------------------------------------------------------------------
 
     async def add(
-        self, name: str, url: str | None = None, weight: int = 1, dry_run: bool = False
+        self,
+        name: str,
+        url: str | None = None,
+        weight: int = 1,
+        dry_run: bool = False,
+        move: bool = True,
     ) -> int:
+        """Start a shard; ``move``: hand it the packets the new ring gives it now; else
+        (``--no-move``) only packets made from the new version's ``since_ms`` on go there."""
         async with self.backend.lock(), self.client:
             doc = await self.backend.read_ring()
             if doc.previous is not None:
@@ -205,13 +264,20 @@ class Rebalancer:
                 return 0
             if dry_run:
                 spec = NodeSpec(name, url or "http://dry-run.invalid", weight)
-                return await self._dry_run(list(doc.nodes), [*doc.nodes, spec])
+                if not move:
+                    return await self._dry_run(doc, self._versioned(doc, [*doc.nodes, spec], ""))
+                return await self._dry_run(doc, transition(doc, [*doc.nodes, spec], ""))
             self.say(f"starting {name} ({self.backend.name} backend) ...")
             spec = await self.backend.start_node(name, url, weight)
             self.say(f"{name} is ready at {spec.url}")
-            return await self._complete(transition(doc, [*doc.nodes, spec], f"add {name}"), dry_run)
+            nodes = [*doc.nodes, spec]
+            if move:
+                return await self._complete(transition(doc, nodes, f"add {name}"), dry_run)
+            return await self._complete(self._versioned(doc, nodes, f"add {name} (no move)"))
 
-    async def remove(self, name: str, dry_run: bool = False) -> int:
+    async def remove(self, name: str, dry_run: bool = False, drain: bool = False) -> int:
+        """Take a shard out; ``drain``: it places no new packet and stops once the last one it
+        holds has expired and been refunded (``retire``), else its packets move now."""
         async with self.backend.lock(), self.client:
             doc = await self.backend.read_ring()
             if doc.previous is not None:
@@ -220,14 +286,42 @@ class Rebalancer:
                     return await self._complete(doc, dry_run)
                 raise RebalanceError(_in_progress(doc))
             if all(n.name != name for n in doc.nodes):
-                return await self._stop_leftover(name, dry_run)
+                if doc.node(name) is None:
+                    return await self._stop_leftover(name, dry_run)
+                if drain:  # draining already: retire what has drained
+                    return await self._retire(doc, dry_run)
+                # --move of a draining shard: everything moves to the newest ring now
+                note = f"remove {name} (move)"
+                if dry_run:
+                    return await self._dry_run(doc, transition(doc, doc.nodes, note))
+                return await self._complete(transition(doc, doc.nodes, note))
             if len(doc.nodes) == 1:
                 raise RebalanceError(f"{name} is the only shard: it cannot be removed")
-            await self.backend.check_stop(name)
+            if not drain:
+                await self.backend.check_stop(name)
             rest = [n for n in doc.nodes if n.name != name]
+            change = (
+                self._versioned(doc, rest, f"remove {name} (drain)")
+                if drain
+                else transition(doc, rest, f"remove {name}")
+            )
             if dry_run:
-                return await self._dry_run(list(doc.nodes), rest)
-            return await self._complete(transition(doc, rest, f"remove {name}"), dry_run)
+                return await self._dry_run(doc, change)
+            return await self._complete(change)
+
+    async def retire(self, dry_run: bool = False) -> int:
+        """Retire the ring versions whose packets have all expired and been refunded, and stop
+        the shards no version names any more (``remove --drain`` ends here)."""
+        async with self.backend.lock(), self.client:
+            doc = await self.backend.read_ring()
+            if doc.previous is not None:
+                raise RebalanceError(_in_progress(doc))
+            return await self._retire(doc, dry_run)
+
+    def _versioned(self, doc: RingDoc, nodes: list[NodeSpec], note: str) -> RingDoc:
+        """A new ring version placing packets from a moment every gateway and node will have
+        been told of it (``settle_s`` from now: the fence, below, covers a late one)."""
+        return new_version(doc, nodes, note, now_ms() + int(self.settle_s * 1000))
 
     async def resume(self, dry_run: bool = False) -> int:
         async with self.backend.lock(), self.client:
@@ -249,7 +343,7 @@ class Rebalancer:
                 self.say(f"resuming the interrupted {doc.note} (ring v{doc.version})")
                 return await self._complete(doc, dry_run, rollback=True)
             note = f"rollback of v{doc.version}" + (f" ({doc.note})" if doc.note else "")
-            back = transition(doc, doc.previous.nodes, note)
+            back = rollback_of(doc, note)
             self.say(f"rolling back ring v{doc.version} to the nodes of v{doc.previous.version}")
             return await self._complete(back, dry_run, rollback=True)
 
@@ -257,12 +351,17 @@ class Rebalancer:
         async with self.client:
             doc = await self.backend.read_ring()
             self.say(f"ring v{doc.version}: {', '.join(n.name for n in doc.nodes)}")
+            for version in doc.older:
+                self.say(
+                    f"  older version v{version.version} (packets made before the next one): "
+                    f"{', '.join(n.name for n in version.nodes)}"
+                )
             if doc.previous is not None:
                 self.say(
                     f"  change in progress from v{doc.previous.version}: "
                     f"{', '.join(n.name for n in doc.previous.nodes)}"
                 )
-            plan = await self._plan(_members(doc), doc.ring())
+            plan = await self._plan(_members(doc), doc.settled())
             for node, count in sorted(plan.held.items()):
                 self.say(f"  {node}: {count} red packet(s)")
             self._print_pairs(plan, "would move" if doc.previous else "misplaced")
@@ -270,13 +369,15 @@ class Rebalancer:
 
     # -- one change -----------------------------------------------------------------------
 
-    async def _complete(self, doc: RingDoc, dry_run: bool, rollback: bool = False) -> int:
-        """Carry out the change ``doc`` describes (nodes = the target, previous = the old)."""
+    async def _complete(self, doc: RingDoc, dry_run: bool = False, rollback: bool = False) -> int:
+        """Carry out the change ``doc`` describes (nodes and versions = the target, previous =
+        the old ring)."""
         assert doc.previous is not None
         nodes = _members(doc)
-        target = doc.ring()
+        target = doc.settled()
         if dry_run:
-            return await self._dry_run(list(nodes.values()), list(doc.nodes))
+            return await self._dry_run(doc.previous, doc)
+        started = time.monotonic()
         # 2.+3. fence and publish. A change keeps routing by the ring that routed before it, so
         # its transition ring is published first: a crash right after leaves a ring that says
         # what was going on. A rollback routes by the ring it abandons, where some packets
@@ -289,9 +390,42 @@ class Rebalancer:
         if not published and rollback:
             await self.backend.publish_ring(doc)
             self.say(f"published the rollback ring v{doc.version}")
+        self.timings["fenced_s"] = time.monotonic() - started
         # 4. packets, until a fresh look finds nothing left to do
+        await self._move_packets(nodes, target, unmoved_before_ms(doc))
+        self.timings["packets_s"] = time.monotonic() - started - self.timings["fenced_s"]
+        # 4b.+4c. users' own data: idempotency keys, then history
+        await self._move_users(nodes, target)
+        # 5. retire the previous ring
+        final = RingDoc(doc.version + 1, doc.nodes, since_ms=doc.since_ms, older=doc.older)
+        await self.backend.publish_ring(final)
+        self.say(f"published ring v{final.version}: {', '.join(n.name for n in doc.nodes)}")
+        if await self.backend.ring_loaded(final.version, self.gateway_timeout_s):
+            # every gateway routes by the new ring: the fence has done its job
+            await asyncio.gather(*(self.client.clear_fence(n) for n in final.all_nodes()))
+        else:
+            self.say(
+                f"  warning: not every gateway reported ring v{final.version} within "
+                f"{self.gateway_timeout_s:.0f}s; the nodes stay fenced (harmless: they keep "
+                "redirecting what a late gateway sends them)"
+            )
+        self.timings["total_s"] = time.monotonic() - started
+        # 6. stop what no version names any more
+        for name in sorted(set(nodes) - {n.name for n in final.all_nodes()}):
+            await self._stop_empty(nodes[name])
+        if final.older:
+            return await self._retire(final, dry_run=False)
+        self.say("done")
+        return 0
+
+    async def _move_packets(
+        self, nodes: dict[str, NodeSpec], target: RingDoc, unmoved_before_ms: int | None
+    ) -> None:
+        """Hand every packet to its owner in ``target``. A change that keeps the old versions
+        only looks at packets made from the new version's start (none, mostly)."""
+        after_id = 0 if unmoved_before_ms is None else IdGenerator.first_id_at(unmoved_before_ms)
         for _ in range(3):
-            plan = await self._plan(nodes, target)
+            plan = await self._plan(nodes, target, after_id)
             if plan.conflicts:
                 for conflict in plan.conflicts:
                     self.say(f"  CONFLICT {conflict}")
@@ -300,18 +434,19 @@ class Rebalancer:
                     "nothing else was changed by this pass"
                 )
             if not plan.actions:
-                break
+                return
             self._print_pairs(plan, "moving")
-            failed = await self._run(plan.actions, nodes, doc.version)
+            failed = await self._run(plan.actions, nodes, target.version)
             if failed:
                 raise RebalanceError(
                     f"{failed} packet(s) could not be handed off; run the same command "
                     "again to resume (or `redpacket rebalance rollback`)"
                 )
-        else:
-            raise RebalanceError("packets kept needing moves after 3 passes; run it again")
-        # 4b. idempotency keys
-        moved, conflicts = await self._move_keys(nodes, target)
+        raise RebalanceError("packets kept needing moves after 3 passes; run it again")
+
+    async def _move_users(self, nodes: dict[str, NodeSpec], target: RingDoc) -> None:
+        started = time.monotonic()
+        moved, conflicts = await self._move_keys(nodes, target.ring())
         if moved:
             self.say(f"moved {sum(moved.values())} idempotency key(s): {_pairs_text(moved)}")
         if conflicts:
@@ -319,28 +454,68 @@ class Rebalancer:
                 f"  {conflicts} idempotency key(s) were bound differently on their new owner; "
                 "kept on both (see docs/rebalancing.md)"
             )
-        # 4c. users' history, like the keys: copied (an idempotent merge), then released
-        users = await self._move_history(nodes, target)
+        # users' history, like the keys: copied (an idempotent merge), then released
+        users = await self._move_history(nodes, target.ring())
         if users:
             self.say(f"moved the history of {users} user(s)")
-        # 5. retire the previous ring
-        final = RingDoc(doc.version + 1, doc.nodes)
-        await self.backend.publish_ring(final)
-        self.say(f"published ring v{final.version}: {', '.join(n.name for n in doc.nodes)}")
-        if await self.backend.ring_loaded(final.version, self.gateway_timeout_s):
-            # every gateway routes by the new ring: the fence has done its job
-            await asyncio.gather(*(self.client.clear_fence(n) for n in doc.nodes))
-        else:
+        self.moved_users = users
+        self.timings["users_s"] = time.monotonic() - started
+        self.timings["keys"] = float(sum(moved.values()))
+
+    async def _retire(self, doc: RingDoc, dry_run: bool) -> int:
+        """Drop the older versions that serve no live packet any more (waiting up to
+        ``wait_s`` for that), then stop the shards no version names any more."""
+        deadline = time.monotonic() + self.wait_s
+        keep = await self._live_versions(doc)
+        while len(keep) == len(doc.older) and time.monotonic() < deadline:
+            await asyncio.sleep(min(1.0, max(0.01, deadline - time.monotonic())))
+            keep = await self._live_versions(doc)
+        retired = [v for v in doc.older if v not in keep]
+        if retired and dry_run:
+            self.say(f"would retire ring version(s) {[v.version for v in retired]}")
+        elif retired:
+            final = RingDoc(doc.version + 1, doc.nodes, since_ms=doc.since_ms, older=tuple(keep))
+            await self.backend.publish_ring(final)
             self.say(
-                f"  warning: not every gateway reported ring v{final.version} within "
-                f"{self.gateway_timeout_s:.0f}s; the nodes stay fenced (harmless: they keep "
-                "redirecting what a late gateway sends them)"
+                f"published ring v{final.version}: retired version(s) "
+                f"{[v.version for v in retired]}"
             )
-        # 6. stop what left the ring
-        for name in sorted(set(nodes) - {n.name for n in doc.nodes}):
-            await self._stop_empty(nodes[name])
+            await self.backend.ring_loaded(final.version, self.gateway_timeout_s)
+            names = {n.name for n in final.all_nodes()}
+            gone = {n.name: n for v in retired for n in v.nodes if n.name not in names}
+            for node in gone.values():
+                await self._stop_drained(node)
+            doc = final
+        for version in keep:
+            self.say(f"  ring version v{version.version} still serves live red packets: kept")
         self.say("done")
         return 0
+
+    async def _stop_drained(self, node: NodeSpec) -> None:
+        """Stop a shard whose packets have all expired and been refunded (its finished ones
+        stay in its database, which the backend keeps), once its outbox is delivered."""
+        live = await self.client.live(node, 0, MAX_ID)
+        if live:
+            raise RebalanceError(f"{node.name} still holds {live} live red packet(s): not stopping")
+        await self._drain_outbox(node)
+        await self.backend.stop_node(node.name)
+        self.say(f"stopped {node.name} (drained)")
+
+    async def _live_versions(self, doc: RingDoc) -> list[RingDoc]:
+        """The older versions that still place a packet not yet expired and refunded."""
+        versions = doc.versions()
+        keep = []
+        for newer, version in itertools.pairwise(versions):
+            first, before = (IdGenerator.first_id_at(version.since_ms), newer.since_ms)
+            counts = await asyncio.gather(
+                *(
+                    self.client.live(n, first, IdGenerator.first_id_at(before))
+                    for n in version.nodes
+                )
+            )
+            if sum(counts):
+                keep.append(version)
+        return keep
 
     async def _fence(self, nodes: dict[str, NodeSpec], doc: RingDoc) -> None:
         async def one(node: NodeSpec) -> None:
@@ -356,18 +531,20 @@ class Rebalancer:
 
         await asyncio.gather(*(one(n) for n in nodes.values()))
 
-    async def _plan(self, nodes: dict[str, NodeSpec], target: Ring) -> Plan:
+    async def _plan(self, nodes: dict[str, NodeSpec], target: RingDoc, after_id: int = 0) -> Plan:
+        """What every packet (of id above ``after_id``) needs to be on its ``target`` owner."""
         holders: dict[int, dict[str, tuple[str, str | None]]] = {}
         plan = Plan()
 
         async def scan(node: NodeSpec) -> None:
-            async for packet_id, state, peer in self.client.inventory(node):
+            async for packet_id, state, peer in self.client.inventory(node, after=after_id):
                 holders.setdefault(packet_id, {})[node.name] = (state, peer)
                 plan.held[node.name] += 1
 
         await asyncio.gather(*(scan(n) for n in nodes.values()))
         for packet_id in sorted(holders):
-            result = plan_packet(packet_id, holders[packet_id], target.owner(packet_id).name)
+            owner = packet_owner(target, packet_id).name
+            result = plan_packet(packet_id, holders[packet_id], owner)
             if isinstance(result, str):
                 plan.conflicts.append(result)
             elif result is not None:
@@ -471,7 +648,8 @@ class Rebalancer:
         self, nodes: dict[str, NodeSpec], target: Ring, dry_run: bool = False
     ) -> tuple[Counter[tuple[str, str]], int]:
         """Copy each user's idempotency keys to the user's owner in ``target``, then delete
-        them where they were: ``(keys moved per node pair, keys left because of conflicts)``."""
+        them where they were: ``(keys moved per node pair, keys left because of conflicts)``.
+        Every node is read at once; each page's keys go to their owners at once."""
         moved: Counter[tuple[str, str]] = Counter()
         conflicts = 0
 
@@ -487,28 +665,25 @@ class Rebalancer:
                 await self.client.release_keys(source, clean)
             moved[(source.name, owner)] += len(clean)
 
-        for node in nodes.values():
-            batches: dict[str, list[list[Any]]] = {}
-            async for row in self.client.keys(node):
-                owner = target.owner_of_key(user_key(int(row[0]))).name
-                if owner == node.name:
-                    continue
-                batch = batches.setdefault(owner, [])
-                batch.append(row)
-                if len(batch) >= KEY_BATCH:
-                    await flush(node, owner, batch)
-                    batches[owner] = []
-            for owner, batch in batches.items():
-                if batch:
-                    await flush(node, owner, batch)
+        async def one(node: NodeSpec) -> None:
+            page: list[list[Any]] = []
+            async for row in self.client.keys(node, page=USER_PAGE):
+                page.append(row)
+                if len(page) >= USER_PAGE:
+                    await self._flush_page(node, page, target, flush, KEY_BATCH)
+                    page = []
+            await self._flush_page(node, page, target, flush, KEY_BATCH)
+
+        await asyncio.gather(*(one(n) for n in nodes.values()))
         return moved, conflicts
 
     async def _move_history(self, nodes: dict[str, NodeSpec], target: Ring) -> int:
         """Copy each user's history (我的红包) to the user's owner in ``target``, then delete it
-        where it was; the number of users moved. Fenced nodes already send new events there."""
+        where it was; the number of users moved. Fenced nodes already send new events there.
+        Every node is read at once; each page's users go to their owners at once."""
         moved = 0
 
-        async def flush(source: NodeSpec, owner: str, batch: list[tuple[str, list[Any]]]) -> None:
+        async def flush(source: NodeSpec, owner: str, batch: list[list[Any]]) -> None:
             nonlocal moved
             events = [event for _, user_events in batch for event in user_events]
             refused = await self.client.apply_history(nodes[owner], events)
@@ -517,38 +692,61 @@ class Rebalancer:
             await self.client.release_history(source, [uid for uid, _ in batch])
             moved += len(batch)
 
-        for node in nodes.values():
-            batches: dict[str, list[tuple[str, list[Any]]]] = {}
-            async for uid, events in self.client.history(node):
-                owner = target.owner_of_key(user_key(int(uid))).name
-                if owner == node.name:
-                    continue
-                batch = batches.setdefault(owner, [])
-                batch.append((uid, events))
-                if len(batch) >= 200:
-                    await flush(node, owner, batch)
-                    batches[owner] = []
-            for owner, batch in batches.items():
-                if batch:
-                    await flush(node, owner, batch)
+        async def one(node: NodeSpec) -> None:
+            page: list[list[Any]] = []
+            async for row in self.client.history(node, page=USER_PAGE):
+                page.append(row)
+                if len(page) >= USER_PAGE:
+                    await self._flush_page(node, page, target, flush, HISTORY_BATCH)
+                    page = []
+            await self._flush_page(node, page, target, flush, HISTORY_BATCH)
+
+        await asyncio.gather(*(one(n) for n in nodes.values()))
         return moved
+
+    @staticmethod
+    async def _flush_page(
+        node: NodeSpec,
+        page: list[list[Any]],
+        target: Ring,
+        flush: Callable[[NodeSpec, str, list[list[Any]]], Awaitable[None]],
+        batch: int,
+    ) -> None:
+        """Send a page of users' rows (``[uid, ...]``) that ``target`` gives to other nodes
+        to their owners, in batches of ``batch``, all at once."""
+        by_owner: dict[str, list[list[Any]]] = {}
+        for row in page:
+            owner = target.owner_of_key(user_key(int(row[0]))).name
+            if owner != node.name:
+                by_owner.setdefault(owner, []).append(row)
+        await asyncio.gather(
+            *(
+                flush(node, owner, rows[i : i + batch])
+                for owner, rows in by_owner.items()
+                for i in range(0, len(rows), batch)
+            )
+        )
 
     # -- the edges ------------------------------------------------------------------------
 
-    async def _dry_run(self, holders: list[NodeSpec], target_nodes: list[NodeSpec]) -> int:
-        target = Ring(target_nodes)
+    async def _dry_run(self, before: RingDoc, change: RingDoc) -> int:
+        """Print what ``change`` (a transition from ``before``) would move; change nothing."""
         reachable: dict[str, NodeSpec] = {}
-        for node in holders:
+        for node in before.all_nodes():
             try:
                 await self.client.ready_name(node)
                 reachable[node.name] = node
             except NodeError:
                 self.say(f"  ({node.name} is not reachable: counted as holding nothing)")
-        plan = await self._plan(reachable, target)
+        unmoved = unmoved_before_ms(change)
+        after_id = 0 if unmoved is None else IdGenerator.first_id_at(unmoved)
+        plan = await self._plan(reachable, change.settled(), after_id)
         for node, count in sorted(plan.held.items()):
             self.say(f"  {node} holds {count} red packet(s)")
+        if unmoved is not None:
+            self.say("  (a new ring version: packets made before it stay where they are)")
         self._print_pairs(plan, "would move")
-        keys, _ = await self._move_keys(reachable, target, dry_run=True)
+        keys, _ = await self._move_keys(reachable, change.ring(), dry_run=True)
         self.say(f"would move {sum(keys.values())} idempotency key(s){_pairs_text(keys, ': ')}")
         for conflict in plan.conflicts:
             self.say(f"  CONFLICT {conflict}")
@@ -598,17 +796,17 @@ class Rebalancer:
         if dry_run:
             self.say(f"would stop {name} (out of the ring, still running)")
             return 0
+        async for _ in self.client.inventory(spec, page=1):
+            await self._stop_drained(spec)  # it kept its finished packets: a drained shard
+            return 0
         await self._stop_empty(spec)
         return 0
 
 
 def _members(doc: RingDoc) -> dict[str, NodeSpec]:
-    """Every node of the ring and of its previous ring, by name (the ring's spec first)."""
-    nodes = {n.name: n for n in doc.nodes}
-    if doc.previous is not None:
-        for node in doc.previous.nodes:
-            nodes.setdefault(node.name, node)
-    return nodes
+    """Every node of every version of the ring and of its previous ring, by name (the newest
+    spec first)."""
+    return {n.name: n for n in doc.all_nodes()}
 
 
 def _in_progress(doc: RingDoc) -> str:

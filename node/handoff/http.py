@@ -167,6 +167,16 @@ async def list_packets(request: web.Request) -> web.Response:
     )
 
 
+async def live_packets(request: web.Request) -> web.Response:
+    """``{"live": n}``: packets of ``from_id <= id < before_id`` not yet expired and settled
+    (does a ring version still serve anything here?)."""
+    handoff = request.app[HANDOFF]
+    query = dict(request.query)
+    from_id, before_id = _int(query, "from_id", 0), _int(query, "before_id", 2**63 - 1)
+    live = await handoff.packets.live(from_id, before_id)
+    return json_response({"node": handoff.name, "live": live})
+
+
 async def get_fence(request: web.Request) -> web.Response:
     handoff = request.app[HANDOFF]
     fence = handoff.fence.fence.as_dict() if handoff.fence.fence else None
@@ -280,6 +290,7 @@ ROUTES = [
     web.put(f"{PREFIX}/ring", put_fence),
     web.delete(f"{PREFIX}/ring", delete_fence),
     web.get(f"{PREFIX}/packets", list_packets),
+    web.get(f"{PREFIX}/live", live_packets),
     web.post(f"{PREFIX}/packets/{{id}}/export", _step_handler("export")),
     web.post(f"{PREFIX}/packets/{{id}}/import", _step_handler("import")),
     web.post(f"{PREFIX}/packets/{{id}}/activate", _step_handler("activate")),

@@ -176,6 +176,20 @@ class PacketMoves:
             await conn.rollback()
         return [(int(pid), direction or "active", peer) for pid, direction, peer in rows]
 
+    async def live(self, from_id: int, before_id: int) -> int:
+        """How many packets with ``from_id <= id < before_id`` are still live here: not yet
+        expired, or expired but not settled (an active one awaits its refund; a moving one is
+        in a handoff). A ring version retires once none of its packets is live anywhere."""
+        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "SELECT COUNT(*) FROM red_packet_info WHERE red_packet_id >= %s "
+                "AND red_packet_id < %s AND (status IN ('active', %s) OR expire_time > %s)",
+                (from_id, before_id, MOVING, to_datetime(now_ms())),
+            )
+            (count,) = await cur.fetchone()
+            await conn.rollback()
+        return int(count)
+
     # -- export (old owner) ---------------------------------------------------------------
 
     async def export(self, packet_id: int, to: str, ring_version: int) -> dict[str, Any]:
