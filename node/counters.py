@@ -98,6 +98,41 @@ def claim_details(claim: Claim) -> bytes:
     return orjson.dumps([claim.claimed_at_ms, claim.nick_name, claim.img_url])
 
 
+def _load_args(
+    packet: PacketRow, claims: dict[int, int], replace: bool, drop_at_ms: int
+) -> list[int | str]:
+    """ARGV of load.lua for a packet as MySQL has it."""
+    args: list[int | str] = [
+        "replace" if replace else "create",
+        packet.total_amount,
+        packet.total_packet,
+        packet.remaining_amount,
+        packet.remaining_packet,
+        packet.expire_time_ms,
+        drop_at_ms,
+        packet.kind,
+        "" if packet.amount_each is None else packet.amount_each,
+        "" if packet.receiver_uid is None else packet.receiver_uid,
+    ]
+    for uid, amount in claims.items():
+        args += [uid, amount]
+    return args
+
+
+def _pending_claims(packet_id: int, pending: dict, claims: dict) -> list[Claim]:
+    """The claims of a packet's pending hash that Redis still holds (a resync drops claims,
+    and the pending entries with them)."""
+    result = []
+    for uid, details in pending.items():
+        if uid not in claims:
+            continue
+        claimed_at_ms, nick_name, img_url = orjson.loads(details)
+        result.append(
+            Claim(packet_id, int(uid), int(claims[uid]), nick_name, img_url, int(claimed_at_ms))
+        )
+    return result
+
+
 class Counters:
     def __init__(self, client: RedisClient, max_pipelines: int = 4) -> None:
         self.client = client
@@ -134,21 +169,22 @@ class Counters:
         drop_at_ms: int,
     ) -> bool:
         """Load a packet as MySQL has it; ``replace`` also discards claims MySQL never got."""
-        args: list[int | str] = [
-            "replace" if replace else "create",
-            packet.total_amount,
-            packet.total_packet,
-            packet.remaining_amount,
-            packet.remaining_packet,
-            packet.expire_time_ms,
-            drop_at_ms,
-            packet.kind,
-            "" if packet.amount_each is None else packet.amount_each,
-            "" if packet.receiver_uid is None else packet.receiver_uid,
-        ]
-        for uid, amount in claims.items():
-            args += [uid, amount]
+        args = _load_args(packet, claims, replace, drop_at_ms)
         return bool(await self._load(keys=packet_keys(packet.red_packet_id), args=args))
+
+    async def load_many(
+        self, packets: list[tuple[PacketRow, dict[int, int]]], *, replace: bool, drop_after_s: int
+    ) -> None:
+        """Load many packets (with their claims) in pipelines: a batched handoff's activate."""
+        calls = [
+            self._batch.run(
+                self._load,
+                list(packet_keys(packet.red_packet_id)),
+                _load_args(packet, claims, replace, packet.expire_time_ms + drop_after_s * 1000),
+            )
+            for packet, claims in packets
+        ]
+        await asyncio.gather(*calls)
 
     async def freeze(self, packet_id: int, frozen: bool) -> bool:
         info, _, _ = packet_keys(packet_id)
@@ -172,15 +208,28 @@ class Counters:
         pipe.hgetall(pending_key)
         pipe.hgetall(claims_key)
         pending, claims = await pipe.execute()
-        result = []
-        for uid, details in pending.items():
-            if uid not in claims:  # only a resync drops claims, and it drops pending with them
-                continue
-            claimed_at_ms, nick_name, img_url = orjson.loads(details)
-            result.append(
-                Claim(packet_id, int(uid), int(claims[uid]), nick_name, img_url, int(claimed_at_ms))
-            )
-        return result
+        return _pending_claims(packet_id, pending, claims)
+
+    async def pending_many(
+        self, packet_ids: list[int]
+    ) -> tuple[dict[int, list[Claim]], dict[int, dict[int, int]]]:
+        """For many packets in one pipeline: the claims MySQL may not hold yet, and every
+        claim Redis holds (``{packet: {uid: amount}}``), as a batched handoff checks them."""
+        pipe = self.client.pipeline(transaction=False)
+        for packet_id in packet_ids:
+            _, claims_key, pending_key = packet_keys(packet_id)
+            pipe.hgetall(pending_key)
+            pipe.hgetall(claims_key)
+        answers = await pipe.execute()
+        owed: dict[int, list[Claim]] = {}
+        held: dict[int, dict[int, int]] = {}
+        for n, packet_id in enumerate(packet_ids):
+            pending, claims = answers[2 * n], answers[2 * n + 1]
+            if pending:
+                owed[packet_id] = _pending_claims(packet_id, pending, claims)
+            if claims:
+                held[packet_id] = {int(uid): int(amount) for uid, amount in claims.items()}
+        return owed, held
 
     async def settle(self, claims: Iterable[Claim]) -> None:
         """Forget pending entries whose claims MySQL now holds."""

@@ -19,7 +19,7 @@ import sys
 from redpacket.core.env import SettingsError
 from redpacket.sharding.backends import Backend, BackendError
 from redpacket.sharding.client import NodeError
-from redpacket.sharding.rebalance import BATCH, RebalanceError, Rebalancer
+from redpacket.sharding.rebalance import BATCH, CONCURRENCY, RebalanceError, Rebalancer
 
 
 def _common(parser: argparse.ArgumentParser, dry_run: bool = True) -> None:
@@ -31,7 +31,10 @@ def _common(parser: argparse.ArgumentParser, dry_run: bool = True) -> None:
         )
     run = parser.add_argument_group("migration")
     run.add_argument(
-        "--concurrency", type=int, default=8, help="batches (or single packets) handed off at once"
+        "--concurrency",
+        type=int,
+        default=CONCURRENCY,
+        help=f"batches (or single packets) handed off at once (default {CONCURRENCY})",
     )
     run.add_argument(
         "--batch", type=int, default=BATCH, help=f"packets per batched handoff (default {BATCH})"

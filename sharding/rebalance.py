@@ -36,7 +36,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from redpacket.core.ids import MAX_ID, IdGenerator
+from redpacket.core.ids import IdGenerator
 from redpacket.sharding.backends import Backend, BackendError
 from redpacket.sharding.client import NodeClient, NodeError
 from redpacket.sharding.ring import NodeSpec, Ring, RingDoc, packet_owner, user_key
@@ -44,11 +44,17 @@ from redpacket.sharding.ring import NodeSpec, Ring, RingDoc, packet_owner, user_
 ACTIVE, OUT, IN = "active", "out", "in"
 # keys per import call: one MySQL transaction that must beat the node's MySQL timeout under load
 KEY_BATCH = 100
+# batches (or single handoffs) in flight: each step holds one of the node's MySQL connections
+# (8 by default) for its transaction, and opens must keep getting theirs
+CONCURRENCY = 2
 HISTORY_BATCH = 200  # users per history apply (one multi-row merge per table)
 USER_PAGE = 1000  # users (or keys) listed per call
 # packets per batched handoff: one IN list and one transaction per step on each node; small
 # enough that a batch's packets are frozen (opens retried by the gateway) only tens of ms
 BATCH = 100
+# batches (or single handoffs) in flight: each step holds one of the node's MySQL connections
+# (8 by default) for its transaction, and opens must keep getting theirs
+CONCURRENCY = 2
 
 
 class RebalanceError(RuntimeError):
@@ -169,17 +175,17 @@ def rollback_of(doc: RingDoc, note: str) -> RingDoc:
 
 
 def unmoved_before_ms(doc: RingDoc) -> int | None:
-    """When a change keeps every old version, packets made before the new version's
-    ``since_ms`` keep their owner: only later ones can need a move (this returns that
-    time). None: any packet may move."""
+    """Packets made before the returned time are placed alike by the change's old and new
+    versions, so only later ones can need a move (a new version: none yet; retiring one:
+    only its own). None: any packet may move."""
     previous = doc.previous
     if previous is None:
         return None
-    if doc.older and _placements(doc.older) == _placements(previous.versions()):
-        return doc.since_ms  # a new version (add --no-move, remove --drain)
-    if previous.older and _placements(previous.older) == _placements(doc.versions()):
-        return previous.since_ms  # the rollback of one
-    return None
+    old, new = _placements(previous.versions()), _placements(doc.versions())
+    if old[-1] != new[-1]:  # ids older than every version fall to the oldest one
+        return None
+    changed = [since for since, nodes in set(old) ^ set(new)]
+    return min(changed) if changed else None
 
 
 def _placements(versions: Iterable[RingDoc]) -> list[tuple[int, tuple[NodeSpec, ...]]]:
@@ -215,7 +221,7 @@ class Rebalancer:
         self,
         backend: Backend,
         *,
-        concurrency: int = 8,
+        concurrency: int = CONCURRENCY,
         rate: float = 0.0,
         batch_size: int = BATCH,
         progress: bool = True,
@@ -283,7 +289,8 @@ class Rebalancer:
             if doc.previous is not None:
                 if doc.previous.node(name) is not None and all(n.name != name for n in doc.nodes):
                     self.say(f"resuming the interrupted removal of {name} (ring v{doc.version})")
-                    return await self._complete(doc, dry_run)
+                    rc = await self._complete(doc, dry_run)
+                    return await self._retire_after(rc, "(drain)" in doc.note, dry_run)
                 raise RebalanceError(_in_progress(doc))
             if all(n.name != name for n in doc.nodes):
                 if doc.node(name) is None:
@@ -307,7 +314,14 @@ class Rebalancer:
             )
             if dry_run:
                 return await self._dry_run(doc, change)
-            return await self._complete(change)
+            return await self._retire_after(await self._complete(change), drain, dry_run)
+
+    async def _retire_after(self, rc: int, drain: bool, dry_run: bool) -> int:
+        """After a drain's new version: retire what has drained already (or within
+        ``wait_s``); what has not is retired by a later ``retire``."""
+        if rc or not drain or dry_run:
+            return rc
+        return await self._retire(await self.backend.read_ring(), dry_run)
 
     async def retire(self, dry_run: bool = False) -> int:
         """Retire the ring versions whose packets have all expired and been refunded, and stop
@@ -394,8 +408,9 @@ class Rebalancer:
         # 4. packets, until a fresh look finds nothing left to do
         await self._move_packets(nodes, target, unmoved_before_ms(doc))
         self.timings["packets_s"] = time.monotonic() - started - self.timings["fenced_s"]
-        # 4b.+4c. users' own data: idempotency keys, then history
-        await self._move_users(nodes, target)
+        # 4b.+4c. users' own data (idempotency keys, then history), if their ring changed
+        if doc.previous.nodes != doc.nodes:
+            await self._move_users(nodes, target)
         # 5. retire the previous ring
         final = RingDoc(doc.version + 1, doc.nodes, since_ms=doc.since_ms, older=doc.older)
         await self.backend.publish_ring(final)
@@ -413,8 +428,6 @@ class Rebalancer:
         # 6. stop what no version names any more
         for name in sorted(set(nodes) - {n.name for n in final.all_nodes()}):
             await self._stop_empty(nodes[name])
-        if final.older:
-            return await self._retire(final, dry_run=False)
         self.say("done")
         return 0
 
@@ -463,43 +476,27 @@ class Rebalancer:
         self.timings["keys"] = float(sum(moved.values()))
 
     async def _retire(self, doc: RingDoc, dry_run: bool) -> int:
-        """Drop the older versions that serve no live packet any more (waiting up to
-        ``wait_s`` for that), then stop the shards no version names any more."""
+        """Retire the older versions that serve no live packet any more (waiting up to
+        ``wait_s`` for that). Retiring is itself a change: the version's settled packets
+        (finished, refunded) move to where the remaining versions place them, so every
+        packet stays reachable; shards no version names any more then stop."""
         deadline = time.monotonic() + self.wait_s
         keep = await self._live_versions(doc)
         while len(keep) == len(doc.older) and time.monotonic() < deadline:
             await asyncio.sleep(min(1.0, max(0.01, deadline - time.monotonic())))
             keep = await self._live_versions(doc)
-        retired = [v for v in doc.older if v not in keep]
-        if retired and dry_run:
-            self.say(f"would retire ring version(s) {[v.version for v in retired]}")
-        elif retired:
-            final = RingDoc(doc.version + 1, doc.nodes, since_ms=doc.since_ms, older=tuple(keep))
-            await self.backend.publish_ring(final)
-            self.say(
-                f"published ring v{final.version}: retired version(s) "
-                f"{[v.version for v in retired]}"
-            )
-            await self.backend.ring_loaded(final.version, self.gateway_timeout_s)
-            names = {n.name for n in final.all_nodes()}
-            gone = {n.name: n for v in retired for n in v.nodes if n.name not in names}
-            for node in gone.values():
-                await self._stop_drained(node)
-            doc = final
         for version in keep:
             self.say(f"  ring version v{version.version} still serves live red packets: kept")
-        self.say("done")
-        return 0
-
-    async def _stop_drained(self, node: NodeSpec) -> None:
-        """Stop a shard whose packets have all expired and been refunded (its finished ones
-        stay in its database, which the backend keeps), once its outbox is delivered."""
-        live = await self.client.live(node, 0, MAX_ID)
-        if live:
-            raise RebalanceError(f"{node.name} still holds {live} live red packet(s): not stopping")
-        await self._drain_outbox(node)
-        await self.backend.stop_node(node.name)
-        self.say(f"stopped {node.name} (drained)")
+        retired = [v.version for v in doc.older if v not in keep]
+        if not retired:
+            self.say("no ring version to retire")
+            return 0
+        note = f"retire version(s) {', '.join(map(str, retired))}"
+        change = RingDoc(doc.version + 1, doc.nodes, doc.settled(), note, doc.since_ms, tuple(keep))
+        if dry_run:
+            return await self._dry_run(doc, change)
+        self.say(note)
+        return await self._complete(change)
 
     async def _live_versions(self, doc: RingDoc) -> list[RingDoc]:
         """The older versions that still place a packet not yet expired and refunded."""
@@ -649,7 +646,7 @@ class Rebalancer:
     ) -> tuple[Counter[tuple[str, str]], int]:
         """Copy each user's idempotency keys to the user's owner in ``target``, then delete
         them where they were: ``(keys moved per node pair, keys left because of conflicts)``.
-        Every node is read at once; each page's keys go to their owners at once."""
+        Every node is read at once, a page of keys per call."""
         moved: Counter[tuple[str, str]] = Counter()
         conflicts = 0
 
@@ -680,7 +677,7 @@ class Rebalancer:
     async def _move_history(self, nodes: dict[str, NodeSpec], target: Ring) -> int:
         """Copy each user's history (我的红包) to the user's owner in ``target``, then delete it
         where it was; the number of users moved. Fenced nodes already send new events there.
-        Every node is read at once; each page's users go to their owners at once."""
+        Every node is read at once, a page of users per call."""
         moved = 0
 
         async def flush(source: NodeSpec, owner: str, batch: list[list[Any]]) -> None:
@@ -713,19 +710,15 @@ class Rebalancer:
         batch: int,
     ) -> None:
         """Send a page of users' rows (``[uid, ...]``) that ``target`` gives to other nodes
-        to their owners, in batches of ``batch``, all at once."""
+        to their owners, in batches of ``batch``."""
         by_owner: dict[str, list[list[Any]]] = {}
         for row in page:
             owner = target.owner_of_key(user_key(int(row[0]))).name
             if owner != node.name:
                 by_owner.setdefault(owner, []).append(row)
-        await asyncio.gather(
-            *(
-                flush(node, owner, rows[i : i + batch])
-                for owner, rows in by_owner.items()
-                for i in range(0, len(rows), batch)
-            )
-        )
+        for owner, rows in by_owner.items():  # one at a time: the nodes keep serving opens
+            for i in range(0, len(rows), batch):
+                await flush(node, owner, rows[i : i + batch])
 
     # -- the edges ------------------------------------------------------------------------
 
@@ -795,9 +788,6 @@ class Rebalancer:
             return 0
         if dry_run:
             self.say(f"would stop {name} (out of the ring, still running)")
-            return 0
-        async for _ in self.client.inventory(spec, page=1):
-            await self._stop_drained(spec)  # it kept its finished packets: a drained shard
             return 0
         await self._stop_empty(spec)
         return 0

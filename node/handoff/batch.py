@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from typing import Any
 
 from redpacket.core.errors import ApiError
+from redpacket.core.errors import unavailable as unavailable_error
 from redpacket.node.handoff.packets import (
     Held,
     PacketMoves,
@@ -124,23 +125,49 @@ class PacketBatches:
         return results
 
     async def _quiesce(self, ids: list[int]) -> tuple[list[int], dict[int, Any]]:
-        """Freeze every packet, then commit what each owes; a packet that cannot be made
-        consistent is unfrozen and reported, the others go on."""
+        """Freeze every packet, wait for its opens in flight, commit the claims it owes and
+        check that MySQL holds every claim Redis does (one pipeline, one query for the
+        batch). A packet that cannot be made consistent is unfrozen and reported."""
         shard, counters = self.shard, self.shard.counters
         await counters.freeze_many(ids, True)
-
-        async def settle(packet_id: int) -> None:
-            await shard.quiesce(packet_id)
-            await self.moves._commit_pending(packet_id)
-            await self.moves._check_redis_claims(packet_id)
-
-        outcomes = await asyncio.gather(*(settle(i) for i in ids), return_exceptions=True)
-        failed = {i: o for i, o in zip(ids, outcomes, strict=True) if isinstance(o, BaseException)}
-        for packet_id in failed:
-            with contextlib.suppress(Exception):
-                await counters.freeze(packet_id, False)
+        await asyncio.gather(*(shard.quiesce(i) for i in ids))
+        owed, in_redis = await counters.pending_many(ids)
+        failed: dict[int, BaseException] = {}
+        claims = [claim for packet in owed.values() for claim in packet]
+        outcomes = await asyncio.gather(
+            *(shard.committer.submit(c) for c in claims), return_exceptions=True
+        )
+        for claim, outcome in zip(claims, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                failed[claim.red_packet_id] = unavailable_error(
+                    "could not commit the packet's pending claims; retry"
+                )
+        checked = [i for i in in_redis if i not in failed]
+        in_mysql = await self._committed(checked) if checked else {}
+        for packet_id in checked:
+            mysql = in_mysql.get(packet_id, {})
+            if any(mysql.get(uid) != amount for uid, amount in in_redis[packet_id].items()):
+                asyncio.get_running_loop().create_task(shard.resync(packet_id))
+                failed[packet_id] = unavailable_error("Redis holds claims MySQL does not; retry")
+        if failed:
+            await counters.freeze_many(failed, False)
         ready = [i for i in ids if i not in failed]
         return ready, {i: _failure(exc) for i, exc in failed.items()}
+
+    async def _committed(self, ids: list[int]) -> dict[int, dict[int, int]]:
+        """The claims MySQL holds for each packet (``{packet: {uid: amount}}``)."""
+        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "SELECT red_packet_id, uid, amount FROM red_packet_record "
+                f"WHERE red_packet_id IN ({_in(ids)})",
+                tuple(ids),
+            )
+            rows = await cur.fetchall()
+            await conn.rollback()
+        found: dict[int, dict[int, int]] = {}
+        for packet_id, uid, amount in rows:
+            found.setdefault(int(packet_id), {})[int(uid)] = int(amount)
+        return found
 
     async def _export_ready(
         self, ids: list[int], to: str, ring_version: int
@@ -326,21 +353,16 @@ class PacketBatches:
         first use, as in the single step)."""
         shard = self.shard
         packets, claims = await self._rows_for_load(ids)
-        retention_ms = shard.settings.redis_retention_s * 1000
-
-        async def load(packet: PacketRow) -> None:
-            try:
-                await shard.counters.load(
-                    packet,
-                    claims.get(packet.red_packet_id, {}),
-                    replace=True,
-                    drop_at_ms=packet.expire_time_ms + retention_ms,
-                )
-            except Exception:
-                log.warning("red packet %s: Redis load after import failed", packet.red_packet_id)
+        try:
+            await shard.counters.load_many(
+                [(p, claims.get(p.red_packet_id, {})) for p in packets],
+                replace=True,
+                drop_after_s=shard.settings.redis_retention_s,
+            )
+        except Exception:  # Redis missing a packet is repaired on its first use
+            log.warning("Redis load of %d activated packet(s) failed", len(packets))
+        for packet in packets:
             shard.admission.forget(packet.red_packet_id)
-
-        await _bounded(load(p) for p in packets)
         return {i: {"state": "active"} for i in ids}
 
     async def _rows_for_load(
@@ -352,16 +374,8 @@ class PacketBatches:
                 tuple(ids),
             )
             packets = [packet_from_row(r) for r in await cur.fetchall()]
-            await cur.execute(
-                "SELECT red_packet_id, uid, amount FROM red_packet_record "
-                f"WHERE red_packet_id IN ({_in(ids)})",
-                tuple(ids),
-            )
-            claims: dict[int, dict[int, int]] = {}
-            for pid, uid, amount in await cur.fetchall():
-                claims.setdefault(int(pid), {})[int(uid)] = int(amount)
             await conn.rollback()
-        return packets, claims
+        return packets, await self._committed(ids)
 
     # -- finish (old owner) ---------------------------------------------------------------
 
