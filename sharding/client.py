@@ -100,7 +100,7 @@ class NodeClient:
         return str((await self.request(node, "GET", "/readyz")).get("node", ""))
 
     async def fence(self, node: NodeSpec, doc: RingDoc) -> dict[str, Any]:
-        body = RingDoc(doc.version, doc.nodes).as_dict()
+        body = doc.settled().as_dict()  # its versions too: the fence places packets by them
         return await self.request(node, "PUT", f"{H}/ring", body=body)
 
     async def clear_fence(self, node: NodeSpec) -> dict[str, Any]:

@@ -47,6 +47,7 @@ KEY_BATCH = 100
 # batches (or single handoffs) in flight: each step holds one of the node's MySQL connections
 # (8 by default) for its transaction, and opens must keep getting theirs
 CONCURRENCY = 2
+PASSES = 4  # listings of what must move, each acting on what the previous one left
 HISTORY_BATCH = 200  # users per history apply (one multi-row merge per table)
 USER_PAGE = 1000  # users (or keys) listed per call
 # packets per batched handoff: one IN list and one transaction per step on each node; small
@@ -55,6 +56,7 @@ BATCH = 100
 # batches (or single handoffs) in flight: each step holds one of the node's MySQL connections
 # (8 by default) for its transaction, and opens must keep getting theirs
 CONCURRENCY = 2
+PASSES = 4  # listings of what must move, each acting on what the previous one left
 
 
 class RebalanceError(RuntimeError):
@@ -437,7 +439,8 @@ class Rebalancer:
         """Hand every packet to its owner in ``target``. A change that keeps the old versions
         only looks at packets made from the new version's start (none, mostly)."""
         after_id = 0 if unmoved_before_ms is None else IdGenerator.first_id_at(unmoved_before_ms)
-        for _ in range(3):
+        failed = 0
+        for _ in range(PASSES):
             plan = await self._plan(nodes, target, after_id)
             if plan.conflicts:
                 for conflict in plan.conflicts:
@@ -449,13 +452,15 @@ class Rebalancer:
             if not plan.actions:
                 return
             self._print_pairs(plan, "moving")
+            # a packet that failed (a store busy for longer than the client retries) is left
+            # as the table above says, and the next pass, listing afresh, takes it up again
             failed = await self._run(plan.actions, nodes, target.version)
-            if failed:
-                raise RebalanceError(
-                    f"{failed} packet(s) could not be handed off; run the same command "
-                    "again to resume (or `redpacket rebalance rollback`)"
-                )
-        raise RebalanceError("packets kept needing moves after 3 passes; run it again")
+        if failed:
+            raise RebalanceError(
+                f"{failed} packet(s) could not be handed off; run the same command "
+                "again to resume (or `redpacket rebalance rollback`)"
+            )
+        raise RebalanceError(f"packets kept needing moves after {PASSES} passes; run it again")
 
     async def _move_users(self, nodes: dict[str, NodeSpec], target: RingDoc) -> None:
         started = time.monotonic()
