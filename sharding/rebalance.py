@@ -306,8 +306,7 @@ class Rebalancer:
                 return await self._complete(transition(doc, doc.nodes, note))
             if len(doc.nodes) == 1:
                 raise RebalanceError(f"{name} is the only shard: it cannot be removed")
-            if not drain:
-                await self.backend.check_stop(name)
+            await self.backend.check_stop(name)  # a drained shard stops too, later
             rest = [n for n in doc.nodes if n.name != name]
             change = (
                 self._versioned(doc, rest, f"remove {name} (drain)")
