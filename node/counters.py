@@ -12,12 +12,14 @@ import enum
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -195,6 +197,13 @@ class Counters:
         arg = "frozen" if frozen else ""
         calls = [self._batch.run(self._freeze, [packet_keys(i)[0]], [arg]) for i in packet_ids]
         await asyncio.gather(*calls)
+
+    async def run_many(
+        self, script: AsyncScript, calls: list[tuple[list[Any], list[Any]]]
+    ) -> list[Any]:
+        """Run one script for many ``(keys, args)`` in the tick's pipelines (a batched
+        handoff's Redis work); the results in order."""
+        return list(await asyncio.gather(*(self._batch.run(script, k, a) for k, a in calls)))
 
     async def claims(self, packet_id: int) -> dict[int, int]:
         _, claims, _ = packet_keys(packet_id)

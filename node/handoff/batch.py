@@ -24,11 +24,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 from redpacket.core.errors import ApiError
 from redpacket.core.errors import unavailable as unavailable_error
+from redpacket.node.handoff.fence import HandoffConflict
 from redpacket.node.handoff.packets import (
     Held,
     PacketMoves,
@@ -51,6 +52,13 @@ from redpacket.node.shard import MOVING, now_ms
 log = logging.getLogger("redpacket.node.handoff")
 
 MAX_BATCH = 1000  # ids per call: one IN list, one transaction
+
+# every value a parameter, so that executemany sends one multi-row INSERT (a literal in the
+# VALUES list makes the driver send one statement per row)
+_HANDOFF_SQL = (
+    "INSERT INTO red_packet_handoff (red_packet_id, direction, peer, prior_status, "
+    "ring_version, create_time) VALUES (%s, %s, %s, %s, %s, %s)"
+)
 
 
 def _in(ids: Sequence[int]) -> str:
@@ -205,12 +213,9 @@ class PacketBatches:
                 found = sorted(packets)
                 if found:
                     created = to_datetime(now_ms())
-                    await cur.executemany(
-                        "INSERT INTO red_packet_handoff (red_packet_id, direction, peer, "
-                        "prior_status, ring_version, create_time) "
-                        "VALUES (%s, 'out', %s, %s, %s, %s)",
-                        [(i, to, packets[i].status, ring_version, created) for i in found],
-                    )
+                    await cur.executemany(_HANDOFF_SQL, [
+                        (i, "out", to, packets[i].status, ring_version, created) for i in found
+                    ])  # fmt: skip
                     await cur.execute(
                         "UPDATE red_packet_info SET status = %s "
                         f"WHERE red_packet_id IN ({_in(found)})",
@@ -394,7 +399,11 @@ class PacketBatches:
         async with self._locked(plain):
             await self._tombstones(plain, owner, owner_url, ring_version)
             self.fence.has_tombstones = True
-            await _bounded(self.moves._drop_redis(i) for i in plain)
+            dropped = await self.shard.counters.run_many(
+                self.moves.drop_script, [(list(packet_keys(i)), []) for i in plain]
+            )
+            if any(int(d) < 0 for d in dropped):  # tombstoned already; finished singly next
+                raise HandoffConflict("a Redis copy is live (not frozen): refusing to drop it")
             await self._delete_copies(plain)
             for packet_id in plain:
                 self.shard.admission.forget(packet_id)
@@ -491,11 +500,9 @@ async def _insert_staged(
             "VALUES (%s, %s, %s, %s)",
             refunds,
         )
-    await cur.executemany(
-        "INSERT INTO red_packet_handoff (red_packet_id, direction, peer, "
-        "prior_status, ring_version, create_time) VALUES (%s, 'in', %s, %s, %s, %s)",
-        [(p.red_packet_id, peer, p.status, ring_version, created) for p, _, _ in batch],
-    )
+    await cur.executemany(_HANDOFF_SQL, [
+        (p.red_packet_id, "in", peer, p.status, ring_version, created) for p, _, _ in batch
+    ])  # fmt: skip
 
 
 def _payload(exports: Sequence[dict[str, Any]], packet_id: int) -> dict[str, Any]:
@@ -503,14 +510,3 @@ def _payload(exports: Sequence[dict[str, Any]], packet_id: int) -> dict[str, Any
         if int(export["packet"]["red_packet_id"]) == packet_id:
             return export
     raise KeyError(packet_id)
-
-
-async def _bounded(calls: Iterable[Awaitable[Any]], limit: int = 32) -> list[Any]:
-    """Run Redis calls together, at most ``limit`` at once (the node's pool is shared)."""
-    slots = asyncio.Semaphore(limit)
-
-    async def one(call: Awaitable[Any]) -> Any:
-        async with slots:
-            return await call
-
-    return await asyncio.gather(*(one(c) for c in calls))

@@ -72,11 +72,12 @@ class KeyMoves:
         deleted = 0
         async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
             try:
-                if leaving:  # one round trip for the batch
-                    deleted = await cur.executemany(
-                        "DELETE FROM idempotency_key WHERE uid = %s AND idem_key = %s "
-                        "AND request_hash = %s AND red_packet_id = %s",
-                        leaving,
+                if leaving:  # one statement for the batch
+                    marks = ", ".join(["(%s, %s, %s, %s)"] * len(leaving))
+                    deleted = await cur.execute(
+                        "DELETE FROM idempotency_key "
+                        f"WHERE (uid, idem_key, request_hash, red_packet_id) IN ({marks})",
+                        [v for row in leaving for v in row],
                     )
                 await conn.commit()
             except BaseException:

@@ -147,7 +147,7 @@ class PacketMoves:
         self.fence = fence
         self.shard = fence.shard
         self.name = fence.name
-        self._drop = fence.shard.counters.client.register_script(
+        self.drop_script = self._drop = fence.shard.counters.client.register_script(
             Path(__file__).parent.parent.joinpath("drop.lua").read_text("utf-8")
         )
 
