@@ -21,6 +21,12 @@ ring. One change, from ring P to ring T:
 Every step is idempotent, and the state of every packet can be read back from the nodes, so
 running the same command again after a crash resumes where it stopped; ``rollback`` moves
 everything back to P instead.
+
+Ring versions (``add --no-move``, ``remove --drain``, ``retire``) are changes of the same
+shape: T keeps P's versions and adds one that places only packets made from its ``since_ms``
+on, so step 4 looks only at packets from then on (none, mostly) and moves users' data alone;
+retiring a version whose packets are all settled moves just those. Plain moves go in batches
+(node/handoff/batch.py). docs/rebalancing.md says which mode to choose.
 """
 
 from __future__ import annotations
