@@ -9,6 +9,7 @@ runs it in seconds); ``redpacket rebalance bench`` runs the same change with 100
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections import Counter
 from typing import Any
@@ -276,3 +277,51 @@ def test_a_packet_is_served_by_the_version_that_placed_it() -> None:
     assert {packet_owner(doc, p).name for p in after} == {"shard-0", "shard-1", "shard-2"}
     # ids older than every version fall to the oldest one
     assert packet_owner(doc, IdGenerator.first_id_at(since_ms - 60_000)).name != "shard-2"
+
+
+async def test_a_fenced_node_places_each_create_by_the_version_of_its_id(fresh_node: Any) -> None:
+    """The fence carries the ring's versions: an id made before the newest version's
+    since_ms is placed by the older version (here: this node alone), a later one by the
+    newest (which gives part of them to another node: packet_moved to it)."""
+    node = await fresh_node()
+    me, other = node.spec(), NodeSpec("shard-x", "http://127.0.0.1:9")
+    since_ms = int(time.time() * 1000) + 60_000
+    doc = RingDoc(9, (me, other), since_ms=since_ms, older=(RingDoc(8, (me,)),))
+    async with NodeClient(node.secret) as client:  # the orchestrator's own call
+        assert (await client.fence(me, doc))["node"] == me.name
+
+    async def create(packet_id: int) -> tuple[int, Any]:
+        return await node.call(
+            "POST",
+            "/internal/v1/packets",
+            {
+                "red_packet_id": str(packet_id),
+                "uid": "5",
+                "total_amount": 100,
+                "total_packet": 1,
+                "expire_seconds": 60,
+                "create_token": secrets.token_hex(16),
+            },
+        )
+
+    made_now = IdGenerator(3)
+    for _ in range(10):  # the newest version would give about half of these to shard-x
+        old = made_now.next_id()
+        assert (await create(old))[0] == 201
+    later = [IdGenerator.first_id_at(since_ms) + i * 4096 for i in range(40)]
+    owners = Counter()
+    for packet_id in later:
+        status, body = await create(packet_id)
+        owner = packet_owner(doc, packet_id).name
+        owners[owner] += 1
+        if owner == me.name:
+            assert status == 201, body
+        else:
+            assert (status, body["error"]["owner"]) == (421, "shard-x"), body
+    assert owners[me.name] and owners["shard-x"], owners
+    # a node tells how many packets of an id range are still live (a version retires at 0)
+    status, body = await node.call(
+        "GET", "/internal/v1/handoff/live", from_id=str(old), before_id=str(old + 1)
+    )
+    assert (status, body["live"]) == (200, 1), body
+    assert (await node.call("DELETE", "/internal/v1/handoff/ring"))[0] == 200
