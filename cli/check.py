@@ -259,9 +259,7 @@ def run_check(args: argparse.Namespace) -> int:
 
     ring_path = args.ring or load_state(args.var, args.cluster)["ring_file"]
     doc = RingDoc.load(Path(ring_path))
-    nodes = list(doc.nodes)
-    if doc.previous is not None:
-        nodes += [n for n in doc.previous.nodes if n.name not in {m.name for m in nodes}]
+    nodes = doc.all_nodes()  # every ring version's, and the previous ring's during a change
     print(f"checking {len(nodes)} shard(s) from {ring_path} ...", flush=True)
     owners = doc.ring() if doc.previous is None else None
     report = asyncio.run(check_shards(nodes, settle_s=args.reconcile_wait, owners=owners))

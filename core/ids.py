@@ -82,6 +82,11 @@ class IdGenerator:
     def timestamp_ms(packet_id: int) -> int:
         return (packet_id >> (_GEN_BITS + _SEQ_BITS)) + EPOCH_MS
 
+    @staticmethod
+    def first_id_at(unix_ms: int) -> int:
+        """The smallest id made at or after ``unix_ms`` (ids made before it are smaller)."""
+        return max(0, unix_ms - EPOCH_MS) << (_GEN_BITS + _SEQ_BITS)
+
 
 # -- public ids -------------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from redpacket.core.errors import ApiError, unavailable
 from redpacket.core.logs import REQUEST_ID_HEADER, request_id
 from redpacket.core.metrics import SHARD_CALLS, SHARD_ERRORS, SHARD_INFLIGHT, SHARD_LATENCY
 from redpacket.gateway.link import LinkDown, Links
-from redpacket.sharding.ring import NodeSpec, Ring, RingDoc, RingError, user_key
+from redpacket.sharding.ring import NodeSpec, Ring, RingDoc, RingError, route_packet, route_user
 
 log = logging.getLogger("redpacket.gateway.shards")
 
@@ -80,15 +80,14 @@ class Shards:
         routed by the previous ring: the old owner serves a packet until it has handed it
         off, and then answers ``packet_moved`` with the new owner, which :meth:`call`
         follows. The new ring takes over routing once the rebalance retires the previous one
-        (docs/rebalancing.md). Links to nodes that neither ring names any more are closed
-        once their calls in flight have finished.
+        (docs/rebalancing.md). Each packet goes to the ring version that placed it
+        (``sharding/ring.py`` :func:`route_packet`). Links to nodes that no version names any
+        more are closed once their calls in flight have finished.
         """
         ring: Ring = doc.ring()
-        route: Ring = doc.previous.ring() if doc.previous is not None else ring
-        self.ring_doc, self.ring, self.route_ring = doc, ring, route
-        if self._links is not None:  # links to nodes neither ring names close when idle
-            named = [*doc.nodes, *(doc.previous.nodes if doc.previous is not None else ())]
-            self._links.keep_only({(n.name, n.url) for n in named})
+        self.ring_doc, self.ring = doc, ring
+        if self._links is not None:  # links to nodes no version names close when idle
+            self._links.keep_only({(n.name, n.url) for n in doc.all_nodes()})
 
     @property
     def links_managed(self) -> bool:
@@ -97,10 +96,10 @@ class Shards:
         return not self._session.closed
 
     def owner(self, packet_id: int) -> NodeSpec:
-        return self.route_ring.owner(packet_id)
+        return route_packet(self.ring_doc, packet_id)
 
     def user_owner(self, uid: int) -> NodeSpec:
-        return self.route_ring.owner_of_key(user_key(uid))
+        return route_user(self.ring_doc, uid)
 
     def _moved_to(self, upstream: Upstream, node: NodeSpec) -> NodeSpec | None:
         """Where a ``packet_moved`` answer points: a node of the ring, or the URL it gave."""

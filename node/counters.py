@@ -7,16 +7,19 @@ restarted and forgot it (NOSCRIPT).
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -97,6 +100,46 @@ def claim_details(claim: Claim) -> bytes:
     return orjson.dumps([claim.claimed_at_ms, claim.nick_name, claim.img_url])
 
 
+def _load_args(
+    packet: PacketRow, claims: dict[int, int], replace: bool, drop_at_ms: int
+) -> list[int | str]:
+    """ARGV of load.lua for a packet as MySQL has it.
+
+    A refunded packet loads as expired whatever its expiry says: a node whose clock stepped
+    back after the refund would otherwise sell its shares again in Redis (MySQL refuses them,
+    but every such open answered 503 until the clock caught up)."""
+    expire_at_ms = 0 if packet.status == "refunded" else packet.expire_time_ms
+    args: list[int | str] = [
+        "replace" if replace else "create",
+        packet.total_amount,
+        packet.total_packet,
+        packet.remaining_amount,
+        packet.remaining_packet,
+        expire_at_ms,
+        drop_at_ms,
+        packet.kind,
+        "" if packet.amount_each is None else packet.amount_each,
+        "" if packet.receiver_uid is None else packet.receiver_uid,
+    ]
+    for uid, amount in claims.items():
+        args += [uid, amount]
+    return args
+
+
+def _pending_claims(packet_id: int, pending: dict, claims: dict) -> list[Claim]:
+    """The claims of a packet's pending hash that Redis still holds (a resync drops claims,
+    and the pending entries with them)."""
+    result = []
+    for uid, details in pending.items():
+        if uid not in claims:
+            continue
+        claimed_at_ms, nick_name, img_url = orjson.loads(details)
+        result.append(
+            Claim(packet_id, int(uid), int(claims[uid]), nick_name, img_url, int(claimed_at_ms))
+        )
+    return result
+
+
 class Counters:
     def __init__(self, client: RedisClient, max_pipelines: int = 4) -> None:
         self.client = client
@@ -132,31 +175,40 @@ class Counters:
         replace: bool,
         drop_at_ms: int,
     ) -> bool:
-        """Load a packet as MySQL has it; ``replace`` also discards claims MySQL never got.
-
-        A refunded packet loads as expired whatever its expiry says: a node whose clock
-        stepped back after the refund would otherwise sell its shares again in Redis (MySQL
-        refuses them, but every such open answered 503 until the clock caught up)."""
-        expire_at_ms = 0 if packet.status == "refunded" else packet.expire_time_ms
-        args: list[int | str] = [
-            "replace" if replace else "create",
-            packet.total_amount,
-            packet.total_packet,
-            packet.remaining_amount,
-            packet.remaining_packet,
-            expire_at_ms,
-            drop_at_ms,
-            packet.kind,
-            "" if packet.amount_each is None else packet.amount_each,
-            "" if packet.receiver_uid is None else packet.receiver_uid,
-        ]
-        for uid, amount in claims.items():
-            args += [uid, amount]
+        """Load a packet as MySQL has it; ``replace`` also discards claims MySQL never got."""
+        args = _load_args(packet, claims, replace, drop_at_ms)
         return bool(await self._load(keys=packet_keys(packet.red_packet_id), args=args))
+
+    async def load_many(
+        self, packets: list[tuple[PacketRow, dict[int, int]]], *, replace: bool, drop_after_s: int
+    ) -> None:
+        """Load many packets (with their claims) in pipelines: a batched handoff's activate."""
+        calls = [
+            self._batch.run(
+                self._load,
+                list(packet_keys(packet.red_packet_id)),
+                _load_args(packet, claims, replace, packet.expire_time_ms + drop_after_s * 1000),
+            )
+            for packet, claims in packets
+        ]
+        await asyncio.gather(*calls)
 
     async def freeze(self, packet_id: int, frozen: bool) -> bool:
         info, _, _ = packet_keys(packet_id)
         return bool(await self._freeze(keys=[info], args=["frozen" if frozen else ""]))
+
+    async def freeze_many(self, packet_ids: Iterable[int], frozen: bool) -> None:
+        """Freeze (or resume) many packets in one pipeline: a batched handoff's first step."""
+        arg = "frozen" if frozen else ""
+        calls = [self._batch.run(self._freeze, [packet_keys(i)[0]], [arg]) for i in packet_ids]
+        await asyncio.gather(*calls)
+
+    async def run_many(
+        self, script: AsyncScript, calls: list[tuple[list[Any], list[Any]]]
+    ) -> list[Any]:
+        """Run one script for many ``(keys, args)`` in the tick's pipelines (a batched
+        handoff's Redis work); the results in order."""
+        return list(await asyncio.gather(*(self._batch.run(script, k, a) for k, a in calls)))
 
     async def claims(self, packet_id: int) -> dict[int, int]:
         _, claims, _ = packet_keys(packet_id)
@@ -170,15 +222,28 @@ class Counters:
         pipe.hgetall(pending_key)
         pipe.hgetall(claims_key)
         pending, claims = await pipe.execute()
-        result = []
-        for uid, details in pending.items():
-            if uid not in claims:  # only a resync drops claims, and it drops pending with them
-                continue
-            claimed_at_ms, nick_name, img_url = orjson.loads(details)
-            result.append(
-                Claim(packet_id, int(uid), int(claims[uid]), nick_name, img_url, int(claimed_at_ms))
-            )
-        return result
+        return _pending_claims(packet_id, pending, claims)
+
+    async def pending_many(
+        self, packet_ids: list[int]
+    ) -> tuple[dict[int, list[Claim]], dict[int, dict[int, int]]]:
+        """For many packets in one pipeline: the claims MySQL may not hold yet, and every
+        claim Redis holds (``{packet: {uid: amount}}``), as a batched handoff checks them."""
+        pipe = self.client.pipeline(transaction=False)
+        for packet_id in packet_ids:
+            _, claims_key, pending_key = packet_keys(packet_id)
+            pipe.hgetall(pending_key)
+            pipe.hgetall(claims_key)
+        answers = await pipe.execute()
+        owed: dict[int, list[Claim]] = {}
+        held: dict[int, dict[int, int]] = {}
+        for n, packet_id in enumerate(packet_ids):
+            pending, claims = answers[2 * n], answers[2 * n + 1]
+            if pending:
+                owed[packet_id] = _pending_claims(packet_id, pending, claims)
+            if claims:
+                held[packet_id] = {int(uid): int(amount) for uid, amount in claims.items()}
+        return owed, held
 
     async def settle(self, claims: Iterable[Claim]) -> None:
         """Forget pending entries whose claims MySQL now holds."""

@@ -33,7 +33,7 @@ from redpacket.core.errors import ApiError
 from redpacket.node.ledger import Ledger, retry_lock_conflicts, to_datetime, to_ms
 from redpacket.node.outbox import RECEIVED, SENT
 from redpacket.node.shard import Shard, moved
-from redpacket.sharding.ring import NodeSpec, Ring, RingDoc, user_key
+from redpacket.sharding.ring import NodeSpec, Ring, RingDoc, route_user, user_key
 
 CALENDAR = dt.timezone(dt.timedelta(hours=8), "UTC+8")
 
@@ -74,8 +74,7 @@ class RingView:
         """The user's owner by the ring gateways route by (the previous one during a change)."""
         if self.doc is None:
             return None
-        route = self.doc.previous if self.doc.previous is not None else self.doc
-        return route.ring().owner_of_key(user_key(uid))
+        return route_user(self.doc, uid)
 
     def node(self, name: str) -> NodeSpec | None:
         return self.doc.node(name) if self.doc is not None else None

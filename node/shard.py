@@ -89,6 +89,10 @@ class Placement(Protocol):
         """packet_moved if the ring a rebalance is moving to gives ``key`` to another node."""
         ...
 
+    def packet_elsewhere(self, packet_id: int) -> ApiError | None:
+        """packet_moved if that ring places the packet (by its version) on another node."""
+        ...
+
     async def existing_for_create(self, packet_id: int) -> PacketRow | None:
         """None: create it here. A row: another node owns the id now, but this one still holds
         it (answer with it). Raises packet_moved when the id belongs to another node."""
@@ -135,7 +139,8 @@ class Shard:
         """The answer for a packet this node does not hold: moved (tombstone, or the ring a
         rebalance is moving to names another owner) or not found."""
         if self.placement is not None:
-            err = await self.placement.moved(packet_id) or self.placement.elsewhere(str(packet_id))
+            placement = self.placement
+            err = await placement.moved(packet_id) or placement.packet_elsewhere(packet_id)
             if err is not None:
                 return err
         return not_found()

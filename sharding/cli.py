@@ -1,8 +1,10 @@
 """``redpacket rebalance``: add or remove shards while the service runs (docs/rebalancing.md).
 
     redpacket rebalance add --node shard-2[=URL]      # start a shard, move its packets to it
+    redpacket rebalance add --node shard-2 --no-move  # new packets go there; none moves
     redpacket rebalance remove --node shard-2         # move its packets away, stop it
-    redpacket rebalance resume | rollback | status
+    redpacket rebalance remove --node shard-2 --drain # no new packet there; stops once empty
+    redpacket rebalance resume | rollback | retire | status
 
 Running a command again after it was interrupted resumes it; ``rollback`` undoes instead.
 """
@@ -17,7 +19,7 @@ import sys
 from redpacket.core.env import SettingsError
 from redpacket.sharding.backends import Backend, BackendError
 from redpacket.sharding.client import NodeError
-from redpacket.sharding.rebalance import RebalanceError, Rebalancer
+from redpacket.sharding.rebalance import BATCH, CONCURRENCY, RebalanceError, Rebalancer
 
 
 def _common(parser: argparse.ArgumentParser, dry_run: bool = True) -> None:
@@ -28,7 +30,15 @@ def _common(parser: argparse.ArgumentParser, dry_run: bool = True) -> None:
             help="change nothing: print how many packets would move between each pair of nodes",
         )
     run = parser.add_argument_group("migration")
-    run.add_argument("--concurrency", type=int, default=8, help="packets handed off at once")
+    run.add_argument(
+        "--concurrency",
+        type=int,
+        default=CONCURRENCY,
+        help=f"batches (or single packets) handed off at once (default {CONCURRENCY})",
+    )
+    run.add_argument(
+        "--batch", type=int, default=BATCH, help=f"packets per batched handoff (default {BATCH})"
+    )
     run.add_argument(
         "--rate", type=float, default=0.0, help="at most this many packets per second (0: no cap)"
     )
@@ -129,6 +139,44 @@ def _backend(args: argparse.Namespace) -> Backend:
     )
 
 
+async def _bench(rebalancer: Rebalancer, args: argparse.Namespace) -> int:
+    """``rebalance bench`` (bench/rebalance.py): local clusters only, it reads their state."""
+    from redpacket.bench.rebalance import report_json, run_bench
+    from redpacket.cli.devcluster import load_state
+
+    if args.backend != "local":
+        raise SettingsError("rebalance bench runs against a local cluster (--backend local)")
+    rebalancer.progress = False
+    name, _ = args.node
+    report = await run_bench(
+        rebalancer,
+        load_state(args.var, args.cluster),
+        mode=args.mode,
+        node=name,
+        packets=args.packets,
+        senders=args.senders,
+        phase_s=args.phase_s,
+    )
+    print(report_json(report))
+    return int(report["exit_code"])
+
+
+def _versions(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("ring versions")
+    group.add_argument(
+        "--settle-s",
+        type=float,
+        default=2.0,
+        help="a new ring version places packets made from this many seconds on (default 2)",
+    )
+    group.add_argument(
+        "--wait-s",
+        type=float,
+        default=0.0,
+        help="wait up to this long for draining versions to retire (default: don't wait)",
+    )
+
+
 def _node_arg(raw: str) -> tuple[str, str | None]:
     name, _, url = raw.partition("=")
     if not name or len(name) > 64:
@@ -141,23 +189,30 @@ def run(args: argparse.Namespace) -> int:
         _backend(args),
         concurrency=args.concurrency,
         rate=args.rate,
+        batch_size=args.batch,
         progress=not args.no_progress,
         gateway_timeout_s=args.gateway_timeout_s,
         drain_timeout_s=args.drain_timeout_s,
+        settle_s=getattr(args, "settle_s", 2.0),
+        wait_s=getattr(args, "wait_s", 0.0),
     )
     dry_run = getattr(args, "dry_run", False)
     if args.action == "add":
         name, url = args.node
-        job = rebalancer.add(name, url, args.weight, dry_run)
+        job = rebalancer.add(name, url, args.weight, dry_run, move=not args.no_move)
     elif args.action == "remove":
         name, url = args.node
         if url:
             raise SettingsError("remove takes --node NAME (no URL)")
-        job = rebalancer.remove(name, dry_run)
+        job = rebalancer.remove(name, dry_run, drain=args.drain)
     elif args.action == "resume":
         job = rebalancer.resume(dry_run)
     elif args.action == "rollback":
         job = rebalancer.rollback(dry_run)
+    elif args.action == "retire":
+        job = rebalancer.retire(dry_run)
+    elif args.action == "bench":
+        job = _bench(rebalancer, args)
     else:
         job = rebalancer.status()
     try:
@@ -178,14 +233,46 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = actions.add_parser("add", help="start a shard and move the packets it now owns to it")
     p.add_argument("--node", type=_node_arg, required=True, metavar="NAME[=URL]")
     p.add_argument("--weight", type=int, default=1, help="share of the packets (default 1)")
+    p.add_argument(
+        "--no-move",
+        action="store_true",
+        help="move no packet: a new ring version places only new packets (done in seconds)",
+    )
+    _versions(p)
     _common(p)
-    p = actions.add_parser("remove", help="move a shard's packets to the others and stop it")
+    p = actions.add_parser("remove", help="take a shard out (moving its packets, or draining)")
     p.add_argument("--node", type=_node_arg, required=True, metavar="NAME")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--move", action="store_true", help="move its packets to the others now (the default)"
+    )
+    mode.add_argument(
+        "--drain",
+        action="store_true",
+        help="send it no new packet; it stops once its last one has expired and been refunded "
+        "(run `retire` later, or pass --wait-s)",
+    )
+    _versions(p)
+    _common(p)
+    p = actions.add_parser(
+        "retire", help="retire ring versions with no live packet left; stop drained shards"
+    )
+    _versions(p)
     _common(p)
     p = actions.add_parser("resume", help="finish a change that was interrupted")
     _common(p)
     p = actions.add_parser("rollback", help="undo a change that was interrupted")
     _common(p)
+    p = actions.add_parser(
+        "bench", help="seed packets, change the ring under an open load, report the cost"
+    )
+    p.add_argument("--node", type=_node_arg, required=True, metavar="NAME")
+    p.add_argument("--mode", choices=("add-no-move", "add", "remove"), default="add-no-move")
+    p.add_argument("--packets", type=int, default=100_000, help="seeded first (default 100000)")
+    p.add_argument("--senders", type=int, default=2000, help="users who sent them")
+    p.add_argument("--phase-s", type=float, default=5.0, help="seconds measured before and after")
+    _versions(p)
+    _common(p, dry_run=False)
     p = actions.add_parser("status", help="the ring, and how many packets each node holds")
     _common(p, dry_run=False)
     parser.set_defaults(func=run)

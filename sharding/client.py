@@ -100,17 +100,18 @@ class NodeClient:
         return str((await self.request(node, "GET", "/readyz")).get("node", ""))
 
     async def fence(self, node: NodeSpec, doc: RingDoc) -> dict[str, Any]:
-        body = RingDoc(doc.version, doc.nodes).as_dict()
+        body = doc.settled().as_dict()  # its versions too: the fence places packets by them
         return await self.request(node, "PUT", f"{H}/ring", body=body)
 
     async def clear_fence(self, node: NodeSpec) -> dict[str, Any]:
         return await self.request(node, "DELETE", f"{H}/ring")
 
     async def inventory(
-        self, node: NodeSpec, page: int = 2000
+        self, node: NodeSpec, page: int = 2000, after: int = 0
     ) -> AsyncIterator[tuple[int, str, str | None]]:
-        """Every packet a node holds: ``(id, "active" | "out" | "in", peer)``."""
-        after = "0"
+        """Every packet a node holds (of id above ``after``): ``(id, "active" | "out" | "in",
+        peer)``."""
+        after = str(after)
         while True:
             answer = await self.request(
                 node, "GET", f"{H}/packets", params={"after": after, "limit": str(page)}
@@ -120,6 +121,17 @@ class NodeClient:
             if answer.get("next") is None:
                 return
             after = str(answer["next"])
+
+    async def live(self, node: NodeSpec, from_id: int, before_id: int) -> int:
+        """How many packets with ``from_id <= id < before_id`` the node holds that have not
+        both expired and been settled (refunded or sold out)."""
+        answer = await self.request(
+            node,
+            "GET",
+            f"{H}/live",
+            params={"from_id": str(from_id), "before_id": str(before_id)},
+        )
+        return int(answer["live"])
 
     async def keys(self, node: NodeSpec, page: int = 2000) -> AsyncIterator[list[Any]]:
         """Every idempotency key a node holds: ``[uid, key, request_hash, packet id, ms]``."""
@@ -213,6 +225,14 @@ class NodeClient:
     async def discard(self, node: NodeSpec, packet_id: int) -> str:
         answer = await self.request(node, "POST", f"{H}/packets/{packet_id}/discard", body={})
         return str(answer["state"])
+
+    # -- the steps of a batch of packets (node/handoff/batch.py) -----------------------------
+
+    async def batch(self, node: NodeSpec, step: str, body: dict[str, Any]) -> dict[int, Any]:
+        """One step for many packets: ``{packet id: result}`` (a result with state "failed"
+        carries the status, code and message of that packet's own failure)."""
+        answer = await self.request(node, "POST", f"{H}/batches/{step}", body=body)
+        return {int(pid): result for pid, result in answer["results"].items()}
 
     # -- idempotency keys -----------------------------------------------------------------
 

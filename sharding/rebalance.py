@@ -21,26 +21,48 @@ ring. One change, from ring P to ring T:
 Every step is idempotent, and the state of every packet can be read back from the nodes, so
 running the same command again after a crash resumes where it stopped; ``rollback`` moves
 everything back to P instead.
+
+Ring versions (``add --no-move``, ``remove --drain``, ``retire``) are changes of the same
+shape: T keeps P's versions and adds one that places only packets made from its ``since_ms``
+on, so step 4 looks only at packets from then on (none, mostly) and moves users' data alone;
+retiring a version whose packets are all settled moves just those. Plain moves go in batches
+(node/handoff/batch.py). docs/rebalancing.md says which mode to choose.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sys
+import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm import tqdm
 
+from redpacket.core.ids import IdGenerator
 from redpacket.sharding.backends import Backend, BackendError
 from redpacket.sharding.client import NodeClient, NodeError
-from redpacket.sharding.ring import NodeSpec, Ring, RingDoc, user_key
+from redpacket.sharding.ring import NodeSpec, Ring, RingDoc, packet_owner, user_key
 
 ACTIVE, OUT, IN = "active", "out", "in"
 # keys per import call: one MySQL transaction that must beat the node's MySQL timeout under load
 KEY_BATCH = 100
+# batches (or single handoffs) in flight: each step holds one of the node's MySQL connections
+# (8 by default) for its transaction, and opens must keep getting theirs
+CONCURRENCY = 2
+PASSES = 4  # listings of what must move, each acting on what the previous one left
+HISTORY_BATCH = 200  # users per history apply (one multi-row merge per table)
+USER_PAGE = 1000  # users (or keys) listed per call
+# packets per batched handoff: one IN list and one transaction per step on each node; small
+# enough that a batch's packets are frozen (opens retried by the gateway) only tens of ms
+BATCH = 100
+# batches (or single handoffs) in flight: each step holds one of the node's MySQL connections
+# (8 by default) for its transaction, and opens must keep getting theirs
+CONCURRENCY = 2
+PASSES = 4  # listings of what must move, each acting on what the previous one left
 
 
 class RebalanceError(RuntimeError):
@@ -110,9 +132,77 @@ def plan_packet(
     return Action(packet_id, "move", source, target, (), tuple(n for n in ins if n != target))
 
 
+def _plain(action: Action) -> bool:
+    """A move with no leftover copies elsewhere: the kind a batch carries out."""
+    return action.kind == "move" and not action.stale_out and not action.stale_in
+
+
+def _batches(actions: list[Action], size: int) -> list[list[Action]]:
+    """Plain moves in batches of ``size`` per pair of nodes; every other action alone."""
+    by_pair: dict[tuple[str, str], list[Action]] = {}
+    batches: list[list[Action]] = []
+    for action in actions:
+        if _plain(action):
+            by_pair.setdefault((action.source, action.target), []).append(action)
+        else:
+            batches.append([action])
+    for pair in by_pair.values():
+        batches += [pair[i : i + size] for i in range(0, len(pair), size)]
+    return batches
+
+
+def _failed(results: dict[int, Any]) -> list[str]:
+    return [
+        f"red packet {pid}: {r.get('status')} {r.get('code')}: {r.get('message')}"
+        for pid, r in results.items()
+        if r.get("state") == "failed"
+    ]
+
+
 def transition(doc: RingDoc, nodes: Iterable[NodeSpec], note: str) -> RingDoc:
-    """The ring document of a change from ``doc`` to ``nodes``."""
-    return RingDoc(doc.version + 1, tuple(nodes), RingDoc(doc.version, doc.nodes), note)
+    """The ring document of a change from ``doc`` to ``nodes`` that moves packets: every
+    packet goes to its owner in ``nodes``, whichever version placed it (the versions of
+    ``doc`` collapse into one)."""
+    return RingDoc(doc.version + 1, tuple(nodes), doc.settled(), note)
+
+
+def new_version(doc: RingDoc, nodes: Iterable[NodeSpec], note: str, since_ms: int) -> RingDoc:
+    """The ring document of a change that moves no packet: ``nodes`` place the packets made
+    from ``since_ms`` on, and every version of ``doc`` keeps serving the packets it placed."""
+    since_ms = max(since_ms, doc.since_ms + 1)
+    older = tuple(v.as_version() for v in doc.versions())
+    return RingDoc(doc.version + 1, tuple(nodes), doc.settled(), note, since_ms, older)
+
+
+def rollback_of(doc: RingDoc, note: str) -> RingDoc:
+    """The ring document that undoes the change ``doc``: back to the previous ring's nodes and
+    versions, routed meanwhile by the ring it abandons."""
+    assert doc.previous is not None
+    back = doc.previous
+    return RingDoc(doc.version + 1, back.nodes, doc.settled(), note, back.since_ms, back.older)
+
+
+def unmoved_before_ms(doc: RingDoc) -> int | None:
+    """Packets made before the returned time are placed alike by the change's old and new
+    versions, so only later ones can need a move (a new version: none yet; retiring one:
+    only its own). None: any packet may move."""
+    previous = doc.previous
+    if previous is None:
+        return None
+    old, new = _placements(previous.versions()), _placements(doc.versions())
+    if old[-1] != new[-1]:  # ids older than every version fall to the oldest one
+        return None
+    changed = [since for since, nodes in set(old) ^ set(new)]
+    return min(changed) if changed else None
+
+
+def _placements(versions: Iterable[RingDoc]) -> list[tuple[int, tuple[NodeSpec, ...]]]:
+    """What decides where packets are: each version's start and nodes (not its number)."""
+    return [(v.since_ms, v.nodes) for v in versions]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 class Pacer:
@@ -123,14 +213,15 @@ class Pacer:
         self._next = 0.0
         self._lock = asyncio.Lock()
 
-    async def wait(self) -> None:
+    async def wait(self, count: int = 1) -> None:
+        """Wait for the turn of ``count`` handoffs (a batch takes as many turns as packets)."""
         if not self._interval:
             return
         async with self._lock:
             now = asyncio.get_running_loop().time()
             if self._next > now:
                 await asyncio.sleep(self._next - now)
-            self._next = max(now, self._next) + self._interval
+            self._next = max(now, self._next) + self._interval * count
 
 
 class Rebalancer:
@@ -138,27 +229,43 @@ class Rebalancer:
         self,
         backend: Backend,
         *,
-        concurrency: int = 8,
+        concurrency: int = CONCURRENCY,
         rate: float = 0.0,
+        batch_size: int = BATCH,
         progress: bool = True,
         gateway_timeout_s: float = 120.0,
         drain_timeout_s: float = 120.0,
+        settle_s: float = 2.0,
+        wait_s: float = 0.0,
         say: Callable[[str], None] | None = None,
     ) -> None:
         self.backend = backend
         self.concurrency = max(1, concurrency)
         self.rate = rate
+        self.batch_size = max(1, batch_size)
+        self.moved_packets = 0  # handoffs carried out (the benchmark reads it)
         self.progress = progress
         self.gateway_timeout_s = gateway_timeout_s
         self.drain_timeout_s = drain_timeout_s
+        self.settle_s = settle_s  # how far ahead a new ring version starts placing packets
+        self.wait_s = wait_s  # how long `retire` waits for draining versions to empty
+        self.timings: dict[str, float] = {}  # seconds per phase of the last change (bench)
+        self.moved_users = 0
         self.say = say or (lambda message: print(message, flush=True))
         self.client = NodeClient(backend.node_secret)
 
     # -- commands -------------------------------------------------------------------------
 
     async def add(
-        self, name: str, url: str | None = None, weight: int = 1, dry_run: bool = False
+        self,
+        name: str,
+        url: str | None = None,
+        weight: int = 1,
+        dry_run: bool = False,
+        move: bool = True,
     ) -> int:
+        """Start a shard; ``move``: hand it the packets the new ring gives it now; else
+        (``--no-move``) only packets made from the new version's ``since_ms`` on go there."""
         async with self.backend.lock(), self.client:
             doc = await self.backend.read_ring()
             if doc.previous is not None:
@@ -171,29 +278,71 @@ class Rebalancer:
                 return 0
             if dry_run:
                 spec = NodeSpec(name, url or "http://dry-run.invalid", weight)
-                return await self._dry_run(list(doc.nodes), [*doc.nodes, spec])
+                if not move:
+                    return await self._dry_run(doc, self._versioned(doc, [*doc.nodes, spec], ""))
+                return await self._dry_run(doc, transition(doc, [*doc.nodes, spec], ""))
             self.say(f"starting {name} ({self.backend.name} backend) ...")
             spec = await self.backend.start_node(name, url, weight)
             self.say(f"{name} is ready at {spec.url}")
-            return await self._complete(transition(doc, [*doc.nodes, spec], f"add {name}"), dry_run)
+            nodes = [*doc.nodes, spec]
+            if move:
+                return await self._complete(transition(doc, nodes, f"add {name}"), dry_run)
+            return await self._complete(self._versioned(doc, nodes, f"add {name} (no move)"))
 
-    async def remove(self, name: str, dry_run: bool = False) -> int:
+    async def remove(self, name: str, dry_run: bool = False, drain: bool = False) -> int:
+        """Take a shard out; ``drain``: it places no new packet and stops once the last one it
+        holds has expired and been refunded (``retire``), else its packets move now."""
         async with self.backend.lock(), self.client:
             doc = await self.backend.read_ring()
             if doc.previous is not None:
                 if doc.previous.node(name) is not None and all(n.name != name for n in doc.nodes):
                     self.say(f"resuming the interrupted removal of {name} (ring v{doc.version})")
-                    return await self._complete(doc, dry_run)
+                    rc = await self._complete(doc, dry_run)
+                    return await self._retire_after(rc, "(drain)" in doc.note, dry_run)
                 raise RebalanceError(_in_progress(doc))
             if all(n.name != name for n in doc.nodes):
-                return await self._stop_leftover(name, dry_run)
+                if doc.node(name) is None:
+                    return await self._stop_leftover(name, dry_run)
+                if drain:  # draining already: retire what has drained
+                    return await self._retire(doc, dry_run)
+                # --move of a draining shard: everything moves to the newest ring now
+                note = f"remove {name} (move)"
+                if dry_run:
+                    return await self._dry_run(doc, transition(doc, doc.nodes, note))
+                return await self._complete(transition(doc, doc.nodes, note))
             if len(doc.nodes) == 1:
                 raise RebalanceError(f"{name} is the only shard: it cannot be removed")
-            await self.backend.check_stop(name)
+            await self.backend.check_stop(name)  # a drained shard stops too, later
             rest = [n for n in doc.nodes if n.name != name]
+            change = (
+                self._versioned(doc, rest, f"remove {name} (drain)")
+                if drain
+                else transition(doc, rest, f"remove {name}")
+            )
             if dry_run:
-                return await self._dry_run(list(doc.nodes), rest)
-            return await self._complete(transition(doc, rest, f"remove {name}"), dry_run)
+                return await self._dry_run(doc, change)
+            return await self._retire_after(await self._complete(change), drain, dry_run)
+
+    async def _retire_after(self, rc: int, drain: bool, dry_run: bool) -> int:
+        """After a drain's new version: retire what has drained already (or within
+        ``wait_s``); what has not is retired by a later ``retire``."""
+        if rc or not drain or dry_run:
+            return rc
+        return await self._retire(await self.backend.read_ring(), dry_run)
+
+    async def retire(self, dry_run: bool = False) -> int:
+        """Retire the ring versions whose packets have all expired and been refunded, and stop
+        the shards no version names any more (``remove --drain`` ends here)."""
+        async with self.backend.lock(), self.client:
+            doc = await self.backend.read_ring()
+            if doc.previous is not None:
+                raise RebalanceError(_in_progress(doc))
+            return await self._retire(doc, dry_run)
+
+    def _versioned(self, doc: RingDoc, nodes: list[NodeSpec], note: str) -> RingDoc:
+        """A new ring version placing packets from a moment every gateway and node will have
+        been told of it (``settle_s`` from now: the fence, below, covers a late one)."""
+        return new_version(doc, nodes, note, now_ms() + int(self.settle_s * 1000))
 
     async def resume(self, dry_run: bool = False) -> int:
         async with self.backend.lock(), self.client:
@@ -215,7 +364,7 @@ class Rebalancer:
                 self.say(f"resuming the interrupted {doc.note} (ring v{doc.version})")
                 return await self._complete(doc, dry_run, rollback=True)
             note = f"rollback of v{doc.version}" + (f" ({doc.note})" if doc.note else "")
-            back = transition(doc, doc.previous.nodes, note)
+            back = rollback_of(doc, note)
             self.say(f"rolling back ring v{doc.version} to the nodes of v{doc.previous.version}")
             return await self._complete(back, dry_run, rollback=True)
 
@@ -223,12 +372,17 @@ class Rebalancer:
         async with self.client:
             doc = await self.backend.read_ring()
             self.say(f"ring v{doc.version}: {', '.join(n.name for n in doc.nodes)}")
+            for version in doc.older:
+                self.say(
+                    f"  older version v{version.version} (packets made before the next one): "
+                    f"{', '.join(n.name for n in version.nodes)}"
+                )
             if doc.previous is not None:
                 self.say(
                     f"  change in progress from v{doc.previous.version}: "
                     f"{', '.join(n.name for n in doc.previous.nodes)}"
                 )
-            plan = await self._plan(_members(doc), doc.ring())
+            plan = await self._plan(_members(doc), doc.settled())
             for node, count in sorted(plan.held.items()):
                 self.say(f"  {node}: {count} red packet(s)")
             self._print_pairs(plan, "would move" if doc.previous else "misplaced")
@@ -236,13 +390,15 @@ class Rebalancer:
 
     # -- one change -----------------------------------------------------------------------
 
-    async def _complete(self, doc: RingDoc, dry_run: bool, rollback: bool = False) -> int:
-        """Carry out the change ``doc`` describes (nodes = the target, previous = the old)."""
+    async def _complete(self, doc: RingDoc, dry_run: bool = False, rollback: bool = False) -> int:
+        """Carry out the change ``doc`` describes (nodes and versions = the target, previous =
+        the old ring)."""
         assert doc.previous is not None
         nodes = _members(doc)
-        target = doc.ring()
+        target = doc.settled()
         if dry_run:
-            return await self._dry_run(list(nodes.values()), list(doc.nodes))
+            return await self._dry_run(doc.previous, doc)
+        started = time.monotonic()
         # 2.+3. fence and publish. A change keeps routing by the ring that routed before it, so
         # its transition ring is published first: a crash right after leaves a ring that says
         # what was going on. A rollback routes by the ring it abandons, where some packets
@@ -255,9 +411,42 @@ class Rebalancer:
         if not published and rollback:
             await self.backend.publish_ring(doc)
             self.say(f"published the rollback ring v{doc.version}")
+        self.timings["fenced_s"] = time.monotonic() - started
         # 4. packets, until a fresh look finds nothing left to do
-        for _ in range(3):
-            plan = await self._plan(nodes, target)
+        await self._move_packets(nodes, target, unmoved_before_ms(doc))
+        self.timings["packets_s"] = time.monotonic() - started - self.timings["fenced_s"]
+        # 4b.+4c. users' own data (idempotency keys, then history), if their ring changed
+        if doc.previous.nodes != doc.nodes:
+            await self._move_users(nodes, target)
+        # 5. retire the previous ring
+        final = RingDoc(doc.version + 1, doc.nodes, since_ms=doc.since_ms, older=doc.older)
+        await self.backend.publish_ring(final)
+        self.say(f"published ring v{final.version}: {', '.join(n.name for n in doc.nodes)}")
+        if await self.backend.ring_loaded(final.version, self.gateway_timeout_s):
+            # every gateway routes by the new ring: the fence has done its job
+            await asyncio.gather(*(self.client.clear_fence(n) for n in final.all_nodes()))
+        else:
+            self.say(
+                f"  warning: not every gateway reported ring v{final.version} within "
+                f"{self.gateway_timeout_s:.0f}s; the nodes stay fenced (harmless: they keep "
+                "redirecting what a late gateway sends them)"
+            )
+        self.timings["total_s"] = time.monotonic() - started
+        # 6. stop what no version names any more
+        for name in sorted(set(nodes) - {n.name for n in final.all_nodes()}):
+            await self._stop_empty(nodes[name])
+        self.say("done")
+        return 0
+
+    async def _move_packets(
+        self, nodes: dict[str, NodeSpec], target: RingDoc, unmoved_before_ms: int | None
+    ) -> None:
+        """Hand every packet to its owner in ``target``. A change that keeps the old versions
+        only looks at packets made from the new version's start (none, mostly)."""
+        after_id = 0 if unmoved_before_ms is None else IdGenerator.first_id_at(unmoved_before_ms)
+        failed = 0
+        for _ in range(PASSES):
+            plan = await self._plan(nodes, target, after_id)
             if plan.conflicts:
                 for conflict in plan.conflicts:
                     self.say(f"  CONFLICT {conflict}")
@@ -266,18 +455,21 @@ class Rebalancer:
                     "nothing else was changed by this pass"
                 )
             if not plan.actions:
-                break
+                return
             self._print_pairs(plan, "moving")
-            failed = await self._run(plan.actions, nodes, doc.version)
-            if failed:
-                raise RebalanceError(
-                    f"{failed} packet(s) could not be handed off; run the same command "
-                    "again to resume (or `redpacket rebalance rollback`)"
-                )
-        else:
-            raise RebalanceError("packets kept needing moves after 3 passes; run it again")
-        # 4b. idempotency keys
-        moved, conflicts = await self._move_keys(nodes, target)
+            # a packet that failed (a store busy for longer than the client retries) is left
+            # as the table above says, and the next pass, listing afresh, takes it up again
+            failed = await self._run(plan.actions, nodes, target.version)
+        if failed:
+            raise RebalanceError(
+                f"{failed} packet(s) could not be handed off; run the same command "
+                "again to resume (or `redpacket rebalance rollback`)"
+            )
+        raise RebalanceError(f"packets kept needing moves after {PASSES} passes; run it again")
+
+    async def _move_users(self, nodes: dict[str, NodeSpec], target: RingDoc) -> None:
+        started = time.monotonic()
+        moved, conflicts = await self._move_keys(nodes, target.ring())
         if moved:
             self.say(f"moved {sum(moved.values())} idempotency key(s): {_pairs_text(moved)}")
         if conflicts:
@@ -285,28 +477,52 @@ class Rebalancer:
                 f"  {conflicts} idempotency key(s) were bound differently on their new owner; "
                 "kept on both (see docs/rebalancing.md)"
             )
-        # 4c. users' history, like the keys: copied (an idempotent merge), then released
-        users = await self._move_history(nodes, target)
+        # users' history, like the keys: copied (an idempotent merge), then released
+        users = await self._move_history(nodes, target.ring())
         if users:
             self.say(f"moved the history of {users} user(s)")
-        # 5. retire the previous ring
-        final = RingDoc(doc.version + 1, doc.nodes)
-        await self.backend.publish_ring(final)
-        self.say(f"published ring v{final.version}: {', '.join(n.name for n in doc.nodes)}")
-        if await self.backend.ring_loaded(final.version, self.gateway_timeout_s):
-            # every gateway routes by the new ring: the fence has done its job
-            await asyncio.gather(*(self.client.clear_fence(n) for n in doc.nodes))
-        else:
-            self.say(
-                f"  warning: not every gateway reported ring v{final.version} within "
-                f"{self.gateway_timeout_s:.0f}s; the nodes stay fenced (harmless: they keep "
-                "redirecting what a late gateway sends them)"
+        self.moved_users = users
+        self.timings["users_s"] = time.monotonic() - started
+        self.timings["keys"] = float(sum(moved.values()))
+
+    async def _retire(self, doc: RingDoc, dry_run: bool) -> int:
+        """Retire the older versions that serve no live packet any more (waiting up to
+        ``wait_s`` for that). Retiring is itself a change: the version's settled packets
+        (finished, refunded) move to where the remaining versions place them, so every
+        packet stays reachable; shards no version names any more then stop."""
+        deadline = time.monotonic() + self.wait_s
+        keep = await self._live_versions(doc)
+        while len(keep) == len(doc.older) and time.monotonic() < deadline:
+            await asyncio.sleep(min(1.0, max(0.01, deadline - time.monotonic())))
+            keep = await self._live_versions(doc)
+        for version in keep:
+            self.say(f"  ring version v{version.version} still serves live red packets: kept")
+        retired = [v.version for v in doc.older if v not in keep]
+        if not retired:
+            self.say("no ring version to retire")
+            return 0
+        note = f"retire version(s) {', '.join(map(str, retired))}"
+        change = RingDoc(doc.version + 1, doc.nodes, doc.settled(), note, doc.since_ms, tuple(keep))
+        if dry_run:
+            return await self._dry_run(doc, change)
+        self.say(note)
+        return await self._complete(change)
+
+    async def _live_versions(self, doc: RingDoc) -> list[RingDoc]:
+        """The older versions that still place a packet not yet expired and refunded."""
+        versions = doc.versions()
+        keep = []
+        for newer, version in itertools.pairwise(versions):
+            first, before = (IdGenerator.first_id_at(version.since_ms), newer.since_ms)
+            counts = await asyncio.gather(
+                *(
+                    self.client.live(n, first, IdGenerator.first_id_at(before))
+                    for n in version.nodes
+                )
             )
-        # 6. stop what left the ring
-        for name in sorted(set(nodes) - {n.name for n in doc.nodes}):
-            await self._stop_empty(nodes[name])
-        self.say("done")
-        return 0
+            if sum(counts):
+                keep.append(version)
+        return keep
 
     async def _fence(self, nodes: dict[str, NodeSpec], doc: RingDoc) -> None:
         async def one(node: NodeSpec) -> None:
@@ -322,18 +538,20 @@ class Rebalancer:
 
         await asyncio.gather(*(one(n) for n in nodes.values()))
 
-    async def _plan(self, nodes: dict[str, NodeSpec], target: Ring) -> Plan:
+    async def _plan(self, nodes: dict[str, NodeSpec], target: RingDoc, after_id: int = 0) -> Plan:
+        """What every packet (of id above ``after_id``) needs to be on its ``target`` owner."""
         holders: dict[int, dict[str, tuple[str, str | None]]] = {}
         plan = Plan()
 
         async def scan(node: NodeSpec) -> None:
-            async for packet_id, state, peer in self.client.inventory(node):
+            async for packet_id, state, peer in self.client.inventory(node, after=after_id):
                 holders.setdefault(packet_id, {})[node.name] = (state, peer)
                 plan.held[node.name] += 1
 
         await asyncio.gather(*(scan(n) for n in nodes.values()))
         for packet_id in sorted(holders):
-            result = plan_packet(packet_id, holders[packet_id], target.owner(packet_id).name)
+            owner = packet_owner(target, packet_id).name
+            result = plan_packet(packet_id, holders[packet_id], owner)
             if isinstance(result, str):
                 plan.conflicts.append(result)
             elif result is not None:
@@ -341,9 +559,13 @@ class Rebalancer:
         return plan
 
     async def _run(self, actions: list[Action], nodes: dict[str, NodeSpec], version: int) -> int:
-        queue: asyncio.Queue[Action] = asyncio.Queue()
-        for action in actions:
-            queue.put_nowait(action)
+        """Carry out a pass's actions: plain moves in batches per pair of nodes (one call per
+        step for the batch, node/handoff/batch.py), anything else one packet at a time."""
+        queue: asyncio.Queue[list[Action]] = asyncio.Queue()
+        # under a --rate cap, batches of a fifth of a second's worth keep the pace smooth
+        size = min(self.batch_size, max(1, int(self.rate) // 5)) if self.rate else self.batch_size
+        for batch in _batches(actions, size):
+            queue.put_nowait(batch)
         pacer = Pacer(self.rate)
         failures: list[str] = []
         bar = tqdm(
@@ -358,21 +580,56 @@ class Rebalancer:
 
         async def worker() -> None:
             while not queue.empty():
-                action = queue.get_nowait()
-                await pacer.wait()
+                batch = queue.get_nowait()
+                await pacer.wait(len(batch))
                 try:
-                    await self._carry_out(action, nodes, version)
+                    if len(batch) == 1 and not _plain(batch[0]):
+                        await self._carry_out(batch[0], nodes, version)
+                    else:
+                        failures.extend(await self._move_batch(batch, nodes, version))
                 except (NodeError, BackendError) as exc:
-                    failures.append(f"red packet {action.packet_id}: {exc}")
-                bar.update(1)
+                    failures.extend(f"red packet {a.packet_id}: {exc}" for a in batch)
+                bar.update(len(batch))
+                self.moved_packets += len(batch)
 
         try:
-            await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(actions)))))
+            workers = min(self.concurrency, queue.qsize())
+            await asyncio.gather(*(worker() for _ in range(workers)))
         finally:
             bar.close()
         for failure in failures[:20]:
             self.say(f"  FAILED {failure}")
         return len(failures)
+
+    async def _move_batch(
+        self, batch: list[Action], nodes: dict[str, NodeSpec], version: int
+    ) -> list[str]:
+        """export -> import -> activate -> finish for a batch of plain moves from one node to
+        another, one call per step; the packets that fail a step are reported (and left for
+        the next pass or run, as a single handoff would be)."""
+        client = self.client
+        source, target = nodes[batch[0].source], nodes[batch[0].target]
+        ids = [a.packet_id for a in batch]
+        body = {"ids": ids, "to": target.name, "ring_version": version}
+        exported = await client.batch(source, "export", body)
+        failures = _failed(exported)
+        exports = [r for r in exported.values() if r.get("state") == "exported"]
+        if not exports:
+            return failures
+        body = {"exports": exports, "from": source.name, "ring_version": version}
+        staged = await client.batch(target, "import", body)
+        failures += _failed(staged)
+        ready = [i for i, r in staged.items() if r.get("state") in ("staged", "active")]
+        if not ready:
+            return failures
+        activated = await client.batch(target, "activate", {"ids": ready})  # the commit point
+        failures += _failed(activated)
+        done = [i for i, r in activated.items() if r.get("state") == "active"]
+        if not done:
+            return failures
+        body = {"ids": done, "owner": target.name, "owner_url": target.url, "ring_version": version}
+        failures += _failed(await client.batch(source, "finish", body))
+        return failures
 
     async def _carry_out(self, action: Action, nodes: dict[str, NodeSpec], version: int) -> None:
         client, pid = self.client, action.packet_id
@@ -398,7 +655,8 @@ class Rebalancer:
         self, nodes: dict[str, NodeSpec], target: Ring, dry_run: bool = False
     ) -> tuple[Counter[tuple[str, str]], int]:
         """Copy each user's idempotency keys to the user's owner in ``target``, then delete
-        them where they were: ``(keys moved per node pair, keys left because of conflicts)``."""
+        them where they were: ``(keys moved per node pair, keys left because of conflicts)``.
+        Every node is read at once, a page of keys per call."""
         moved: Counter[tuple[str, str]] = Counter()
         conflicts = 0
 
@@ -414,28 +672,25 @@ class Rebalancer:
                 await self.client.release_keys(source, clean)
             moved[(source.name, owner)] += len(clean)
 
-        for node in nodes.values():
-            batches: dict[str, list[list[Any]]] = {}
-            async for row in self.client.keys(node):
-                owner = target.owner_of_key(user_key(int(row[0]))).name
-                if owner == node.name:
-                    continue
-                batch = batches.setdefault(owner, [])
-                batch.append(row)
-                if len(batch) >= KEY_BATCH:
-                    await flush(node, owner, batch)
-                    batches[owner] = []
-            for owner, batch in batches.items():
-                if batch:
-                    await flush(node, owner, batch)
+        async def one(node: NodeSpec) -> None:
+            page: list[list[Any]] = []
+            async for row in self.client.keys(node, page=USER_PAGE):
+                page.append(row)
+                if len(page) >= USER_PAGE:
+                    await self._flush_page(node, page, target, flush, KEY_BATCH)
+                    page = []
+            await self._flush_page(node, page, target, flush, KEY_BATCH)
+
+        await asyncio.gather(*(one(n) for n in nodes.values()))
         return moved, conflicts
 
     async def _move_history(self, nodes: dict[str, NodeSpec], target: Ring) -> int:
         """Copy each user's history (我的红包) to the user's owner in ``target``, then delete it
-        where it was; the number of users moved. Fenced nodes already send new events there."""
+        where it was; the number of users moved. Fenced nodes already send new events there.
+        Every node is read at once, a page of users per call."""
         moved = 0
 
-        async def flush(source: NodeSpec, owner: str, batch: list[tuple[str, list[Any]]]) -> None:
+        async def flush(source: NodeSpec, owner: str, batch: list[list[Any]]) -> None:
             nonlocal moved
             events = [event for _, user_events in batch for event in user_events]
             refused = await self.client.apply_history(nodes[owner], events)
@@ -444,38 +699,57 @@ class Rebalancer:
             await self.client.release_history(source, [uid for uid, _ in batch])
             moved += len(batch)
 
-        for node in nodes.values():
-            batches: dict[str, list[tuple[str, list[Any]]]] = {}
-            async for uid, events in self.client.history(node):
-                owner = target.owner_of_key(user_key(int(uid))).name
-                if owner == node.name:
-                    continue
-                batch = batches.setdefault(owner, [])
-                batch.append((uid, events))
-                if len(batch) >= 200:
-                    await flush(node, owner, batch)
-                    batches[owner] = []
-            for owner, batch in batches.items():
-                if batch:
-                    await flush(node, owner, batch)
+        async def one(node: NodeSpec) -> None:
+            page: list[list[Any]] = []
+            async for row in self.client.history(node, page=USER_PAGE):
+                page.append(row)
+                if len(page) >= USER_PAGE:
+                    await self._flush_page(node, page, target, flush, HISTORY_BATCH)
+                    page = []
+            await self._flush_page(node, page, target, flush, HISTORY_BATCH)
+
+        await asyncio.gather(*(one(n) for n in nodes.values()))
         return moved
+
+    @staticmethod
+    async def _flush_page(
+        node: NodeSpec,
+        page: list[list[Any]],
+        target: Ring,
+        flush: Callable[[NodeSpec, str, list[list[Any]]], Awaitable[None]],
+        batch: int,
+    ) -> None:
+        """Send a page of users' rows (``[uid, ...]``) that ``target`` gives to other nodes
+        to their owners, in batches of ``batch``."""
+        by_owner: dict[str, list[list[Any]]] = {}
+        for row in page:
+            owner = target.owner_of_key(user_key(int(row[0]))).name
+            if owner != node.name:
+                by_owner.setdefault(owner, []).append(row)
+        for owner, rows in by_owner.items():  # one at a time: the nodes keep serving opens
+            for i in range(0, len(rows), batch):
+                await flush(node, owner, rows[i : i + batch])
 
     # -- the edges ------------------------------------------------------------------------
 
-    async def _dry_run(self, holders: list[NodeSpec], target_nodes: list[NodeSpec]) -> int:
-        target = Ring(target_nodes)
+    async def _dry_run(self, before: RingDoc, change: RingDoc) -> int:
+        """Print what ``change`` (a transition from ``before``) would move; change nothing."""
         reachable: dict[str, NodeSpec] = {}
-        for node in holders:
+        for node in before.all_nodes():
             try:
                 await self.client.ready_name(node)
                 reachable[node.name] = node
             except NodeError:
                 self.say(f"  ({node.name} is not reachable: counted as holding nothing)")
-        plan = await self._plan(reachable, target)
+        unmoved = unmoved_before_ms(change)
+        after_id = 0 if unmoved is None else IdGenerator.first_id_at(unmoved)
+        plan = await self._plan(reachable, change.settled(), after_id)
         for node, count in sorted(plan.held.items()):
             self.say(f"  {node} holds {count} red packet(s)")
+        if unmoved is not None:
+            self.say("  (a new ring version: packets made before it stay where they are)")
         self._print_pairs(plan, "would move")
-        keys, _ = await self._move_keys(reachable, target, dry_run=True)
+        keys, _ = await self._move_keys(reachable, change.ring(), dry_run=True)
         self.say(f"would move {sum(keys.values())} idempotency key(s){_pairs_text(keys, ': ')}")
         for conflict in plan.conflicts:
             self.say(f"  CONFLICT {conflict}")
@@ -530,12 +804,9 @@ class Rebalancer:
 
 
 def _members(doc: RingDoc) -> dict[str, NodeSpec]:
-    """Every node of the ring and of its previous ring, by name (the ring's spec first)."""
-    nodes = {n.name: n for n in doc.nodes}
-    if doc.previous is not None:
-        for node in doc.previous.nodes:
-            nodes.setdefault(node.name, node)
-    return nodes
+    """Every node of every version of the ring and of its previous ring, by name (the newest
+    spec first)."""
+    return {n.name: n for n in doc.all_nodes()}
 
 
 def _in_progress(doc: RingDoc) -> str:

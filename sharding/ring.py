@@ -13,8 +13,19 @@ Ring document::
         weight: 1                   # relative share of the packets
         redis: redis://...          # optional: the node's stores, for tools like `check`
         mysql: mysql://.../redpacket_shard_0
-    previous: {version: 2, nodes: [...]}   # only while a rebalance is moving packets
+    since_ms: 1767312000000         # optional: unix ms from which this version places new
+                                    # packets (0 or absent: every packet)
+    older:                          # optional: older versions still serving live packets,
+      - {version: 2, since_ms: 0, nodes: [...]}   # newest first
+    previous: {version: 2, nodes: [...]}   # only while a rebalance is in progress
     note: add shard-2               # optional: what the change in progress is
+
+**Ring versions.** A packet is served by the version that placed it: the newest one whose
+``since_ms`` is not after the millisecond in the packet's id (core/ids.py), so routing needs
+no lookup and old packets never move when capacity is added (``rebalance add --no-move``).
+Consistent hashing decides among the nodes of that one version. Users' own data (keys,
+history) always follows the newest version. :func:`packet_owner` is the one place that rule
+lives; gateways, nodes and tools all call it.
 
 While ``previous`` is there, gateways route by it (every packet is on its previous owner,
 or that node knows where it went) and ``nodes`` is the ring being moved to; see
@@ -23,6 +34,7 @@ docs/rebalancing.md.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +43,8 @@ from typing import Any
 
 import yaml
 from uhashring import HashRing
+
+from redpacket.core.ids import IdGenerator
 
 
 class RingError(ValueError):
@@ -90,6 +104,8 @@ class RingDoc:
     nodes: tuple[NodeSpec, ...]
     previous: RingDoc | None = field(default=None)
     note: str = ""  # what the change in progress is, e.g. "add shard-2" (informational)
+    since_ms: int = 0  # unix ms from which this version places new packets
+    older: tuple[RingDoc, ...] = ()  # older versions still serving live packets, newest first
 
     def ring(self) -> Ring:
         """The hash ring of these nodes, built once per document: building one hashes 160
@@ -100,18 +116,47 @@ class RingDoc:
             object.__setattr__(self, "_ring", ring)  # a cache, not a field: eq/replace ignore it
         return ring
 
+    def versions(self) -> tuple[RingDoc, ...]:
+        """This version and the older ones still serving packets, newest first."""
+        return (self, *self.older)
+
+    def as_version(self) -> RingDoc:
+        """This ring as one entry of ``older``: its nodes and ``since_ms`` alone."""
+        return RingDoc(self.version, self.nodes, since_ms=self.since_ms)
+
+    def settled(self) -> RingDoc:
+        """The ring with its versions but without a change in progress (the fence's ring)."""
+        return RingDoc(self.version, self.nodes, since_ms=self.since_ms, older=self.older)
+
+    def all_nodes(self) -> list[NodeSpec]:
+        """Every node a packet or user may be on: of every version, and of the previous ring
+        during a change (newest first, each name once)."""
+        found: dict[str, NodeSpec] = {}
+        docs = [*self.versions()]
+        if self.previous is not None:
+            docs += self.previous.versions()
+        for doc in docs:
+            for spec in doc.nodes:
+                found.setdefault(spec.name, spec)
+        return list(found.values())
+
     def node(self, name: str) -> NodeSpec | None:
-        """A node by name, in this ring or the previous one (a handoff may point at either)."""
-        for spec in self.nodes:
+        """A node by name, in any version of this ring or of the previous one (a handoff or
+        a draining shard may point at either)."""
+        for spec in self.all_nodes():
             if spec.name == name:
                 return spec
-        return self.previous.node(name) if self.previous else None
+        return None
 
     def as_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
             "version": self.version,
             "nodes": [n.as_dict() for n in self.nodes],
         }
+        if self.since_ms:
+            data["since_ms"] = self.since_ms
+        if self.older:
+            data["older"] = [v.as_dict() for v in self.older]
         if self.previous is not None:
             data["previous"] = self.previous.as_dict()
         if self.note:
@@ -148,11 +193,23 @@ class RingDoc:
             )
         previous = data.get("previous")
         note = data.get("note", "")
+        since_ms = data.get("since_ms", 0)
+        if not isinstance(since_ms, int) or since_ms < 0:
+            raise RingError("since_ms must be a non-negative integer (unix milliseconds)")
+        raw_older = data.get("older", [])
+        if not isinstance(raw_older, list):
+            raise RingError("older must be a list of ring versions")
+        older = tuple(cls.parse(v).as_version() for v in raw_older)
+        times = [since_ms, *(v.since_ms for v in older)]
+        if any(a <= b for a, b in itertools.pairwise(times)):
+            raise RingError("ring versions must be newest first, each with an earlier since_ms")
         doc = cls(
             version,
             tuple(nodes),
             cls.parse(previous) if previous else None,
             note if isinstance(note, str) else "",
+            since_ms,
+            older,
         )
         doc.ring()  # validates names
         return doc
@@ -177,3 +234,39 @@ class RingDoc:
         )
         tmp.write_text(body + "\n", "utf-8")
         tmp.replace(target)
+
+
+# -- routing: the one rule, used by gateways, nodes and tools ---------------------------------
+
+
+def placing_version(doc: RingDoc, packet_id: int) -> RingDoc:
+    """The version of ``doc`` that placed a packet: the newest whose ``since_ms`` is not after
+    the millisecond in the packet's id (ids older than every version: the oldest)."""
+    created_ms = IdGenerator.timestamp_ms(packet_id)
+    versions = doc.versions()
+    for version in versions:
+        if version.since_ms <= created_ms:
+            return version
+    return versions[-1]
+
+
+def packet_owner(doc: RingDoc, packet_id: int) -> NodeSpec:
+    """Where a packet lives once ``doc`` is settled: its placing version's hash owner."""
+    return placing_version(doc, packet_id).ring().owner(packet_id)
+
+
+def routing_doc(doc: RingDoc) -> RingDoc:
+    """The ring calls are routed by: the previous one while a change is in progress (every
+    packet and user is there, or that node knows where it went)."""
+    return doc.previous if doc.previous is not None else doc
+
+
+def route_packet(doc: RingDoc, packet_id: int) -> NodeSpec:
+    """The node a gateway (or a tool) calls first for a packet."""
+    return packet_owner(routing_doc(doc), packet_id)
+
+
+def route_user(doc: RingDoc, uid: int) -> NodeSpec:
+    """The node a gateway (or a node's relay) calls first for a user's own data: users follow
+    the newest version of the routing ring."""
+    return routing_doc(doc).ring().owner_of_key(user_key(uid))

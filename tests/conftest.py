@@ -410,11 +410,8 @@ class Cluster:
         return await self.call("POST", f"/v1/red-packets/{packet_id}/grab", uid)
 
     def nodes(self) -> list[NodeSpec]:
-        doc = self.ring()
-        nodes = list(doc.nodes)
-        if doc.previous is not None:
-            nodes += [n for n in doc.previous.nodes if n.name not in {m.name for m in nodes}]
-        return nodes
+        """Every node of every ring version, and of the previous ring during a change."""
+        return self.ring().all_nodes()
 
     async def check(self, observed: list[Observed] | None = None, settle_s: float = 15.0) -> Report:
         doc = self.ring()

@@ -40,6 +40,8 @@ class Load:
     mismatches: list[str] = field(default_factory=list)
     statuses: Counter[int] = field(default_factory=Counter)
     codes: Counter[str] = field(default_factory=Counter)
+    messages: Counter[str] = field(default_factory=Counter)
+    failed_at: list[float] = field(default_factory=list)  # time.monotonic() of each failure
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def _worker(self, seed: int) -> None:
@@ -56,7 +58,10 @@ class Load:
                 if first != body["amount"]:
                     self.mismatches.append(f"{packet_id}/{uid}: {first} then {body['amount']}")
             elif status != 410:
-                self.codes[str((body or {}).get("error", {}).get("code", status))] += 1
+                error = (body or {}).get("error", {})
+                self.codes[str(error.get("code", status))] += 1
+                self.messages[str(error.get("message", ""))] += 1
+                self.failed_at.append(time.monotonic())
             await asyncio.sleep(rng.random() * 0.01)
 
     def start(self) -> asyncio.Future[list[None]]:

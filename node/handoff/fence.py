@@ -23,7 +23,7 @@ from redpacket.core.errors import ApiError
 from redpacket.core.errors import unavailable as unavailable_error
 from redpacket.node.ledger import PacketRow
 from redpacket.node.shard import Shard, moved
-from redpacket.sharding.ring import NodeSpec, Ring, RingDoc, RingError, user_key
+from redpacket.sharding.ring import NodeSpec, Ring, RingDoc, RingError, packet_owner, user_key
 
 log = logging.getLogger("redpacket.node.handoff")
 
@@ -107,18 +107,32 @@ class Fence:
         owner = self.owner_elsewhere(key)
         return moved(owner.name, owner.url) if owner is not None else None
 
+    def packet_elsewhere(self, packet_id: int) -> ApiError | None:
+        owner = self.packet_owner_elsewhere(packet_id)
+        return moved(owner.name, owner.url) if owner is not None else None
+
     def owner_elsewhere(self, key: str) -> NodeSpec | None:
-        """The owner the fence ring gives ``key``, if that is another node; else None."""
+        """The owner the fence ring's newest version gives ``key`` (a user's key), if that is
+        another node; else None."""
         if self._fence_ring is None:
             return None
         owner = self._fence_ring.owner_of_key(key)
+        return None if owner.name == self.name else owner
+
+    def packet_owner_elsewhere(self, packet_id: int) -> NodeSpec | None:
+        """The owner the fence ring gives a packet (by the version that places it, so a
+        packet created after a version's ``since_ms`` belongs to that version's owner), if
+        that is another node; else None."""
+        if self.fence is None:
+            return None
+        owner = packet_owner(self.fence, packet_id)
         return None if owner.name == self.name else owner
 
     async def existing_for_create(self, packet_id: int) -> PacketRow | None:
         err = await self.moved(packet_id)
         if err is not None:
             raise err
-        owner = self.owner_elsewhere(str(packet_id))
+        owner = self.packet_owner_elsewhere(packet_id)
         if owner is None:
             return None
         row = await self.shard.ledger.get_packet(packet_id)
@@ -150,7 +164,7 @@ class Fence:
             raise HandoffConflict(
                 f"this node is fenced with ring version {self.fence.version} > {doc.version}"
             )
-        body = orjson.dumps(RingDoc(doc.version, doc.nodes).as_dict()).decode()
+        body = orjson.dumps(doc.settled().as_dict()).decode()
         async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
             await cur.execute(
                 "INSERT INTO shard_ring (id, version, ring_json) VALUES (1, %s, %s) "
@@ -158,7 +172,7 @@ class Fence:
                 (doc.version, body),
             )
             await conn.commit()
-        self._set_fence(RingDoc(doc.version, doc.nodes))
+        self._set_fence(doc.settled())
         # wait for what started before the fence (it may not have seen it); not for later ones
         self._epoch += 1
         self._drained.clear()

@@ -12,6 +12,7 @@ from redpacket.core.body import read_json_object
 from redpacket.core.errors import bad_request, json_response
 from redpacket.core.errors import unavailable as unavailable_error
 from redpacket.core.ids import parse_packet_id, parse_uid
+from redpacket.node.handoff.batch import MAX_BATCH, PacketBatches
 from redpacket.node.handoff.fence import Fence
 from redpacket.node.handoff.keys import KeyMoves
 from redpacket.node.handoff.packets import PacketMoves
@@ -27,6 +28,7 @@ class Handoff:
     fence: Fence
     packets: PacketMoves
     keys: KeyMoves
+    batches: PacketBatches
 
     @property
     def name(self) -> str:
@@ -96,6 +98,53 @@ async def _step(request: web.Request, step: str) -> web.Response:
     return json_response({"state": state})
 
 
+def _ids(body: dict[str, Any]) -> list[int]:
+    raw = body.get("ids")
+    if not isinstance(raw, list) or not 0 < len(raw) <= MAX_BATCH:
+        raise bad_request("invalid_field", f"ids must be a list of 1 to {MAX_BATCH} packet ids")
+    ids = [parse_uid(i) for i in raw]  # same range as a user id: 1..2^63-1
+    if any(i is None for i in ids):
+        raise bad_request("invalid_field", "ids must be packet ids")
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+async def batch_step(request: web.Request) -> web.Response:
+    """One handoff step for a batch of packets between the same two nodes (batch.py)."""
+    batches = request.app[HANDOFF].batches
+    step = request.match_info["step"]
+    body = await read_json_object(request)
+    try:
+        if step == "export":
+            results = await batches.export(
+                _ids(body), _name(body, "to"), _int(body, "ring_version")
+            )
+        elif step == "import":
+            exports = body.get("exports")
+            if not isinstance(exports, list) or not 0 < len(exports) <= MAX_BATCH:
+                raise bad_request("invalid_field", "exports must be a list of exports")
+            try:
+                results = await batches.import_(
+                    exports, _name(body, "from"), _int(body, "ring_version")
+                )
+            except (KeyError, TypeError, ValueError, IndexError) as exc:
+                raise bad_request("invalid_field", f"malformed export: {exc}") from None
+        elif step == "activate":
+            results = await batches.activate(_ids(body))
+        elif step == "finish":
+            url = body.get("owner_url", "")
+            results = await batches.finish(
+                _ids(body),
+                _name(body, "owner"),
+                url if isinstance(url, str) else "",
+                _int(body, "ring_version"),
+            )
+        else:
+            raise bad_request("invalid_step", f"no batched handoff step {step!r}")
+    except pymysql.err.OperationalError as exc:
+        raise unavailable_error(f"the shard's database refused: {exc.args[:1]}") from None
+    return json_response({"results": {str(i): r for i, r in results.items()}})
+
+
 def _step_handler(step: str) -> Any:
     """The route handler of one handoff step (they differ only in the step they run)."""
 
@@ -117,6 +166,16 @@ async def list_packets(request: web.Request) -> web.Response:
             "next": str(rows[-1][0]) if len(rows) == limit else None,
         }
     )
+
+
+async def live_packets(request: web.Request) -> web.Response:
+    """``{"live": n}``: packets of ``from_id <= id < before_id`` not yet expired and settled
+    (does a ring version still serve anything here?)."""
+    handoff = request.app[HANDOFF]
+    query = dict(request.query)
+    from_id, before_id = _int(query, "from_id", 0), _int(query, "before_id", 2**63 - 1)
+    live = await handoff.packets.live(from_id, before_id)
+    return json_response({"node": handoff.name, "live": live})
 
 
 async def get_fence(request: web.Request) -> web.Response:
@@ -232,12 +291,14 @@ ROUTES = [
     web.put(f"{PREFIX}/ring", put_fence),
     web.delete(f"{PREFIX}/ring", delete_fence),
     web.get(f"{PREFIX}/packets", list_packets),
+    web.get(f"{PREFIX}/live", live_packets),
     web.post(f"{PREFIX}/packets/{{id}}/export", _step_handler("export")),
     web.post(f"{PREFIX}/packets/{{id}}/import", _step_handler("import")),
     web.post(f"{PREFIX}/packets/{{id}}/activate", _step_handler("activate")),
     web.post(f"{PREFIX}/packets/{{id}}/finish", _step_handler("finish")),
     web.post(f"{PREFIX}/packets/{{id}}/abort", _step_handler("abort")),
     web.post(f"{PREFIX}/packets/{{id}}/discard", _step_handler("discard")),
+    web.post(f"{PREFIX}/batches/{{step}}", batch_step),
     web.get(f"{PREFIX}/idempotency-keys", list_keys),
     web.post(f"{PREFIX}/idempotency-keys", import_keys),
     web.post(f"{PREFIX}/idempotency-keys/release", release_keys),
@@ -252,4 +313,5 @@ async def start(shard: Shard, name: str) -> Handoff:
     fence = Fence(shard, name)
     await fence.load()
     shard.placement = fence
-    return Handoff(fence, PacketMoves(fence), KeyMoves(fence))
+    packets = PacketMoves(fence)
+    return Handoff(fence, packets, KeyMoves(fence), PacketBatches(packets))

@@ -45,14 +45,18 @@ class KeyMoves:
                     "VALUES (%s, %s, %s, %s, %s)",
                     [(u, k, h, p, to_datetime(t)) for u, k, h, p, t in rows],
                 )
-                for uid, key, request_hash, packet_id, _ in rows:
+                bound: dict[tuple[int, str], tuple[str, int]] = {}
+                if rows:  # what each key is bound to here now: one query for the batch
+                    marks = ", ".join(["(%s, %s)"] * len(rows))
                     await cur.execute(
-                        "SELECT request_hash, red_packet_id FROM idempotency_key "
-                        "WHERE uid = %s AND idem_key = %s",
-                        (uid, key),
+                        "SELECT uid, idem_key, request_hash, red_packet_id FROM idempotency_key "
+                        f"WHERE (uid, idem_key) IN ({marks})",
+                        [v for u, k, *_ in rows for v in (u, k)],
                     )
-                    found = await cur.fetchone()
-                    if found is None or (str(found[0]), int(found[1])) != (request_hash, packet_id):
+                    for uid, key, request_hash, packet_id in await cur.fetchall():
+                        bound[(int(uid), str(key))] = (str(request_hash), int(packet_id))
+                for uid, key, request_hash, packet_id, _ in rows:
+                    if bound.get((uid, key)) != (request_hash, packet_id):
                         conflicts.append((uid, key))
                 await conn.commit()
             except BaseException:
@@ -68,11 +72,12 @@ class KeyMoves:
         deleted = 0
         async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
             try:
-                for uid, key, request_hash, packet_id in leaving:
-                    deleted += await cur.execute(
-                        "DELETE FROM idempotency_key WHERE uid = %s AND idem_key = %s "
-                        "AND request_hash = %s AND red_packet_id = %s",
-                        (uid, key, request_hash, packet_id),
+                if leaving:  # one statement for the batch
+                    marks = ", ".join(["(%s, %s, %s, %s)"] * len(leaving))
+                    deleted = await cur.execute(
+                        "DELETE FROM idempotency_key "
+                        f"WHERE (uid, idem_key, request_hash, red_packet_id) IN ({marks})",
+                        [v for row in leaving for v in row],
                     )
                 await conn.commit()
             except BaseException:

@@ -117,6 +117,29 @@ def _packet_from_json(data: dict[str, Any]) -> PacketRow:
     )
 
 
+Records = list[tuple[int, int, str, str, int]]
+
+
+def parse_export(
+    payload: dict[str, Any],
+) -> tuple[PacketRow, Records, tuple[int, int, int] | None]:
+    """An export's packet, records and refund, checked to add up (400 otherwise)."""
+    packet = _packet_from_json(payload["packet"])
+    if packet.status not in STATUSES:
+        raise bad_request("invalid_field", f"cannot import a packet in status {packet.status}")
+    records = [
+        (int(uid), int(amount), str(nick), str(img), int(ms))
+        for uid, amount, nick, img, ms in payload["records"]
+    ]
+    raw_refund = payload.get("refund")
+    refund = (int(raw_refund[0]), int(raw_refund[1]), int(raw_refund[2])) if raw_refund else None
+    if len(records) + packet.remaining_packet != packet.total_packet or (
+        sum(r[1] for r in records) + packet.remaining_amount != packet.total_amount
+    ):
+        raise bad_request("invalid_field", "the exported records do not add up")
+    return packet, records, refund
+
+
 class PacketMoves:
     """The handoff steps of one node (see the module docstring)."""
 
@@ -124,7 +147,7 @@ class PacketMoves:
         self.fence = fence
         self.shard = fence.shard
         self.name = fence.name
-        self._drop = fence.shard.counters.client.register_script(
+        self.drop_script = self._drop = fence.shard.counters.client.register_script(
             Path(__file__).parent.parent.joinpath("drop.lua").read_text("utf-8")
         )
 
@@ -152,6 +175,20 @@ class PacketMoves:
             rows = await cur.fetchall()
             await conn.rollback()
         return [(int(pid), direction or "active", peer) for pid, direction, peer in rows]
+
+    async def live(self, from_id: int, before_id: int) -> int:
+        """How many packets with ``from_id <= id < before_id`` are still live here: not yet
+        expired, or expired but not settled (an active one awaits its refund; a moving one is
+        in a handoff). A ring version retires once none of its packets is live anywhere."""
+        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "SELECT COUNT(*) FROM red_packet_info WHERE red_packet_id >= %s "
+                "AND red_packet_id < %s AND (status IN ('active', %s) OR expire_time > %s)",
+                (from_id, before_id, MOVING, to_datetime(now_ms())),
+            )
+            (count,) = await cur.fetchone()
+            await conn.rollback()
+        return int(count)
 
     # -- export (old owner) ---------------------------------------------------------------
 
@@ -304,21 +341,7 @@ class PacketMoves:
 
     async def import_(self, payload: dict[str, Any], peer: str, ring_version: int) -> str:
         self.fence.current(ring_version)
-        packet = _packet_from_json(payload["packet"])
-        if packet.status not in STATUSES:
-            raise bad_request("invalid_field", f"cannot import a packet in status {packet.status}")
-        records = [
-            (int(uid), int(amount), str(nick), str(img), int(ms))
-            for uid, amount, nick, img, ms in payload["records"]
-        ]
-        raw_refund = payload.get("refund")
-        refund = (
-            (int(raw_refund[0]), int(raw_refund[1]), int(raw_refund[2])) if raw_refund else None
-        )
-        if len(records) + packet.remaining_packet != packet.total_packet or (
-            sum(r[1] for r in records) + packet.remaining_amount != packet.total_amount
-        ):
-            raise bad_request("invalid_field", "the exported records do not add up")
+        packet, records, refund = parse_export(payload)
         async with self.shard.packet_lock(packet.red_packet_id):
             return await self._stage(packet, records, refund, peer, ring_version)
 

@@ -1,0 +1,267 @@
+"""``redpacket rebalance bench``: what a ring change costs a live cluster.
+
+Against a running local cluster (``redpacket dev up --cluster NAME``) it seeds many red
+packets straight into the shards' ledgers (as a day of traffic would have left them), runs
+an open load and a trickle of creates through the gateway, and changes the ring in the middle
+(``add --no-move``, ``add`` or ``remove``). It reports:
+
+- how long after the change began the first new packet was created on the new shard;
+- red packets and users moved per second (and for how long);
+- the open latency (p50/p99) before, during and after the change.
+
+Seeding writes the rows the create path would (``red_packet_info`` on each packet's owner,
+``user_sent`` on each sender's owner) in multi-row INSERTs: 100,000 packets take seconds,
+where creating them through the API would take minutes. Redis is filled lazily: the first
+open of a packet loads it from MySQL, exactly as after a Redis restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import random
+import secrets
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from redpacket.core.ids import IdGenerator
+from redpacket.gateway.auth import mint_token
+from redpacket.node.history import year_of
+from redpacket.node.ledger import (
+    PACKET_COLUMNS,
+    PACKET_PLACEHOLDERS,
+    PacketRow,
+    connect_one,
+    packet_values,
+    to_datetime,
+)
+from redpacket.sharding.ring import RingDoc, packet_owner, user_key
+
+SEED_CHUNK = 2000  # rows per multi-row INSERT
+
+
+async def seed_packets(
+    doc: RingDoc,
+    count: int,
+    *,
+    senders: int = 1000,
+    expire_s: int = 86_400,
+    shares: int = 10,
+    amount: int = 1000,
+    sender_base: int = 1_000_000,
+) -> list[int]:
+    """Write ``count`` fresh red packets (and their senders' history) into their owners'
+    ledgers, as ``doc`` places them; their ids, oldest first."""
+    ids = IdGenerator(secrets.randbelow(1024))
+    now_ms = int(time.time() * 1000)
+    packets: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
+    sent: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
+    made: list[int] = []
+    urls = {n.name: n.mysql for n in doc.all_nodes()}
+    for n in range(count):
+        packet_id, sender = ids.next_id(), sender_base + n % senders
+        row = PacketRow(
+            packet_id, sender, amount, shares, amount, shares, "seeded", "active",
+            secrets.token_hex(8), now_ms, now_ms + expire_s * 1000,
+        )  # fmt: skip
+        packets[packet_owner(doc, packet_id).name].append(packet_values(row))
+        owner = doc.ring().owner_of_key(user_key(sender)).name
+        sent[owner].append(
+            (sender, packet_id, year_of(now_ms), "lucky", amount, shares, "seeded",
+             to_datetime(now_ms), to_datetime(row.expire_time_ms))
+        )  # fmt: skip
+        made.append(packet_id)
+    await asyncio.gather(
+        *(_insert(urls[name], _PACKET_SQL, rows) for name, rows in packets.items()),
+        *(_insert(urls[name], _SENT_SQL, rows) for name, rows in sent.items()),
+    )
+    return made
+
+
+_PACKET_SQL = f"INSERT INTO red_packet_info ({PACKET_COLUMNS}) VALUES ({PACKET_PLACEHOLDERS})"
+_SENT_SQL = (
+    "INSERT INTO user_sent (uid, red_packet_id, year, kind, total_amount, total_packet, "
+    "greeting, create_time, expire_time) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+
+
+async def _insert(mysql_url: str | None, statement: str, rows: list[tuple[Any, ...]]) -> None:
+    assert mysql_url, "seeding needs every node's mysql URL in the ring"
+    conn = await connect_one(mysql_url)
+    try:
+        async with conn.cursor() as cur:
+            for start in range(0, len(rows), SEED_CHUNK):
+                await cur.executemany(statement, rows[start : start + SEED_CHUNK])
+                await conn.commit()
+    finally:
+        conn.close()
+
+
+# -- the load ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Probe:
+    """Opens of seeded packets and a trickle of creates, each timed, until stopped."""
+
+    gateway_url: str
+    jwt_secret: str
+    packets: list[int]
+    workers: int = 8
+    create_every_s: float = 0.1
+    opens: list[tuple[float, float, int]] = field(default_factory=list)  # (at, latency, status)
+    creates: list[tuple[float, int]] = field(default_factory=list)  # (answered at, id)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _tokens: dict[int, str] = field(default_factory=dict)
+
+    def _auth(self, uid: int) -> dict[str, str]:
+        if uid not in self._tokens:
+            self._tokens[uid] = mint_token(self.jwt_secret, uid, f"user{uid}")
+        return {"Authorization": f"Bearer {self._tokens[uid]}"}
+
+    async def _opener(self, session: aiohttp.ClientSession, seed: int) -> None:
+        rng = random.Random(seed)
+        while not self.stop.is_set():
+            packet_id, uid = rng.choice(self.packets), rng.randint(1, 50_000)
+            started = time.monotonic()
+            url = f"{self.gateway_url}/v1/red-packets/{packet_id}/open"
+            try:
+                async with session.post(url, headers=self._auth(uid)) as resp:
+                    await resp.read()
+                    status = resp.status
+            except (aiohttp.ClientError, TimeoutError):
+                status = 599
+            self.opens.append((started, time.monotonic() - started, status))
+
+    async def _creator(self, session: aiohttp.ClientSession) -> None:
+        n = 0
+        while not self.stop.is_set():
+            body = {"total_amount": 100, "total_packet": 1}
+            url = f"{self.gateway_url}/v1/red-packets"
+            try:
+                async with session.post(url, json=body, headers=self._auth(9_000 + n % 100)) as r:
+                    answer = await r.json(content_type=None)
+                    if r.status == 201:
+                        self.creates.append((time.monotonic(), int(answer["red_packet_id"])))
+            except (aiohttp.ClientError, TimeoutError, ValueError, KeyError):
+                pass
+            n += 1
+            await asyncio.sleep(self.create_every_s)
+
+    async def run(self) -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            await asyncio.gather(
+                *(self._opener(session, i) for i in range(self.workers)), self._creator(session)
+            )
+
+    def latency_ms(self, start: float, end: float) -> dict[str, float | int]:
+        """p50/p99 (ms) of the opens that started in ``[start, end)``, and how many failed."""
+        window = sorted(lat for at, lat, status in self.opens if start <= at < end)
+        failed = sum(1 for at, _, status in self.opens if start <= at < end and status >= 500)
+        if not window:
+            return {"opens": 0, "failed_5xx": failed}
+        pick = lambda q: round(window[min(len(window) - 1, int(q * len(window)))] * 1000, 1)  # noqa: E731
+        return {
+            "opens": len(window),
+            "p50_ms": pick(0.5),
+            "p99_ms": pick(0.99),
+            "failed_5xx": failed,
+        }
+
+
+def first_on(node_ids: set[int], creates: list[tuple[float, int]], since: float) -> float | None:
+    """Seconds from ``since`` until the first create answered from ``node_ids`` was made."""
+    times = [at - since for at, packet_id in creates if packet_id in node_ids and at >= since]
+    return round(min(times), 2) if times else None
+
+
+def report_json(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=2, default=str)
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+# -- the benchmark ----------------------------------------------------------------------------
+
+
+async def run_bench(
+    rebalancer: Any,
+    state: dict[str, Any],
+    *,
+    mode: str,
+    node: str,
+    packets: int,
+    senders: int,
+    phase_s: float,
+) -> dict[str, Any]:
+    """Seed, then measure opens for ``phase_s`` before, during and after one ring change
+    (``mode``: add-no-move, add or remove) made by ``rebalancer`` (a Rebalancer)."""
+    doc = await rebalancer.backend.read_ring()
+    started = time.monotonic()
+    seeded = await seed_packets(doc, packets, senders=senders)
+    seed_s = time.monotonic() - started
+    probe = Probe(state["gateway"]["url"], state["jwt_secret"], seeded)
+    load = asyncio.ensure_future(probe.run())
+    await asyncio.sleep(phase_s)
+    change_started = time.monotonic()
+    if mode == "remove":
+        rc = await rebalancer.remove(node)
+    else:
+        rc = await rebalancer.add(node, move=(mode == "add"))
+    change_ended = time.monotonic()
+    await asyncio.sleep(phase_s)
+    probe.stop.set()
+    await load
+    final = await rebalancer.backend.read_ring()
+    target = final.node(node)
+    on_new: set[int] = set()
+    if target is not None and mode != "remove":
+        ids = [pid for _, pid in probe.creates]
+        on_new = await _held_by(target.mysql, ids)
+    timings = rebalancer.timings
+    return {
+        "when": utc_now(),
+        "mode": mode,
+        "node": node,
+        "exit_code": rc,
+        "seeded_packets": packets,
+        "seeded_per_s": round(packets / seed_s) if seed_s else None,
+        "change_s": round(change_ended - change_started, 2),
+        "first_create_on_new_shard_s": first_on(on_new, probe.creates, change_started),
+        "packets_moved": rebalancer.moved_packets,
+        "packets_per_s": _rate(rebalancer.moved_packets, timings.get("packets_s")),
+        "users_moved": rebalancer.moved_users,
+        "users_per_s": _rate(rebalancer.moved_users, timings.get("users_s")),
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "open_before": probe.latency_ms(started, change_started),
+        "open_during": probe.latency_ms(change_started, change_ended),
+        "open_after": probe.latency_ms(change_ended, time.monotonic()),
+        "creates": len(probe.creates),
+    }
+
+
+def _rate(count: int, seconds: float | None) -> float | None:
+    return round(count / seconds, 1) if count and seconds else None
+
+
+async def _held_by(mysql_url: str | None, ids: list[int]) -> set[int]:
+    if not ids or not mysql_url:
+        return set()
+    conn = await connect_one(mysql_url)
+    try:
+        async with conn.cursor() as cur:
+            marks = ", ".join(["%s"] * len(ids))
+            await cur.execute(
+                f"SELECT red_packet_id FROM red_packet_info WHERE red_packet_id IN ({marks})",
+                tuple(ids),
+            )
+            return {int(r[0]) for r in await cur.fetchall()}
+    finally:
+        conn.close()
