@@ -60,11 +60,7 @@ def _cluster_pids(cluster: Any) -> dict[str, int]:
 
 
 def _ring_nodes(ring_file: str) -> list[NodeSpec]:
-    doc = RingDoc.load(Path(ring_file))
-    nodes = list(doc.nodes)
-    if doc.previous is not None:
-        nodes += [n for n in doc.previous.nodes if n.name not in {m.name for m in nodes}]
-    return nodes
+    return RingDoc.load(Path(ring_file)).all_nodes()  # every version's shards, draining ones too
 
 
 async def start_target(args: argparse.Namespace) -> Target:

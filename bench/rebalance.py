@@ -29,7 +29,7 @@ from typing import Any
 
 import aiohttp
 
-from redpacket.core.ids import IdGenerator
+from redpacket.core.ids import IdGenerator, snowflake_of
 from redpacket.gateway.auth import mint_token
 from redpacket.node.history import year_of
 from redpacket.node.ledger import (
@@ -147,7 +147,9 @@ class Probe:
                 async with session.post(url, json=body, headers=self._auth(9_000 + n % 100)) as r:
                     answer = await r.json(content_type=None)
                     if r.status == 201:
-                        self.creates.append((time.monotonic(), int(answer["red_packet_id"])))
+                        self.creates.append(
+                            (time.monotonic(), snowflake_of(answer["red_packet_id"]))
+                        )
             except (aiohttp.ClientError, TimeoutError, ValueError, KeyError):
                 pass
             n += 1

@@ -193,9 +193,7 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
         say("chaos: load stopped, everything healed; judging")
         await answers_ready(cluster.gateway_url, 120, ALL_SHARDS_READY)
         doc = RingDoc.load(cluster.ring_file)
-        nodes = list(doc.nodes)
-        if doc.previous is not None:
-            nodes += [n for n in doc.previous.nodes if n.name not in {m.name for m in nodes}]
+        nodes = doc.all_nodes()  # every version's shards, a draining one too
         records = nemesis.records
         last_heal_s = max((r.healed_at for r in records if r.healed_at is not None), default=0.0)
         verdict: Verdict = await judge(

@@ -16,7 +16,7 @@ from typing import Any
 
 from redpacket.bench.rebalance import seed_packets
 from redpacket.cli.check import Observed
-from redpacket.core.ids import MAX_ID, IdGenerator
+from redpacket.core.ids import MAX_ID, IdGenerator, snowflake_of
 from redpacket.sharding.client import NodeClient
 from redpacket.sharding.ring import NodeSpec, RingDoc, packet_owner
 from tests.conftest import Cluster
@@ -108,9 +108,9 @@ class Creator:
             )
             self.answers[status] += 1
             if status == 201:
-                packet_id = int(body["red_packet_id"])
+                packet_id = snowflake_of(body["red_packet_id"])
                 self.created.append((time.time(), packet_id))
-                status, body = await self.cluster.open(str(packet_id), 1)
+                status, body = await self.cluster.open(body["red_packet_id"], 1)
                 self.answers[status] += 1
                 if status == 200:
                     self.opens.append(Observed(packet_id, 1, body["amount"]))
