@@ -263,7 +263,7 @@ async def test_scale_2_to_3_to_2_under_an_open_load(make_cluster: Any) -> None:
                 status, body = await cluster.open(body["red_packet_id"], 1)
                 create_answers[status] += 1
                 if status == 200:
-                    fresh_opens.append(Observed(int(created[-1]), 1, body["amount"]))
+                    fresh_opens.append(Observed(snowflake_of(created[-1]), 1, body["amount"]))
             i += 1
             await asyncio.sleep(0.01)
 
@@ -343,7 +343,7 @@ async def leave_half_done(
     nodes = {n.name: n for n in (*doc.nodes, *doc.previous.nodes)}
     target = doc.ring()
     picked = []
-    for packet_id in map(int, packet_ids):
+    for packet_id in map(snowflake_of, packet_ids):
         owner = target.owner(snowflake_of(packet_id)).name
         holder = next((n for n, packets in held.items() if packet_id in packets), owner)
         if holder != owner and held[holder][packet_id] != "moving":

@@ -132,7 +132,7 @@ async def test_add_no_move_places_only_new_packets_and_a_drained_shard_stops_onc
     first_real = IdGenerator.first_id_at(int(time.time() * 1000))  # seeded ones are older
     keyed = await keyed_creates(cluster, range(9001, 9011))
     real = await create_many(cluster, 30, amount=10_000, shares=100)
-    load = Load(cluster, real + [str(p) for p in seeded[:: SEEDED // 200]], users=150)
+    load = Load(cluster, real + [cluster.public_id(p) for p in seeded[:: SEEDED // 200]], users=150)
     creator = Creator(cluster)
     task = asyncio.gather(load.start(), creator.run())
     await asyncio.sleep(1.0)
@@ -158,7 +158,7 @@ async def test_add_no_move_places_only_new_packets_and_a_drained_shard_stops_onc
     for node in doc.all_nodes():
         assert node.mysql and await query(node.mysql, "SELECT * FROM red_packet_tombstone") == []
     for packet_id in seeded[1 :: SEEDED // 20]:  # old packets are still served where they are
-        status, body = await cluster.open(str(packet_id), 4242)
+        status, body = await cluster.open(cluster.public_id(packet_id), 4242)
         assert status == 200, body
         load.amounts[(packet_id, 4242)] = body["amount"]
     print(f"add --no-move with {SEEDED} packets: since_ms {doc.since_ms - began_ms} ms after")
@@ -185,7 +185,7 @@ async def test_add_no_move_places_only_new_packets_and_a_drained_shard_stops_onc
     assert set(creator.answers) <= {200, 201}, creator.answers
     await assert_every_packet_on_its_version_owner(cluster)
     for _, packet_id in creator.created[-5:]:  # refunded, still answered with their records
-        assert await records_via_gateway(cluster, str(packet_id)) is not None
+        assert await records_via_gateway(cluster, cluster.public_id(packet_id)) is not None
     await assert_keys_and_history_follow_users(cluster, keyed)
     await wait_for(lambda: _all_settled(cluster, first_real), timeout_s=60, what="the refunds")
     await cluster.check(load.observed + creator.opens)
@@ -213,7 +213,7 @@ async def test_remove_move_killed_then_rolled_back_then_resumed_under_load(
     keyed = await keyed_creates(cluster, range(9101, 9121))
     packets = await create_many(cluster, 300, amount=10_000, shares=100)
     seeded = await seed_packets(cluster.ring(), 3000, senders=300, expire_s=3600)
-    load = Load(cluster, packets + [str(p) for p in seeded[::30]], users=150)
+    load = Load(cluster, packets + [cluster.public_id(p) for p in seeded[::30]], users=150)
     task = load.start()
     await asyncio.sleep(0.5)
     shard_2 = cluster.ring().nodes[2]
@@ -258,7 +258,7 @@ async def test_remove_move_killed_then_rolled_back_then_resumed_under_load(
     print(f"opens: {load.statuses}, failures: {load.messages}")
     assert not load.mismatches, load.mismatches[:10]
     held = await assert_every_packet_on_its_version_owner(cluster)
-    assert {int(p) for p in packets} | set(seeded) <= set().union(*held.values())
+    assert {snowflake_of(p) for p in packets} | set(seeded) <= set().union(*held.values())
     await assert_keys_and_history_follow_users(cluster, keyed)
     await cluster.check(load.observed)
 
