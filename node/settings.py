@@ -56,6 +56,8 @@ class NodeSettings:
     ring_file: str = ""  # the ring, to find the shard owning a user's history ("": this one)
     # how long the history relay sleeps when its outbox is empty (half that after a delivery)
     history_relay_idle_s: float = 0.1
+    # a create's hold still open this long is asked about (node/wallet/holds.py)
+    wallet_hold_timeout_s: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> NodeSettings:
@@ -119,6 +121,9 @@ class NodeSettings:
             ring_file=env_str(env, "REDPACKET_RING_FILE", cls.ring_file),
             history_relay_idle_s=env_float(
                 env, "REDPACKET_HISTORY_RELAY_IDLE_S", cls.history_relay_idle_s
+            ),
+            wallet_hold_timeout_s=env_float(
+                env, "REDPACKET_WALLET_HOLD_TIMEOUT_S", cls.wallet_hold_timeout_s
             ),
         )
         if not settings.node_secret:
