@@ -147,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--gateway-workers", type=int, default=1, help="gateway processes sharing the port"
     )
+    p.add_argument(
+        "--starting-balance",
+        type=int,
+        default=None,
+        metavar="CENTS",
+        help="every user's wallet starts with this (a grant; default: "
+        "REDPACKET_DEV_STARTING_BALANCE, else 10000000)",
+    )
     _cluster_args(p)
     p.set_defaults(func=_dev)
 

@@ -31,6 +31,7 @@ from redpacket.gateway.link import Links
 from redpacket.gateway.ratelimit import RateLimiter
 from redpacket.gateway.settings import GatewaySettings
 from redpacket.gateway.shards import RingWatcher, Shards
+from redpacket.gateway.wallet import add_wallet_routes
 from redpacket.gateway.webapp import add_page_routes
 from redpacket.sharding.ring import RingDoc
 
@@ -122,5 +123,6 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app[OPEN_LIMIT] = RateLimiter(settings.open_per_s, settings.open_burst)
     app.cleanup_ctx.append(shards_ctx)
     app.add_routes(ROUTES)
+    add_wallet_routes(app, settings.payments_secret)  # the wallet (gateway/wallet.py)
     add_page_routes(app, settings.dev_login)  # /app/, not part of the API (openapi.json)
     return app

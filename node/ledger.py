@@ -58,6 +58,10 @@ class IdCollision(Exception):
     """A create reused an existing red_packet_id with a different creation token."""
 
 
+class CreateAbandoned(Exception):
+    """A create whose hold the wallet's sweeper released (node/wallet/abandon.py): refused."""
+
+
 def to_datetime(ms: int) -> dt.datetime:
     return _EPOCH + dt.timedelta(milliseconds=ms)
 

@@ -23,12 +23,8 @@ import datetime as dt
 
 import aiomysql
 
-from redpacket.node.ledger import Ledger, retry_lock_conflicts
+from redpacket.node.ledger import CreateAbandoned, Ledger, retry_lock_conflicts
 from redpacket.node.shard import Shard
-
-
-class CreateAbandoned(Exception):
-    """A create whose token the wallet's sweeper gave up on: refused, its money went back."""
 
 
 async def refuse_abandoned(cur: aiomysql.Cursor, packet_id: int) -> None:
