@@ -86,8 +86,8 @@ def _balances(txns: list[tuple[Any, ...]], wallets: list[tuple[Any, ...]]) -> li
         if int(uid) not in last or int(tid) > last[int(uid)][0]:
             last[int(uid)] = (int(tid), int(after))
     copies = Counter(int(u) for u, _ in wallets)
-    for uid, balance in wallets:
-        uid = int(uid)
+    for raw_uid, balance in wallets:
+        uid = int(raw_uid)
         if copies[uid] > 1:
             out.append(f"user {uid}: the wallet is on {copies[uid]} shards")
         if int(balance) < 0 or int(balance) != total[uid]:
