@@ -176,6 +176,9 @@ async def mysql_databases() -> AsyncIterator[Any]:
 # -- one node, in process -------------------------------------------------------------------
 
 
+TEST_GRANT = 10_000_000  # what a sender's wallet starts with in node tests (as in dev clusters)
+
+
 @dataclass
 class NodeHandle:
     """A shard node served on a real socket, plus direct access to its stores for checks."""
@@ -211,7 +214,10 @@ class NodeHandle:
     async def create(
         self, total_amount: int, total_packet: int, *, uid: int = 1, expire_seconds: int = 3600
     ) -> int:
-        packet_id = IDS.next_id()
+        """A paid create, as the gateway makes it: hold (this node keeps every user when it
+        has no ring), create, confirm."""
+        packet_id, token = IDS.next_id(), secrets.token_hex(16)
+        await self.hold(uid, total_amount, token, packet_id)
         status, body = await self.call(
             "POST",
             "/internal/v1/packets",
@@ -221,11 +227,34 @@ class NodeHandle:
                 "total_amount": total_amount,
                 "total_packet": total_packet,
                 "expire_seconds": expire_seconds,
-                "create_token": secrets.token_hex(16),
+                "create_token": token,
             },
         )
         assert status == 201, body
+        await self.confirm(token)
         return packet_id
+
+    async def hold(self, uid: int, amount: int, token: str, packet_id: int) -> dict[str, Any]:
+        """Debit a create on this node, the wallet's shard (granting TEST_GRANT first)."""
+        status, body = await self.call(
+            "POST",
+            "/internal/v1/wallets/holds",
+            {
+                "create_token": token,
+                "uid": str(uid),
+                "amount": amount,
+                "red_packet_id": str(packet_id),
+                "starting_balance": TEST_GRANT,
+            },
+        )
+        assert status == 200, body
+        return body
+
+    async def confirm(self, token: str) -> None:
+        status, body = await self.call(
+            "POST", "/internal/v1/wallets/holds/confirm", {"create_token": token}
+        )
+        assert status == 200, body
 
     async def open(self, packet_id: int, uid: int, nick: str = "") -> tuple[int, Any]:
         return await self.call(

@@ -8,6 +8,7 @@ a hold by its create token, a top-up by its topup_id, a release by the hold it r
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -56,6 +57,25 @@ async def transaction(ledger: Ledger) -> AsyncIterator[aiomysql.Cursor]:
 class Wallets:
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
+        self._queues: dict[int, tuple[asyncio.Lock, list[int]]] = {}  # lock, its users
+
+    @contextlib.asynccontextmanager
+    async def one_at_a_time(self, uid: int) -> AsyncIterator[None]:
+        """The debits of one user wait their turn here, not holding a pooled connection
+        while blocked on the wallet's row lock (a sender creating hundreds of packets at once
+        would otherwise take every connection of the pool, and the opens need them)."""
+        queue = self._queues.get(uid)
+        if queue is None:
+            queue = self._queues[uid] = (asyncio.Lock(), [0])
+        lock, users = queue
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._queues[uid]
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -133,7 +153,7 @@ class Wallets:
         """Debit ``amount`` for the create ``token`` (a ``send`` transaction) and keep a hold
         until the packet exists; a retry of the same create finds its hold and debits nothing.
         Raises InsufficientFunds (nothing written) or HoldConflict."""
-        async with transaction(self.ledger) as cur:
+        async with self.one_at_a_time(uid), transaction(self.ledger) as cur:
             book = await open_book(cur, [uid], now_ms, starting)
             await cur.execute(
                 "SELECT uid, amount, red_packet_id, state FROM wallet_hold "
