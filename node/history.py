@@ -34,6 +34,7 @@ from redpacket.node.ledger import Ledger, retry_lock_conflicts, to_datetime, to_
 from redpacket.node.outbox import RECEIVED, SENT
 from redpacket.node.shard import Shard, moved
 from redpacket.node.wallet.credits import apply_credits
+from redpacket.node.wallet.debits import HoldQueue
 from redpacket.node.wallet.store import Wallets
 from redpacket.sharding.ring import NodeSpec, Ring, RingDoc, user_key
 
@@ -105,6 +106,7 @@ class UserHistory:
         self.ring = ring
         self._slots = asyncio.Semaphore(HISTORY_CONNECTIONS)
         self.wallets = Wallets(shard.ledger)  # the wallets of the users kept here too
+        self.debits = HoldQueue(shard.ledger)  # creates' holds, batched per user
         self._settled: tuple[RingDoc, Ring] | None = None
 
     @contextlib.asynccontextmanager

@@ -38,7 +38,7 @@ from redpacket.node.handlers import SHARD
 from redpacket.node.ledger import connect_one, parse_mysql_url
 from redpacket.node.settings import NodeSettings
 from redpacket.node.shard import Shard
-from redpacket.sharding.ring import NodeSpec, RingDoc
+from redpacket.sharding.ring import NodeSpec, RingDoc, user_key
 
 MYSQL_SERVER = (os.environ.get("REDPACKET_MYSQL_URL") or "mysql://root@127.0.0.1:3306").rstrip("/")
 RUN_ID = secrets.token_hex(3)
@@ -427,6 +427,26 @@ class Cluster:
 
     async def open(self, packet_id: str, uid: int) -> tuple[int, Any]:
         return await self.call("POST", f"/v1/red-packets/{packet_id}/open", uid)
+
+    async def hold(self, uid: int, amount: int, token: str, packet_id: int) -> dict[str, Any]:
+        """Debit a create on the user's wallet shard, as the gateway does before a create
+        (for tests that create on a node directly)."""
+        assert self.session is not None
+        owner = self.ring().ring().owner_of_key(user_key(uid))
+        async with self.session.post(
+            owner.url + "/internal/v1/wallets/holds",
+            json={
+                "create_token": token,
+                "uid": str(uid),
+                "amount": amount,
+                "red_packet_id": str(packet_id),
+                "starting_balance": self.state["starting_balance"],
+            },
+            headers={NODE_SECRET_HEADER: self.state["node_secret"]},
+        ) as resp:
+            body = await resp.json()
+            assert resp.status == 200, body
+            return body
 
     async def grab(self, packet_id: str, uid: int) -> tuple[int, Any]:
         return await self.call("POST", f"/v1/red-packets/{packet_id}/grab", uid)

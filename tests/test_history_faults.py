@@ -191,12 +191,16 @@ async def test_users_shard_mysql_cut_backs_the_outbox_up_then_it_drains(
 
     await until(ring_loaded, what="both nodes to load the ring")
     ring = doc.ring()
-    sender = users_of(ring, "shard-u", 1, 13_000)[0]
+    # the sender's wallet (which pays each create) is on the packets' shard: only the credits
+    # and history of the openers wait for the users' MySQL
+    sender = users_of(ring, "shard-p", 1, 13_000)[0]
     users = users_of(ring, "shard-u", 10, 13_100)
 
     async def create() -> int:
         while ring.owner(packet_id := IDS.next_id()).name != "shard-p":
             pass
+        token = secrets.token_hex(16)
+        await packets_node.hold(sender, 1000, token, packet_id)  # the sender's wallet pays
         status, body = await packets_node.call(
             "POST",
             "/internal/v1/packets",
@@ -206,7 +210,7 @@ async def test_users_shard_mysql_cut_backs_the_outbox_up_then_it_drains(
                 "total_amount": 1000,
                 "total_packet": 10,
                 "expire_seconds": 3600,
-                "create_token": secrets.token_hex(16),
+                "create_token": token,
             },
         )
         assert status == 201, body
@@ -267,7 +271,9 @@ async def test_users_shard_mysql_cut_backs_the_outbox_up_then_it_drains(
         assert status == 200, page
         pages[uid] = page["records"]
     assert_received_once(pages, observed)
-    status, page = await users_node.call("GET", f"/internal/v1/users/{sender}/sent", limit="100")
+    status, page = await packets_node.call(
+        "GET", f"/internal/v1/users/{sender}/sent", limit="100"
+    )
     assert status == 200 and page["count"] == 6
     assert all(p["status"] == "sold_out" and p["opened_packet"] == 10 for p in page["packets"])
 

@@ -24,7 +24,12 @@ async def until(check: Any, timeout_s: float = 15.0) -> Any:
 
 
 async def wallet(cluster: Cluster, uid: int) -> dict[str, Any]:
-    status, body = await cluster.call("GET", "/v1/me/wallet", uid)
+    """The wallet, retrying a 503 as a client does (a shard restarting, a loaded box)."""
+    for _ in range(20):
+        status, body = await cluster.call("GET", "/v1/me/wallet", uid)
+        if status != 503:
+            break
+        await asyncio.sleep(0.5)
     assert status == 200, body
     return body
 

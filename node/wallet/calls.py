@@ -20,6 +20,7 @@ from redpacket.node.calls import Call, Reply, reply
 from redpacket.node.shard import now_ms
 from redpacket.node.wallet.abandon import ask_here
 from redpacket.node.wallet.book import InsufficientFunds
+from redpacket.node.wallet.debits import HoldRequest
 from redpacket.node.wallet.store import HoldConflict, TopupConflict
 
 MAX_CENTS = 10**15  # far above any real balance, far below BIGINT
@@ -77,8 +78,8 @@ async def hold(call: Call) -> Reply:
     starting = cents(body, "starting_balance", minimum=0)
     with kept_here(call, uid):
         try:
-            held = await call.history.wallets.hold(
-                token, uid, amount, packet_id, now_ms=now_ms(), starting=starting
+            held = await call.history.debits.hold(
+                HoldRequest(token, uid, amount, packet_id, starting)
             )
         except InsufficientFunds as short:
             raise insufficient(short.balance) from None

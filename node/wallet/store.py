@@ -1,6 +1,7 @@
 """Reads and writes of wallets on the user's shard: balance, transactions, holds, top-ups.
 
-Each write is one MySQL transaction that locks the user's wallet row first
+Each write is one MySQL transaction that locks the user's wallet row first (holds are made
+in batches per user, node/wallet/debits.py)
 (:func:`redpacket.node.wallet.book.open_book`), so concurrent debits of one user queue on
 that row and a balance never goes below zero. Every write is idempotent by its reference:
 a hold by its create token, a top-up by its topup_id, a release by the hold it releases.
@@ -8,7 +9,6 @@ a hold by its create token, a top-up by its topup_id, a release by the hold it r
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -57,25 +57,6 @@ async def transaction(ledger: Ledger) -> AsyncIterator[aiomysql.Cursor]:
 class Wallets:
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
-        self._queues: dict[int, tuple[asyncio.Lock, list[int]]] = {}  # lock, its users
-
-    @contextlib.asynccontextmanager
-    async def one_at_a_time(self, uid: int) -> AsyncIterator[None]:
-        """The debits of one user wait their turn here, not holding a pooled connection
-        while blocked on the wallet's row lock (a sender creating hundreds of packets at once
-        would otherwise take every connection of the pool, and the opens need them)."""
-        queue = self._queues.get(uid)
-        if queue is None:
-            queue = self._queues[uid] = (asyncio.Lock(), [0])
-        lock, users = queue
-        users[0] += 1
-        try:
-            async with lock:
-                yield
-        finally:
-            users[0] -= 1
-            if not users[0]:
-                del self._queues[uid]
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -144,37 +125,7 @@ class Wallets:
         ]
         return page, int(rows[limit - 1][0]) if len(rows) > limit else None
 
-    # -- holds (the debit of a create) --------------------------------------------------
-
-    @retry_lock_conflicts
-    async def hold(
-        self, token: str, uid: int, amount: int, packet_id: int, *, now_ms: int, starting: int
-    ) -> Hold:
-        """Debit ``amount`` for the create ``token`` (a ``send`` transaction) and keep a hold
-        until the packet exists; a retry of the same create finds its hold and debits nothing.
-        Raises InsufficientFunds (nothing written) or HoldConflict."""
-        async with self.one_at_a_time(uid), transaction(self.ledger) as cur:
-            book = await open_book(cur, [uid], now_ms, starting)
-            await cur.execute(
-                "SELECT uid, amount, red_packet_id, state FROM wallet_hold "
-                "WHERE create_token = %s FOR UPDATE",
-                (token,),
-            )
-            found = await cur.fetchone()
-            if found is not None:
-                await book.write()  # a grant made just now stays
-                if (int(found[0]), int(found[1])) != (uid, amount):
-                    raise HoldConflict(token)
-                return Hold(token, uid, amount, int(found[2]), str(found[3]), book.balance(uid))
-            # InsufficientFunds rolls everything back (a grant made just now is made again)
-            after = book.post(uid, "send", token, -amount, packet_id)
-            await cur.execute(
-                "INSERT INTO wallet_hold (create_token, uid, amount, red_packet_id, state, "
-                "create_time) VALUES (%s, %s, %s, %s, 'held', %s)",
-                (token, uid, amount, packet_id, to_datetime(now_ms)),
-            )
-            await book.write()
-        return Hold(token, uid, amount, packet_id, HELD, after)
+    # -- holds (the debit of a create: made in node/wallet/debits.py) ---------------------
 
     async def confirm(self, token: str) -> str | None:
         """The packet exists: the hold is spent. Its state afterwards (None: no such hold)."""
