@@ -99,6 +99,7 @@ def _cluster_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from redpacket.bench.cli import register as register_bench
     from redpacket.chaos.cli import register as register_chaos
+    from redpacket.cli.wallet import register as register_wallet
     from redpacket.sharding.cli import register as register_rebalance
 
     parser = argparse.ArgumentParser(
@@ -180,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_args(p)
     p.set_defaults(func=_check)
 
+    register_wallet(sub)
     register_bench(sub)
     register_chaos(sub)
     register_rebalance(sub)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from typing import Any
 
@@ -147,3 +148,15 @@ async def test_bad_top_up_bodies_are_400_and_change_nothing(cluster: Cluster) ->
         status, body = await cluster.raw("POST", "/v1/wallet/topups", raw, headers)
         assert status == 400, body
     assert (await wallet(cluster, 18051))["balance"] == STARTING
+
+
+async def test_wallet_topup_command_signs_and_sends_one(cluster: Cluster) -> None:
+    argv = [sys.executable, "-m", "redpacket.cli", "wallet", "topup", "--uid", "18061"]
+    argv += ["--amount", "1234", "--topup-id", "cli-18061", "--cluster", cluster.name]
+    argv += ["--var", str(cluster.home.parent)]
+    for _ in range(2):  # a replay credits once
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
+        out, _ = await proc.communicate()
+        assert proc.returncode == 0, out
+        assert orjson.loads(out)["amount"] == 1234
+    assert (await wallet(cluster, 18061))["balance"] == STARTING + 1234
