@@ -198,7 +198,10 @@ async def _confirm(app: web.Application, uid: int, token: str) -> None:
     """The packet exists: the hold becomes final. Best effort: the sweeper does it otherwise."""
     try:
         await app[SHARDS].user_call(
-            uid, "POST", "/internal/v1/wallets/holds/confirm", body={"create_token": token}
+            uid,
+            "POST",
+            "/internal/v1/wallets/holds/confirm",
+            body={"create_token": token, "uid": str(uid)},
         )
     except ApiError:
         log.info("could not confirm a hold now; the wallet's sweeper will")

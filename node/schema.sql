@@ -206,8 +206,8 @@ CREATE TABLE IF NOT EXISTS wallet_topup (
   topup_id    VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
   uid         BIGINT      NOT NULL,
   amount      BIGINT      NOT NULL,
-  body_sha256 CHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
-  txn_id      BIGINT UNSIGNED NOT NULL,
+  body_sha256 CHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL
+              COMMENT 'of the request as meant; its transaction is (uid, topup, topup_id)',
   create_time DATETIME(3) NOT NULL,
   PRIMARY KEY (topup_id)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci

@@ -231,7 +231,7 @@ class NodeHandle:
             },
         )
         assert status == 201, body
-        await self.confirm(token)
+        await self.confirm(token, uid)
         return packet_id
 
     async def hold(self, uid: int, amount: int, token: str, packet_id: int) -> dict[str, Any]:
@@ -250,9 +250,9 @@ class NodeHandle:
         assert status == 200, body
         return body
 
-    async def confirm(self, token: str) -> None:
+    async def confirm(self, token: str, uid: int = 1) -> None:
         status, body = await self.call(
-            "POST", "/internal/v1/wallets/holds/confirm", {"create_token": token}
+            "POST", "/internal/v1/wallets/holds/confirm", {"create_token": token, "uid": str(uid)}
         )
         assert status == 200, body
 

@@ -90,8 +90,9 @@ async def hold(call: Call) -> Reply:
 
 async def confirm(call: Call) -> Reply:
     body = call.json()
-    refuse_unknown_fields(body, frozenset({"create_token"}))
-    state = await call.history.wallets.confirm(token_of(body))
+    refuse_unknown_fields(body, frozenset({"create_token", "uid"}))
+    with kept_here(call, user_of(body.get("uid"))):
+        state = await call.history.wallets.confirm(token_of(body))
     return reply({"state": state})
 
 

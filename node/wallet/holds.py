@@ -17,6 +17,7 @@ gets the same answer (both answers are final on the packet's shard).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import aiohttp
@@ -61,17 +62,22 @@ class HoldSweeper:
         """Settle the holds open too long: ``{create token: state afterwards}``."""
         wallets = self.history.wallets
         settled = {}
-        for token, packet_id in await wallets.stale_holds(now_ms() - self.timeout_ms, limit):
+        placement = self.history.shard.placement
+        for token, packet_id, uid in await wallets.stale_holds(now_ms() - self.timeout_ms, limit):
             try:
                 outcome = await self._ask(packet_id, token)
             except Exception as exc:
                 log.warning("could not ask about the hold of packet %s: %s", packet_id, exc)
                 continue
-            if outcome == "created":
-                state = await wallets.confirm(token)
-            else:
-                state = await wallets.release(token, now_ms())
-                log.info("released the orphan hold of packet %s (%s)", packet_id, outcome)
+            # a rebalance fenced away waits for this; a user moving away is settled there
+            with placement.admitting() if placement is not None else contextlib.nullcontext():
+                if self.history.elsewhere(uid) is not None:
+                    continue
+                if outcome == "created":
+                    state = await wallets.confirm(token)
+                else:
+                    state = await wallets.release(token, now_ms())
+                    log.info("released the orphan hold of packet %s (%s)", packet_id, outcome)
             settled[token] = str(state)
         return settled
 

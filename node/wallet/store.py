@@ -163,17 +163,17 @@ class Wallets:
             await book.write()
         return RELEASED
 
-    async def stale_holds(self, before_ms: int, limit: int) -> list[tuple[str, int]]:
-        """Holds still open since before ``before_ms``: ``(create token, red packet id)``."""
+    async def stale_holds(self, before_ms: int, limit: int) -> list[tuple[str, int, int]]:
+        """Holds still open since before ``before_ms``: ``(create token, red packet id, uid)``."""
         async with self.ledger.connection() as conn, conn.cursor() as cur:
             await cur.execute(
-                "SELECT create_token, red_packet_id FROM wallet_hold "
+                "SELECT create_token, red_packet_id, uid FROM wallet_hold "
                 "WHERE state = 'held' AND create_time < %s ORDER BY create_time LIMIT %s",
                 (to_datetime(before_ms), limit),
             )
             rows = await cur.fetchall()
             await conn.rollback()
-        return [(str(t), int(p)) for t, p in rows]
+        return [(str(t), int(p), int(u)) for t, p, u in rows]
 
     # -- top-ups ----------------------------------------------------------------------------
 
@@ -187,7 +187,8 @@ class Wallets:
             book = await open_book(cur, [uid], now_ms, starting)
             await cur.execute(
                 "SELECT t.body_sha256, x.id, x.balance_after, x.create_time FROM wallet_topup t "
-                "JOIN wallet_txn x ON x.id = t.txn_id WHERE t.topup_id = %s FOR UPDATE",
+                "JOIN wallet_txn x ON x.uid = t.uid AND x.kind = 'topup' AND x.ref = t.topup_id "
+                "WHERE t.topup_id = %s FOR UPDATE",
                 (topup_id,),
             )
             found = await cur.fetchone()
@@ -207,9 +208,9 @@ class Wallets:
             )
             txn_id, when = await cur.fetchone()
             await cur.execute(
-                "INSERT INTO wallet_topup (topup_id, uid, amount, body_sha256, txn_id, "
-                "create_time) VALUES (%s, %s, %s, %s, %s, %s)",
-                (topup_id, uid, amount, digest, txn_id, when),
+                "INSERT INTO wallet_topup (topup_id, uid, amount, body_sha256, create_time) "
+                "VALUES (%s, %s, %s, %s, %s)",
+                (topup_id, uid, amount, digest, when),
             )
         return _topup_json(topup_id, uid, amount, txn_id=txn_id, after=after, when=when), False
 
