@@ -20,6 +20,7 @@ from redpacket.gateway.auth import Authenticator
 from redpacket.gateway.finished import FinishedPackets
 from redpacket.gateway.handlers import (
     AUTH,
+    CONFIRMING,
     CREATE_LIMIT,
     FINISHED,
     IDS,
@@ -110,6 +111,15 @@ async def shards_ctx(app: web.Application) -> AsyncIterator[None]:
         await session.close()
 
 
+async def confirmations_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Holds confirmed after their create's 201: finished (briefly) before the gateway stops;
+    one cut short is confirmed by the wallet's sweeper."""
+    app[CONFIRMING] = set()
+    yield
+    if app[CONFIRMING]:
+        await asyncio.wait(app[CONFIRMING], timeout=2.0)
+
+
 def create_app(settings: GatewaySettings) -> web.Application:
     app = web.Application(
         middlewares=[edge_middleware("gateway")],
@@ -122,6 +132,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app[CREATE_LIMIT] = RateLimiter(settings.create_per_s, settings.create_burst)
     app[OPEN_LIMIT] = RateLimiter(settings.open_per_s, settings.open_burst)
     app.cleanup_ctx.append(shards_ctx)
+    app.cleanup_ctx.append(confirmations_ctx)  # after shards_ctx: cleaned up before it
     app.add_routes(ROUTES)
     add_wallet_routes(app, settings.payments_secret)  # the wallet (gateway/wallet.py)
     add_page_routes(app, settings.dev_login)  # /app/, not part of the API (openapi.json)

@@ -35,6 +35,7 @@ IDS = web.AppKey("ids", IdGenerator)
 FINISHED = web.AppKey("finished", FinishedPackets)
 CREATE_LIMIT = web.AppKey("create_limit", RateLimiter)
 OPEN_LIMIT = web.AppKey("open_limit", RateLimiter)
+CONFIRMING = web.AppKey("confirming", set)  # holds being confirmed after their 201
 
 _FINAL_REASONS = ("sold_out", "expired")
 # What a latecomer to a finished packet gets, built once: this is the crowd's hot path, and
@@ -127,7 +128,7 @@ async def create_packet(request: web.Request) -> web.Response:
             headers={"Retry-After": "1"},
         )  # fmt: skip
     if upstream.status in (200, 201):  # 200: the node already had it, a replayed create
-        await _confirm(app, user.uid, token)
+        _confirm_soon(app, user.uid, token)
         response = passthrough(Upstream(201, upstream.body, None))
         if upstream.status == 200:
             response.headers["Idempotent-Replayed"] = "true"
@@ -192,6 +193,15 @@ async def _hold(
     if held.json()["state"] == "released":  # the sweeper gave this create's money back
         raise ApiError(409, "create_abandoned", "this create was abandoned; use a new key")
     return None
+
+
+def _confirm_soon(app: web.Application, uid: int, token: str) -> None:
+    """Confirm the hold after answering: the client's 201 does not wait for it (it only marks
+    the hold settled; the debit was final at the hold), and the sweeper does it otherwise."""
+    task = asyncio.get_running_loop().create_task(_confirm(app, uid, token))
+    pending = app[CONFIRMING]
+    pending.add(task)
+    task.add_done_callback(pending.discard)
 
 
 async def _confirm(app: web.Application, uid: int, token: str) -> None:

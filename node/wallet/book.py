@@ -63,11 +63,14 @@ class Book:
                 "create_time) VALUES (%s, %s, %s, %s, %s, %s, %s)",
                 self.rows,
             )
-        changed = [(w.balance, int(w.granted), to_datetime(self.now_ms), uid)
+        changed = [(uid, w.balance, int(w.granted), to_datetime(self.now_ms))
                    for uid, w in sorted(self.wallets.items()) if w.changed]  # fmt: skip
-        if changed:
+        if changed:  # one multi-row statement (an UPDATE per wallet measured as the cost of a
+            # credit batch of 150 users: 150 round trips with every wallet row locked)
             await self.cur.executemany(
-                "UPDATE wallet SET balance = %s, granted = %s, update_time = %s WHERE uid = %s",
+                "INSERT INTO wallet (uid, balance, granted, update_time) VALUES (%s, %s, %s, %s) "
+                "ON DUPLICATE KEY UPDATE balance = VALUES(balance), granted = VALUES(granted), "
+                "update_time = VALUES(update_time)",
                 changed,
             )
 
@@ -83,9 +86,10 @@ async def open_book(
     await cur.executemany(
         # ON DUPLICATE KEY UPDATE takes the existing row's exclusive lock at once; INSERT IGNORE
         # would take a shared one, and two writers upgrading theirs deadlock
-        "INSERT INTO wallet (uid, balance, granted, update_time) VALUES (%s, 0, 0, %s) "
+        # (placeholders only, so executemany sends one multi-row statement)
+        "INSERT INTO wallet (uid, balance, granted, update_time) VALUES (%s, %s, %s, %s) "
         "ON DUPLICATE KEY UPDATE uid = uid",
-        [(uid, when) for uid in ordered],
+        [(uid, 0, 0, when) for uid in ordered],
     )
     await cur.execute(
         f"SELECT uid, balance, granted FROM wallet WHERE uid IN ({marks}) ORDER BY uid FOR UPDATE",

@@ -105,12 +105,12 @@ class HoldQueue:
                     outcomes.append(short)
                     continue
                 known[r.token] = (r.uid, r.amount, r.red_packet_id, HELD)
-                rows.append((r.token, r.uid, r.amount, r.red_packet_id, to_datetime(now_ms)))
+                rows.append((r.token, r.uid, r.amount, r.red_packet_id, HELD, to_datetime(now_ms)))
                 outcomes.append(Hold(r.token, r.uid, r.amount, r.red_packet_id, HELD, after))
             if rows:
                 await cur.executemany(
                     "INSERT INTO wallet_hold (create_token, uid, amount, red_packet_id, state, "
-                    "create_time) VALUES (%s, %s, %s, %s, 'held', %s)",
+                    "create_time) VALUES (%s, %s, %s, %s, %s, %s)",
                     rows,
                 )
             await book.write()
