@@ -6,8 +6,9 @@ away (node/wallet/calls.py ``kept_here``, and the hold sweeper skips them), so w
 is final. The import is a merge that a repeated or resumed rebalance can run again: each
 transaction goes in unless its reference ``(uid, kind, ref)`` is there already (the new owner
 may have started the user's wallet since the fence: a credit, a hold, a top-up, a dev grant),
-and the balance grows by the transactions that went in. Holds and top-ups are copied as they
-are (the new owner's sweeper then settles the holds still open).
+and the balance grows by the transactions that went in (their ``balance_after`` restated on
+this owner's running balance, so the list stays a running sum ending at the balance). Holds
+and top-ups are copied as they are (the new owner's sweeper then settles the holds still open).
 """
 
 from __future__ import annotations
@@ -94,12 +95,15 @@ class WalletMoves:
                 wallet = book.wallets[uid]
                 wallet.granted = wallet.granted or bool(user["granted"])
                 wallet.changed = True
-                for kind, ref, amount, pid, after, ms in user["txns"]:
+                for kind, ref, amount, pid, _after, ms in user["txns"]:
                     if (uid, kind, ref) in have:
                         continue  # there already (a repeated import, or the same dev grant)
                     have.add((uid, kind, ref))
                     wallet.balance += int(amount)
-                    txns.append((uid, kind, ref, amount, pid and int(pid), after, to_datetime(ms)))
+                    # balance_after restated on this owner's running balance, so the list
+                    # (by id) stays a running sum that ends at the balance
+                    txns.append((uid, kind, ref, amount, pid and int(pid), wallet.balance,
+                                 to_datetime(ms)))  # fmt: skip
                 holds += [
                     (t, uid, a, int(p), s, to_datetime(ms)) for t, a, p, s, ms in user["holds"]
                 ]
