@@ -8,7 +8,10 @@ import time
 from typing import Any
 
 import orjson
+import pytest
 
+from redpacket.core.env import SettingsError
+from redpacket.gateway.settings import GatewaySettings
 from redpacket.gateway.wallet import SIGNATURE_HEADER, signature_header
 from tests.conftest import Cluster
 
@@ -160,3 +163,22 @@ async def test_wallet_topup_command_signs_and_sends_one(cluster: Cluster) -> Non
         assert proc.returncode == 0, out
         assert orjson.loads(out)["amount"] == 1234
     assert (await wallet(cluster, 18061))["balance"] == STARTING + 1234
+
+
+def test_a_gateway_that_is_not_a_dev_cluster_refuses_a_starting_balance() -> None:
+    env = {
+        "REDPACKET_RING_FILE": "ring.json",
+        "REDPACKET_JWT_SECRET": "j" * 32,
+        "REDPACKET_NODE_SECRET": "n" * 32,
+        "REDPACKET_DEV_STARTING_BALANCE": "100000",
+    }
+    with pytest.raises(SettingsError, match="dev clusters only"):
+        GatewaySettings.from_env(env)
+    dev = GatewaySettings.from_env({**env, "REDPACKET_DEV_LOGIN": "true"})
+    assert dev.dev_starting_balance == 100000
+    assert (
+        GatewaySettings.from_env({**env, "REDPACKET_DEV_STARTING_BALANCE": "0"}).dev_login is False
+    )
+    with pytest.raises(SettingsError, match="PAYMENTS_SECRET"):
+        GatewaySettings.from_env({**env, "REDPACKET_DEV_STARTING_BALANCE": "0",
+                                  "REDPACKET_PAYMENTS_SECRET": "short"})  # fmt: skip
