@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from redpacket.cli.check import Observed
+from redpacket.gateway import wallet
 from redpacket.gateway.app import ROUTES
 from tests.conftest import Cluster, sql
 
@@ -197,7 +198,8 @@ async def test_health_readiness_metrics_and_openapi(cluster: Cluster) -> None:
 def test_openapi_document_matches_the_routes() -> None:
     doc = json.loads((Path(__file__).parents[1] / "gateway" / "openapi.json").read_text())
     documented = {(method.upper(), path) for path, ops in doc["paths"].items() for method in ops}
-    served = {(r.method, r.path) for r in ROUTES}
+    wallet_routes = (*wallet.ROUTES, *wallet.TOPUP_ROUTES)  # the top-up: with a payments secret
+    served = {(r.method, r.path) for r in (*ROUTES, *wallet_routes)}
     assert documented == served
 
 
