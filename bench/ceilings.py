@@ -6,6 +6,9 @@
   the uid argument is ``__rand_int__`` drawn from a billion values, so almost every call
   takes the new-share path: it reads the packet, checks the uid has no claim, computes the
   amount and writes the three hashes. The share of calls that took a new share is reported.
+- Naive peer: the one-process design (``bench/naive.py``), driven by phase 1's load
+  generator right after phase 1: the reference the cluster's committed opens are compared
+  with (``naive_ratio``).
 - Trivial handler: one aiohttp process on uvloop answering grab and open with a constant
   tiny JSON (``bench/trivial.py``), driven by the same load generator as the real phases.
 """
@@ -16,6 +19,7 @@ import asyncio
 import contextlib
 import csv
 import io
+import os
 import shutil
 import sys
 import time
@@ -112,14 +116,26 @@ async def lua_ceiling(redis_url: str, duration_s: float, clients: int = 50) -> d
 
 
 async def start_trivial(port: int) -> asyncio.subprocess.Process:
+    return await start_server("redpacket.bench.trivial", port)
+
+
+async def start_naive(
+    port: int, *, redis_url: str, mysql_url: str, database: str, jwt_secret: str
+) -> asyncio.subprocess.Process:
+    """The naive peer (bench/naive.py) on the bench's own stores, in a database of its own."""
+    extra = ["--redis", redis_url, "--mysql", mysql_url, "--database", database]
+    env = {**os.environ, "REDPACKET_JWT_SECRET": jwt_secret}
+    return await start_server("redpacket.bench.naive", port, *extra, env=env)
+
+
+async def start_server(
+    module: str, port: int, *extra: str, env: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
+    """``python -m module --port port ...``, returned once it accepts connections."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "redpacket.bench.trivial",
-        "--port",
-        str(port),
-        stdin=asyncio.subprocess.DEVNULL,
-    )
+        sys.executable, "-m", module, "--port", str(port), *extra,
+        stdin=asyncio.subprocess.DEVNULL, env=env,
+    )  # fmt: skip
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -129,7 +145,7 @@ async def start_trivial(port: int) -> asyncio.subprocess.Process:
         except OSError:
             if proc.returncode is not None or time.monotonic() > deadline:
                 await stop_process(proc)
-                raise RuntimeError("the trivial handler did not start") from None
+                raise RuntimeError(f"{module} did not start") from None
             await asyncio.sleep(0.05)
 
 

@@ -38,6 +38,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     where.add_argument("--ring", help="ring file, for the Lua ceiling and the ledger check")
 
     load = p.add_argument_group("load")
+    load.add_argument(
+        "--scenario",
+        choices=("crowd", "hot", "boss"),
+        default="crowd",
+        help="crowd: many 5-20-share packets, every opener new (default); hot: 32 packets of "
+        "100 shares, 256 users keeping their tokens; boss: one packet of 10,000 shares, "
+        "30,000 users (see bench/scenarios.py)",
+    )
+    load.add_argument("--in-flight", type=int, default=1000, help="crowd: packets open at once")
+    load.add_argument(
+        "--shares-min", type=int, default=5, help="crowd: fewest shares a packet draws"
+    )
+    load.add_argument(
+        "--senders",
+        type=int,
+        default=None,
+        help="distinct senders of the creates (crowd 2,000, hot 64)",
+    )
+    load.add_argument(
+        "--fresh-per-s",
+        type=float,
+        default=4000.0,
+        help="crowd: identities minted per second of phase 1 (a faster run reuses them, "
+        "counted in identities_reused)",
+    )
     load.add_argument("--users", type=int, default=256, help="concurrent virtual users")
     load.add_argument("--workers", type=int, default=1, help="load generator processes")
     load.add_argument(
@@ -53,10 +78,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="distinct users of phase 2, each token new to the gateway (0: the --users only)",
     )
     load.add_argument(
-        "--packets", type=int, default=32, help="red packets created before phase 1 starts"
+        "--packets", type=int, default=32, help="hot: red packets created before phase 1 starts"
     )
-    load.add_argument("--shares", type=int, default=100, help="shares per red packet")
-    load.add_argument("--amount", type=int, default=10_000, help="cents per red packet")
+    load.add_argument(
+        "--shares",
+        type=int,
+        default=None,
+        help="shares per red packet (crowd: the most, 20; hot: 100)",
+    )
+    load.add_argument(
+        "--amount",
+        type=int,
+        default=None,
+        help="cents per red packet of --shares shares (100 a share)",
+    )
     load.add_argument(
         "--duration", type=float, default=60.0, help="seconds of phase 1 (grab then open)"
     )
@@ -74,14 +109,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     load.add_argument(
         "--rate-duration",
         type=float,
-        default=30.0,
-        help="seconds of the open-loop phase",
+        default=120.0,
+        help="seconds of the open-loop phase (the target's flatness is over 120 s; 30 for a "
+        "quick run)",
     )
     load.add_argument(
         "--ceiling-duration",
         type=float,
         default=10.0,
         help="seconds of each ceiling measurement (0: skip them)",
+    )
+    load.add_argument(
+        "--naive-duration",
+        type=float,
+        default=15.0,
+        help="seconds of the naive peer, right after phase 1 (0: skip it)",
     )
     load.add_argument(
         "--settle",
@@ -108,6 +150,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="PNG",
         help="draw throughput and latency over time (default: next to the JSON)",
+    )
+    out.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="py-spy the gateway and the nodes during phase 1 (and the naive peer during its "
+        "phase) into DIR/*.speedscope.json (needs py-spy)",
     )
     out.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_run)

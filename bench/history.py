@@ -23,6 +23,9 @@ from redpacket.sharding.ring import NodeSpec
 
 LAG = "redpacket_history_lag_seconds"
 BACKLOG = "redpacket_history_outbox_backlog"
+# commit of an open -> the share credited to the opener's wallet on the wallet's shard; the
+# node exposes it once wallets exist (issue 23), until then the report says n/a
+CREDIT_LAG = "redpacket_credit_lag_seconds"
 
 
 @dataclass
@@ -31,6 +34,8 @@ class HistorySample:
     count: float = 0.0
     total_s: float = 0.0
     backlog: float = 0.0  # summed over nodes
+    credit_buckets: dict[float, float] = field(default_factory=dict)
+    credit_count: float | None = None  # None: no node exposes the credit lag
 
 
 async def sample(nodes: list[NodeSpec]) -> HistorySample:
@@ -48,6 +53,11 @@ async def sample(nodes: list[NodeSpec]) -> HistorySample:
                     out.total_s += s.value
                 elif s.name == BACKLOG:
                     out.backlog += s.value
+                elif s.name == CREDIT_LAG + "_bucket":
+                    le = float(s.labels["le"])
+                    out.credit_buckets[le] = out.credit_buckets.get(le, 0.0) + s.value
+                elif s.name == CREDIT_LAG + "_count":
+                    out.credit_count = (out.credit_count or 0.0) + s.value
     return out
 
 
@@ -111,6 +121,16 @@ def report(before: HistorySample, after: HistorySample, watch: BacklogWatch) -> 
         "backlog_max": int(max(watch.samples, default=0)),
         "backlog_end": int(after.backlog),
     }
+
+
+def credit_lag(before: HistorySample, after: HistorySample) -> dict[str, Any]:
+    """Commit -> credited to the wallet, p99 bound from the node's histogram; n/a without it."""
+    if after.credit_count is None:
+        return {"credits": None, "p99_le_s": None, "note": f"n/a: no node exposes {CREDIT_LAG}"}
+    credits = after.credit_count - (before.credit_count or 0.0)
+    buckets = {le: n - before.credit_buckets.get(le, 0.0) for le, n in after.credit_buckets.items()}
+    p99 = _bound(buckets, credits, 0.99) if credits else None
+    return {"credits": int(credits), "p99_le_s": None if p99 is None or math.isinf(p99) else p99}
 
 
 def render(h: dict[str, Any]) -> str:

@@ -6,6 +6,10 @@ connection and sends its next request only when the previous one was answered.
 - ``open`` phase: every user takes a ticket for a packet that still has a share for it
   (each packet's K tickets go to K different users of the worker), then grabs and opens it.
   The worker creates packets through the public API as they run out.
+  The real crowd (``in_flight`` > 0, ``fresh``): each pair is the next minted identity, on
+  a random one of ``in_flight`` open packets of ``shares_min``..``shares`` shares. The boss
+  packet (``finite``): every identity grabs and opens the given packet once, then the
+  worker is done (see bench/scenarios.py).
 - ``reject`` phase: every user grabs, then opens, packets that are already sold out, with a
   uid that never won a share of them: each answer is a rejection.
 - ``open`` phase with ``rate`` > 0, **open loop**: grab+open pairs arrive at a fixed rate
@@ -25,7 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import multiprocessing.connection
+import random
 import resource
 import time
 from array import array
@@ -44,12 +50,35 @@ from redpacket.bench.httpclient import (
     close_quietly,
 )
 
-# live counters, one slot each per worker (see Progress in runner.py)
-LIVE_FIELDS = ("grabs", "opens", "rejections", "errors", "creates")
-LIVE_GRABS, LIVE_OPENS, LIVE_REJECTIONS, LIVE_ERRORS, LIVE_CREATES = range(len(LIVE_FIELDS))
+# live counters, one slot each per worker (see Progress in phases.py)
+# (``finished``: the phase second at which a finite crowd was used up, 0 until then)
+LIVE_FIELDS = ("grabs", "opens", "rejections", "errors", "creates", "finished")
+LIVE_GRABS, LIVE_OPENS, LIVE_REJECTIONS, LIVE_ERRORS, LIVE_CREATES, LIVE_FINISHED = range(
+    len(LIVE_FIELDS)
+)
 
 POST = b"POST"
 PACKETS = b"/v1/red-packets"
+
+
+@dataclass(frozen=True)
+class Mint:
+    """Identities a worker mints for itself before it reports ready (outside the measured
+    window, so minting is not load generator CPU): uids ``first_uid`` .. ``+ count - 1``."""
+
+    secret: str
+    first_uid: int
+    count: int
+    ttl_s: int
+
+    def tokens(self) -> list[tuple[int, bytes]]:
+        from redpacket.gateway.auth import mint_token
+
+        uids = range(self.first_uid, self.first_uid + self.count)
+        return [
+            (uid, mint_token(self.secret, uid, f"bench{uid}", "", self.ttl_s).encode())
+            for uid in uids
+        ]
 
 
 @dataclass
@@ -62,9 +91,18 @@ class WorkerJob:
     users: list[tuple[int, bytes]]  # (uid, token)
     duration_s: float
     senders: list[bytes] = field(default_factory=list)  # tokens that create packets
-    shares: int = 100
-    amount: int = 10_000
+    shares: int = 100  # the most shares of a packet; each packet draws from shares_min..shares
+    shares_min: int = 0  # 0: every packet has ``shares``
+    amount: int = 10_000  # cents of a packet of ``shares`` shares (smaller ones: pro rata)
     initial_packets: int = 0
+    # the real crowd: this many packets kept open at once, a ticket for a random one of them
+    in_flight: int = 0
+    # every grab+open pair takes the next of these identities (a token never seen before);
+    # None: each virtual user keeps its own (uid, token) of ``users``
+    fresh: Mint | None = None
+    # the boss packet: no creates, every identity opens ``packets`` once, the phase ends
+    # when they are used up (sold-out answers are expected, not errors)
+    finite: bool = False
     packets: list[bytes] = field(default_factory=list)  # reject phase: sold-out packet ids
     # reject phase: a crowd of distinct users; each grab+open pair takes the next token, so
     # the gateway sees a token it has never verified (wraps around once all are used)
@@ -106,11 +144,11 @@ def error_label(op: str, status: int, body: bytes) -> str:
 
 
 class Packet:
-    __slots__ = ("id", "left", "taken", "won")
+    __slots__ = ("id", "left", "shares", "taken", "won")
 
     def __init__(self, packet_id: bytes, shares: int) -> None:
         self.id = packet_id
-        self.left = shares
+        self.left = self.shares = shares
         self.taken: set[int] = set()
         self.won = 0  # opens answered 200 with a new share
 
@@ -123,23 +161,38 @@ class Supply:
         self._rec = rec
         self._clock = clock
         self.active: list[Packet] = []
-        self.reserve: deque[bytes] = deque()
+        self.reserve: deque[tuple[bytes, int]] = deque()  # (id, shares)
         self.all: list[Packet] = []
         self._low_water = max(4, 2 * len(job.users) // max(1, job.shares) + 2)
+        if job.in_flight:  # the crowd: in_flight open, and a margin created ahead
+            self._low_water = job.in_flight + max(16, job.in_flight // 8)
         self._need = asyncio.Event()
         self._have = asyncio.Event()
         self._sender = 0
-        self._body = orjson.dumps(
-            {"total_amount": job.amount, "total_packet": job.shares, "greeting": "bench"}
-        )
+        self._random = random.Random(job.index)
         self.stopped = False
+        self.finite = job.finite
+        if job.finite:  # the boss packet(s): given, never created
+            self.active = self.all = [Packet(p, job.shares) for p in job.packets]
+
+    def _draw_shares(self) -> int:
+        job = self._job
+        return self._random.randint(job.shares_min, job.shares) if job.shares_min else job.shares
+
+    def _stocked(self) -> bool:
+        """Enough packets: the reserve (hot shape), or the open ones plus the reserve (crowd)."""
+        have = len(self.reserve) + (len(self.active) if self._job.in_flight else 0)
+        return have >= self._low_water
 
     async def create(self, conn: ClientConnection) -> bool:
         token = self._job.senders[self._sender % len(self._job.senders)]
         self._sender += 1
+        shares = self._draw_shares()
+        amount = max(shares, self._job.amount * shares // self._job.shares)
+        request = {"total_amount": amount, "total_packet": shares, "greeting": "bench"}
         started = time.perf_counter()
         try:
-            status, body = await conn.request(POST, PACKETS, token, self._body)
+            status, body = await conn.request(POST, PACKETS, token, orjson.dumps(request))
         except HttpError:
             self._rec.add("error:create:conn", self._clock(), 0.0, 3)
             return False
@@ -147,14 +200,14 @@ class Supply:
             self._rec.add(error_label("create", status, body), self._clock(), 0.0, 3)
             return False
         self._rec.add("create", self._clock(), time.perf_counter() - started, 4)
-        self.reserve.append(orjson.loads(body)["red_packet_id"].encode())
+        self.reserve.append((orjson.loads(body)["red_packet_id"].encode(), shares))
         self._have.set()
         return True
 
     async def creator(self, conn: ClientConnection) -> None:
         failures = 0
         while not self.stopped:
-            if len(self.reserve) >= self._low_water:
+            if self._stocked():
                 self._need.clear()
                 await self._need.wait()
                 continue
@@ -165,6 +218,43 @@ class Supply:
                 await asyncio.sleep(min(1.0, 0.05 * failures))
 
     async def ticket(self, uid: int) -> Packet | None:
+        if self._job.finite:  # every identity tries the boss packet, won or not
+            return self.active[uid % len(self.active)] if not self.stopped else None
+        if self._job.in_flight:
+            return await self._crowd_ticket(uid)
+        return await self._first_ticket(uid)
+
+    async def _crowd_ticket(self, uid: int) -> Packet | None:
+        """A random packet of the ``in_flight`` open ones (the real crowd spreads out)."""
+        while not self.stopped:
+            while self.reserve and len(self.active) < self._job.in_flight:
+                self._activate()
+            if self.active:
+                i = self._random.randrange(len(self.active))
+                packet = self.active[i]
+                if uid not in packet.taken:
+                    packet.left -= 1
+                    packet.taken.add(uid)
+                    if not packet.left:  # swap-remove: O(1)
+                        self.active[i] = self.active[-1]
+                        self.active.pop()
+                    if not self._stocked():
+                        self._need.set()
+                    return packet
+                return await self._first_ticket(uid)  # a reused identity: any packet it may take
+            self._need.set()
+            self._have.clear()
+            await self._have.wait()
+        return None
+
+    def _activate(self) -> None:
+        packet_id, shares = self.reserve.popleft()
+        packet = Packet(packet_id, shares)
+        self.active.append(packet)
+        self.all.append(packet)
+
+    async def _first_ticket(self, uid: int) -> Packet | None:
+        """The first open packet with a share this uid has not taken (the hot shape)."""
         users = len(self._job.users)
         while not self.stopped:
             for packet in self.active:
@@ -175,9 +265,7 @@ class Supply:
             # packets no user of this worker can take any more leave the active list
             self.active = [p for p in self.active if p.left and len(p.taken) < users]
             if self.reserve:
-                packet = Packet(self.reserve.popleft(), self._job.shares)
-                self.active.append(packet)
-                self.all.append(packet)
+                self._activate()
                 if len(self.reserve) < self._low_water:
                     self._need.set()
                 continue
@@ -192,10 +280,34 @@ class Supply:
         self._need.set()
 
 
+class Identities:
+    """Who opens next. With minted identities every grab+open pair takes the next one, a
+    token the gateway has never seen (a run that outlasts them wraps around, counted in
+    ``reused``; a finite crowd stops instead); without, a virtual user keeps its own."""
+
+    def __init__(self, minted: list[tuple[int, bytes]], finite: bool) -> None:
+        self._minted = minted
+        self._finite = finite
+        self._next = 0
+        self.reused = 0
+
+    def take(self, own: tuple[int, bytes]) -> tuple[int, bytes] | None:
+        minted = self._minted
+        if not minted:
+            return own
+        if self._next >= len(minted):
+            if self._finite:
+                return None
+            self.reused += 1
+        identity = minted[self._next % len(minted)]
+        self._next += 1
+        return identity
+
+
 async def open_user(
     *,
-    uid: int,
-    token: bytes,
+    own: tuple[int, bytes],
+    identities: Identities,
     conn: ClientConnection,
     supply: Supply,
     rec: Recorder,
@@ -205,6 +317,10 @@ async def open_user(
 ) -> None:
     perf = time.perf_counter
     while clock() < end:
+        identity = identities.take(own)
+        if identity is None:  # a finite crowd is used up
+            return
+        uid, token = identity
         packet = await supply.ticket(uid)
         if packet is None or clock() >= end:
             return
@@ -236,6 +352,8 @@ async def open_user(
             else:
                 packet.won += 1
                 rec.add("open", clock(), perf() - started, LIVE_OPENS)
+        elif status == 410 and supply.finite:  # the boss packet sold out: expected
+            rec.add("open_sold_out", clock(), perf() - started, LIVE_REJECTIONS)
         else:
             rec.add(error_label("open", status, body), clock(), perf() - started, LIVE_ERRORS)
 
@@ -300,6 +418,7 @@ async def open_loop(
     *,
     job: WorkerJob,
     conns: list[ClientConnection],
+    identities: Identities,
     supply: Supply,
     rec: Recorder,
     clock: Any,
@@ -312,31 +431,36 @@ async def open_loop(
         pool.put_nowait(conn)
     total = int(job.rate * job.duration_s)
     users = job.users
-    tasks: list[asyncio.Task[None]] = []
+    # arrivals still running; a finished one is dropped, so the set stays as small as the
+    # number in flight (a list of every arrival grew by rate x duration tasks)
+    tasks: set[asyncio.Task[None]] = set()
     k = 0
     while k < total:
         now = clock()
         # every arrival already due starts now (a late wake-up does not skip or delay any)
         while k < total and k / job.rate <= now:
-            uid, token = users[k % len(users)]
-            tasks.append(
-                asyncio.ensure_future(
-                    open_arrival(
-                        due=k / job.rate,
-                        uid=uid,
-                        token=token,
-                        pool=pool,
-                        supply=supply,
-                        rec=rec,
-                        clock=clock,
-                        observed=observed,
-                    )
+            identity = identities.take(users[k % len(users)])
+            if identity is None:
+                break
+            uid, token = identity
+            task = asyncio.ensure_future(
+                open_arrival(
+                    due=k / job.rate,
+                    uid=uid,
+                    token=token,
+                    pool=pool,
+                    supply=supply,
+                    rec=rec,
+                    clock=clock,
+                    observed=observed,
                 )
             )
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
             k += 1
         if k < total:
             await asyncio.sleep(max(0.0, k / job.rate - clock()))
-    return tasks
+    return list(tasks)
 
 
 # -- the reject phase -----------------------------------------------------------------------
@@ -389,9 +513,95 @@ async def reject_user(
 # -- the worker process ---------------------------------------------------------------------
 
 
+class GcWatch:
+    """Times the worker's own cyclic-GC collections by generation: a pause in the load
+    generator delays answers it then files as the system's latency."""
+
+    def __init__(self) -> None:
+        self.by_gen: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.by_gen[info["generation"]].append(time.perf_counter() - self._started)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            f"gen{g}": {
+                "collections": len(ms),
+                "total_ms": round(1000 * sum(ms), 1),
+                "max_ms": round(1000 * max(ms, default=0.0), 2),
+            }
+            for g, ms in self.by_gen.items()
+        }
+
+
 def _cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def _start_users(
+    job: WorkerJob,
+    *,
+    conns: list[ClientConnection],
+    identities: Identities,
+    supply: Supply | None,
+    rec: Recorder,
+    clock: Any,
+    observed: list[tuple[int, int, int]],
+) -> list[asyncio.Task[None]]:
+    """One task per virtual user (closed loop), each on its own connection."""
+    end = job.duration_s
+    if supply is not None:
+        return [
+            asyncio.ensure_future(
+                open_user(
+                    own=own,
+                    identities=identities,
+                    conn=conn,
+                    supply=supply,
+                    rec=rec,
+                    clock=clock,
+                    end=end,
+                    observed=observed,
+                )
+            )
+            for own, conn in zip(job.users, conns, strict=True)
+        ]
+    next_in_crowd = [0]
+    return [
+        asyncio.ensure_future(
+            reject_user(
+                n=n,
+                token=token,
+                conn=conn,
+                packets=job.packets,
+                rec=rec,
+                clock=clock,
+                end=end,
+                crowd=job.crowd,
+                next_in_crowd=next_in_crowd,
+            )
+        )
+        for n, ((_, token), conn) in enumerate(zip(job.users, conns, strict=True))
+    ]
+
+
+async def _fill(supply: Supply, creators: list[ClientConnection], count: int) -> None:
+    """The packets open before the phase starts, created over every creator connection."""
+    per = [
+        count // len(creators) + (1 if i < count % len(creators) else 0)
+        for i in range(len(creators))
+    ]
+
+    async def create(conn: ClientConnection, n: int) -> None:
+        for _ in range(n):
+            await supply.create(conn)
+
+    await asyncio.gather(*(create(c, n) for c, n in zip(creators, per, strict=True)))
 
 
 async def run_job(
@@ -407,7 +617,9 @@ async def run_job(
         return RawConnection(job.host, job.port)
 
     conns = [connection() for _ in job.users]
-    creators = [connection() for _ in range(2)] if job.mode == "open" else []
+    making = job.mode == "open" and not job.finite
+    # the crowd creates a packet per ~12 opens: more connections keep up with it
+    creators = [connection() for _ in range(8 if job.in_flight else 2)] if making else []
     observed: list[tuple[int, int, int]] = []
     # the clock: seconds since the phase start, which the parent sets in wall time
     origin = [time.perf_counter()]
@@ -416,11 +628,21 @@ async def run_job(
         return time.perf_counter() - origin[0]
 
     supply = Supply(job, rec, clock) if job.mode == "open" else None
+    identities = Identities(job.fresh.tokens() if job.fresh else [], job.finite)
+    gc_watch = GcWatch()
     try:
         await asyncio.gather(*(c.warm() for c in [*conns, *creators]))
-        if supply is not None:
-            for i in range(job.initial_packets):
-                await supply.create(creators[i % len(creators)])
+        if supply is not None and creators:
+            await _fill(supply, creators, max(job.initial_packets, job.in_flight))
+        # Everything made so far lives all phase (identities, connections, packets): frozen,
+        # the collector no longer walks it. And no collection runs in the measured window: a
+        # full one took 640 ms in a 60 s open loop (its heap grows with every answer kept), a
+        # pause that delayed the answers then filed as the system's latency. A worker lives
+        # for one phase; what cycles it leaves are collected once the window is over.
+        gc.collect()
+        gc.freeze()
+        gc.callbacks.append(gc_watch)
+        gc.disable()
         pipe.send(("ready", job.index))
         # the parent answers with the wall-clock time at which every worker starts
         _, start_at = await asyncio.get_running_loop().run_in_executor(None, pipe.recv)
@@ -428,61 +650,48 @@ async def run_job(
         origin[0] = time.perf_counter()
         cpu_start = _cpu_s()
         end = job.duration_s
-        tasks: list[asyncio.Task[None]] = []
-        if supply is not None:
-            tasks += [asyncio.ensure_future(supply.creator(c)) for c in creators]
+        tasks = [asyncio.ensure_future(supply.creator(c)) for c in creators] if supply else []
         if supply is not None and job.rate > 0:
             users = await open_loop(
-                job=job, conns=conns, supply=supply, rec=rec, clock=clock, observed=observed
+                job=job,
+                conns=conns,
+                identities=identities,
+                supply=supply,
+                rec=rec,
+                clock=clock,
+                observed=observed,
             )
-        elif supply is not None:
-            users = [
-                asyncio.ensure_future(
-                    open_user(
-                        uid=uid,
-                        token=token,
-                        conn=conn,
-                        supply=supply,
-                        rec=rec,
-                        clock=clock,
-                        end=end,
-                        observed=observed,
-                    )
-                )
-                for (uid, token), conn in zip(job.users, conns, strict=True)
-            ]
         else:
-            next_in_crowd = [0]
-            users = [
-                asyncio.ensure_future(
-                    reject_user(
-                        n=n,
-                        token=token,
-                        conn=conn,
-                        packets=job.packets,
-                        rec=rec,
-                        clock=clock,
-                        end=end,
-                        crowd=job.crowd,
-                        next_in_crowd=next_in_crowd,
-                    )
-                )
-                for n, ((_, token), conn) in enumerate(zip(job.users, conns, strict=True))
-            ]
-        await asyncio.sleep(max(0.0, end - clock()))
+            users = _start_users(
+                job,
+                conns=conns,
+                identities=identities,
+                supply=supply,
+                rec=rec,
+                clock=clock,
+                observed=observed,
+            )
+        if users:
+            await asyncio.wait(users, timeout=max(0.0, end - clock()))
+        if clock() < end:  # a finite crowd used up early: the phase is this long
+            live[slot + LIVE_FINISHED] = clock()
         cpu_s = _cpu_s() - cpu_start
+        gc.enable()
+        gc.callbacks.remove(gc_watch)
         if supply is not None:
             supply.stop()
         # answers still in flight are waited for (a 200 open must reach the checker)
         _, late = await asyncio.wait(users, timeout=job.drain_s) if users else (set(), set())
         if job.rate > 0 and late:  # open loop: an arrival never answered is an error
             rec.counts["error:open-loop:unanswered"] = len(late)
+        if identities.reused:
+            rec.counts["identities_reused"] = identities.reused
         for conn in [*conns, *creators]:
             conn.close()
         for task in [*late, *tasks]:
             task.cancel()
         await asyncio.gather(*late, *tasks, return_exceptions=True)
-        sold_out = [p.id.decode() for p in supply.all if p.won == job.shares] if supply else []
+        sold_out = [p.id.decode() for p in supply.all if p.won == p.shares] if supply else []
         return {
             "index": job.index,
             "times": dict(rec.times),
@@ -492,6 +701,8 @@ async def run_job(
             "sold_out": sold_out,
             "cpu_s": cpu_s,
             "late": len(late),
+            "packets_created": len(supply.all) if supply and creators else 0,
+            "gc": gc_watch.report(),
         }
     finally:
         for conn in [*conns, *creators]:

@@ -13,7 +13,7 @@ async def metrics_pages(nodes: list[NodeSpec]) -> list[str]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
         for node in nodes:
             try:
-                async with session.get(node.url + "/metrics") as resp:
+                async with session.get((node.metrics or node.url) + "/metrics") as resp:
                     pages.append(await resp.text())
             except (aiohttp.ClientError, TimeoutError):
                 continue

@@ -53,6 +53,9 @@ class PhaseResult:
     rss_kib: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
     others: list[dict[str, Any]] = field(default_factory=list)  # busiest processes not ours
     started_at: float = 0.0  # wall-clock time of t = 0 (to line up with service logs)
+    loadgen_gc: list[dict[str, Any]] = field(default_factory=list)  # per worker
+    profiles: list[str] = field(default_factory=list)  # --profile: py-spy's files
+    profile_note: str | None = None
 
     def merge(self, part: dict[str, Any]) -> None:
         for label, times in part["times"].items():
@@ -64,6 +67,7 @@ class PhaseResult:
         self.sold_out += part["sold_out"]
         self.worker_cpu_s.append(part["cpu_s"])
         self.late += part["late"]
+        self.loadgen_gc.append(part.get("gc", {}))
 
     def _in_window(self, labels: Iterable[str]) -> tuple[list[float], list[float]]:
         times: list[float] = []
@@ -74,6 +78,12 @@ class PhaseResult:
                     times.append(t)
                     lats.append(lat)
         return times, lats
+
+    def latency_between(self, t0: float, t1: float, *labels: str) -> dict[str, float | int | None]:
+        """Latency of the answers filed between ``t0`` and ``t1`` s (the open loop's first and
+        last 10 s: a fixed-rate load must have a flat latency)."""
+        times, lats = self._in_window(labels)
+        return summary(lat for t, lat in zip(times, lats, strict=True) if t0 <= t < t1)
 
     def count(self, *labels: str) -> int:
         return len(self._in_window(labels)[0])
@@ -115,6 +125,7 @@ class PhaseResult:
             if self.duration_s
             else None,
             "saturated": any(c >= 0.9 for c in per_core),
+            "gc": self.loadgen_gc,
         }
 
     def process_cpu(self) -> dict[str, float]:

@@ -19,7 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "injects the seed's faults (kills, pauses, Redis restarts, MySQL cuts and latency, "
         "rebalances, killed rebalances), heal everything, learn every unknown outcome, check "
         "what the clients saw against the ledgers through the API and with `redpacket check`, "
-        "and report. Exit status 1 on any violation. The same seed draws the same schedule.",
+        "and report. Exit status 1 on any violation of the system; 3 when there is none but the "
+        "nemesis could not run a fault as scheduled (a harness problem, reported apart). "
+        "The same seed draws the same schedule.",
     )
     p.add_argument("--seconds", type=float, default=60.0, help="length of the load and faults")
     p.add_argument("--seed", type=int, default=None, help="draws the schedule (default: random)")
@@ -27,6 +29,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--users", type=int, default=24, help="concurrent virtual users")
     p.add_argument(
         "--lifetime", type=float, default=10.0, help="seconds a red packet lives (then refunded)"
+    )
+    p.add_argument(
+        "--from",
+        dest="from_s",
+        type=float,
+        default=None,
+        metavar="S",
+        help="replay only the faults that the --seconds schedule injects from S seconds on "
+        "(with --until), in a run of their own: a burst of a long run, quickly",
+    )
+    p.add_argument(
+        "--until", dest="until_s", type=float, default=None, metavar="S", help="see --from"
+    )
+    p.add_argument(
+        "--liveness-s",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="every open must have a final answer this long after the last fault healed",
     )
     p.add_argument("--think", type=float, default=0.05, help="mean pause between a user's ops")
     p.add_argument("--name", default=None, help="name of the cluster it starts")

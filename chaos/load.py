@@ -83,7 +83,7 @@ class Api:
 class Packet:
     """A packet a client saw created (201), with the body that created it."""
 
-    id: int
+    id: str  # the public id, as the API gave it (opaque)
     sender: int
     body: dict[str, Any]
 
@@ -168,25 +168,35 @@ class Outcomes:
     started: float = field(default_factory=time.monotonic)
     ops: Counter[tuple[str, str]] = field(default_factory=Counter)  # (op, outcome) -> count
     per_second: dict[int, Counter[str]] = field(default_factory=dict)  # second -> ok/error
-    packets: dict[int, Packet] = field(default_factory=dict)
-    opened: dict[tuple[int, int], int] = field(default_factory=dict)  # (packet, uid) -> amount
-    refused: dict[tuple[int, int], str] = field(default_factory=dict)  # last known "no share"
-    unknown_opens: set[tuple[int, int]] = field(default_factory=set)
+    packets: dict[str, Packet] = field(default_factory=dict)
+    opened: dict[tuple[str, int], int] = field(default_factory=dict)  # (packet, uid) -> amount
+    opened_at: dict[str, dict[int, float]] = field(default_factory=dict)  # first 200, run s
+    refused: dict[tuple[str, int], str] = field(default_factory=dict)  # last known "no share"
+    unknown_opens: set[tuple[str, int]] = field(default_factory=set)
+    # the last moment (run s) each open was answered without an outcome: liveness
+    last_unknown_open: dict[tuple[str, int], float] = field(default_factory=dict)
     unknown_creates: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)
     contradictions: list[str] = field(default_factory=list)  # seen during the run
+    # what reads showed last: (answered at, value), to hold later reads to it
+    remaining: dict[str, tuple[float, int, int]] = field(default_factory=dict)
+    received_count: dict[int, tuple[float, int]] = field(default_factory=dict)
+
+    def now(self) -> float:
+        """Seconds since the start of the run."""
+        return time.monotonic() - self.started
 
     def count(self, op: str, answer: Answer) -> None:
         self.ops[(op, answer.outcome)] += 1
-        second = int(time.monotonic() - self.started)
-        bucket = self.per_second.setdefault(second, Counter())
+        bucket = self.per_second.setdefault(int(self.now()), Counter())
         bucket["error" if answer.unknown else "ok"] += 1
 
-    def saw_open(self, packet: int, uid: int, answer: Answer) -> None:
+    def saw_open(self, packet: str, uid: int, answer: Answer) -> None:
         """Fold one open answer into what is known about (packet, uid)."""
         key = (packet, uid)
         if answer.status == 200 and isinstance(answer.body, dict):
             amount = int(answer.body["amount"])
             first = self.opened.setdefault(key, amount)
+            self.opened_at.setdefault(packet, {}).setdefault(uid, self.now())
             if first != amount:
                 self.contradictions.append(
                     f"red packet {packet}: uid {uid} was answered {first} then {amount}"
@@ -194,6 +204,7 @@ class Outcomes:
             self.unknown_opens.discard(key)
             self.refused.pop(key, None)
         elif answer.unknown:
+            self.last_unknown_open[key] = self.now()
             if key not in self.opened:
                 self.unknown_opens.add(key)
         elif answer.status in (403, 404, 410):
@@ -201,6 +212,64 @@ class Outcomes:
             if key not in self.opened:
                 code = (answer.body or {}).get("error", {}).get("code", answer.outcome)
                 self.refused[key] = str(code)
+        self.saw_packet_answer(packet, "open", answer)
+
+    def saw_packet_answer(self, packet: str, op: str, answer: Answer) -> None:
+        """A packet that was created (201 seen) is never answered 404, by any call."""
+        if answer.status == 404 and packet in self.packets:
+            self.contradictions.append(
+                f"red packet {packet}: created (201) but {op} answered 404 at {self.now():.1f}s"
+            )
+
+    def saw_info(self, packet: str, sent_s: float, answer: Answer) -> None:
+        """``remaining_*`` never goes up (a refund pays what remained; it does not add any):
+        a read sent after another was answered shows no more than that one did."""
+        self.saw_packet_answer(packet, "GET packet", answer)
+        if answer.status != 200 or not isinstance(answer.body, dict):
+            return
+        amount, shares = int(answer.body["remaining_amount"]), int(answer.body["remaining_packet"])
+        last = self.remaining.get(packet)
+        if last is not None and last[0] <= sent_s and (amount > last[1] or shares > last[2]):
+            self.contradictions.append(
+                f"red packet {packet}: remaining went up from {last[1]}/{last[2]} to "
+                f"{amount}/{shares} at {self.now():.1f}s"
+            )
+        if last is None or (amount, shares) <= (last[1], last[2]):
+            self.remaining[packet] = (self.now(), amount, shares)
+
+    def saw_records(self, packet: str, sent_s: float, answer: Answer) -> None:
+        """Every share whose open was answered 200 before this read was sent is in it (the
+        records are the ledger, and 200 comes after the commit), and none ever leaves."""
+        self.saw_packet_answer(packet, "records", answer)
+        if answer.status != 200 or not isinstance(answer.body, dict):
+            return
+        if answer.body.get("next_cursor"):
+            return  # one page of a longer list: not every share is on it
+        listed = {int(r["uid"]) for r in answer.body.get("records", [])}
+        for uid, at in self.opened_at.get(packet, {}).items():
+            if at <= sent_s and uid not in listed:
+                self.contradictions.append(
+                    f"red packet {packet}: uid {uid}'s share (200 at {at:.1f}s) missing from "
+                    f"the records read at {sent_s:.1f}s"
+                )
+
+    def saw_received(self, uid: int, sent_s: float, answer: Answer) -> None:
+        """A share in a user's received history never disappears: the count of the year only
+        grows between reads (how soon it appears is judged after the run, within
+        HISTORY_BOUND_S: under faults delivery waits for the user's shard)."""
+        if answer.status != 200 or not isinstance(answer.body, dict):
+            return
+        count = answer.body.get("count")
+        if not isinstance(count, int):
+            return
+        last = self.received_count.get(uid)
+        if last is not None and last[0] <= sent_s and count < last[1]:
+            self.contradictions.append(
+                f"uid {uid}: received history went from {last[1]} to {count} entries at "
+                f"{self.now():.1f}s"
+            )
+        if last is None or count >= last[1]:
+            self.received_count[uid] = (self.now(), count)
 
 
 @dataclass
@@ -216,7 +285,7 @@ class Load:
     max_ops_per_user: int = 1_000_000
     deadline: float = 0.0
     stop: asyncio.Event = field(default_factory=asyncio.Event)
-    recent: deque[int] = field(default_factory=lambda: deque(maxlen=48))
+    recent: deque[str] = field(default_factory=lambda: deque(maxlen=48))
 
     @property
     def uids(self) -> list[int]:
@@ -244,7 +313,7 @@ class Load:
         uid = FIRST_UID + index
         ops = self._ops()
         names, weights = list(ops), [w for w, _ in ops.values()]
-        mine: list[int] = []  # packets this user opened (or tried to)
+        mine: list[str] = []  # packets this user opened (or tried to)
         for n in range(self.max_ops_per_user):
             if self.stop.is_set() or time.monotonic() >= self.deadline:
                 return
@@ -254,10 +323,10 @@ class Load:
             await ops[name][1](rng, uid, n, mine)
             await asyncio.sleep(rng.uniform(0, 2 * self.think_s))
 
-    def _pick(self, rng: random.Random) -> int:
+    def _pick(self, rng: random.Random) -> str:
         return rng.choice(self.recent)
 
-    async def _create(self, rng: random.Random, uid: int, n: int, mine: list[int]) -> None:
+    async def _create(self, rng: random.Random, uid: int, n: int, mine: list[str]) -> None:
         kind = rng.choice(self.api.kinds)
         body = KINDS[kind](rng, uid, self.uids)
         if len(self.api.kinds) > 1:
@@ -273,21 +342,23 @@ class Load:
             self.outcomes.unknown_creates.append((uid, key, body))
 
     def saw_created(self, uid: int, body: dict[str, Any], answer: dict[str, Any]) -> None:
-        packet = Packet(int(answer["red_packet_id"]), uid, body)
+        packet = Packet(str(answer["red_packet_id"]), uid, body)
         self.outcomes.packets[packet.id] = packet
         self.recent.append(packet.id)
 
-    async def _grab(self, rng: random.Random, uid: int, n: int, mine: list[int]) -> None:
-        answer = await self.client.call("POST", f"/v1/red-packets/{self._pick(rng)}/grab", uid)
+    async def _grab(self, rng: random.Random, uid: int, n: int, mine: list[str]) -> None:
+        packet = self._pick(rng)
+        answer = await self.client.call("POST", f"/v1/red-packets/{packet}/grab", uid)
         self.outcomes.count("grab", answer)
+        self.outcomes.saw_packet_answer(packet, "grab", answer)
 
-    async def open_one(self, packet: int, uid: int, op: str = "open") -> Answer:
+    async def open_one(self, packet: str, uid: int, op: str = "open") -> Answer:
         answer = await self.client.call("POST", f"/v1/red-packets/{packet}/open", uid)
         self.outcomes.count(op, answer)
         self.outcomes.saw_open(packet, uid, answer)
         return answer
 
-    async def _open(self, rng: random.Random, uid: int, n: int, mine: list[int]) -> None:
+    async def _open(self, rng: random.Random, uid: int, n: int, mine: list[str]) -> None:
         packet = self._pick(rng)
         packet_info = self.outcomes.packets.get(packet)
         if packet_info and packet_info.receiver is not None and rng.random() < 0.7:
@@ -295,27 +366,33 @@ class Load:
         await self.open_one(packet, uid)
         mine.append(packet)
 
-    async def _open_again(self, rng: random.Random, uid: int, n: int, mine: list[int]) -> None:
+    async def _open_again(self, rng: random.Random, uid: int, n: int, mine: list[str]) -> None:
         """The same user taps again: a replay must answer the same amount."""
         if not mine:
             return await self._open(rng, uid, n, mine)
         await self.open_one(rng.choice(mine[-20:]), uid, "open_again")
         return None
 
-    async def _packet(self, rng: random.Random, uid: int, n: int, mine: list[int]) -> None:
-        answer = await self.client.call("GET", f"/v1/red-packets/{self._pick(rng)}", uid)
+    async def _packet(self, rng: random.Random, uid: int, n: int, mine: list[str]) -> None:
+        packet, sent_s = self._pick(rng), self.outcomes.now()
+        answer = await self.client.call("GET", f"/v1/red-packets/{packet}", uid)
         self.outcomes.count("packet", answer)
+        self.outcomes.saw_info(packet, sent_s, answer)
 
-    async def _records(self, rng: random.Random, uid: int, n: int, mine: list[int]) -> None:
+    async def _records(self, rng: random.Random, uid: int, n: int, mine: list[str]) -> None:
+        packet, sent_s = self._pick(rng), self.outcomes.now()
         answer = await self.client.call(
-            "GET", f"/v1/red-packets/{self._pick(rng)}/records", uid, params={"limit": "20"}
+            "GET", f"/v1/red-packets/{packet}/records", uid, params={"limit": "20"}
         )
         self.outcomes.count("records", answer)
+        self.outcomes.saw_records(packet, sent_s, answer)
 
-    async def _history(self, rng: random.Random, uid: int, n: int, mine: list[int]) -> None:
-        which = rng.choice(("received", "sent"))
+    async def _history(self, rng: random.Random, uid: int, n: int, mine: list[str]) -> None:
+        which, sent_s = rng.choice(("received", "sent")), self.outcomes.now()
         answer = await self.client.call("GET", f"/v1/me/{which}", uid, params={"limit": "20"})
         self.outcomes.count(f"history_{which}", answer)
+        if which == "received":
+            self.outcomes.saw_received(uid, sent_s, answer)
 
 
 async def discover_api(client: Client) -> Api:

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from redpacket.chaos.cluster import ChaosCluster
 from redpacket.chaos.schedule import Fault, Kind, Schedule
 from redpacket.sharding.ring import RingDoc
@@ -29,6 +31,7 @@ REBALANCE_ATTEMPT_S = 120.0  # one run of the rebalance command, at most
 REBALANCE_ATTEMPTS = 6
 RESTART_WAIT_S = 60.0
 ANSWER_WAIT_S = 120.0
+LATE_LIMIT_S = 60.0  # a fault may be injected this long after the run's end, at most
 
 Probe = Callable[[list[str], bool], Awaitable[bool]]  # (shards, any of them is enough)
 
@@ -41,6 +44,7 @@ class FaultRecord:
     injected_at: float | None = None
     healed_at: float | None = None
     answered_at: float | None = None  # the affected shard(s) answered again
+    serving_at: float | None = None  # a killed process answers its own port again
     skipped: str = ""
     notes: list[str] = field(default_factory=list)
 
@@ -49,6 +53,27 @@ class FaultRecord:
         if self.healed_at is None or self.answered_at is None:
             return None
         return max(0.0, self.answered_at - self.healed_at)
+
+    @property
+    def late_s(self) -> float | None:
+        """How much later than scheduled the nemesis could inject it (its resource was
+        still taken: a process not yet back from the fault before). The harness's delay,
+        not the system's."""
+        if self.injected_at is None:
+            return None
+        return max(0.0, self.injected_at - self.fault.at_s)
+
+    @property
+    def harness_problem(self) -> str | None:
+        """Why the nemesis could not run this fault as scheduled, if it could not: the
+        harness's problem, reported apart from the verdict on the system."""
+        if self.skipped:
+            return f"fault {self.fault.index} ({self.fault.kind}) not injected: {self.skipped}"
+        errors = [n for n in self.notes if n.startswith("error:")]
+        if self.injected_at is None or errors:
+            why = "; ".join(errors) or "never injected"
+            return f"fault {self.fault.index} ({self.fault.kind}) could not be run: {why}"
+        return None
 
     @property
     def outage_s(self) -> float | None:
@@ -63,6 +88,8 @@ class FaultRecord:
             "injected_at": rnd(self.injected_at),
             "healed_at": rnd(self.healed_at),
             "answered_at": rnd(self.answered_at),
+            "serving_at": rnd(self.serving_at),
+            "late_s": rnd(self.late_s),
             "recovery_s": rnd(self.recovery_s),
             "outage_s": rnd(self.outage_s),
             **({"skipped": self.skipped} if self.skipped else {}),
@@ -98,11 +125,12 @@ class Nemesis:
         await asyncio.sleep(max(0.0, fault.at_s - self.now()))
         lock = self._locks.setdefault(fault.resource, asyncio.Lock())
         async with lock:
-            # a rebalance waits for the one before it, however long the faults made that take;
-            # it may start until the end (the load runs on until it is healed)
-            last = self.schedule.inject_until_s + 2.0
-            if fault.resource == "rebalance":
-                last = self.schedule.seconds
+            # A fault waits for its resource (the fault before it on the same process, node,
+            # store or ring) however long the faults made that take, up to LATE_LIMIT_S past
+            # the run: the load runs on until every fault is healed, so a late one still
+            # happens under load (its delay is reported: late_s). Past that it is the
+            # harness's problem: its resource never came free.
+            last = self.schedule.seconds + LATE_LIMIT_S
             if self.now() > last:
                 record.skipped = f"its resource was busy until {self.now():.1f}s"
                 return
@@ -146,6 +174,11 @@ class Nemesis:
                 await asyncio.sleep(0.05)  # the supervisor's counter, in this process
             if child.restarts > before:
                 record.healed_at = self.now()
+                # Its resource stays taken until the process serves again: the next fault on
+                # it must hit a running service. Released at the restart alone, a burst of
+                # kills hit a gateway (and a node) still starting, again and again, and
+                # neither listened for 38 s (issue 24: seed 690262816 at 471-508 s).
+                await self._until_serving(record, name)
             else:
                 record.notes.append(f"{name} was not restarted within {RESTART_WAIT_S:.0f}s")
         elif kind in (Kind.NODE_PAUSE, Kind.REDIS_PAUSE):
@@ -165,8 +198,9 @@ class Nemesis:
             finally:
                 proxy.unblock()
             record.healed_at = self.now()
-        elif kind is Kind.MYSQL_LATENCY:
-            proxy = self.cluster.proxies[fault.target]
+        elif kind in (Kind.MYSQL_LATENCY, Kind.LINK_LATENCY):
+            proxies = self.cluster.proxies if kind is Kind.MYSQL_LATENCY else self.cluster.links
+            proxy = proxies[fault.target]
             proxy.delay_s = fault.latency_ms / 1000
             record.injected_at = self.now()
             try:
@@ -174,8 +208,91 @@ class Nemesis:
             finally:
                 proxy.delay_s = 0.0
             record.healed_at = self.now()
+        elif kind in (Kind.LINK_CUT, Kind.LINK_ONEWAY, Kind.CLOCK_JUMP):
+            await self._hold(record)
+        elif kind is Kind.GATEWAY_RESTART:
+            await self._gateway_restart(record)
         else:
             await self._rebalance(record)
+
+    async def _hold(self, record: FaultRecord) -> None:
+        """A link cut or stalled one way, or a node clock moved, for the fault's hold."""
+        fault = record.fault
+        link = self.cluster.links.get(fault.target)
+        clock = self.cluster.clock_file(fault.target)
+        if fault.kind is Kind.LINK_CUT:
+            assert link is not None
+            link.block()
+        elif fault.kind is Kind.LINK_ONEWAY:
+            assert link is not None
+            link.hold("up" if fault.action == "to_node" else "down")
+        else:
+            clock.write_text(str(fault.jump_ms))
+        record.injected_at = self.now()
+        try:
+            await asyncio.sleep(fault.hold_s)
+        finally:
+            if fault.kind is Kind.CLOCK_JUMP:
+                clock.write_text("0")  # and back: the clock steps the other way
+            elif link is not None:
+                link.unblock()
+                link.release()
+        record.healed_at = self.now()
+
+    async def _gateway_restart(self, record: FaultRecord) -> None:
+        """Hold every node's replies to the gateway so its links fill with calls in flight,
+        then SIGTERM it (a rolling restart) while they are full; release; it is healed when
+        the supervisor has started it again, and released when it serves."""
+        links = list(self.cluster.links.values())
+        for link in links:
+            link.hold("down")
+        try:
+            await asyncio.sleep(record.fault.hold_s)
+            child = self.cluster.child("gateway")
+            _, before = await self._signal_live("gateway", signal.SIGTERM)
+            record.injected_at = self.now()
+        finally:
+            for link in links:
+                link.release()
+        deadline = time.monotonic() + RESTART_WAIT_S
+        while child.restarts <= before and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        if child.restarts > before:
+            record.healed_at = self.now()
+            await self._until_serving(record, "gateway")
+        else:
+            record.notes.append(f"gateway was not restarted within {RESTART_WAIT_S:.0f}s")
+
+    def _serving_url(self, name: str) -> str | None:
+        """Where a supervised process answers for itself (None: redis, checked by a connect)."""
+        if name.startswith("gateway"):
+            return self.cluster.gateway_url + "/healthz"
+        for plan in self.cluster.plans:
+            if name == f"{plan.name}-node":
+                return plan.node_url + "/healthz"
+        return None
+
+    async def _until_serving(self, record: FaultRecord, name: str) -> None:
+        """Wait (RESTART_WAIT_S at most) until a restarted process answers its own port."""
+        url = self._serving_url(name)
+        port = next((p.redis_port for p in self.cluster.plans if name == f"{p.name}-redis"), None)
+        deadline = time.monotonic() + RESTART_WAIT_S
+        timeout = aiohttp.ClientTimeout(total=1)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while time.monotonic() < deadline:
+                with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                    if url is not None:
+                        async with session.get(url) as resp:
+                            if resp.status == 200:
+                                record.serving_at = self.now()
+                                return
+                    elif port is not None:
+                        _, writer = await asyncio.open_connection("127.0.0.1", port)
+                        writer.close()
+                        record.serving_at = self.now()
+                        return
+                await asyncio.sleep(0.1)
+        record.notes.append(f"{name} did not serve within {RESTART_WAIT_S:.0f}s of its restart")
 
     async def _signal_live(
         self, name: str, sig: signal.Signals
@@ -288,6 +405,9 @@ class Nemesis:
         """The safety net at the end: nothing stays paused, cut or slow."""
         for proc in list(self._paused):
             self._resume(proc)
-        for proxy in self.cluster.proxies.values():
+        for proxy in [*self.cluster.proxies.values(), *self.cluster.links.values()]:
             proxy.unblock()
+            proxy.release()
             proxy.delay_s = 0.0
+        for plan in self.cluster.plans:
+            self.cluster.clock_file(plan.name).write_text("0")

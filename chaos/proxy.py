@@ -15,16 +15,28 @@ class TcpProxy:
     """Forwards 127.0.0.1:<port> to a real server. ``block()`` aborts every connection through
     it and refuses new ones, as a store that went away would; ``unblock()`` lets them in again.
     ``delay_s`` holds every chunk that much before passing it on (both directions), as a slow
-    network or an overloaded server would.
+    network or an overloaded server would. ``hold(direction)`` stops one direction ("up":
+    client to server, "down": server to client) without closing anything, as a one-way
+    partition does to TCP (the bytes wait, then flow once ``release()``d).
     """
 
     def __init__(self, target_host: str, target_port: int) -> None:
-        self._target = (target_host, target_port)
+        self.target = (target_host, target_port)  # may change: new connections go there
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self.blocked = False
         self.delay_s = 0.0
         self.port = 0
+        self._flow = {"up": asyncio.Event(), "down": asyncio.Event()}
+        for flowing in self._flow.values():
+            flowing.set()
+
+    def hold(self, direction: str) -> None:
+        self._flow[direction].clear()
+
+    def release(self) -> None:
+        for flowing in self._flow.values():
+            flowing.set()
 
     async def start(self) -> int:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -51,7 +63,7 @@ class TcpProxy:
             writer.transport.abort()
             return
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self._target)
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
             writer.transport.abort()
             return
@@ -60,15 +72,21 @@ class TcpProxy:
             up_writer.transport.abort()
             return
         self._writers.update((writer, up_writer))
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        await asyncio.gather(
+            self._pipe(reader, up_writer, self._flow["up"]),
+            self._pipe(up_reader, writer, self._flow["down"]),
+        )
         self._writers.discard(writer)
         self._writers.discard(up_writer)
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flowing: asyncio.Event
+    ) -> None:
         with contextlib.suppress(Exception):
             while data := await reader.read(65536):
                 if self.delay_s > 0:
                     await asyncio.sleep(self.delay_s)
+                await flowing.wait()
                 writer.write(data)
                 await writer.drain()
         with contextlib.suppress(Exception):

@@ -74,6 +74,12 @@ def table(report: dict[str, Any]) -> str:
         f"{sum(r['healed'] for r in faults['by_kind'].values()):>6}  "
         f"{_pm(faults['recovery_s']):>18}  {_pm(faults['outage_s']):>16}"
     )
+    late = [f["late_s"] for f in report["fault_log"] if f.get("late_s") is not None]
+    if late:
+        lines.append(
+            f"injected late (resource still taken by the fault before): p50/max "
+            f"{_pm(_spread(late))} s"
+        )
     verdict = report["verdict"]
     lines += [
         "",
@@ -81,10 +87,16 @@ def table(report: dict[str, Any]) -> str:
         f"{verdict['refunded']} refunded), {verdict['records']} records, "
         f"{verdict['resolved_opens']} opens and {verdict['resolved_creates']} creates "
         f"resolved after the run, {verdict['history_users']} user histories compared",
+        f"liveness: the last open without a final answer came {verdict.get('liveness_s', 0):.1f}s "
+        f"after the last fault healed ({report.get('last_heal_s', 0):.1f}s into the run)",
         f"checker: {verdict['checker']}",
         f"violations: {len(report['violations'])}",
     ]
     lines += [f"  VIOLATION {v}" for v in report["violations"][:50]]
+    harness = report.get("harness", [])
+    if harness:
+        lines.append(f"harness (not a verdict on the system): {len(harness)}")
+        lines += [f"  HARNESS {h}" for h in harness[:50]]
     lines.append(f"replay: {report['command']}")
     return "\n".join(lines)
 
@@ -105,11 +117,28 @@ COLORS = {
     "mysql_latency": "#17becf",
     "rebalance": "#2ca02c",
     "rebalance_kill": "#e377c2",
+    "link_cut": "#393b79",
+    "link_latency": "#6b6ecf",
+    "link_oneway": "#9c9ede",
+    "gateway_restart": "#7b4173",
+    "clock_jump": "#e7969c",
 }
 
 
+PLOT_EXTRA = "pip install 'redpacket[bench]'"
+
+
+class PlotUnavailable(Exception):
+    """matplotlib is not installed: the plot is an extra, the JSON and the table are not."""
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise PlotUnavailable(
+            f"no plot: matplotlib is not installed (`{PLOT_EXTRA}` adds it)"
+        ) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -19,10 +19,12 @@ import orjson
 from redpacket.chaos import report as reports
 from redpacket.chaos.cluster import ChaosCluster, new_prefix
 from redpacket.chaos.load import Client, Load, Outcomes, discover_api
-from redpacket.chaos.nemesis import Nemesis
+from redpacket.chaos.nemesis import FaultRecord, Nemesis
 from redpacket.chaos.schedule import Schedule, draw
 from redpacket.chaos.verdict import Verdict, judge
-from redpacket.cli.devcluster import answers_ready
+from redpacket.cli.devcluster import ALL_SHARDS_READY, answers_ready
+from redpacket.core.env import SettingsError
+from redpacket.core.ids import snowflake_of
 from redpacket.sharding.ring import NodeSpec, Ring, RingDoc
 
 PROBER = 1  # the uid of the prober (it only reads and grabs: it never takes a share)
@@ -30,10 +32,26 @@ NEMESIS_GRACE_S = 300.0  # after the load, unfinished heals (a slow rebalance) g
 
 
 def replay_command(args: argparse.Namespace) -> str:
-    return (
+    command = (
         f"redpacket chaos --seconds {args.seconds:g} --seed {args.seed} --shards {args.shards} "
         f"--users {args.users} --lifetime {args.lifetime:g}"
     )
+    if args.from_s is not None:
+        command += f" --from {args.from_s:g} --until {args.until_s:g}"
+    return command
+
+
+def the_schedule(args: argparse.Namespace) -> Schedule:
+    """The seed's schedule, or the window of it that --from/--until picked."""
+    schedule = draw(args.seed, args.seconds, args.shards)
+    if args.from_s is None and args.until_s is None:
+        return schedule
+    if args.from_s is None or args.until_s is None:
+        raise SettingsError("--from and --until go together")
+    try:
+        return schedule.window(args.from_s, args.until_s)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def cluster_env(lifetime_s: float) -> None:
@@ -52,11 +70,11 @@ def cluster_env(lifetime_s: float) -> None:
     os.environ.setdefault("REDPACKET_MYSQL_TIMEOUT_S", "2")
 
 
-async def make_probes(load: Load, shards: list[NodeSpec], extra: str) -> dict[str, int]:
+async def make_probes(load: Load, shards: list[NodeSpec], extra: str) -> dict[str, str]:
     """One packet per base shard that the shard owns with and without the extra shard, to
     ask whether that shard answers (GET the packet: MySQL; grab it: Redis)."""
     plain, grown = Ring(shards), Ring([*shards, NodeSpec(extra, "", 1)])
-    probes: dict[str, int] = {}
+    probes: dict[str, str] = {}
     for _ in range(400):
         if len(probes) == len(shards):
             return probes
@@ -67,14 +85,14 @@ async def make_probes(load: Load, shards: list[NodeSpec], extra: str) -> dict[st
             continue
         load.saw_created(PROBER, body, answer.body)
         load.recent.pop()  # the load does not open probes
-        packet = int(answer.body["red_packet_id"])
-        owner = plain.owner(packet).name
-        if owner == grown.owner(packet).name:
+        packet = str(answer.body["red_packet_id"])
+        owner = plain.owner(snowflake_of(packet)).name
+        if owner == grown.owner(snowflake_of(packet)).name:
             probes.setdefault(owner, packet)
     raise RuntimeError(f"could not make a probe packet for every shard (have {sorted(probes)})")
 
 
-def make_probe(load: Load, probes: dict[str, int]) -> Any:
+def make_probe(load: Load, probes: dict[str, str]) -> Any:
     async def answers(shard: str) -> bool:
         packet = probes[shard]
         info = await load.client.call("GET", f"/v1/red-packets/{packet}", PROBER, timeout_s=1)
@@ -101,7 +119,7 @@ async def progress(
     from tqdm import tqdm
 
     bar = tqdm(
-        total=int(args.seconds),
+        total=int(nemesis.schedule.seconds),
         desc=f"chaos seed {args.seed}",
         unit="s",
         bar_format="{desc}: {bar:20} {n:.0f}/{total:.0f}s {postfix}",
@@ -127,7 +145,8 @@ async def progress(
 
 
 async def chaos(args: argparse.Namespace) -> dict[str, Any]:
-    schedule: Schedule = draw(args.seed, args.seconds, args.shards)
+    schedule = the_schedule(args)
+    seconds = schedule.seconds  # a window of a long schedule runs for its own length
     cluster_env(args.lifetime)
     cluster = ChaosCluster(
         name=args.name or f"chaos-{args.seed}",
@@ -139,7 +158,7 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
         quiet=True,
     )
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    say(f"chaos: {len(schedule.faults)} faults scheduled over {args.seconds:g}s; starting cluster")
+    say(f"chaos: {len(schedule.faults)} faults scheduled over {seconds:g}s; starting cluster")
     client: Client | None = None
     try:
         await cluster.up()
@@ -156,9 +175,9 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
         done = asyncio.Event()
         shown = asyncio.create_task(progress(args, outcomes, nemesis, t0, done))
         hurt = asyncio.create_task(nemesis.run())
-        load.deadline = t0 + args.seconds + NEMESIS_GRACE_S
+        load.deadline = t0 + seconds + NEMESIS_GRACE_S
         pressing = asyncio.create_task(load.run())
-        await asyncio.sleep(args.seconds)
+        await asyncio.sleep(seconds)
         # A heal that is late (a rebalance slowed down by the other faults) happens under
         # load too: the load runs on until the nemesis is done, for NEMESIS_GRACE_S at most.
         with contextlib.suppress(TimeoutError):
@@ -172,26 +191,26 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
             hurt.cancel()
         await nemesis.heal_all()
         say("chaos: load stopped, everything healed; judging")
-        await answers_ready(cluster.gateway_url, 120)
+        await answers_ready(cluster.gateway_url, 120, ALL_SHARDS_READY)
         doc = RingDoc.load(cluster.ring_file)
         nodes = list(doc.nodes)
         if doc.previous is not None:
             nodes += [n for n in doc.previous.nodes if n.name not in {m.name for m in nodes}]
-        verdict: Verdict = await judge(load, nodes, time.monotonic() + args.lifetime + 90)
         records = nemesis.records
-        violations = list(verdict.violations)
-        for r in records:
-            if r.healed_at is not None and r.healed_at > load_seconds:
-                violations.append(f"fault {r.fault.index} ({r.fault.kind}) healed after the load")
-            if r.injected_at is None or r.healed_at is None:
-                violations.append(
-                    f"fault {r.fault.index} ({r.fault.kind}) not injected and healed: "
-                    f"{r.skipped or r.notes}"
-                )
+        last_heal_s = max((r.healed_at for r in records if r.healed_at is not None), default=0.0)
+        verdict: Verdict = await judge(
+            load,
+            nodes,
+            time.monotonic() + args.lifetime + 90,
+            last_heal_s=last_heal_s,
+            liveness_s=args.liveness_s,
+        )
+        violations, harness = judge_faults(records, load_seconds)
+        violations = list(verdict.violations) + violations
         return {
             "command": replay_command(args),
             "seed": args.seed,
-            "seconds": args.seconds,
+            "seconds": seconds,
             "shards": args.shards,
             "users": args.users,
             "lifetime_s": args.lifetime,
@@ -203,6 +222,8 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
             "faults": reports.fault_summary(records),
             "fault_log": [r.as_dict() for r in records],
             "violations": violations,
+            "harness": harness,
+            "last_heal_s": round(last_heal_s, 2),
             "verdict": verdict.as_dict() | {"violations": len(verdict.violations)},
             "final_ring": {"version": doc.version, "nodes": [n.name for n in doc.nodes]},
             "timeline": {str(s): dict(c) for s, c in sorted(outcomes.per_second.items())},
@@ -215,6 +236,29 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
             await cluster.down()
         if not args.keep:
             await cluster.drop_databases()
+
+
+def judge_faults(records: list[FaultRecord], load_seconds: float) -> tuple[list[str], list[str]]:
+    """``(violations, harness problems)`` of the faults themselves.
+
+    The system's: a fault injected and never healed (a killed process not restarted or not
+    serving again, a rebalance that could not finish), or one healed only after the load
+    stopped. The harness's: a fault the nemesis could not place (its resource stayed taken
+    past the injection window, or the nemesis itself failed): no verdict on the system, but
+    the run did not test what its schedule says, so it is reported apart."""
+    violations: list[str] = []
+    harness: list[str] = []
+    for r in records:
+        name = f"fault {r.fault.index} ({r.fault.kind})"
+        if (problem := r.harness_problem) is not None:
+            harness.append(problem)
+            continue
+        if r.healed_at is None:
+            violations.append(f"{name} injected but never healed: {r.notes}")
+        elif r.healed_at > load_seconds:
+            violations.append(f"{name} healed after the load")
+        violations += [f"{name}: {n}" for n in r.notes if "did not serve" in n]
+    return violations, harness
 
 
 def _git_commit() -> str:
@@ -231,16 +275,9 @@ def _git_commit() -> str:
     return "unknown"
 
 
-def run_chaos(args: argparse.Namespace) -> int:
-    from redpacket.core.env import SettingsError
-
-    if args.seed is None:
-        args.seed = int.from_bytes(os.urandom(3), "big")
-    try:
-        result = asyncio.run(chaos(args))
-    except SettingsError as exc:
-        print(f"redpacket chaos: {exc}", file=sys.stderr)
-        return 2
+def publish(result: dict[str, Any], args: argparse.Namespace) -> Path:
+    """The JSON, the table and (with --plot) the PNG; the JSON's path. A missing plotting
+    extra costs the PNG only, with a line saying what to install."""
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = Path(args.json) if args.json else Path(args.out_dir) / f"{stamp}-seed{args.seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -249,6 +286,23 @@ def run_chaos(args: argparse.Namespace) -> int:
     print(f"JSON: {path}")
     if args.plot is not None:
         png = Path(args.plot) if args.plot else path.with_suffix(".png")
-        reports.plot(result, png)
-        print(f"plot: {png}")
-    return 1 if result["violations"] else 0
+        try:
+            reports.plot(result, png)
+            print(f"plot: {png}")
+        except reports.PlotUnavailable as exc:
+            print(f"plot: {exc}", file=sys.stderr)
+    return path
+
+
+def run_chaos(args: argparse.Namespace) -> int:
+    if args.seed is None:
+        args.seed = int.from_bytes(os.urandom(3), "big")
+    try:
+        result = asyncio.run(chaos(args))
+    except SettingsError as exc:
+        print(f"redpacket chaos: {exc}", file=sys.stderr)
+        return 2
+    publish(result, args)
+    if result["violations"]:
+        return 1
+    return 3 if result["harness"] else 0

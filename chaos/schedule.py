@@ -12,6 +12,7 @@ the load stops.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import random
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,11 @@ class Kind(enum.StrEnum):
     MYSQL_LATENCY = "mysql_latency"  # one shard's MySQL slow (its TcpProxy delays)
     REBALANCE = "rebalance"  # `redpacket rebalance add|remove` while other faults happen
     REBALANCE_KILL = "rebalance_kill"  # a rebalance SIGKILLed mid-way, then resumed
+    LINK_CUT = "link_cut"  # the gateway's link to one node cut (its TcpProxy), then back
+    LINK_LATENCY = "link_latency"  # the gateway's link to one node slow
+    LINK_ONEWAY = "link_oneway"  # one direction of that link stalls (to_node or to_gateway)
+    GATEWAY_RESTART = "gateway_restart"  # SIGTERM the gateway while replies are held back
+    CLOCK_JUMP = "clock_jump"  # a node's clock steps forward or back by seconds, then back
 
 
 # Relative frequency of each kind among the faults drawn after the first round.
@@ -41,6 +47,11 @@ WEIGHTS: dict[Kind, int] = {
     Kind.MYSQL_LATENCY: 3,
     Kind.REBALANCE: 1,
     Kind.REBALANCE_KILL: 1,
+    Kind.LINK_CUT: 2,
+    Kind.LINK_LATENCY: 2,
+    Kind.LINK_ONEWAY: 2,
+    Kind.GATEWAY_RESTART: 1,
+    Kind.CLOCK_JUMP: 2,
 }
 
 # How long the resource stays taken after a fault's hold ends: a killed process needs to be
@@ -48,6 +59,7 @@ WEIGHTS: dict[Kind, int] = {
 SETTLE_S: dict[Kind, float] = {
     Kind.NODE_KILL: 6.0,
     Kind.GATEWAY_KILL: 4.0,
+    Kind.GATEWAY_RESTART: 4.0,
     Kind.REDIS_RESTART: 5.0,
     Kind.REBALANCE: 25.0,
     Kind.REBALANCE_KILL: 25.0,
@@ -66,8 +78,9 @@ class Fault:
     hold_s: float
     target: str  # "shard-<i>", "gateway", or the shard a rebalance adds or removes
     action: str = ""  # rebalance: "add" or "remove"
-    latency_ms: int = 0  # mysql_latency
+    latency_ms: int = 0  # mysql_latency, link_latency
     kill_after_s: float = 0.0  # rebalance_kill: SIGKILL this long after it started
+    jump_ms: int = 0  # clock_jump: how far the node's clock steps (back when negative)
 
     @property
     def resource(self) -> str:
@@ -77,7 +90,11 @@ class Fault:
             return f"redis:{self.target}"
         if self.kind in (Kind.MYSQL_CUT, Kind.MYSQL_LATENCY):
             return f"mysql:{self.target}"
-        if self.kind is Kind.GATEWAY_KILL:
+        if self.kind in (Kind.LINK_CUT, Kind.LINK_LATENCY, Kind.LINK_ONEWAY):
+            return f"link:{self.target}"
+        if self.kind is Kind.CLOCK_JUMP:
+            return f"clock:{self.target}"
+        if self.kind in (Kind.GATEWAY_KILL, Kind.GATEWAY_RESTART):
             return "gateway"
         return "rebalance"
 
@@ -117,6 +134,36 @@ class Schedule:
                     pairs.append((ai, bi))
         return pairs
 
+    def window(self, from_s: float, until_s: float) -> Schedule:
+        """The faults injected from ``from_s`` up to ``until_s`` of this schedule, moved to
+        start at ``start_s``: a targeted replay of one burst of a long run (same faults, same
+        order, same gaps) in a run of its own, with the usual margin to heal and settle.
+        Rebalances are left out: each depends on the ring the ones before it left."""
+        if not 0 <= from_s < until_s:
+            raise ValueError("--from must be >= 0 and below --until")
+        shift = self.start_s - from_s
+        picked = [
+            f for f in self.faults if from_s <= f.at_s <= until_s and f.resource != "rebalance"
+        ]
+        last_heal = max((f.heal_s + shift for f in picked), default=self.start_s)
+        margin = max(8.0, (until_s - from_s) * 0.15)
+        seconds = round(last_heal + SETTLE_S[Kind.NODE_KILL] + margin, 2)
+        moved = tuple(
+            dataclasses.replace(f, index=i, at_s=round(f.at_s + shift, 2))
+            for i, f in enumerate(picked)
+        )
+        note = f"faults {from_s:g}-{until_s:g}s of the {self.seconds:g}s schedule"
+        return Schedule(
+            self.seed,
+            seconds,
+            self.shards,
+            moved,
+            self.start_s,
+            max((f.at_s for f in moved), default=self.start_s),
+            round(last_heal, 2),
+            [note, *(f"was fault {f.index} at {f.at_s:g}s" for f in picked)],
+        )
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "seed": self.seed,
@@ -139,6 +186,18 @@ def _hold(kind: Kind, rng: random.Random) -> tuple[float, dict[str, Any]]:
         return round(rng.uniform(3.0, 8.0), 2), {"latency_ms": rng.choice((50, 100, 200, 400))}
     if kind is Kind.REBALANCE_KILL:
         return 0.0, {"kill_after_s": round(rng.uniform(0.5, 3.0), 2)}
+    if kind is Kind.LINK_CUT:
+        return round(rng.uniform(1.0, 4.0), 2), {}
+    if kind is Kind.LINK_LATENCY:
+        return round(rng.uniform(3.0, 8.0), 2), {"latency_ms": rng.choice((20, 100, 400, 1500))}
+    if kind is Kind.LINK_ONEWAY:
+        return round(rng.uniform(1.0, 4.0), 2), {"action": rng.choice(("to_node", "to_gateway"))}
+    if kind is Kind.GATEWAY_RESTART:
+        return round(rng.uniform(0.5, 2.0), 2), {}  # replies held this long, then SIGTERM
+    if kind is Kind.CLOCK_JUMP:
+        return round(rng.uniform(2.0, 8.0), 2), {
+            "jump_ms": rng.choice((-1, 1)) * rng.randint(2, 30) * 1000
+        }
     return 0.0, {}
 
 
@@ -164,7 +223,7 @@ def draw(seed: int, seconds: float, shards: int) -> Schedule:
         if kind in (Kind.REBALANCE, Kind.REBALANCE_KILL):
             targets = [extra_shard]
             limit = rebalance_until
-        elif kind is Kind.GATEWAY_KILL:
+        elif kind in (Kind.GATEWAY_KILL, Kind.GATEWAY_RESTART):
             targets, limit = ["gateway"], inject_until
         else:
             targets, limit = list(base), inject_until
@@ -179,7 +238,7 @@ def draw(seed: int, seconds: float, shards: int) -> Schedule:
         when, target = best
         if when > limit:
             return None
-        fault = Fault(0, kind, round(when, 2), hold, target, **params)
+        fault = Fault(0, kind, round(when, 2), hold, target, **params)  # type: ignore[arg-type]
         settle = SETTLE_S.get(kind, 1.0)
         if fault.resource == "rebalance":  # few packets to move in a short run
             settle = min(settle, seconds * 0.15)
@@ -206,10 +265,8 @@ def draw(seed: int, seconds: float, shards: int) -> Schedule:
     numbered: list[Fault] = []
     adding = True  # rebalances alternate: add the extra shard, remove it, add it, ...
     for i, f in enumerate(faults):
-        action = ""
+        action = f.action
         if f.kind in (Kind.REBALANCE, Kind.REBALANCE_KILL):
             action, adding = ("add" if adding else "remove"), not adding
-        numbered.append(
-            Fault(i, f.kind, f.at_s, f.hold_s, f.target, action, f.latency_ms, f.kill_after_s)
-        )
+        numbered.append(dataclasses.replace(f, index=i, action=action))
     return Schedule(seed, seconds, shards, tuple(numbered), start, inject_until, heal_by)

@@ -14,7 +14,12 @@ The API-level checks (each failure is a violation):
 - every packet ends ``sold_out`` (nothing remaining) or ``refunded`` (something remaining,
   refunded once: the refund fields the API shows equal what remained);
 - with per-user history: each user's received history and each sender's sent history
-  equal the ledgers (read once the outbox has had time to drain).
+  equal the ledgers (read once the outbox has had time to drain);
+- liveness: every open has a final answer within a bound of the last fault's heal.
+
+What reads showed while the load ran (a created packet never 404, records never missing a
+200, remaining never up, a history never shrinking) is judged as it happens
+(``load.Outcomes``) and lands here among the contradictions.
 """
 
 from __future__ import annotations
@@ -28,11 +33,15 @@ from typing import Any
 
 from redpacket.chaos.load import Answer, Client, Load, Outcomes
 from redpacket.cli.check import Observed, check_shards
+from redpacket.core.ids import snowflake_of
 from redpacket.sharding.ring import NodeSpec
 
 FINAL = ("sold_out", "refunded")
 RESOLVE_BOUND_S = 120.0  # learning the outcomes the clients did not learn, at most
 HISTORY_BOUND_S = 30.0  # the outbox has this long to bring histories level with the ledgers
+# every open has a final answer this long after the last fault healed (restarts, a Redis
+# rebuild, the reconciler's backoff and the link's reconnect all fit well inside it)
+LIVENESS_BOUND_S = 30.0
 
 
 @dataclass
@@ -46,6 +55,7 @@ class Verdict:
     refunded: int = 0
     sold_out: int = 0
     history_users: int = 0
+    liveness_s: float = 0.0  # the last open answered without an outcome, after the last heal
     checker: str = ""
 
     def as_dict(self) -> dict[str, Any]:
@@ -97,7 +107,7 @@ async def resolve(load: Load, verdict: Verdict) -> None:
         else:
             verdict.resolved_creates += 1  # known not to have happened (4xx)
 
-    async def open_(packet: int, uid: int) -> None:
+    async def open_(packet: str, uid: int) -> None:
         answer = await _until_known(lambda: load.open_one(packet, uid, "open_retry"), deadline)
         if answer is None:
             verdict.unresolved += 1
@@ -110,8 +120,11 @@ async def resolve(load: Load, verdict: Verdict) -> None:
     await _gather_bounded(open_(*key) for key in sorted(out.unknown_opens))
 
 
-async def _read_packet(client: Client, packet: int) -> tuple[dict[str, Any] | None, list[Any]]:
+async def _read_packet(
+    client: Client, out: Outcomes, packet: str
+) -> tuple[dict[str, Any] | None, list[Any]]:
     info = await client.call("GET", f"/v1/red-packets/{packet}", 1)
+    out.saw_packet_answer(packet, "GET packet (verdict)", info)
     if info.status != 200:
         return None, []
     records: list[Any] = []
@@ -119,6 +132,7 @@ async def _read_packet(client: Client, packet: int) -> tuple[dict[str, Any] | No
     for _ in range(50):  # 100 shares at most: two pages; bounded anyway
         params = {"limit": "100", **({"cursor": cursor} if cursor else {})}
         page = await client.call("GET", f"/v1/red-packets/{packet}/records", 1, params=params)
+        out.saw_packet_answer(packet, "records (verdict)", page)
         if page.status != 200:
             return None, []
         records += page.body["records"]
@@ -129,13 +143,13 @@ async def _read_packet(client: Client, packet: int) -> tuple[dict[str, Any] | No
 
 
 async def read_all(
-    client: Client, packets: list[int], final_by: float
-) -> dict[int, tuple[dict[str, Any], list[Any]]]:
+    client: Client, out: Outcomes, packets: list[str], final_by: float
+) -> dict[str, tuple[dict[str, Any], list[Any]]]:
     """Every packet's info and records once it is finished (or ``final_by`` has passed)."""
-    seen: dict[int, tuple[dict[str, Any], list[Any]]] = {}
+    seen: dict[str, tuple[dict[str, Any], list[Any]]] = {}
     todo = list(packets)
     while todo:
-        answers = await _gather_bounded(_read_packet(client, p) for p in todo)
+        answers = await _gather_bounded(_read_packet(client, out, p) for p in todo)
         later = []
         for packet, (info, records) in zip(todo, answers, strict=True):
             if info is not None:
@@ -150,11 +164,11 @@ async def read_all(
 
 
 def judge_packets(
-    out: Outcomes, seen: dict[int, tuple[dict[str, Any], list[Any]]], verdict: Verdict
-) -> dict[int, dict[int, int]]:
+    out: Outcomes, seen: dict[str, tuple[dict[str, Any], list[Any]]], verdict: Verdict
+) -> dict[str, dict[int, int]]:
     """The API-level checks; returns the ledgers as the API shows them (packet -> uid -> cents)."""
     v = verdict.violations
-    ledgers: dict[int, dict[int, int]] = {}
+    ledgers: dict[str, dict[int, int]] = {}
     for packet_id, packet in sorted(out.packets.items()):
         where = f"red packet {packet_id} ({packet.kind})"
         if packet_id not in seen:
@@ -247,19 +261,19 @@ async def _pages(client: Client, uid: int, which: str, year: int) -> list[Any] |
 
 async def judge_history(
     load: Load,
-    ledgers: dict[int, dict[int, int]],
-    seen: dict[int, tuple[dict[str, Any], list[Any]]],
+    ledgers: dict[str, dict[int, int]],
+    seen: dict[str, tuple[dict[str, Any], list[Any]]],
     verdict: Verdict,
 ) -> None:
     """Each user's history (received and sent) equals the ledgers, once the outbox drained."""
     client, out = load.client, load.outcomes
     years = {dt.datetime.now(dt.timezone(dt.timedelta(hours=8))).year}  # the users' calendar
     year = years.pop()
-    received: dict[int, dict[int, int]] = {}
+    received: dict[int, dict[str, int]] = {}
     for packet_id, by_uid in ledgers.items():
         for uid, amount in by_uid.items():
             received.setdefault(uid, {})[packet_id] = amount
-    sent: dict[int, dict[int, tuple[int, int, int]]] = {}  # total, opened, refunded
+    sent: dict[int, dict[str, tuple[int, int, int]]] = {}  # total, opened, refunded
     for packet_id, packet in out.packets.items():
         if packet_id in seen:
             info = seen[packet_id][0]
@@ -277,9 +291,9 @@ async def judge_history(
             if got_r is None or got_s is None:
                 problem = f"uid {uid}: history not readable"
             else:
-                mine_r = {int(r["red_packet_id"]): int(r["amount"]) for r in got_r}
+                mine_r = {str(r["red_packet_id"]): int(r["amount"]) for r in got_r}
                 mine_s = {
-                    int(p["red_packet_id"]): (
+                    str(p["red_packet_id"]): (
                         int(p["total_amount"]),
                         int(p["opened_amount"]),
                         int(p["refunded_amount"]),
@@ -306,16 +320,40 @@ async def judge_history(
     verdict.violations += [p for p in problems if p]
 
 
+def judge_liveness(out: Outcomes, last_heal_s: float, bound_s: float, verdict: Verdict) -> None:
+    """Every open gets a final answer (200, or a "no share") within ``bound_s`` of the moment
+    the last fault healed: an open still answered 5xx, timeout or refused after that is a
+    liveness violation (issue 24: an open unanswerable for minutes after two faults)."""
+    limit = last_heal_s + bound_s
+    late = sorted((at, key) for key, at in out.last_unknown_open.items() if at > limit)
+    last_unknown = max(out.last_unknown_open.values(), default=last_heal_s)
+    verdict.liveness_s = round(max(0.0, last_unknown - last_heal_s), 2)
+    for at, (packet, uid) in late[:20]:
+        verdict.violations.append(
+            f"liveness: open of {packet} by uid {uid} still had no final answer "
+            f"{at - last_heal_s:.1f}s after the last fault healed (bound {bound_s:g}s)"
+        )
+    if len(late) > 20:
+        verdict.violations.append(f"liveness: {len(late) - 20} more such opens")
+
+
 async def judge(
-    load: Load, nodes: list[NodeSpec], final_by: float, settle_s: float = 30.0
+    load: Load,
+    nodes: list[NodeSpec],
+    final_by: float,
+    settle_s: float = 30.0,
+    *,
+    last_heal_s: float = 0.0,
+    liveness_s: float = LIVENESS_BOUND_S,
 ) -> Verdict:
     verdict = Verdict()
     await resolve(load, verdict)
-    seen = await read_all(load.client, sorted(load.outcomes.packets), final_by)
+    judge_liveness(load.outcomes, last_heal_s, liveness_s, verdict)
+    seen = await read_all(load.client, load.outcomes, sorted(load.outcomes.packets), final_by)
     ledgers = judge_packets(load.outcomes, seen, verdict)
     if load.api.history:
         await judge_history(load, ledgers, seen, verdict)
-    observed = [Observed(p, u, a) for (p, u), a in load.outcomes.opened.items()]
+    observed = [Observed(snowflake_of(p), u, a) for (p, u), a in load.outcomes.opened.items()]
     report = await check_shards(nodes, observed, settle_s=settle_s)
     verdict.checker = report.summary()
     verdict.violations += [f"checker: {x}" for x in report.violations]

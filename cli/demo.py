@@ -23,7 +23,14 @@ import aiohttp
 from tqdm import tqdm
 
 from redpacket.cli.check import Observed, check_shards
-from redpacket.cli.devcluster import DevCluster, Unmet, answers_ready, load_state
+from redpacket.cli.devcluster import (
+    ALL_SHARDS_READY,
+    DevCluster,
+    Unmet,
+    answers_ready,
+    load_state,
+)
+from redpacket.core.ids import snowflake_of
 from redpacket.gateway.auth import mint_token
 from redpacket.sharding.ring import RingDoc
 
@@ -192,7 +199,9 @@ async def demo(url: str, secret: str, users: int, packets: int, ring_file: str |
     if ring_file:
         nodes = list(RingDoc.load(ring_file).nodes)
         seen = [
-            Observed(int(r.packet_id), uid, amount) for r in runs for uid, amount in r.wins.items()
+            Observed(snowflake_of(r.packet_id), uid, amount)
+            for r in runs
+            for uid, amount in r.wins.items()
         ]
         result = await check_shards(nodes, seen)
         print(f"\nledger check on every shard: {result.summary()}")
@@ -211,7 +220,9 @@ def run_demo(args: argparse.Namespace) -> int:
             return await demo(args.url, secret, args.users, args.packets, None)
         with contextlib.suppress(Unmet):
             state = load_state(args.var, args.cluster)
-            if state.get("ready") and await answers_ready(state["gateway"]["url"], 0):
+            if state.get("ready") and await answers_ready(
+                state["gateway"]["url"], 0, ALL_SHARDS_READY
+            ):
                 print(f"using the running local cluster {args.cluster!r}")
                 return await demo(
                     state["gateway"]["url"],

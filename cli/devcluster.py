@@ -33,6 +33,7 @@ from aiohttp import web
 
 from redpacket.core.env import SettingsError
 from redpacket.node.ledger import connect_one, parse_mysql_url
+from redpacket.node.migrations.runner import migrate
 from redpacket.sharding.ring import NodeSpec, RingDoc, RingError
 
 DEFAULT_MYSQL_URL = "mysql://root@127.0.0.1:3306"
@@ -108,15 +109,17 @@ def jwt_secret_for(cluster: str, var: str) -> str:
     return os.environ.get("REDPACKET_JWT_SECRET") or load_state(var, cluster)["jwt_secret"]
 
 
-async def answers_ready(url: str, timeout_s: float) -> bool:
-    """Poll ``url``/readyz until it answers 200; False if it has not within ``timeout_s``."""
+ALL_SHARDS_READY = "/readyz/shards"  # the gateway's "every shard is up" (its /readyz is itself)
+
+
+async def answers_ready(url: str, timeout_s: float, path: str = "/readyz") -> bool:
+    """Poll ``url``+``path`` until it answers 200; False if it has not within ``timeout_s``.
+    A gateway is polled on :data:`ALL_SHARDS_READY`, a node on /readyz."""
     deadline = time.monotonic() + timeout_s
     async with aiohttp.ClientSession() as session:
         while True:
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                async with session.get(
-                    url + "/readyz", timeout=aiohttp.ClientTimeout(total=2)
-                ) as resp:
+                async with session.get(url + path, timeout=aiohttp.ClientTimeout(total=2)) as resp:
                     if resp.status == 200:
                         return True
             if time.monotonic() > deadline:
@@ -201,6 +204,11 @@ class ShardPlan:
     redis_port: int
     database: str
     mysql_server: str
+    metrics_port: int = 0
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}"
 
     @property
     def node_url(self) -> str:
@@ -215,7 +223,9 @@ class ShardPlan:
         return f"{self.mysql_server.rstrip('/')}/{self.database}"
 
     def spec(self) -> NodeSpec:
-        return NodeSpec(self.name, self.node_url, 1, self.redis_url, self.mysql_url)
+        return NodeSpec(
+            self.name, self.node_url, 1, self.redis_url, self.mysql_url, metrics=self.metrics_url
+        )
 
 
 @dataclass
@@ -234,6 +244,7 @@ class DevCluster:
     children: dict[str, Child] = field(default_factory=dict)
     plans: list[ShardPlan] = field(default_factory=list)
     gateway_url: str = ""
+    metrics_port: int = 0  # the gateway's /metrics (every process listens on its own port)
     jwt_secret: str = field(default_factory=jwt_secret_from_env)
     node_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     starting_balance: int = field(default_factory=starting_balance_from_env)
@@ -280,7 +291,8 @@ class DevCluster:
 
     def plan(self) -> None:
         prefix = self._prefix()
-        ports = free_ports(2 * self.shards + 1)
+        ports = free_ports(3 * self.shards + 2)
+        self.metrics_port = ports.pop()
         if self.port == 0:
             self.port = ports.pop()
         else:
@@ -296,10 +308,11 @@ class DevCluster:
             ShardPlan(
                 i,
                 f"shard-{i}",
-                ports[2 * i],
-                ports[2 * i + 1],
+                ports[3 * i],
+                ports[3 * i + 1],
                 f"{prefix}_shard_{i}",
                 self.mysql_server,
+                metrics_port=ports[3 * i + 2],
             )
             for i in range(self.shards)
         ]
@@ -335,6 +348,7 @@ class DevCluster:
                     REDPACKET_REDIS_URL=plan.redis_url,
                     REDPACKET_MYSQL_URL=plan.mysql_url,
                     REDPACKET_RING_FILE=str(self.ring_file.resolve()),  # users' history
+                    REDPACKET_METRICS_PORT=str(plan.metrics_port),
                 ),
                 logs / f"{plan.name}-node.log",
             ),
@@ -352,6 +366,7 @@ class DevCluster:
                     [*python, "gateway"],
                     self._service_env(
                         REDPACKET_PORT=str(self.port),
+                        REDPACKET_METRICS_PORT=str(self.metrics_port),
                         REDPACKET_RING_FILE=str(self.ring_file.resolve()),
                         REDPACKET_JWT_SECRET=self.jwt_secret,
                         REDPACKET_EXPIRE_S=str(self.expire_s),
@@ -372,8 +387,10 @@ class DevCluster:
         await self.check_prerequisites()
         self.plan()
         (self.home / "logs").mkdir(parents=True, exist_ok=True)
-        RingDoc(1, tuple(p.spec() for p in self.plans)).save(self.ring_file)
+        await self.write_ring(RingDoc(1, tuple(p.spec() for p in self.plans)))
         started = time.monotonic()
+        for plan in self.plans:  # as the chart's Job does before the nodes start
+            await migrate(plan.mysql_url)
         for child in self._children():
             self.children[child.name] = child
             await child.start()
@@ -385,7 +402,7 @@ class DevCluster:
         self.say(f"ready in {time.monotonic() - started:.1f}s")
 
     async def wait_ready(self, timeout_s: float) -> None:
-        if not await answers_ready(self.gateway_url, timeout_s):
+        if not await answers_ready(self.gateway_url, timeout_s, ALL_SHARDS_READY):
             raise Unmet(
                 f"cluster not ready after {timeout_s:.0f}s; see the logs in {self.home / 'logs'}"
             )
@@ -418,7 +435,11 @@ class DevCluster:
             "name": self.name,
             "ready": ready,
             "supervisor_pid": os.getpid(),
-            "gateway": {"url": self.gateway_url, "pid": self._pid("gateway")},
+            "gateway": {
+                "url": self.gateway_url,
+                "metrics_url": f"http://127.0.0.1:{self.metrics_port}",
+                "pid": self._pid("gateway"),
+            },
             "ring_file": str(self.ring_file.resolve()),
             "jwt_secret": self.jwt_secret,
             "node_secret": self.node_secret,
@@ -430,6 +451,7 @@ class DevCluster:
                 {
                     "name": p.name,
                     "url": p.node_url,
+                    "metrics_url": p.metrics_url,
                     "pid": self._pid(f"{p.name}-node"),
                     "redis": p.redis_url,
                     "redis_pid": self._pid(f"{p.name}-redis"),
@@ -481,7 +503,7 @@ class DevCluster:
         async with self._change_lock:
             plan = next((p for p in self.plans if p.name == name), None)
             if plan is None:
-                ports = free_ports(2)
+                ports = free_ports(3)
                 plan = ShardPlan(
                     max((p.index for p in self.plans), default=-1) + 1,
                     name,
@@ -489,8 +511,10 @@ class DevCluster:
                     ports[1],
                     f"{self._prefix()}_{re.sub(r'[^a-z0-9]+', '_', name.lower())}",
                     self.mysql_server,
+                    metrics_port=ports[2],
                 )
                 self.plans.append(plan)
+                await migrate(plan.mysql_url)
                 for child in self._shard_children(plan):
                     self.children[child.name] = child
                     await child.start()
@@ -527,11 +551,15 @@ class DevCluster:
         A gateway ignores SIGHUP until it serves (cli/serve.py), and one still starting reads
         the new file when it starts; any it misses, it picks up by polling the file.
         """
-        doc.save(self.ring_file)
+        await self.write_ring(doc)
         for name, child in self.children.items():
             if name.startswith("gateway") and child.proc and child.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     child.proc.send_signal(signal.SIGHUP)
+
+    async def write_ring(self, doc: RingDoc) -> None:
+        """Write the ring file (`redpacket chaos` also writes its gateways' proxied view)."""
+        doc.save(self.ring_file)
 
     def describe(self) -> str:
         lines = [

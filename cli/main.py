@@ -24,6 +24,7 @@ def _serve(service: str, settings: Any, create_app: Any) -> int:
         service=service,
         log_level=settings.log_level,
         access_log=settings.access_log,
+        keepalive_timeout_s=getattr(settings, "header_timeout_s", 75.0),
     )
     return 0
 
@@ -40,28 +41,6 @@ def _node(_: argparse.Namespace) -> int:
     from redpacket.node.settings import NodeSettings
 
     return _serve("node", NodeSettings.from_env(), create_app)
-
-
-def _db_init(args: argparse.Namespace) -> int:
-    import asyncio
-    import os
-
-    from redpacket.node.ledger import Ledger
-
-    url = args.mysql_url or os.environ.get(
-        "REDPACKET_MYSQL_URL", "mysql://root@127.0.0.1:3306/redpacket_shard_0"
-    )
-
-    async def init() -> None:
-        ledger = await Ledger.connect(url, pool_size=1)
-        try:
-            await ledger.apply_schema()
-        finally:
-            await ledger.close()
-
-    asyncio.run(init())
-    print(f"schema applied to {url}")
-    return 0
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -99,6 +78,7 @@ def _cluster_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from redpacket.bench.cli import register as register_bench
     from redpacket.chaos.cli import register as register_chaos
+    from redpacket.cli.deadletters import register as register_dead_letters
     from redpacket.cli.wallet import register as register_wallet
     from redpacket.sharding.cli import register as register_rebalance
 
@@ -115,11 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database tools").add_subparsers(
         dest="db_command", required=True
     )
-    p = db.add_parser("init", help="apply the schema to a shard's MySQL database (idempotent)")
-    p.add_argument(
-        "--mysql-url", help="mysql://user:pass@host:port/database (default: REDPACKET_MYSQL_URL)"
-    )
-    p.set_defaults(func=_db_init)
+    from redpacket.cli.migrate import register as register_db
+
+    register_db(db)
 
     p = sub.add_parser("token", help="print a signed user token (JWT) for local use")
     p.add_argument("--uid", type=int, required=True)
@@ -182,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_check)
 
     register_wallet(sub)
+    register_dead_letters(sub)
     register_bench(sub)
     register_chaos(sub)
     register_rebalance(sub)

@@ -23,8 +23,17 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 def serve(
-    app: web.Application, *, host: str, port: int, service: str, log_level: str, access_log: bool
+    app: web.Application,
+    *,
+    host: str,
+    port: int,
+    service: str,
+    log_level: str,
+    access_log: bool,
+    keepalive_timeout_s: float = 75.0,
 ) -> None:
+    """``keepalive_timeout_s`` is also aiohttp's only limit on reading request headers: a
+    connection is closed once it has been idle, or inside unfinished headers, this long."""
     # SIGHUP asks a gateway to reload its ring; until the app has installed its handler it
     # must not kill the process (the default action), so it is ignored from the start.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -48,5 +57,6 @@ def serve(
         access_log=logging.getLogger("aiohttp.access") if access_log else None,
         access_log_class=AccessLogger,
         shutdown_timeout=10,
+        keepalive_timeout=keepalive_timeout_s,
         reuse_port=True,
     )

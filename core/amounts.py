@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redpacket.core.errors import ApiError
+from redpacket.core.ids import parse_uid
 
 DEFAULT_GREETING = "恭喜发财，大吉大利"
 
@@ -55,11 +56,18 @@ def refuse_unknown_fields(body: Mapping[str, Any], allowed: frozenset[str]) -> N
         )
 
 
+def strict_int(value: Any) -> int | None:
+    """``value`` if it is a JSON integer, else None: ``1.0``, ``true``, ``"1"`` are not
+    integers, wherever money or a count is given (issue 19). The one rule for every endpoint."""
+    return value if type(value) is int else None
+
+
 def _int_in_range(body: Mapping[str, Any], field: str, low: int, high: int, what: str) -> int:
     value = body.get(field)
     if value is None:
         raise invalid(field, f"{field} is required")
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+    value = strict_int(value)
+    if value is None or not low <= value <= high:
         raise invalid(field, f"{field} must be an integer {what} between {low} and {high}")
     return value
 
@@ -91,15 +99,10 @@ def _kind(body: Mapping[str, Any]) -> str:
 
 
 def _receiver(value: Any) -> int:
-    if (
-        not isinstance(value, str)
-        or not value.isascii()
-        or not value.isdigit()
-        or len(value) > 19
-        or not 1 <= int(value) < 2**63
-    ):
+    uid = parse_uid(value) if isinstance(value, str) else None
+    if uid is None:
         raise invalid("receiver_uid", "receiver_uid must be a user id: a decimal string")
-    return int(value)
+    return uid
 
 
 def parse_new_packet(body: Mapping[str, Any], limits: Limits) -> NewPacket:
@@ -126,13 +129,13 @@ def parse_new_packet(body: Mapping[str, Any], limits: Limits) -> NewPacket:
                 "amount_each",
                 f"amount_each x total_packet must be at most {limits.max_amount} cents",
             )
-        given = body.get("total_amount", total_amount)
-        if not isinstance(given, int) or isinstance(given, bool) or given != total_amount:
+        given = strict_int(body.get("total_amount", total_amount))
+        if given != total_amount:
             raise invalid("total_amount", "total_amount must equal amount_each x total_packet")
     else:
         total_amount = _int_in_range(body, "total_amount", 1, limits.max_amount, "number of cents")
         if kind == "exclusive":
-            if body.get("total_packet", 1) != 1:
+            if strict_int(body.get("total_packet", 1)) != 1:
                 raise invalid("total_packet", "an exclusive red packet has exactly 1 share")
             total_packet = 1
             receiver = _receiver(body.get("receiver_uid"))

@@ -71,6 +71,10 @@ def error_response(err: ApiError) -> web.Response:
     return json_response(err.body(), status=err.status, headers=err.headers)
 
 
+# A body that never came or could not be decoded leaves the connection mid-message: it is
+# answered with Connection: close (core/body.py raises these).
+CONNECTION_BROKEN = frozenset({"request_timeout", "invalid_body", "incomplete_body"})
+
 # aiohttp raises these itself (unknown route, wrong method, body over client_max_size).
 _HTTP_CODES = {
     404: ("not_found", "no such resource"),
@@ -95,7 +99,10 @@ def exception_response(request: web.Request, exc: Exception) -> web.Response:
     """The JSON error for what a handler raised (an HTTPException below 400 is not an error:
     the caller re-raises it); anything unexpected is logged and becomes a 500."""
     if isinstance(exc, ApiError):
-        return error_response(exc)
+        response = error_response(exc)
+        if exc.code in CONNECTION_BROKEN:
+            response.force_close()
+        return response
     if isinstance(exc, web.HTTPException):
         code, message = _HTTP_CODES.get(exc.status, ("http_error", exc.reason))
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
@@ -104,17 +111,9 @@ def exception_response(request: web.Request, exc: Exception) -> web.Response:
     return error_response(ApiError(500, "internal_error", "internal error"))
 
 
-async def read_json_object(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 that says what is wrong with it.
-
-    orjson rejects invalid UTF-8 itself, so bad bytes and bad JSON both land here as 400.
-    The size cap is aiohttp's ``client_max_size``, set per app.
-    """
-    return parse_json_object(await request.read())
-
-
 def parse_json_object(raw: bytes) -> dict[str, Any]:
-    """:func:`read_json_object` for a body already read (the node's link carries bytes)."""
+    """A body as a JSON object, or a 400 that says what is wrong with it (the reader of a
+    request's body is ``core/body.py read_json_object``; the node's link carries bytes)."""
     if not raw:
         raise bad_request("invalid_json", "request body must be a JSON object")
     try:

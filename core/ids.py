@@ -6,16 +6,23 @@ replicas pick their generator id at random unless told one, so two replicas *can
 the node detects that (same id, different creation token) and the gateway retries with a
 fresh id, so a collision is never merged into someone else's packet.
 
-In JSON an id is always a decimal string: it does not fit a JavaScript number.
+That snowflake is the *internal* id (MySQL, Redis, the ring, node calls). It is guessable
+(issue 19: a packet was found in 28 GETs from its neighbours), so clients never see it: the
+*public* id is :class:`PublicIds`' format, the snowflake followed by an HMAC tag. The gateway
+formats every id it outputs and parses every id it receives here and nowhere else.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import hmac
 import secrets
 import threading
 import time
 
-from redpacket.core.errors import ApiError
+from redpacket.core.errors import ApiError, not_found
 
 EPOCH_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 MAX_ID = 2**63 - 1
@@ -37,8 +44,8 @@ def parse_uid(raw: object) -> int | None:
     """A user id (decimal string or int, 1..2^63-1), or None if it is not one."""
     if isinstance(raw, bool):
         return None
-    if isinstance(raw, str):
-        if not (0 < len(raw) <= 19 and raw.isascii() and raw.isdigit()):
+    if isinstance(raw, str):  # canonical decimal only: "07777" is not uid 7777 (issue 19)
+        if not (0 < len(raw) <= 19 and raw.isascii() and raw.isdigit()) or raw[0] == "0":
             return None
         raw = int(raw)
     if isinstance(raw, int) and 0 < raw <= MAX_ID:
@@ -74,3 +81,75 @@ class IdGenerator:
     @staticmethod
     def timestamp_ms(packet_id: int) -> int:
         return (packet_id >> (_GEN_BITS + _SEQ_BITS)) + EPOCH_MS
+
+
+# -- public ids -------------------------------------------------------------------------------
+
+PUBLIC_ID_CHARS = 22  # base64url, no padding, of 16 bytes
+_TAG_BYTES = 8
+_ID_KEY_LABEL = b"redpacket public packet id key v1"
+_B64URL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def derive_id_key(node_secret: str) -> bytes:
+    """The default id key: an HMAC of a fixed label under the node secret, so a deployment
+    needs no new secret (and every gateway of it derives the same key)."""
+    return hmac.digest(node_secret.encode(), _ID_KEY_LABEL, "sha256")
+
+
+def snowflake_of(public_id: str | int) -> int:
+    """The snowflake inside a public id, *without* checking its tag: for tools and tests that
+    read the stores behind a public answer (an int or a decimal string is taken as it is).
+    Never for a client's input: that is :meth:`PublicIds.parse`."""
+    if isinstance(public_id, int):
+        return public_id
+    if public_id.isdigit():
+        return int(public_id)
+    raw = base64.urlsafe_b64decode(public_id + "==")
+    return int.from_bytes(raw[:8], "big")
+
+
+class PublicIds:
+    """Public red packet ids: ``base64url(snowflake as 8 bytes || tag)`` without padding, 22
+    characters, where tag = HMAC-SHA256(id key, those 8 bytes)[:8]. 64 bits nobody can
+    predict from other ids without the key, so a packet is found only by those given its id.
+
+    ``legacy_before_ms``: decimal ids of release 0.1.0 are still accepted for packets whose
+    snowflake time is before this (a rolling upgrade); 0 accepts none."""
+
+    def __init__(self, key: bytes, legacy_before_ms: int = 0) -> None:
+        if len(key) < 16:
+            raise ValueError("the public id key must be at least 16 bytes")
+        self._key = key
+        self._legacy_before_ms = legacy_before_ms
+
+    def _tag(self, body: bytes) -> bytes:
+        return hmac.new(self._key, body, hashlib.sha256).digest()[:_TAG_BYTES]
+
+    def format(self, packet_id: int) -> str:
+        body = packet_id.to_bytes(8, "big")
+        return base64.urlsafe_b64encode(body + self._tag(body)).decode().rstrip("=")
+
+    def parse(self, raw: str) -> int:
+        """The snowflake of a public id; 400 ``invalid_id`` for what cannot be an id at all,
+        404 ``not_found`` (the very answer of an unknown packet) for a tag that does not check
+        or a legacy id the settings do not accept."""
+        if len(raw) == PUBLIC_ID_CHARS and _B64URL.issuperset(raw):
+            try:
+                decoded = base64.urlsafe_b64decode(raw + "==")
+            except (binascii.Error, ValueError):
+                raise not_found() from None
+            body, tag = decoded[:8], decoded[8:]
+            canonical = base64.urlsafe_b64encode(decoded).decode().rstrip("=") == raw
+            if not hmac.compare_digest(tag, self._tag(body)) or not canonical:
+                raise not_found()
+            value = int.from_bytes(body, "big")
+            if not 0 < value <= MAX_ID:
+                raise not_found()
+            return value
+        if 0 < len(raw) <= 19 and raw.isascii() and raw.isdigit():
+            value = parse_packet_id(raw)
+            if IdGenerator.timestamp_ms(value) >= self._legacy_before_ms:
+                raise not_found()
+            return value
+        raise ApiError(400, "invalid_id", "red packet id must be an id this API returned")

@@ -7,6 +7,7 @@ route templates (``/v1/red-packets/{id}/open``), never concrete ids.
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -110,3 +111,29 @@ def metrics_middleware(service: str) -> Any:
 
 async def metrics_handler(_: web.Request) -> web.Response:
     return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+METRICS_URL = web.AppKey("metrics_url", str)
+
+
+def metrics_server(host: str, port: int) -> Any:
+    """A cleanup_ctx serving ``GET /metrics`` on its own port (0: any free one), never on the
+    service's public port (issue 19): the chart scrapes it, the public Service does not
+    expose it. Its URL goes into ``app[METRICS_URL]``. ``reuse_port`` lets the processes of
+    one gateway share it, as they share the API port."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        metrics_app = web.Application()
+        metrics_app.router.add_get("/metrics", metrics_handler)
+        runner = web.AppRunner(metrics_app, access_log=None)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host, port, reuse_port=True)
+            await site.start()
+            bound = runner.addresses[0][1] if runner.addresses else port
+            app[METRICS_URL] = f"http://{host}:{bound}"
+            yield
+        finally:
+            await runner.cleanup()
+
+    return ctx

@@ -12,9 +12,10 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from redpacket.core.edge import edge_middleware
-from redpacket.core.ids import IdGenerator
-from redpacket.core.metrics import metrics_handler
+from redpacket.core.body import BODY_READ_TIMEOUT_S
+from redpacket.core.edge import edge_middleware, json_parser_errors, secure_headers
+from redpacket.core.ids import IdGenerator, PublicIds
+from redpacket.core.metrics import metrics_server
 from redpacket.gateway import handlers
 from redpacket.gateway.auth import Authenticator
 from redpacket.gateway.finished import FinishedPackets
@@ -25,8 +26,11 @@ from redpacket.gateway.handlers import (
     FINISHED,
     IDS,
     OPEN_LIMIT,
+    PUBLIC_IDS,
+    RING_WATCHER,
     SETTINGS,
     SHARDS,
+    UNKNOWN_LIMIT,
 )
 from redpacket.gateway.link import Links
 from redpacket.gateway.ratelimit import RateLimiter
@@ -37,12 +41,18 @@ from redpacket.gateway.webapp import add_page_routes
 from redpacket.sharding.ring import RingDoc
 
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
-RING_WATCHER = web.AppKey("ring_watcher", RingWatcher)
 
 
 async def openapi(_: web.Request) -> web.Response:
     return web.Response(body=OPENAPI_PATH.read_bytes(), content_type="application/json")
 
+
+# The query parameters each /v1/ route takes; any other is 400 unknown_field (core/edge.py).
+QUERY_PARAMS = {
+    "/v1/red-packets/{id}/records": frozenset({"limit", "cursor"}),
+    "/v1/me/received": frozenset({"year", "limit", "cursor"}),
+    "/v1/me/sent": frozenset({"year", "limit", "cursor"}),
+}
 
 ROUTES = [
     web.post("/v1/red-packets", handlers.create_packet),
@@ -54,8 +64,8 @@ ROUTES = [
     web.get("/v1/me/sent", handlers.my_sent),
     web.get("/healthz", handlers.healthz),
     web.get("/readyz", handlers.readyz),
+    web.get("/readyz/shards", handlers.readyz_shards),
     web.get("/openapi.json", openapi),
-    web.get("/metrics", metrics_handler),
 ]
 
 
@@ -91,7 +101,7 @@ async def shards_ctx(app: web.Application) -> AsyncIterator[None]:
     app[SHARDS] = shards
     watcher = RingWatcher(settings.ring_file, shards)
     app[RING_WATCHER] = watcher
-    task = asyncio.create_task(watcher.run(settings.ring_poll_s))
+    watcher.start(settings.ring_poll_s)
     # SIGHUP: re-read the ring file now (`redpacket rebalance` says so after publishing it)
     loop = asyncio.get_running_loop()
     hup = False
@@ -103,9 +113,7 @@ async def shards_ctx(app: web.Application) -> AsyncIterator[None]:
     finally:
         if hup:
             loop.remove_signal_handler(signal.SIGHUP)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await watcher.stop()
         if links is not None:
             await links.close()
         await session.close()
@@ -122,15 +130,21 @@ async def confirmations_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: GatewaySettings) -> web.Application:
     app = web.Application(
-        middlewares=[edge_middleware("gateway")],
+        middlewares=[edge_middleware("gateway", QUERY_PARAMS)],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
+    app[BODY_READ_TIMEOUT_S] = settings.body_read_timeout_s
+    app.on_response_prepare.append(secure_headers)
+    json_parser_errors()
     app[AUTH] = Authenticator(settings.jwt_secret)
     app[IDS] = IdGenerator(settings.generator_id)
     app[FINISHED] = FinishedPackets(settings.finished_cache_size, settings.finished_ttl_s)
     app[CREATE_LIMIT] = RateLimiter(settings.create_per_s, settings.create_burst)
     app[OPEN_LIMIT] = RateLimiter(settings.open_per_s, settings.open_burst)
+    app[PUBLIC_IDS] = PublicIds(settings.id_key(), settings.legacy_ids_before_ms)
+    app[UNKNOWN_LIMIT] = RateLimiter(settings.unknown_ids_per_s, settings.unknown_ids_burst)
+    app.cleanup_ctx.append(metrics_server(settings.host, settings.metrics_port))
     app.cleanup_ctx.append(shards_ctx)
     app.cleanup_ctx.append(confirmations_ctx)  # after shards_ctx: cleaned up before it
     app.add_routes(ROUTES)

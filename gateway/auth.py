@@ -31,6 +31,7 @@ import orjson
 
 from redpacket.core.errors import ApiError
 from redpacket.core.ids import parse_uid
+from redpacket.core.profile import bound_img_url, bound_nick
 
 ALGORITHM = "HS256"
 
@@ -148,10 +149,8 @@ class Authenticator:
         uid = parse_uid(claims.get("sub"))
         if uid is None or not isinstance(claims.get("sub"), str):
             raise unauthenticated("token sub must be the uid as a decimal string")
-        name, picture = claims.get("name", ""), claims.get("picture", "")
-        user = User(
-            uid, name if isinstance(name, str) else "", picture if isinstance(picture, str) else ""
-        )
+        # display fields are bounded, never refused (core/profile.py)
+        user = User(uid, bound_nick(claims.get("name")), bound_img_url(claims.get("picture")))
         if "nbf" not in claims:  # a not-yet-valid token is never cached
             self._remember(token, user, float(claims["exp"]))
         return user

@@ -17,25 +17,29 @@ import orjson
 from aiohttp import web
 
 from redpacket.core.amounts import check_sender, parse_new_packet, refuse_unknown_fields
-from redpacket.core.errors import ApiError, gone, json_response, read_json_object
-from redpacket.core.ids import IdGenerator, parse_packet_id
+from redpacket.core.body import read_json_object
+from redpacket.core.errors import ApiError, gone, json_response
+from redpacket.core.ids import IdGenerator, PublicIds
 from redpacket.core.metrics import REJECTIONS
 from redpacket.gateway.auth import Authenticator, User
 from redpacket.gateway.finished import FinishedPackets
 from redpacket.gateway.ratelimit import RateLimiter
 from redpacket.gateway.settings import GatewaySettings
-from redpacket.gateway.shards import Shards, Upstream
+from redpacket.gateway.shards import RingWatcher, Shards, Upstream
 
 log = logging.getLogger("redpacket.gateway")
 
 SETTINGS = web.AppKey("settings", GatewaySettings)
 AUTH = web.AppKey("auth", Authenticator)
 SHARDS = web.AppKey("shards", Shards)
+RING_WATCHER = web.AppKey("ring_watcher", RingWatcher)
 IDS = web.AppKey("ids", IdGenerator)
 FINISHED = web.AppKey("finished", FinishedPackets)
 CREATE_LIMIT = web.AppKey("create_limit", RateLimiter)
 OPEN_LIMIT = web.AppKey("open_limit", RateLimiter)
 CONFIRMING = web.AppKey("confirming", set)  # holds being confirmed after their 201
+PUBLIC_IDS = web.AppKey("public_ids", PublicIds)
+UNKNOWN_LIMIT = web.AppKey("unknown_limit", RateLimiter)
 
 _FINAL_REASONS = ("sold_out", "expired")
 # What a latecomer to a finished packet gets, built once: this is the crowd's hot path, and
@@ -58,6 +62,42 @@ def passthrough(upstream: Upstream) -> web.Response:
 
 def _user(request: web.Request) -> User:
     return request.app[AUTH].user(request.headers.get("Authorization"))
+
+
+def _packet_id(request: web.Request, user: User) -> int:
+    """The snowflake of the public id in the path (core/ids.py PublicIds).
+
+    Every "no such red packet" a user gets spends a token of their unknown-id bucket, and a
+    user whose bucket is empty gets 429 before the id is even looked at: guessing ids costs
+    the guesser (issue 19), and a 200 cannot tell an exhausted guesser a right guess."""
+    unknown = request.app[UNKNOWN_LIMIT]
+    unknown.check(user.uid)
+    try:
+        return request.app[PUBLIC_IDS].parse(request.match_info["id"])
+    except ApiError as err:
+        if err.status == 404:
+            unknown.take(user.uid)
+        raise
+
+
+def _counted(request: web.Request, user: User, upstream: Upstream) -> Upstream:
+    """A node's 404 for a packet counts against the caller like a bad tag does."""
+    if upstream.status == 404:
+        request.app[UNKNOWN_LIMIT].take(user.uid)
+    return upstream
+
+
+def with_public_ids(request: web.Request, upstream: Upstream, rows: str = "") -> web.Response:
+    """The node's answer with every red packet id in it made public (the body's own
+    ``red_packet_id``, and each row's in the list ``rows``); errors pass through."""
+    if upstream.status not in (200, 201):
+        return passthrough(upstream)
+    ids = request.app[PUBLIC_IDS]
+    data = upstream.json()
+    for item in [data, *(data.get(rows) or [] if rows else [])]:
+        if "red_packet_id" in item:
+            item["red_packet_id"] = ids.format(int(item["red_packet_id"]))
+    return json_response(data, status=upstream.status)
 
 
 async def _empty_body(request: web.Request) -> None:
@@ -129,7 +169,7 @@ async def create_packet(request: web.Request) -> web.Response:
         )  # fmt: skip
     if upstream.status in (200, 201):  # 200: the node already had it, a replayed create
         _confirm_soon(app, user.uid, token)
-        response = passthrough(Upstream(201, upstream.body, None))
+        response = with_public_ids(request, Upstream(201, upstream.body, None))
         if upstream.status == 200:
             response.headers["Idempotent-Replayed"] = "true"
         return response
@@ -221,22 +261,22 @@ async def _confirm(app: web.Application, uid: int, token: str) -> None:
 
 
 async def get_packet(request: web.Request) -> web.Response:
-    _user(request)
-    packet_id = parse_packet_id(request.match_info["id"])
-    return passthrough(
-        await request.app[SHARDS].packet_call(packet_id, "GET", f"/internal/v1/packets/{packet_id}")
+    user = _user(request)
+    packet_id = _packet_id(request, user)
+    upstream = await request.app[SHARDS].packet_call(
+        packet_id, "GET", f"/internal/v1/packets/{packet_id}"
     )
+    return with_public_ids(request, _counted(request, user, upstream))
 
 
 async def list_records(request: web.Request) -> web.Response:
-    _user(request)
-    packet_id = parse_packet_id(request.match_info["id"])
+    user = _user(request)
+    packet_id = _packet_id(request, user)
     params = {k: request.query[k] for k in ("limit", "cursor") if k in request.query}
-    return passthrough(
-        await request.app[SHARDS].packet_call(
-            packet_id, "GET", f"/internal/v1/packets/{packet_id}/records", params=params
-        )
+    upstream = await request.app[SHARDS].packet_call(
+        packet_id, "GET", f"/internal/v1/packets/{packet_id}/records", params=params
     )
+    return passthrough(_counted(request, user, upstream))
 
 
 # -- grab and open --------------------------------------------------------------------------
@@ -245,7 +285,7 @@ async def list_records(request: web.Request) -> web.Response:
 async def grab(request: web.Request) -> web.Response:
     app = request.app
     user = _user(request)
-    packet_id = parse_packet_id(request.match_info["id"])
+    packet_id = _packet_id(request, user)
     await _empty_body(request)
     finished = app[FINISHED].get(packet_id)
     if finished is not None:
@@ -254,8 +294,12 @@ async def grab(request: web.Request) -> web.Response:
             return json_response({"can_open": False, "reason": "already_opened", "amount": amount})
         _REJECTED[finished.reason].inc()
         return web.Response(body=_GRAB_FINAL[finished.reason], content_type="application/json")
-    upstream = await app[SHARDS].packet_call(
-        packet_id, "POST", f"/internal/v1/packets/{packet_id}/grab", body={"uid": str(user.uid)}
+    upstream = _counted(
+        request,
+        user,
+        await app[SHARDS].packet_call(
+            packet_id, "POST", f"/internal/v1/packets/{packet_id}/grab", body={"uid": str(user.uid)}
+        ),
     )
     if upstream.status == 200:
         reason = upstream.json().get("reason")
@@ -267,7 +311,7 @@ async def grab(request: web.Request) -> web.Response:
 async def open_packet(request: web.Request) -> web.Response:
     app = request.app
     user = _user(request)
-    packet_id = parse_packet_id(request.match_info["id"])
+    packet_id = _packet_id(request, user)
     await _empty_body(request)
     finished = app[FINISHED].get(packet_id)
     if finished is not None:
@@ -285,6 +329,7 @@ async def open_packet(request: web.Request) -> web.Response:
         f"/internal/v1/packets/{packet_id}/open",
         body={"uid": str(user.uid), "nick_name": user.nick_name, "img_url": user.img_url},
     )
+    _counted(request, user, upstream)
     if upstream.status == 410:
         _learn_winners(app, packet_id)
     return passthrough(upstream)
@@ -321,8 +366,9 @@ async def healthz(_: web.Request) -> web.Response:
     return json_response({"ok": True})
 
 
-async def readyz(request: web.Request) -> web.Response:
-    shards = request.app[SHARDS]
+async def _shard_states(shards: Shards) -> dict[str, str]:
+    """Each shard of the ring: "ready" when its node's /readyz is 200 (its Redis and MySQL
+    answer), else "down"."""
     nodes = list(shards.ring.nodes.values())
 
     async def probe(node: Any) -> bool:
@@ -332,8 +378,34 @@ async def readyz(request: web.Request) -> web.Response:
             return False
 
     results = await asyncio.gather(*(probe(n) for n in nodes))
-    status = {n.name: ("ready" if ok else "down") for n, ok in zip(nodes, results, strict=True)}
-    if not all(results):
+    return {n.name: ("ready" if ok else "down") for n, ok in zip(nodes, results, strict=True)}
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """This gateway can serve: it answers (so it listens), its ring is loaded and watched,
+    and its node links are managed. Shards that are down do NOT make it unready: a dead
+    shard costs only its own packets, and a readiness probe that failed on any shard would
+    empty the gateway Service for every shard at once (issue 20). The body still lists each
+    shard's state; ``/readyz/shards`` is the signal that every shard is up."""
+    shards = request.app[SHARDS]
+    problems = []
+    if not request.app[RING_WATCHER].watching:
+        problems.append("the ring file is not being watched")
+    if not shards.links_managed:
+        problems.append("the node links are closed")
+    status = await _shard_states(shards)
+    if problems:
+        raise ApiError(503, "unavailable", "; ".join(problems), extra={"shards": status})
+    body = {"ready": True, "ring_version": shards.ring_doc.version, "shards": status}
+    return json_response(body)
+
+
+async def readyz_shards(request: web.Request) -> web.Response:
+    """Every shard of the ring is up (for alerts and `helm test`, not for the gateway's own
+    readiness probe): 200, or 503 naming the shards that are down."""
+    shards = request.app[SHARDS]
+    status = await _shard_states(shards)
+    if any(state != "ready" for state in status.values()):
         raise ApiError(503, "unavailable", "not every shard is ready", extra={"shards": status})
     return json_response({"ready": True, "ring_version": shards.ring_doc.version, "shards": status})
 
@@ -343,18 +415,12 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def _my_history(request: web.Request, which: str) -> web.Response:
     """One call to the shard owning ``user:<uid>``: a user's history is one shard's read."""
-    user = _user(request)
-    refuse_unknown_fields(dict(request.query), frozenset({"year", "limit", "cursor"}))
+    user = _user(request)  # the parameters were checked at the edge (gateway/app.py)
     params = {k: request.query[k] for k in ("year", "limit", "cursor") if k in request.query}
-    shards = request.app[SHARDS]
-    return passthrough(
-        await shards.user_call(
-            user.uid,
-            "GET",
-            f"/internal/v1/users/{user.uid}/{which}",
-            params=params,
-        )
+    upstream = await request.app[SHARDS].user_call(
+        user.uid, "GET", f"/internal/v1/users/{user.uid}/{which}", params=params
     )
+    return with_public_ids(request, upstream, "records" if which == "received" else "packets")
 
 
 async def my_received(request: web.Request) -> web.Response:

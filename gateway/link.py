@@ -81,7 +81,10 @@ class _Connection:
                 link.connect_failed(LinkDown("connect", f"shard {link.name}: {exc}"))
             else:
                 delay = BACKOFF_FIRST_S
-                await self._serve(ws)
+                try:
+                    await self._serve(ws)
+                except Exception:  # this loop is the link's only way back: it must not end
+                    log.exception("link to shard %s failed unexpectedly", link.name)
                 continue  # a connection that worked is replaced at once
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX_S)
@@ -118,9 +121,14 @@ class _Connection:
         finally:
             self.ws = self.writer = None
             writer_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # The writer ends with the send's error when the node died under a write (the
+            # reader sees the close too): that error is this connection's end, not the
+            # link's. Raised from here it ended supervise(), and the link never reconnected
+            # (a SIGKILLed node left its shard unanswerable for good: issue 24).
+            with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError, OSError):
                 await writer_task
-            await ws.close()
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                await ws.close()
             lost = LinkDown("closed", f"connection to shard {self.link.name} was lost")
             for future in pending.values():
                 if not future.done():

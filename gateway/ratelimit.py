@@ -21,6 +21,14 @@ class RateLimiter:
         self._buckets: OrderedDict[int, tuple[float, float]] = OrderedDict()
         self._max_users = max_users
 
+    def check(self, uid: int) -> None:
+        """429 if this user's bucket is empty now, without spending a token."""
+        if self._per_s <= 0 or uid not in self._buckets:
+            return
+        tokens, last = self._buckets[uid]
+        if min(self._burst, tokens + (time.monotonic() - last) * self._per_s) < 1:
+            self.take(uid)  # raises the 429, with its Retry-After
+
     def take(self, uid: int) -> None:
         """Spend one token of this user's bucket, or raise 429 with when to come back."""
         if self._per_s <= 0:

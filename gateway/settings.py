@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from redpacket.core.amounts import Limits
 from redpacket.core.env import SettingsError, env_bool, env_float, env_int, env_str, environ
+from redpacket.core.ids import derive_id_key
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,15 @@ class GatewaySettings:
     # endpoint is off, 404), and a dev cluster's starting balance (0: none)
     payments_secret: str = ""
     dev_starting_balance: int = 0
+    # public ids (core/ids.py PublicIds): the tag key ("": derived from the node secret), and
+    # the time before which release 0.1.0's decimal ids are still accepted (0: none)
+    id_secret: str = ""
+    legacy_ids_before_ms: int = 0
+    unknown_ids_per_s: float = 1.0  # per-user answers "no such red packet", then 429
+    unknown_ids_burst: int = 20
+    metrics_port: int = 9100  # GET /metrics, on its own port (0: any free one)
+    header_timeout_s: float = 10.0  # request headers (and an idle keep-alive) within this
+    body_read_timeout_s: float = 10.0  # a request body within this, else 408 and closed
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewaySettings:
@@ -95,6 +105,21 @@ class GatewaySettings:
             dev_starting_balance=env_int(
                 env, "REDPACKET_DEV_STARTING_BALANCE", cls.dev_starting_balance, minimum=0
             ),
+            metrics_port=env_int(env, "REDPACKET_METRICS_PORT", cls.metrics_port, minimum=0),
+            header_timeout_s=env_float(env, "REDPACKET_HEADER_TIMEOUT_S", cls.header_timeout_s),
+            body_read_timeout_s=env_float(
+                env, "REDPACKET_BODY_READ_TIMEOUT_S", cls.body_read_timeout_s
+            ),
+            id_secret=env_str(env, "REDPACKET_ID_SECRET", ""),
+            legacy_ids_before_ms=env_int(
+                env, "REDPACKET_LEGACY_IDS_BEFORE_MS", cls.legacy_ids_before_ms, minimum=0
+            ),
+            unknown_ids_per_s=env_float(
+                env, "REDPACKET_RATE_UNKNOWN_ID_PER_S", cls.unknown_ids_per_s
+            ),
+            unknown_ids_burst=env_int(
+                env, "REDPACKET_RATE_UNKNOWN_ID_BURST", cls.unknown_ids_burst, minimum=1
+            ),
         )
         missing = [
             name
@@ -119,4 +144,11 @@ class GatewaySettings:
             raise SettingsError("REDPACKET_PAYMENTS_SECRET must be at least 32 bytes")
         if len(settings.jwt_secret.encode()) < 32:
             raise SettingsError("REDPACKET_JWT_SECRET must be at least 32 bytes (HS256 key)")
+        if settings.id_secret and len(settings.id_secret.encode()) < 32:
+            raise SettingsError("REDPACKET_ID_SECRET must be at least 32 bytes")
         return settings
+
+    def id_key(self) -> bytes:
+        """The public id tag key (core/ids.py): REDPACKET_ID_SECRET, or one derived from the
+        node secret. Changing it changes every public id: docs/api.md "What an id is"."""
+        return self.id_secret.encode() if self.id_secret else derive_id_key(self.node_secret)

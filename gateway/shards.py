@@ -9,6 +9,7 @@ timeout (default 2 s) and failures become 503 ``unavailable`` for that call alon
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -88,6 +89,12 @@ class Shards:
         if self._links is not None:  # links to nodes neither ring names close when idle
             named = [*doc.nodes, *(doc.previous.nodes if doc.previous is not None else ())]
             self._links.keep_only({(n.name, n.url) for n in named})
+
+    @property
+    def links_managed(self) -> bool:
+        """Calls to nodes can be made: the session that carries them (and the links, when the
+        transport is the link) is open. False only once the gateway is shutting down."""
+        return not self._session.closed
 
     def owner(self, packet_id: int) -> NodeSpec:
         return self.route_ring.owner(packet_id)
@@ -279,6 +286,7 @@ class RingWatcher:
         self._path = Path(path)
         self._shards = shards
         self._seen = self._stamp()
+        self._task: asyncio.Task[None] | None = None
 
     def _stamp(self) -> tuple[int, int] | None:
         try:
@@ -310,3 +318,19 @@ class RingWatcher:
             await asyncio.sleep(poll_s)
             if self._stamp() != self._seen:
                 self.reload()
+
+    def start(self, poll_s: float) -> None:
+        """Watch the file in a task until :meth:`stop`."""
+        self._task = asyncio.create_task(self.run(poll_s))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    @property
+    def watching(self) -> bool:
+        """The watch task runs: a gateway whose watcher died would keep a stale ring through
+        every rebalance, so its readiness depends on this."""
+        return self._task is not None and not self._task.done()

@@ -24,9 +24,10 @@ import orjson
 from aiohttp import web
 
 from redpacket.core.amounts import refuse_unknown_fields
+from redpacket.core.body import read_body
 from redpacket.core.errors import ApiError, bad_request, json_response, parse_json_object
 from redpacket.core.ids import parse_uid
-from redpacket.gateway.handlers import SETTINGS, SHARDS, _user, passthrough
+from redpacket.gateway.handlers import SETTINGS, SHARDS, _user, passthrough, with_public_ids
 from redpacket.gateway.shards import Shards, Upstream
 
 SIGNATURE_HEADER = "X-Redpacket-Signature"
@@ -84,11 +85,10 @@ async def my_transactions(request: web.Request) -> web.Response:
     user = _user(request)
     refuse_unknown_fields(dict(request.query), frozenset({"limit", "cursor"}))
     params = {k: request.query[k] for k in ("limit", "cursor") if k in request.query}
-    return passthrough(
-        await request.app[SHARDS].user_call(
-            user.uid, "GET", f"/internal/v1/users/{user.uid}/wallet/transactions", params=params
-        )
+    upstream = await request.app[SHARDS].user_call(
+        user.uid, "GET", f"/internal/v1/users/{user.uid}/wallet/transactions", params=params
     )
+    return with_public_ids(request, upstream, "transactions")
 
 
 def _iso(ms: int) -> str:
@@ -136,7 +136,7 @@ def signature_header(secret: str, raw: bytes, now_s: float | None = None) -> str
 
 async def create_topup(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
-    raw = await request.read()
+    raw = await read_body(request)  # within the body read timeout, decoded
     verify_signature(settings.payments_secret, request.headers.get(SIGNATURE_HEADER), raw,
                      time.time())  # fmt: skip
     body = parse_json_object(raw)

@@ -25,7 +25,8 @@ from pathlib import Path
 from aiohttp import web
 
 from redpacket.core.amounts import invalid, refuse_unknown_fields
-from redpacket.core.errors import ApiError, json_response, read_json_object
+from redpacket.core.body import read_json_object
+from redpacket.core.errors import ApiError, json_response
 from redpacket.core.ids import parse_uid
 from redpacket.gateway.auth import mint_token
 from redpacket.gateway.handlers import SETTINGS

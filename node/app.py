@@ -19,10 +19,11 @@ from aiohttp import web
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from redpacket.core import clock
 from redpacket.core.errors import ApiError, error_middleware, unavailable
 from redpacket.core.frames import LINK_PATH
 from redpacket.core.logs import request_id_middleware
-from redpacket.core.metrics import metrics_handler, metrics_middleware
+from redpacket.core.metrics import metrics_middleware, metrics_server
 from redpacket.node import handoff
 from redpacket.node.calls import http_routes
 from redpacket.node.counters import Counters, connect_redis
@@ -30,6 +31,7 @@ from redpacket.node.handlers import CALLS, SETTINGS, SHARD
 from redpacket.node.handoff import wallets as wallet_moves
 from redpacket.node.ledger import Ledger, LedgerUnavailable
 from redpacket.node.link import LINK, LinkServer
+from redpacket.node.migrations.runner import SchemaMismatch, check_database
 from redpacket.node.reconciler import Reconciler
 from redpacket.node.relay import relay_ctx
 from redpacket.node.settings import NodeSettings
@@ -47,7 +49,6 @@ ROUTES = [
     *http_routes(CALLS),  # the gateway's calls (node/handlers.py), also served over the link
     *handoff.ROUTES,  # /internal/v1/handoff/...: rebalancing (node/handoff/)
     *wallet_moves.ROUTES,  # /internal/v1/handoff/wallets: users' wallets
-    web.get("/metrics", metrics_handler),
 ]
 
 
@@ -100,8 +101,24 @@ async def _patiently(what: str, connect: Callable[[], Awaitable[T]], wait_s: flo
 
 
 async def stores_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Redis and MySQL of this shard: schema applied, scripts loaded, group commit running."""
+    """Redis and MySQL of this shard: schema checked, scripts loaded, group commit running.
+
+    The node never changes the schema: `redpacket db migrate` (a Job before the nodes roll)
+    does, and a node whose code does not fit its database's schema version refuses to start.
+    """
     settings = app[SETTINGS]
+    try:
+        state = await _patiently(
+            "MySQL",
+            # a bound longer than one query's: with latency on the MySQL link (chaos), a node
+            # that timed out here every time would stay down after MySQL was fine again
+            lambda: check_database(settings.mysql_url, timeout_s=settings.startup_wait_s / 4),
+            settings.startup_wait_s,
+        )
+    except SchemaMismatch as exc:
+        log.error("not starting: %s", exc)
+        raise
+    log.info("database %s at schema version %d", state.database, state.version)
     ledger = await _patiently(
         "MySQL",
         lambda: Ledger.connect(
@@ -113,7 +130,6 @@ async def stores_ctx(app: web.Application) -> AsyncIterator[None]:
         settings.redis_url, settings.redis_cluster, settings.redis_pool_size
     )
     try:
-        await ledger.apply_schema()
         counters = Counters(redis_client, settings.redis_max_pipelines)
         await _patiently("Redis", counters.register_scripts, settings.startup_wait_s)
         shard = Shard(settings, counters, ledger)
@@ -158,6 +174,7 @@ def create_app(settings: NodeSettings) -> web.Application:
         client_max_size=max(settings.max_body_bytes, 4 * 1024 * 1024),
     )
     app[SETTINGS] = settings
+    clock.use_offset_file(settings.clock_offset_file)
     link = LinkServer(
         CALLS,
         max_inflight=settings.link_max_inflight,
@@ -166,6 +183,7 @@ def create_app(settings: NodeSettings) -> web.Application:
         access_log=settings.access_log,
     )
     app[LINK] = link
+    app.cleanup_ctx.append(metrics_server(settings.host, settings.metrics_port))
     app.cleanup_ctx.append(stores_ctx)
     app.cleanup_ctx.append(background_ctx)
     app.cleanup_ctx.append(relay_ctx)  # users' history and the outbox relay (node/relay.py)

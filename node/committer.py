@@ -17,8 +17,10 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 import pymysql
+from prometheus_client import Counter
 
 from redpacket.core.metrics import COMMIT_BATCH_SIZE, COMMIT_LATENCY, OPENS_COMMITTED
 from redpacket.node.counters import Counters
@@ -27,6 +29,11 @@ from redpacket.node.ledger import Claim, GuardFailed, Ledger, LedgerUnavailable
 log = logging.getLogger("redpacket.node.commit")
 
 Key = tuple[int, int]  # (red_packet_id, uid)
+
+CLAIMS_SET_ASIDE = Counter(
+    "redpacket_claims_set_aside_total",
+    "Claims MySQL refused for their data, committed again without their display fields.",
+)
 
 
 class GroupCommitter:
@@ -146,7 +153,9 @@ class GroupCommitter:
         except LedgerUnavailable as exc:
             self._fail_all(by_key, exc)
             return
-        except (GuardFailed, pymysql.err.IntegrityError, pymysql.err.OperationalError):
+        except (GuardFailed, pymysql.err.MySQLError):
+            # one claim that cannot go in (already committed, guard, a field that does not
+            # fit) must not take the batch with it: each claim alone sorts them out
             await self._commit_one_by_one(by_key)
             return
         COMMIT_LATENCY.observe(time.perf_counter() - started)
@@ -164,7 +173,7 @@ class GroupCommitter:
         settled: list[Claim] = []
         for claim, futures in by_key.values():
             try:
-                amount, inserted = await self._ledger.commit_one(claim)
+                amount, inserted = await self._commit_one(claim)
             except Exception as error:
                 exc: Exception = error
                 if isinstance(exc, pymysql.err.OperationalError):  # lock conflicts, retried
@@ -188,6 +197,24 @@ class GroupCommitter:
                 if not future.done():
                     future.set_result(amount)
         await self._settle(settled)
+
+    async def _commit_one(self, claim: Claim) -> tuple[int, bool]:
+        """One claim alone; one that MySQL refuses for its data (a display field too long for
+        its column: ``1406 Data too long``) is set aside and committed without its display
+        fields. The share is the user's whatever their name is: it must never stay pending,
+        jam its packet, or keep its packet from being refunded (issue 19)."""
+        try:
+            return await self._ledger.commit_one(claim)
+        except pymysql.err.DataError as exc:
+            log.warning(
+                "red packet %s: the claim of uid %s does not fit the ledger (%s); "
+                "committing it without its display fields",
+                claim.red_packet_id,
+                claim.uid,
+                exc.args[0] if exc.args else exc,
+            )
+            CLAIMS_SET_ASIDE.inc()
+            return await self._ledger.commit_one(replace(claim, nick_name="", img_url=""))
 
     def _repair(self, packet_id: int) -> None:
         """Have Redis rebuilt from MySQL for a packet where the two disagree (in the background)."""

@@ -132,14 +132,19 @@ class Counters:
         replace: bool,
         drop_at_ms: int,
     ) -> bool:
-        """Load a packet as MySQL has it; ``replace`` also discards claims MySQL never got."""
+        """Load a packet as MySQL has it; ``replace`` also discards claims MySQL never got.
+
+        A refunded packet loads as expired whatever its expiry says: a node whose clock
+        stepped back after the refund would otherwise sell its shares again in Redis (MySQL
+        refuses them, but every such open answered 503 until the clock caught up)."""
+        expire_at_ms = 0 if packet.status == "refunded" else packet.expire_time_ms
         args: list[int | str] = [
             "replace" if replace else "create",
             packet.total_amount,
             packet.total_packet,
             packet.remaining_amount,
             packet.remaining_packet,
-            packet.expire_time_ms,
+            expire_at_ms,
             drop_at_ms,
             packet.kind,
             "" if packet.amount_each is None else packet.amount_each,

@@ -28,6 +28,7 @@ from typing import Any
 import aiomysql
 from aiohttp import web
 
+from redpacket.core.clock import now_ms, now_utc
 from redpacket.core.cursors import encode_cursor
 from redpacket.core.errors import ApiError
 from redpacket.node.ledger import Ledger, retry_lock_conflicts, to_datetime, to_ms
@@ -49,7 +50,7 @@ def year_of(ms: int) -> int:
 
 
 def this_year() -> int:
-    return dt.datetime.now(CALENDAR).year
+    return dt.datetime.fromtimestamp(now_ms() / 1000, CALENDAR).year
 
 
 class RingView:
@@ -240,7 +241,7 @@ class UserHistory:
         (count, total, _), rows = await self._page(
             summary_sql, rows_sql, uid=uid, year=year, limit=limit, after=after
         )
-        now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+        now = now_utc()
         packets = [_sent_json(row, now) for row in rows[:limit]]
         return Page(
             {"total_amount": int(total), "count": int(count)}, packets, _next(rows, limit, 9)

@@ -16,7 +16,6 @@ import functools
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -26,7 +25,7 @@ import pymysql
 from redpacket.node import outbox
 
 # "CREATE ... IF NOT EXISTS" on something that exists is the normal case for an idempotent
-# schema, not news: keep PyMySQL from printing a warning for it at every start.
+# migration (node/migrations), not news: keep PyMySQL from printing a warning for it.
 warnings.filterwarnings(
     "ignore", message=r".*(already exists|database exists)", category=pymysql.Warning
 )
@@ -137,12 +136,6 @@ def parse_mysql_url(url: str) -> MysqlTarget:
     )
 
 
-def schema_statements() -> list[str]:
-    text = Path(__file__).with_name("schema.sql").read_text("utf-8")
-    lines = [line for line in text.splitlines() if not line.lstrip().startswith("--")]
-    return [s.strip() for s in "\n".join(lines).split("\n;") if s.strip()]
-
-
 PACKET_COLUMNS = (
     "red_packet_id, uid, total_amount, total_packet, remaining_amount, remaining_packet, "
     "greeting, status, create_token, create_time, expire_time, "
@@ -150,17 +143,6 @@ PACKET_COLUMNS = (
 )
 PACKET_PLACEHOLDERS = ", ".join(["%s"] * 17)
 _INFO_COLUMNS = ", ".join("i." + c.strip() for c in PACKET_COLUMNS.split(","))
-
-# Columns added after the first release: apply_schema adds them to older tables (MySQL 8 has
-# no ADD COLUMN IF NOT EXISTS, so information_schema is asked first).
-ADDED_COLUMNS = (
-    ("red_packet_info", "kind", "VARCHAR(16) NOT NULL DEFAULT 'lucky'"),
-    ("red_packet_info", "amount_each", "INT NULL"),
-    ("red_packet_info", "receiver_uid", "BIGINT NULL"),
-    ("red_packet_info", "sender_nick", "VARCHAR(64) NOT NULL DEFAULT ''"),
-    ("red_packet_info", "sender_img", "VARCHAR(512) NOT NULL DEFAULT ''"),
-    ("red_packet_info", "luckiest_uid", "BIGINT NULL"),
-)
 
 
 def packet_from_row(row: tuple[Any, ...]) -> PacketRow:
@@ -234,7 +216,6 @@ class Ledger:
     @classmethod
     async def connect(cls, url: str, pool_size: int = 8, timeout_s: float = 5.0) -> Ledger:
         target = parse_mysql_url(url)
-        await ensure_database(url)
         pool = await aiomysql.create_pool(
             host=target.host,
             port=target.port,
@@ -256,17 +237,21 @@ class Ledger:
         await self._pool.wait_closed()
 
     @contextlib.asynccontextmanager
-    async def connection(self) -> AsyncIterator[aiomysql.Connection]:
-        """A pooled connection; any failure closes it, MySQL outages become LedgerUnavailable."""
+    async def connection(
+        self, timeout_s: float | None = None
+    ) -> AsyncIterator[aiomysql.Connection]:
+        """A pooled connection; any failure closes it, MySQL outages become LedgerUnavailable.
+        ``timeout_s`` (default: the ledger's) bounds the acquire and, again, the use."""
+        timeout_s = self._timeout_s if timeout_s is None else timeout_s
         try:
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout(timeout_s):
                 conn = await self._pool.acquire()
         except Exception as exc:
             if _is_down(exc):
                 raise LedgerUnavailable(str(exc)) from exc
             raise
         try:
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout(timeout_s):
                 yield conn
         except BaseException as exc:
             conn.close()
@@ -275,20 +260,6 @@ class Ledger:
             raise
         finally:
             self._pool.release(conn)
-
-    async def apply_schema(self) -> None:
-        async with self.connection() as conn, conn.cursor() as cur:
-            for statement in schema_statements():
-                await cur.execute(statement)
-            for table, column, definition in ADDED_COLUMNS:
-                await cur.execute(
-                    "SELECT 1 FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() "
-                    "AND TABLE_NAME = %s AND COLUMN_NAME = %s",
-                    (table, column),
-                )
-                if await cur.fetchone() is None:
-                    await cur.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
-            await conn.commit()
 
     async def ping(self) -> None:
         async with self.connection() as conn, conn.cursor() as cur:
@@ -632,7 +603,8 @@ async def connect_one(url: str, *, with_database: bool = True) -> aiomysql.Conne
 
 
 async def ensure_database(url: str) -> None:
-    """Create the shard's database if missing: one database per shard, made on first start.
+    """Create the shard's database if missing: one database per shard, made by its first
+    migration (node/migrations/runner.py).
 
     An existing database is left alone, so a user without the CREATE privilege (a managed
     MySQL with a database made for us) works too.

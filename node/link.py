@@ -71,7 +71,8 @@ class LinkConnection:
             log.warning("closing a link connection that sent a malformed frame: %s", exc)
         finally:
             writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # a writer that failed on a connection the gateway dropped ends with that error
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
                 await writer
             for task in list(self._tasks):  # the gateway failed these calls already
                 task.cancel()

@@ -20,12 +20,15 @@ The events that move money carry ``"credit": true`` (every share's ``received``,
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiomysql
 import orjson
+
+from redpacket.core.clock import now_utc
 
 if TYPE_CHECKING:  # the ledger imports this module: no import back at run time
     from redpacket.node.ledger import Claim, PacketRow
@@ -40,6 +43,13 @@ def to_ms(value: dt.datetime) -> int:
 
 RECEIVED = "received"
 SENT = "sent"
+# history_outbox.payload is VARBINARY(2048) (node/schema.sql). The display fields are bounded
+# at the edge (core/profile.py), but a payload that still does not fit must not fail the
+# transaction that carries a share or a refund: it loses its display fields instead.
+PAYLOAD_MAX_BYTES = 2048
+_DISPLAY_FIELDS = ("sender_img", "sender_nick", "greeting")  # the largest first
+
+log = logging.getLogger("redpacket.node.outbox")
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,12 +228,34 @@ async def write(cur: aiomysql.Cursor, events: list[Event]) -> None:
     lock that INSERT ... SELECT would hold to the end of the statement."""
     if not events:
         return
-    when = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    when = now_utc()
     await cur.executemany(
         "INSERT INTO history_outbox (uid, event, red_packet_id, payload, create_time) "
         "VALUES (%s, %s, %s, %s, %s)",
         [
-            (uid, kind, pid, orjson.dumps(payload).decode(), when)
+            (uid, kind, pid, encode_payload(pid, payload).decode(), when)
             for uid, kind, pid, payload in events
         ],
     )
+
+
+def encode_payload(red_packet_id: int, payload: dict[str, Any]) -> bytes:
+    """The payload as stored: its JSON, within :data:`PAYLOAD_MAX_BYTES` whatever it holds.
+
+    Money and counts are never dropped (they are a few dozen bytes); the display fields go,
+    one at a time, until it fits. Why not refuse: this runs inside the commit of a share or a
+    refund, and a history row must never cost the user their money (issue 19)."""
+    data = orjson.dumps(payload)
+    for name in _DISPLAY_FIELDS:
+        if len(data) <= PAYLOAD_MAX_BYTES:
+            return data
+        if payload.get(name):
+            log.warning(
+                "red packet %s: history event over %d bytes, %s dropped",
+                red_packet_id,
+                PAYLOAD_MAX_BYTES,
+                name,
+            )
+            payload = {**payload, name: ""}
+            data = orjson.dumps(payload)
+    return data

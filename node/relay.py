@@ -6,8 +6,12 @@ failed stays and is read again next pass; its destination applies it exactly onc
 primary keys, node/history.py), so a relay killed between apply and delete only repeats
 work. Rows for users this node owns are applied locally, in the same way.
 
-Metrics: ``redpacket_history_outbox_backlog`` (rows waiting) and
-``redpacket_history_lag_seconds`` (from the commit that wrote a row to its apply).
+An event its destination refuses for what it holds (not for being down) becomes a dead
+letter (node/deadletters.py): the relay never blocks behind it.
+
+Metrics: ``redpacket_history_outbox_backlog`` (rows waiting),
+``redpacket_history_lag_seconds`` (from the commit that wrote a row to its apply) and
+``redpacket_dead_letters`` (events set aside).
 """
 
 from __future__ import annotations
@@ -22,10 +26,14 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pymysql
 from aiohttp import web
 from prometheus_client import Gauge, Histogram
 
+from redpacket.core.clock import now_ms
 from redpacket.core.errors import ApiError
+from redpacket.node import deadletters
+from redpacket.node.deadletters import DEAD_LETTERS
 from redpacket.node.handlers import SETTINGS, SHARD
 from redpacket.node.history import HISTORY, Event, RingView, UserHistory
 from redpacket.node.ledger import to_ms
@@ -66,6 +74,7 @@ class Relay:
         self.batch = batch
         self.idle_s = idle_s
         self._ring_checked = 0.0
+        self._dead_counted = 0.0
         self._pass = asyncio.Lock()  # the background loop and drain() never overlap
 
     async def run(self) -> None:
@@ -110,6 +119,12 @@ class Relay:
         if time.monotonic() - self._ring_checked > 1.0:
             self.history.ring.refresh()
             self._ring_checked = time.monotonic()
+        if time.monotonic() - self._dead_counted > DEAD_LETTERS_RECOUNT_S:
+            # `redpacket dead-letters retry` (another process) changes the count too
+            async with self.history.connection() as conn, conn.cursor() as cur:
+                DEAD_LETTERS.set(await deadletters.count(cur))
+                await conn.rollback()
+            self._dead_counted = time.monotonic()
         async with self.history.connection() as conn, conn.cursor() as cur:
             await cur.execute(
                 "SELECT id, uid, event, red_packet_id, payload, create_time FROM history_outbox "
@@ -123,25 +138,36 @@ class Relay:
             return 0, False
         events: dict[int, Event] = {}
         written: dict[int, int] = {}
+        dead: dict[int, str] = {}  # outbox id -> why its destination refused it
         for row_id, uid, event, pid, payload, when in rows:
-            events[row_id] = (int(uid), str(event), int(pid), orjson.loads(payload))
+            try:
+                events[row_id] = (int(uid), str(event), int(pid), dict(orjson.loads(payload)))
+            except (orjson.JSONDecodeError, TypeError, ValueError):
+                dead[row_id] = "the payload is not a JSON object"
+                continue
             written[row_id] = to_ms(when)
-        done = await self._deliver(events)
-        if done:
+        done = await self._deliver(events, dead)
+        if done or dead:
             async with self.history.connection() as conn, conn.cursor() as cur:
-                await cur.execute(
-                    "DELETE FROM history_outbox WHERE id IN ("
-                    + ", ".join(["%s"] * len(done))
-                    + ")",
-                    done,
-                )
+                if done:
+                    await cur.execute(
+                        "DELETE FROM history_outbox WHERE id IN ("
+                        + ", ".join(["%s"] * len(done))
+                        + ")",
+                        done,
+                    )
+                if dead:
+                    await deadletters.bury(cur, dead)
+                    DEAD_LETTERS.set(await deadletters.count(cur))
                 await conn.commit()
-            now = time.time() * 1000
+            for row_id, why in dead.items():
+                log.error("history event %s is a dead letter: %s", row_id, why)
+            now = now_ms()
             for row_id in done:
                 HISTORY_LAG.observe(max(0.0, (now - written[row_id]) / 1000))
         more = len(rows) == self.batch
-        OUTBOX_BACKLOG.set(await self._backlog() if more else len(rows) - len(done))
-        return len(done), more and bool(done)
+        OUTBOX_BACKLOG.set(await self._backlog() if more else len(rows) - len(done) - len(dead))
+        return len(done), more and bool(done or dead)
 
     async def _backlog(self) -> int:
         async with self.history.connection() as conn, conn.cursor() as cur:
@@ -150,8 +176,9 @@ class Relay:
             await conn.rollback()
         return int(count)
 
-    async def _deliver(self, events: dict[int, Event]) -> list[int]:
-        """Send every event to its user's shard; the outbox ids that were applied."""
+    async def _deliver(self, events: dict[int, Event], dead: dict[int, str]) -> list[int]:
+        """Send every event to its user's shard; the outbox ids that were applied. Those its
+        destination refused for what they hold go into ``dead``."""
         by_node: dict[str | None, list[int]] = defaultdict(list)
         targets: dict[str | None, NodeSpec | None] = {}
         for row_id, event in events.items():
@@ -160,19 +187,29 @@ class Relay:
             by_node[name].append(row_id)
             targets[name] = owner if name is not None else None
         results = await asyncio.gather(
-            *(self._send(targets[name], ids, events) for name, ids in by_node.items())
+            *(self._send(targets[name], ids, events, dead) for name, ids in by_node.items())
         )
         return [row_id for ids in results for row_id in ids]
 
     async def _send(
-        self, node: NodeSpec | None, ids: list[int], events: dict[int, Event]
+        self, node: NodeSpec | None, ids: list[int], events: dict[int, Event], dead: dict[int, str]
     ) -> list[int]:
-        """Apply ``ids`` on ``node`` (None: here), following packet_moved for moved users."""
+        """Apply ``ids`` on ``node`` (None: here), following packet_moved for moved users.
+
+        A batch refused for its content is sent again one event at a time, so only the event
+        that is refused alone becomes a dead letter and the others are delivered now."""
         pending = ids
         done: list[int] = []
         for _ in range(MAX_HOPS):
             try:
                 away = await self._apply_on(node, [events[i] for i in pending])
+            except Refused as exc:
+                if len(pending) == 1:
+                    dead[pending[0]] = str(exc)
+                    return done
+                for row_id in pending:
+                    done += await self._send(node, [row_id], events, dead)
+                return done
             except Exception as exc:
                 log.warning("history delivery to %s failed: %s", node.name if node else "self", exc)
                 if node is not None:
@@ -197,7 +234,10 @@ class Relay:
         self, node: NodeSpec | None, batch: list[Event]
     ) -> dict[int, tuple[str, str]]:
         if node is None:
-            moved = await self.history.accept(batch)
+            try:
+                moved = await self.history.accept(batch)
+            except REFUSED_HERE as exc:
+                raise Refused(f"refused here: {type(exc).__name__}: {exc}") from exc
             return {uid: _owner(err) for uid, err in moved.items()}
         body = orjson.dumps(
             {"events": [[str(u), kind, str(pid), payload] for u, kind, pid, payload in batch]}
@@ -208,10 +248,31 @@ class Relay:
             headers={NODE_SECRET_HEADER: self.secret, "Content-Type": "application/json"},
         ) as resp:
             answer = await resp.read()
+            if resp.status in REFUSED_STATUSES:
+                raise Refused(f"{node.name} answered {resp.status}: {answer[:200]!r}")
             if resp.status != 200:
                 raise RuntimeError(f"{node.name} answered {resp.status}: {answer[:200]!r}")
         moved = orjson.loads(answer).get("moved", {})
         return {int(uid): (str(o[0]), str(o[1])) for uid, o in moved.items()}
+
+
+class Refused(Exception):
+    """The destination refused the events for what they hold: sending them again will not help."""
+
+
+# A shard that answers these refuses the content (400 a malformed row, 413 too large, 422, 500
+# a row its database refused); 503, 502, 421 and connection errors are outages, retried.
+REFUSED_STATUSES = frozenset({400, 413, 422, 500})
+# The same, applying here: a malformed row, or a value the history tables cannot take.
+REFUSED_HERE = (
+    KeyError,
+    TypeError,
+    ValueError,
+    pymysql.err.DataError,
+    pymysql.err.IntegrityError,
+    pymysql.err.ProgrammingError,
+)
+DEAD_LETTERS_RECOUNT_S = 10.0
 
 
 def _owner(err: ApiError) -> tuple[str, str]:

@@ -21,13 +21,14 @@ import contextlib
 import dataclasses
 import logging
 import secrets
-import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
+from redpacket.core.clock import now_ms  # the node's one clock (re-exported for its modules)
 from redpacket.core.errors import ApiError, gone, not_found, unavailable
+from redpacket.core.profile import bound_img_url, bound_nick
 from redpacket.node.admission import Admission, PacketGate
 from redpacket.node.committer import GroupCommitter
 from redpacket.node.counters import Counters, OpenResult, Outcome, claim_details
@@ -44,13 +45,6 @@ from redpacket.node.ledger import (
 from redpacket.node.settings import NodeSettings
 
 log = logging.getLogger("redpacket.node.shard")
-
-NICK_MAX = 64
-IMG_URL_MAX = 512
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def frozen() -> ApiError:
@@ -184,8 +178,8 @@ class Shard:
             kind=req.kind,
             amount_each=req.amount_each,
             receiver_uid=req.receiver_uid,
-            sender_nick=req.sender_nick[:NICK_MAX],
-            sender_img=req.sender_img if len(req.sender_img) <= IMG_URL_MAX else "",
+            sender_nick=bound_nick(req.sender_nick),
+            sender_img=bound_img_url(req.sender_img),
         )
         try:
             stored, created = await self.ledger.insert_packet(row)
@@ -224,8 +218,7 @@ class Shard:
         self, packet_id: int, uid: int, nick_name: str, img_url: str
     ) -> tuple[int, bool]:
         """``(amount, replayed)`` once MySQL holds the share; ApiError otherwise."""
-        nick_name = nick_name[:NICK_MAX]
-        img_url = img_url if len(img_url) <= IMG_URL_MAX else ""
+        nick_name, img_url = bound_nick(nick_name), bound_img_url(img_url)
         for _ in range(5):
             gate = self.admission.gate(packet_id)
             if (reason := gate.rejection_for(uid)) is not None:

@@ -77,6 +77,11 @@ def _common(parser: argparse.ArgumentParser, dry_run: bool = True) -> None:
         help="label selector of the gateway pods (default: instance=<release>, component=gateway)",
     )
     kube.add_argument("--gateway-port", type=int, default=8080)
+    kube.add_argument(
+        "--gateway-deployment",
+        default="",
+        help="gateway Deployment whose replicas must confirm a ring (default <fullname>-gateway)",
+    )
     kube.add_argument("--context", default=None, help="kubeconfig context (outside a pod)")
     kube.add_argument("--ready-timeout-s", type=float, default=600.0)
 
@@ -114,6 +119,7 @@ def _backend(args: argparse.Namespace) -> Backend:
         cluster_domain=args.cluster_domain,
         gateway_selector=args.gateway_selector,
         gateway_port=args.gateway_port,
+        gateway_deployment=args.gateway_deployment,
     )
     return KubernetesBackend(
         names,

@@ -45,6 +45,7 @@ class NodeSpec:
     redis: str | None = None
     mysql: str | None = None
     redis_cluster: bool = False
+    metrics: str | None = None  # base URL of its /metrics (its own port, not ``url``'s)
 
     def as_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"name": self.name, "url": self.url, "weight": self.weight}
@@ -54,6 +55,8 @@ class NodeSpec:
             data["mysql"] = self.mysql
         if self.redis_cluster:
             data["redis_cluster"] = True
+        if self.metrics:
+            data["metrics"] = self.metrics
         return data
 
 
@@ -140,6 +143,7 @@ class RingDoc:
                     redis=raw.get("redis"),
                     mysql=raw.get("mysql"),
                     redis_cluster=bool(raw.get("redis_cluster", False)),
+                    metrics=raw.get("metrics"),
                 )
             )
         previous = data.get("previous")

@@ -31,11 +31,12 @@ from aiohttp import web
 from redpacket.chaos.proxy import TcpProxy
 from redpacket.cli.check import Observed, Report, check_shards
 from redpacket.cli.devcluster import free_ports, redis_server_argv
-from redpacket.core.ids import IdGenerator
+from redpacket.core.ids import IdGenerator, PublicIds, derive_id_key, snowflake_of
 from redpacket.gateway.auth import mint_token
 from redpacket.node.app import create_app as create_node_app
 from redpacket.node.handlers import SHARD
 from redpacket.node.ledger import connect_one, parse_mysql_url
+from redpacket.node.migrations.runner import migrate
 from redpacket.node.settings import NodeSettings
 from redpacket.node.shard import Shard
 from redpacket.sharding.ring import NodeSpec, RingDoc, user_key
@@ -282,9 +283,11 @@ async def start_node(
         "REDPACKET_REDIS_URL": redis.url,
         "REDPACKET_MYSQL_URL": mysql_url,
         "REDPACKET_RECONCILE_INTERVAL_S": "0.5",
+        "REDPACKET_METRICS_PORT": "0",  # app[METRICS_URL] says where
         **overrides,
     }
     settings = NodeSettings.from_env(env)
+    await migrate(mysql_url)  # nodes never migrate: `redpacket db migrate` runs first
     app = create_node_app(settings)
     runner = web.AppRunner(app)
     await runner.setup()
@@ -354,8 +357,12 @@ class Cluster:
             )
         return self.tokens[uid]
 
-    def shard_of(self, packet_id: int) -> str:
-        return self.ring().ring().owner(packet_id).name
+    def public_id(self, packet_id: int) -> str:
+        """The id the gateway gives clients for a packet made on a node directly."""
+        return PublicIds(derive_id_key(self.state["node_secret"])).format(packet_id)
+
+    def shard_of(self, packet_id: int | str) -> str:
+        return self.ring().ring().owner(snowflake_of(packet_id)).name
 
     def pid_of(self, shard: str, what: str = "pid") -> int:
         for entry in self.state["shards"]:
@@ -377,7 +384,7 @@ class Cluster:
         assert self.session is not None
         while True:
             try:
-                async with self.session.get(self.url + "/readyz") as resp:
+                async with self.session.get(self.url + "/readyz/shards") as resp:
                     if resp.status == 200:
                         return
             except aiohttp.ClientError:

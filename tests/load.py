@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from redpacket.cli.check import Observed
+from redpacket.core.ids import snowflake_of
 from tests.conftest import Cluster
 
 
@@ -36,7 +37,7 @@ class OpenLoad:
                 status, body = 599, {"error": {"code": "connection"}}
             self.statuses[status] += 1
             if status == 200:
-                self.observed.append(Observed(int(packet_id), uid, body["amount"]))
+                self.observed.append(Observed(snowflake_of(packet_id), uid, body["amount"]))
                 todo.pop()
             elif status in (404, 410):
                 todo.pop()

@@ -37,8 +37,9 @@ def test_bench_smoke(tmp_path: Path, mysql_databases: Any) -> None:
     argv = [
         sys.executable, "-m", "redpacket.cli", "bench",
         "--duration", "2", "--reject-duration", "1", "--ceiling-duration", "1",
-        "--users", "16", "--shares", "4", "--packets", "4", "--latecomers", "300",
-        "--rate-duration", "1",
+        "--users", "16", "--shares", "4", "--shares-min", "2", "--in-flight", "8",
+        "--fresh-per-s", "400", "--senders", "20", "--latecomers", "300",
+        "--rate-duration", "1", "--naive-duration", "1",
         "--var", str(tmp_path / "var"), "--json", str(out), "--plot", str(png), "--quiet",
     ]  # fmt: skip
     done = subprocess.run(
@@ -54,6 +55,20 @@ def test_bench_smoke(tmp_path: Path, mysql_databases: Any) -> None:
     assert not missing, missing
     assert results["check"]["ok"] is True, results["check"]
     assert results["config"]["latecomers"] == 300
+    # the default is the real crowd: small packets, every opener a fresh identity
+    assert results["config"]["scenario"] == "crowd"
+    assert results["config"]["fresh_identities"] is True
+    assert results["config"]["shares_min"] == 2 and results["config"]["in_flight"] == 8
+    # the naive peer ran on the same load generator, and the ratio is stated
+    naive = results["naive_peer"]
+    assert naive["opens_per_s"] > 0 and not naive["errors"], naive
+    assert results["naive_ratio"] == round(results["opens_per_s"] / naive["opens_per_s"], 4)
+    assert "reference: naive peer, open" in done.stdout
+    assert results["box_cpu_us_per_committed_open"] > 0
+    assert results["creates_per_s"] > 0 and results["create_p99_ms"] is not None
+    # no node exposes the wallet's credit lag yet: reported as n/a, not as zero
+    assert results["credit_lag"]["credits"] is None
+    assert "credit lag p99: n/a" in done.stdout
     assert results["opens_per_s"] > 0 and results["rejections_per_s"] > 0
     assert results["lua_ceiling_per_s"] and results["trivial_ceiling_per_s"]
     for op in ("grab", "open", "reject"):
@@ -66,6 +81,14 @@ def test_bench_smoke(tmp_path: Path, mysql_databases: Any) -> None:
     for op in ("grab", "open", "pair"):
         assert {"p50_ms", "p99_ms", "p999_ms"} <= open_loop["latency_ms"][op].keys()
     assert results["open_loop_open_p99_ms"] == open_loop["latency_ms"]["open"]["p99_ms"]
+    # flatness: the open p99 of the first and the last 10 s (here the 1 s phase's halves)
+    assert {"open_p99_first_10s_ms", "open_p99_last_10s_ms", "open_p99_last_over_first"} <= (
+        open_loop.keys()
+    )
+    # the load generator's own GC never pauses it inside a measured window
+    for phase in (results["loadgen"]["open_phase"], open_loop["loadgen"]):
+        for worker in phase["gc"]:
+            assert all(gen["collections"] == 0 for gen in worker.values()), worker
     assert results["targets"]["open_p99_measured_in"] == "open_loop"
     assert "open loop @" in done.stdout
     # the MySQL server's CPU is sampled (the whole server, shared by the shards)
@@ -93,3 +116,28 @@ def test_transport_bench_measures_both_hops(tmp_path: Path) -> None:
     for row in rows.values():
         assert row["calls_per_s"] > 0
         assert row["client_us_per_call"] > 0 and row["server_us_per_call"] > 0
+
+
+def _shape(*argv: str) -> Any:
+    from redpacket.bench.scenarios import shape_of
+    from redpacket.cli.main import build_parser
+
+    return shape_of(build_parser().parse_args(["bench", *argv]))
+
+
+def test_default_scenario_is_the_real_crowd() -> None:
+    shape = _shape()
+    assert shape.scenario == "crowd"
+    assert (shape.shares_min, shape.shares) == (5, 20)  # drawn per packet
+    assert shape.in_flight == 1000 and shape.fresh and not shape.finite
+    assert shape.senders == 2000
+    assert shape.amount == 20 * 100  # 100 cents a share, pro rata for smaller packets
+
+
+def test_hot_and_boss_scenarios_keep_their_shapes() -> None:
+    hot = _shape("--scenario", "hot")
+    assert (hot.shares, hot.shares_min, hot.initial_packets) == (100, 0, 32)
+    assert not hot.fresh and hot.in_flight == 0 and hot.amount == 10_000
+    boss = _shape("--scenario", "boss")
+    assert (boss.shares, boss.initial_packets) == (10_000, 1)
+    assert boss.fresh and boss.finite

@@ -11,6 +11,7 @@ from typing import Any
 import jwt
 
 from redpacket.cli.devcluster import free_ports
+from redpacket.core.ids import snowflake_of
 from tests.conftest import Cluster, sql
 
 
@@ -88,13 +89,13 @@ async def test_check_passes_a_clean_cluster_and_catches_a_tampered_ledger(
     assert clean.returncode == 0, clean.stdout + clean.stderr
     assert "OK: " in clean.stdout
 
-    owner = next(n for n in cluster.nodes() if n.name == cluster.shard_of(int(packet_id)))
+    owner = next(n for n in cluster.nodes() if n.name == cluster.shard_of(snowflake_of(packet_id)))
     await sql(  # a cent appears from nowhere
         owner.mysql or "",
         "UPDATE red_packet_record SET amount = amount + 1 WHERE red_packet_id = %s AND uid = 1",
-        (int(packet_id),),
+        (snowflake_of(packet_id),),
     )
     tampered = redpacket(*args, "--reconcile-wait", "0")
     assert tampered.returncode == 1
-    assert f"red packet {packet_id}: records sum" in tampered.stdout
+    assert f"red packet {snowflake_of(packet_id)}: records sum" in tampered.stdout
     assert "Redis claims differ from MySQL records" in tampered.stdout

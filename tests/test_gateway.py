@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from redpacket.cli.check import Observed
+from redpacket.core.ids import snowflake_of
 from redpacket.gateway import wallet
 from redpacket.gateway.app import ROUTES
 from tests.conftest import Cluster, sql
@@ -47,7 +48,8 @@ async def test_create_returns_the_packet_with_string_ids_and_zoned_times(cluster
     )
     assert status == 201
     assert set(body) == PACKET_FIELDS
-    assert isinstance(body["red_packet_id"], str) and int(body["red_packet_id"]) > 2**53
+    assert isinstance(body["red_packet_id"], str) and len(body["red_packet_id"]) == 22
+    assert snowflake_of(body["red_packet_id"]) > 2**53
     assert body["uid"] == "42"
     assert body["sender"] == {
         "uid": "42",
@@ -64,7 +66,7 @@ async def test_create_returns_the_packet_with_string_ids_and_zoned_times(cluster
 
 
 async def test_ids_are_time_ordered(cluster: Cluster) -> None:
-    ids = [int(await cluster.create(42, 100, 1)) for _ in range(5)]
+    ids = [snowflake_of(await cluster.create(42, 100, 1)) for _ in range(5)]
     assert ids == sorted(ids) and len(set(ids)) == 5
 
 
@@ -158,14 +160,15 @@ async def test_idempotency_key_returns_the_same_packet(cluster: Cluster) -> None
 
 
 async def test_a_packet_lives_on_its_ring_owner_and_packets_spread(cluster: Cluster) -> None:
-    ids = [int(await cluster.create(60, 200, 2)) for _ in range(40)]
-    for packet_id in ids:
-        assert (await cluster.open(str(packet_id), 61))[0] == 200
+    public = [await cluster.create(60, 200, 2) for _ in range(40)]
+    for packet_id in public:
+        assert (await cluster.open(packet_id, 61))[0] == 200
+    ids = [snowflake_of(p) for p in public]
     ring = cluster.ring().ring()
     owners = {spec.name: await ledger_ids(spec.mysql or "") for spec in cluster.nodes()}
     for packet_id in ids:
         holders = [name for name, held in owners.items() if packet_id in held]
-        assert holders == [ring.owner(packet_id).name]
+        assert holders == [ring.owner(snowflake_of(packet_id)).name]
     assert all(any(pid in held for pid in ids) for held in owners.values()), "one shard got none"
 
 
@@ -188,9 +191,11 @@ async def test_health_readiness_metrics_and_openapi(cluster: Cluster) -> None:
     status, ready = await cluster.call("GET", "/readyz")
     assert status == 200 and set(ready["shards"]) == {"shard-0", "shard-1"}
     assert cluster.session is not None
-    async with cluster.session.get(cluster.url + "/metrics") as resp:
+    async with cluster.session.get(cluster.state["gateway"]["metrics_url"] + "/metrics") as resp:
         text = await resp.text()
     assert resp.status == 200 and "redpacket_http_requests_total" in text
+    status, body = await cluster.call("GET", "/metrics")  # not on the public port
+    assert (status, body["error"]["code"]) == (404, "not_found")
     status, doc = await cluster.call("GET", "/openapi.json")
     assert status == 200 and doc["openapi"].startswith("3.")
 
@@ -208,7 +213,7 @@ async def test_a_stopped_node_costs_only_its_own_packets(make_cluster: Any) -> N
     ids = [await cluster.create(1, 1000, 10) for _ in range(20)]
     by_shard: dict[str, list[str]] = {}
     for packet_id in ids:
-        by_shard.setdefault(cluster.shard_of(int(packet_id)), []).append(packet_id)
+        by_shard.setdefault(cluster.shard_of(snowflake_of(packet_id)), []).append(packet_id)
     assert set(by_shard) == {"shard-0", "shard-1"}
     stopped = cluster.pid_of("shard-1")
     os.kill(stopped, signal.SIGSTOP)
@@ -242,7 +247,7 @@ async def test_concurrent_create_open_and_records_keep_every_invariant(
         for packet_id in packet_ids[uid % len(packet_ids) :] + packet_ids[: uid % len(packet_ids)]:
             status, body = await cluster.open(packet_id, uid)
             if status == 200:
-                seen.append(Observed(int(packet_id), uid, body["amount"]))
+                seen.append(Observed(snowflake_of(packet_id), uid, body["amount"]))
             else:
                 assert body["error"]["code"] == "sold_out", body
         return seen
@@ -258,7 +263,7 @@ async def test_concurrent_create_open_and_records_keep_every_invariant(
             "GET", f"/v1/red-packets/{packet_id}/records", 1, limit="100"
         )
         assert status == 200
-        mine = {(o.uid, o.amount) for o in observed if o.red_packet_id == int(packet_id)}
+        mine = {(o.uid, o.amount) for o in observed if o.red_packet_id == snowflake_of(packet_id)}
         assert {(int(r["uid"]), r["amount"]) for r in page["records"]} == mine
         assert sum(amount for _, amount in mine) == 2000
     await cluster.check(observed)
@@ -267,7 +272,7 @@ async def test_concurrent_create_open_and_records_keep_every_invariant(
 async def test_a_request_id_flows_from_the_gateway_to_the_node_logs(make_cluster: Any) -> None:
     cluster: Cluster = await make_cluster(REDPACKET_ACCESS_LOG="true")
     packet_id = await cluster.create(1, 100, 1)
-    shard = cluster.shard_of(int(packet_id))
+    shard = cluster.shard_of(snowflake_of(packet_id))
     status, _ = await cluster.call(
         "POST", f"/v1/red-packets/{packet_id}/open", 7, headers={"X-Request-Id": "trace-me-42"}
     )
@@ -289,10 +294,12 @@ async def test_metrics_count_commits_rejections_and_batches(cluster: Cluster) ->
     await cluster.open(packet_id, 70)
     await cluster.open(packet_id, 71)  # sold out
     assert cluster.session is not None
-    node_url = next(n.url for n in cluster.nodes() if n.name == cluster.shard_of(int(packet_id)))
-    async with cluster.session.get(node_url + "/metrics") as resp:
+    node_metrics = next(
+        n.metrics or "" for n in cluster.nodes() if n.name == cluster.shard_of(packet_id)
+    )
+    async with cluster.session.get(node_metrics + "/metrics") as resp:
         node = await resp.text()
-    async with cluster.session.get(cluster.url + "/metrics") as resp:
+    async with cluster.session.get(cluster.state["gateway"]["metrics_url"] + "/metrics") as resp:
         gateway = await resp.text()
 
     def value(text: str, sample: str) -> float:

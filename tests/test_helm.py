@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -85,6 +86,9 @@ EVERYTHING_SWITCHED = sets(
     "redis.maxmemory=512mb",
     "redis.persistence.enabled=false",
     "mysql.persistence.storageClass=fast",
+    "storageClass.create=true",
+    "storageClass.provisioner=ebs.csi.aws.com",
+    "backup.persistence.existingClaim=backups",
     "metrics.podAnnotations=false",
     "dashboard.enabled=false",
     "secrets.jwtSecret=0123456789abcdef0123456789abcdef",
@@ -127,8 +131,12 @@ def run_helm(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @functools.cache
-def render(case: str) -> tuple[dict[str, Any], ...]:
-    proc = run_helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *CASES[case])
+def render(case: str, kube_version: str = "") -> tuple[dict[str, Any], ...]:
+    """Rendered as for a cluster of ``kube_version`` (default: helm's own, a current one)."""
+    version = ("--kube-version", kube_version) if kube_version else ()
+    proc = run_helm(
+        "template", RELEASE, str(CHART), "--namespace", NAMESPACE, *version, *CASES[case]
+    )
     assert proc.returncode == 0, f"helm template ({case}) failed:\n{proc.stderr}"
     return tuple(doc for doc in yaml.safe_load_all(proc.stdout) if doc)
 
@@ -169,6 +177,8 @@ def workloads(docs: tuple[dict[str, Any], ...]) -> list[tuple[dict[str, Any], di
     for doc in docs:
         if doc["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
             found.append((doc, doc["spec"]["template"]["spec"]))
+        elif doc["kind"] == "CronJob":
+            found.append((doc, doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]))
         elif doc["kind"] == "Pod":
             found.append((doc, doc["spec"]))
     return found
@@ -212,6 +222,20 @@ def pod_labels(sts: dict[str, Any], ordinal: int, with_index: bool = True) -> di
     if with_index:  # set by Kubernetes >= 1.28
         labels["apps.kubernetes.io/pod-index"] = str(ordinal)
     return labels
+
+
+def secret_files(workload: dict[str, Any], container: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Files a container sees from Secret volumes: path -> (Secret name, key)."""
+    pod = workload["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    found = {}
+    for mount in container.get("volumeMounts", []):
+        secret = volumes.get(mount["name"], {}).get("secret")  # claims are not volumes
+        if secret is None:
+            continue
+        for item in secret.get("items", []):
+            found[f"{mount['mountPath']}/{item['path']}"] = (secret["secretName"], item["key"])
+    return found
 
 
 def pod_dns(sts: dict[str, Any], ordinal: int) -> str:
@@ -263,7 +287,7 @@ def test_lint(case: str) -> None:
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 @pytest.mark.parametrize("case", CASES)
 def test_manifests_validate_against_kubernetes_schemas(case: str, version: str) -> None:
-    docs = render(case)
+    docs = render(case, version)
     assert docs
     for doc in docs:
         try:
@@ -279,6 +303,8 @@ def test_manifests_validate_against_kubernetes_schemas(case: str, version: str) 
 @pytest.mark.parametrize("case", CASES)
 def test_standard_labels_and_namespace(case: str) -> None:
     for doc in render(case):
+        if doc["kind"] in ("StorageClass",):  # cluster-scoped
+            continue
         labels = doc["metadata"]["labels"]
         for key in (
             "helm.sh/chart",
@@ -379,7 +405,8 @@ def test_gateway_settings_load_from_its_pod(case: str) -> None:
 def test_gateway_starts_with_the_charts_env(tmp_path: Path) -> None:
     """The real `redpacket gateway` process, started with the container's command and env
     (only the address, port and ring file's folder moved to this machine): it serves /healthz,
-    loads the ring and, with no shard reachable here, answers /readyz with 503 listing them."""
+    loads the ring and, with no shard reachable here, is still ready on its readiness probe's
+    path (listing the shards as down), while /readyz/shards answers 503."""
     docs = render("default")
     deployment = one(docs, "Deployment", "gateway")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
@@ -411,11 +438,18 @@ def test_gateway_starts_with_the_charts_env(tmp_path: Path) -> None:
                 assert proc.poll() is None, f"the gateway exited: {proc.communicate()[1]}"
                 assert time.monotonic() < deadline, "the gateway did not serve /healthz"
                 time.sleep(0.1)
+        ring = RingDoc.parse(json.loads(ring_cm["data"]["ring.json"]))
+        # the readiness probe's path: this gateway can serve, whatever the shards' state
+        probe = container["readinessProbe"]["httpGet"]
+        assert container_port(container, probe["port"]) == container_port(container, "http")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{probe['path']}", timeout=10) as r:
+            assert r.status == 200
+            assert json.loads(r.read())["shards"] == {n.name: "down" for n in ring.nodes}
+        # the all-shards signal says which are down
         with pytest.raises(urllib.error.HTTPError) as answer:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10)
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz/shards", timeout=10)
         assert answer.value.code == 503
         body = json.loads(answer.value.read())
-        ring = RingDoc.parse(json.loads(ring_cm["data"]["ring.json"]))
         assert body["error"]["shards"] == {n.name: "down" for n in ring.nodes}
     finally:
         proc.terminate()
@@ -467,8 +501,17 @@ def test_node_pod_i_uses_redis_i_and_mysql_i(case: str, with_pod_index: bool) ->
             pod_dns(sets["redis"], i),
             container_port(redis, "redis"),
         )
-        redis_env = kubelet_env(redis, secrets, {}, "r")
-        assert (redis_url.password or None) == (redis_env.get("REDIS_PASSWORD") or None)
+        # no password in the URLs: the node reads the files of the same Secret keys the
+        # stores read theirs from
+        assert not redis_url.password
+        node_files = secret_files(sets["node"], node)
+        if any("--include" in part for part in redis["command"]):  # auth on
+            assert (
+                node_files[env["REDPACKET_REDIS_PASSWORD_FILE"]]
+                == secret_files(sets["redis"], redis)["/etc/redpacket/secrets/redis-password"]
+            )
+        else:
+            assert "REDPACKET_REDIS_PASSWORD_FILE" not in env
         target = parse_mysql_url(settings.mysql_url)
         mysql_env = kubelet_env(mysql, secrets, {}, "m")
         assert (target.host, target.port) == (
@@ -477,8 +520,13 @@ def test_node_pod_i_uses_redis_i_and_mysql_i(case: str, with_pod_index: bool) ->
         )
         assert (target.user, target.password, target.database) == (
             mysql_env["MYSQL_USER"],
-            mysql_env["MYSQL_PASSWORD"],
+            "",
             mysql_env["MYSQL_DATABASE"],
+        )
+        mysql_files = secret_files(sets["mysql"], mysql)
+        assert (
+            node_files[env["REDPACKET_MYSQL_PASSWORD_FILE"]]
+            == (mysql_files[mysql_env["MYSQL_PASSWORD_FILE"]])
         )
         assert not settings.redis_cluster
 
@@ -533,11 +581,12 @@ def test_external_stores_need_one_url_per_shard() -> None:
 @pytest.mark.parametrize("case", CASES)
 def test_every_container_has_probes_and_resources(case: str) -> None:
     """Long-running containers need liveness and readiness probes. Exempt: the `helm test`
-    hook pod, which runs once to completion (a probe would have nothing to keep alive and no
-    Service to gate). Every container, exempt or not, declares CPU and memory requests and
-    limits."""
+    hook pod, Jobs and CronJobs, which run once to completion (a probe would have nothing to
+    keep alive and no Service to gate). Every container, exempt or not, declares CPU and
+    memory requests and limits."""
     for doc, pod in workloads(render(case)):
-        one_shot = doc["kind"] == "Pod" and "helm.sh/hook" in doc["metadata"].get("annotations", {})
+        hook_pod = doc["kind"] == "Pod" and "helm.sh/hook" in doc["metadata"].get("annotations", {})
+        one_shot = hook_pod or doc["kind"] in ("Job", "CronJob")
         for container in [*pod.get("initContainers", []), *pod["containers"]]:
             where = f"{doc['kind']}/{doc['metadata']['name']}/{container['name']} ({case})"
             if not one_shot:
@@ -575,7 +624,7 @@ def test_stores_keep_their_data(case: str) -> None:
     sets = statefulsets(render(case))
     redis = sets["redis"]["spec"]["template"]["spec"]["containers"][0]
     args = command_of(redis)
-    assert args[0] == "redis-server"
+    assert "redis-server" in args[: len(redis["command"])]
     assert args[args.index("--appendonly") + 1] == "yes"
     assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
     mysql = sets["mysql"]["spec"]["template"]["spec"]["containers"][0]
@@ -605,8 +654,12 @@ def test_gateway_autoscaling_and_disruption_budget(case: str) -> None:
     else:
         assert not hpas
         assert deployment["spec"]["replicas"] == 3
-    (pdb,) = of_kind(docs, "PodDisruptionBudget")
-    assert selects(pdb["spec"]["selector"]["matchLabels"], pod_labels_)
+    (pdb,) = [
+        b
+        for b in of_kind(docs, "PodDisruptionBudget")
+        if selects(b["spec"]["selector"]["matchLabels"], pod_labels_)
+    ]
+    assert "minAvailable" in pdb["spec"]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
@@ -659,15 +712,26 @@ def test_network_policies(case: str) -> None:
     assert len(extra) == (1 if case == "everything-switched" else 0)
     (rule,) = node_policy["spec"]["ingress"]
     assert [p["port"] for p in rule["ports"]] == ["http"]
-    # stores: node pods only
+    migrate = {**rebalance, "app.kubernetes.io/component": "migrate"}
+    # stores: node pods only, and for MySQL the backup and password-rotation Jobs' pods
+    jobs = {
+        j["metadata"]["labels"]["app.kubernetes.io/component"]: j
+        for j in of_kind(docs, "Job") + of_kind(docs, "CronJob")
+    }
     for store in stores:
         policy = policies[store]
         labels = sets[store]["spec"]["template"]["metadata"]["labels"]
         assert selects(policy["spec"]["podSelector"]["matchLabels"], labels)
         allowed = pod_peers(policy)
-        assert len(allowed) == len(peers(policy)) == 1
+        assert len(allowed) == len(peers(policy)) == (4 if store == "mysql" else 1)
         assert selects(allowed[0], node)
-        assert not selects(allowed[0], gateway)
+        assert not any(selects(a, gateway) for a in allowed)
+        assert any(selects(a, migrate) for a in allowed) == (store == "mysql")
+        for component in ("backup", "password-rotation"):
+            if component in jobs and store == "mysql":
+                job = jobs[component]
+                spec = job["spec"].get("jobTemplate", job)["spec"]
+                assert any(selects(a, spec["template"]["metadata"]["labels"]) for a in allowed)
 
 
 @pytest.mark.parametrize("case", ["default", "external-stores"])
@@ -679,9 +743,13 @@ def test_rebalance_rbac_is_just_enough(case: str) -> None:
     rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): r for r in role["rules"]}
     assert set(rules) == {
         (("apps",), ("statefulsets/scale",)),
+        (("apps",), ("deployments",)),
         (("",), ("pods",)),
         (("",), ("configmaps",)),
     }
+    deployments = rules[("apps",), ("deployments",)]
+    assert deployments["verbs"] == ["get"]
+    assert deployments["resourceNames"] == [one(docs, "Deployment", "gateway")["metadata"]["name"]]
     scale = rules[("apps",), ("statefulsets/scale",)]
     assert set(scale["verbs"]) == {"get", "patch"}
     assert set(scale["resourceNames"]) == {
@@ -698,8 +766,12 @@ def test_rebalance_rbac_is_just_enough(case: str) -> None:
     assert subject["kind"] == "ServiceAccount" and subject["name"] in accounts
     labels = accounts[subject["name"]]["metadata"]["labels"]
     assert labels["app.kubernetes.io/component"] == "rebalance"
-    # the services themselves get no API token
-    for _doc, pod in workloads(docs):
+    # the services themselves get no API token; only rebalance-side Jobs (the pre-rollback
+    # guard) run with the rebalance account
+    for doc, pod in workloads(docs):
+        if doc["metadata"]["labels"]["app.kubernetes.io/component"] == "rebalance":
+            assert pod["serviceAccountName"] == subject["name"]
+            continue
         assert pod.get("automountServiceAccountToken") is False
         assert pod.get("serviceAccountName") != subject["name"]
 
@@ -719,7 +791,7 @@ def test_helm_test_hook_calls_gateway_readyz() -> None:
     parts = urlsplit(url)
     assert parts.hostname == f"{service['metadata']['name']}.{NAMESPACE}.svc.{DOMAIN}"
     assert parts.port == service["spec"]["ports"][0]["port"]
-    assert parts.path == "/readyz"
+    assert parts.path == "/readyz/shards"  # an installed release serves every shard
     assert float(timeout) > 0
     assert pod["spec"]["restartPolicy"] == "Never"
 
@@ -757,7 +829,7 @@ def test_dashboard_ships_and_uses_only_real_metrics() -> None:
     ("args", "complaint"),
     [
         (("--set", "shards=0"), "/shards"),
-        (("--set", "shards=65"), "/shards"),
+        (("--set", "shards=1025"), "/shards"),
         (("--set-string", "shards=two"), "/shards"),
         (("--set", "secrets.jwtSecret=too-short"), "/secrets/jwtSecret"),
         (("--set", "gateway.service.type=Ingress"), "/gateway/service/type"),
@@ -767,7 +839,7 @@ def test_dashboard_ships_and_uses_only_real_metrics() -> None:
     ],
     ids=[
         "shards=0",
-        "shards=65",
+        "shards=1025",
         "shards-string",
         "short-jwt",
         "service-type",
@@ -810,3 +882,577 @@ def test_chart_metadata() -> None:
     assert chart["name"] == CHART.name
     assert re.fullmatch(r"\d+\.\d+\.\d+", chart["version"])
     assert chart["kubeVersion"].startswith(">=1.25")
+
+
+# -- issue 20: the chart in a real cluster ----------------------------------------------------
+
+
+def render_args(*args: str) -> tuple[dict[str, Any], ...]:
+    """Render with ad-hoc arguments (not cached: each case is used once)."""
+    proc = run_helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *args)
+    assert proc.returncode == 0, f"helm template {args} failed:\n{proc.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(proc.stdout) if doc)
+
+
+def store_templates(docs: tuple[dict[str, Any], ...]) -> dict[str, str]:
+    """The pod templates of the Redis and MySQL StatefulSets, as canonical YAML text."""
+    sets = statefulsets(docs)
+    return {s: yaml.safe_dump(sets[s]["spec"]["template"]) for s in ("redis", "mysql")}
+
+
+def test_store_pod_templates_ignore_the_image_the_chart_and_other_secrets() -> None:
+    """A gateway hotfix at peak (a new image.tag), or a new chart version or JWT secret, must
+    not roll every shard's Redis and MySQL: their pod templates are byte-identical."""
+    fixed = ("secrets.redisPassword=r3dis", "secrets.mysqlPassword=mysq1")
+    base = store_templates(render_args(*sets("image.tag=1.0.0", *fixed)))
+    hotfix = store_templates(
+        render_args(
+            *sets(
+                "image.tag=1.0.1-hotfix",
+                "image.digest=sha256:" + "a" * 64,
+                "gateway.config.rateOpenBurst=99",
+                "secrets.jwtSecret=" + "j" * 40,
+                "secrets.nodeSecret=" + "n" * 32,
+                *fixed,
+            )
+        )
+    )
+    assert hotfix == base
+    for store, text in base.items():
+        labels = yaml.safe_load(text)["metadata"]["labels"]
+        assert "helm.sh/chart" not in labels and "app.kubernetes.io/version" not in labels, store
+    # their own keys do roll them: a new Redis password restarts Redis only
+    rotated = store_templates(
+        render_args(*sets("image.tag=1.0.0", "secrets.redisPassword=n3w", fixed[1]))
+    )
+    assert rotated["redis"] != base["redis"]
+    assert rotated["mysql"] == base["mysql"]
+
+
+def test_secret_and_ring_are_made_once_and_kept() -> None:
+    """Neither is part of a release revision (a pre-install hook), so `helm upgrade` and
+    `helm rollback` never re-template them, and uninstall keeps them."""
+    docs = render("default")
+    secret = next(d for d in of_kind(docs, "Secret") if d["metadata"]["name"] == "rp-redpacket")
+    for doc in (secret, one(docs, "ConfigMap", "ring")):
+        annotations = doc["metadata"]["annotations"]
+        assert annotations["helm.sh/hook"] == "pre-install", doc["metadata"]["name"]
+        assert annotations["helm.sh/resource-policy"] == "keep"
+        # made before the pods that mount them
+        assert int(annotations["helm.sh/hook-weight"]) < 0
+    # GitOps with `helm template`: the ring can be left to the operator
+    assert not [
+        d
+        for d in of_kind(render_args(*sets("ring.create=false")), "ConfigMap")
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == "ring"
+    ]
+
+
+def rollback_guard(shards: int) -> list[str]:
+    """The argv of the pre-rollback Job of a revision rendered with ``shards``."""
+    docs = render_args("--namespace", "pay", *sets(f"shards={shards}"))
+    (job,) = [
+        d
+        for d in of_kind(docs, "Job")
+        if d["metadata"].get("annotations", {}).get("helm.sh/hook") == "pre-rollback"
+    ]
+    assert job["spec"]["backoffLimit"] > 0
+    pod = job["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "rp-redpacket-rebalance"
+    (container,) = pod["containers"]
+    assert container["command"] == ["python", "-c"]
+    return [sys.executable, "-c", *container["args"]]
+
+
+@pytest.mark.parametrize(
+    ("target", "running", "rebalancing", "allowed"),
+    [(3, 3, False, True), (4, 3, False, True), (2, 3, False, False), (3, 3, True, False)],
+    ids=["same", "more", "fewer", "mid-rebalance"],
+)
+async def test_pre_rollback_hook_refuses_fewer_shards_than_run(
+    tmp_path: Path, target: int, running: int, rebalancing: bool, allowed: bool
+) -> None:
+    """The hook's real script, run against the fake API server of the backend's tests: a
+    rollback to fewer shards than run (or mid-rebalance) fails, so helm aborts it."""
+    import asyncio
+
+    from aiohttp import web
+
+    from redpacket.cli.devcluster import free_ports
+    from redpacket.sharding.ring import NodeSpec
+    from tests.test_kubernetes_backend import FakeKube
+
+    nodes = tuple(NodeSpec(f"shard-{i}", f"http://n{i}:9000") for i in range(running))
+    ring = RingDoc(2, nodes)
+    if rebalancing:
+        ring = RingDoc(3, nodes, previous=RingDoc(2, nodes[:-1]))
+    sts = {f"rp-redpacket-{c}": running for c in ("node", "redis", "mysql")}
+    fake = FakeKube(sts, "rp-redpacket-ring", ring)
+    runner = web.AppRunner(fake.app())
+    await runner.setup()
+    port = free_ports(1)[0]
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+                "users": [{"name": "u", "user": {}}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "x",
+            }
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *rollback_guard(target),
+            env={**env, "KUBECONFIG": str(kubeconfig)},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        await runner.cleanup()
+    text = out.decode()
+    assert (proc.returncode == 0) == allowed, text
+    assert ("ok:" if allowed else "refused:") in text, text
+    assert fake.calls and all(method == "GET" for method, _ in fake.calls), fake.calls
+
+
+def memory_bytes(quantity: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(float(quantity[: -len(suffix)]) * factor)
+    return int(quantity)
+
+
+@pytest.mark.parametrize("limit", ["1Gi", "1.5Gi", "600M"])
+def test_redis_refuses_writes_at_60_percent_of_its_limit(limit: str) -> None:
+    """A full Redis answers errors to writes (noeviction) well below its limit, instead of
+    being OOM-killed and replaying its AOF; its requests equal its limits."""
+    docs = render_args(
+        *sets(f"redis.resources.limits.memory={limit}", f"redis.resources.requests.memory={limit}")
+    )
+    (redis,) = statefulsets(docs)["redis"]["spec"]["template"]["spec"]["containers"]
+    args = command_of(redis)
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    maxmemory = int(args[args.index("--maxmemory") + 1])
+    assert maxmemory == memory_bytes(limit) * 60 // 100
+
+
+@pytest.mark.parametrize("case", ["default", "shards=3", "everything-switched"])
+def test_stores_have_guaranteed_resources(case: str) -> None:
+    sets_ = statefulsets(render(case))
+    for store in ("redis", "mysql"):
+        for container in sets_[store]["spec"]["template"]["spec"]["containers"]:
+            resources = container["resources"]
+            assert resources["requests"] == resources["limits"], (store, container["name"])
+
+
+def test_stores_with_requests_below_limits_are_refused() -> None:
+    proc = run_helm("template", RELEASE, str(CHART), *sets("mysql.resources.requests.memory=1Gi"))
+    assert proc.returncode != 0
+    assert "mysql.resources: requests must equal limits" in proc.stderr
+
+
+def test_mysql_binlogs_expire() -> None:
+    (mysql,) = statefulsets(render("default"))["mysql"]["spec"]["template"]["spec"]["containers"]
+    flags = dict(a.removeprefix("--").split("=", 1) for a in mysql["args"] if "=" in a)
+    assert flags["sync-binlog"] == "1"  # the ledger's durability is not traded for space
+    assert 86400 <= int(flags["binlog-expire-logs-seconds"]) <= 7 * 86400
+    assert flags["binlog-row-image"] == "MINIMAL"
+    # the server this repository's tests run on takes the same flags (MySQL 8 does too)
+    help_text = subprocess.run(
+        [shutil.which("mariadbd") or "/usr/sbin/mariadbd", "--verbose", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    for flag in ("binlog-expire-logs-seconds", "binlog-row-image", "sync-binlog"):
+        assert re.search(rf"^{flag}\s", help_text, re.M), flag
+
+
+def job_script(component: str, *args: str) -> tuple[str, dict[str, str]]:
+    """The shell script and literal env of the (Cron)Job of ``component``, rendered by helm."""
+    docs = render_args(*args)
+    (job,) = [
+        d
+        for d in of_kind(docs, "Job") + of_kind(docs, "CronJob")
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == component
+    ]
+    spec = job["spec"]["jobTemplate"]["spec"] if job["kind"] == "CronJob" else job["spec"]
+    (container,) = spec["template"]["spec"]["containers"]
+    assert container["command"][-1] == "-c", container["command"]
+    (script,) = container["args"]
+    return script, {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+def test_backup_cronjob_dumps_every_shard_with_the_password_from_a_file() -> None:
+    docs = render("default")
+    (cron,) = of_kind(docs, "CronJob")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    spec = cron["spec"]["jobTemplate"]["spec"]
+    assert spec["backoffLimit"] > 0
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    script, env = job_script("backup")
+    assert "mysqldump" in script and "--single-transaction" in script
+    assert "pipefail" in script  # a failed dump is not hidden by gzip
+    # no password in the env or the command line: a file from the Secret
+    assert not [e for e in container["env"] if "valueFrom" in e]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    secret_dir = str(Path(env["MYSQL_PASSWORD_FILE"]).parent)
+    assert volumes[mounts[secret_dir]]["secret"]["items"] == [
+        {"key": "mysql-password", "path": "mysql-password"}
+    ]
+    # the shards come from the live ring, the dumps go to a kept volume
+    assert_reads_the_ring(list(docs), pod, container, env["RING_FILE"])
+    claim = volumes[mounts[env["BACKUP_DIR"]]]["persistentVolumeClaim"]["claimName"]
+    (pvc,) = [p for p in of_kind(docs, "PersistentVolumeClaim") if p["metadata"]["name"] == claim]
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert int(env["SHARDS_AT_LEAST"]) == expected_shards("default")
+
+
+def test_storage_class_retains_and_expands() -> None:
+    docs = render_args(
+        *sets(
+            "storageClass.create=true",
+            "storageClass.provisioner=pd.csi.storage.gke.io",
+            "mysql.persistence.storageClass=fast",
+        )
+    )
+    (sc,) = of_kind(docs, "StorageClass")
+    assert sc["reclaimPolicy"] == "Retain"
+    assert sc["allowVolumeExpansion"] is True
+    assert sc["volumeBindingMode"] == "WaitForFirstConsumer"
+    sets_ = statefulsets(docs)
+    (redis_claim,) = sets_["redis"]["spec"]["volumeClaimTemplates"]
+    assert redis_claim["spec"]["storageClassName"] == sc["metadata"]["name"]
+    (mysql_claim,) = sets_["mysql"]["spec"]["volumeClaimTemplates"]
+    assert mysql_claim["spec"]["storageClassName"] == "fast"  # an explicit class wins
+    (backup,) = of_kind(docs, "PersistentVolumeClaim")
+    assert backup["spec"]["storageClassName"] == sc["metadata"]["name"]
+    assert not of_kind(render("default"), "StorageClass")
+
+
+@pytest.mark.parametrize("case", ["default", "shards=3", "everything-switched"])
+def test_no_store_password_in_argv_or_env(case: str) -> None:
+    """Store passwords reach processes as files from the Secret: never in a command line
+    (visible in `ps`), nor in the environment (visible in `kubectl describe`, crash dumps)."""
+    docs = render(case)
+    values = secret_data(docs)
+    passwords = {v for data in values.values() for k, v in data.items() if k.endswith("password")}
+    assert passwords
+    for doc, pod in workloads(docs):
+        for container in [*pod.get("initContainers", []), *pod["containers"]]:
+            where = f"{doc['kind']}/{doc['metadata']['name']}/{container['name']}"
+            for var in container.get("env", []):
+                ref = var.get("valueFrom", {}).get("secretKeyRef", {})
+                assert not ref.get("key", "").endswith("password"), (where, var["name"])
+                assert not any(p in var.get("value", "") for p in passwords), where
+            assert not any(p in arg for p in passwords for arg in command_of(container)), where
+
+
+def test_existing_secret_is_used_everywhere() -> None:
+    docs = render_args(*sets("secrets.existingSecret=shop-credentials"))
+    assert not of_kind(docs, "Secret")
+    names = set()
+    for _doc, pod in workloads(docs):
+        for volume in pod.get("volumes", []):
+            if "secret" in volume:
+                names.add(volume["secret"]["secretName"])
+        for container in pod["containers"]:
+            for var in container.get("env", []):
+                ref = var.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    names.add(ref["name"])
+    assert names == {"shop-credentials"}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_redis_starts_with_the_charts_command_password_file_and_maxmemory(tmp_path: Path) -> None:
+    """The Redis container's real command, on this machine's redis-server (paths moved to a
+    temp folder): the password comes from the Secret file and is not in its command line,
+    and once maxmemory is reached writes are refused, nothing is evicted."""
+    import redis as redis_client
+
+    docs = render_args(*sets("secrets.redisPassword=s3cret-from-file", "redis.maxmemory=2mb"))
+    sts = statefulsets(docs)["redis"]
+    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    files = secret_files(sts, container)
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    data = secret_data(docs)
+    for path, (name, key) in files.items():
+        (secrets_dir / Path(path).name).write_text(data[name][key])
+    port = free_port()
+    argv = [
+        part.replace("/etc/redpacket/secrets", str(secrets_dir)).replace(
+            "/tmp/auth.conf", str(tmp_path / "auth.conf")
+        )
+        for part in command_of(container)
+    ]
+    argv[argv.index("--port") + 1] = str(port)
+    argv[argv.index("--dir") + 1] = str(tmp_path)
+    argv += ["--bind", "127.0.0.1", "--appendonly", "no", "--save", ""]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        client = redis_client.Redis(port=port, password="s3cret-from-file")
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert client.ping()
+                break
+            except redis_client.ConnectionError:
+                assert proc.poll() is None and time.monotonic() < deadline, "redis did not start"
+                time.sleep(0.1)
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        assert b"s3cret" not in cmdline and b"redis-server" in cmdline
+        with pytest.raises(redis_client.AuthenticationError):
+            redis_client.Redis(port=port).set("k", "v")
+        assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+        assert int(client.config_get("maxmemory")["maxmemory"]) == 2 * 1024 * 1024
+        with pytest.raises(redis_client.ResponseError, match="used memory > 'maxmemory'"):
+            for i in range(10_000):
+                client.set(f"packet:{i}", b"x" * 1024)
+        assert client.exists("packet:0")  # nothing was evicted
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+    # an empty password file (a Secret without the key's value) is refused, not "no auth"
+    (secrets_dir / "redis-password").write_text("")
+    empty = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert empty.returncode != 0 and "refusing to start" in empty.stderr
+
+
+def test_password_rotation_job_sets_the_secrets_password(tmp_path: Path) -> None:
+    """The rotation hook's real script against this machine's MariaDB: a user created with
+    an old password (as MySQL's first init did) gets the Secret's new one on every shard of
+    the ring; the old one stops working. RETAIN CURRENT PASSWORD is MySQL-only, so it is off
+    here (MariaDB)."""
+    import pymysql
+
+    script, env = job_script("password-rotation", *sets("passwordRotation.retainCurrent=false"))
+    assert "ALTER USER" in script
+    user = f"rot_{os.getpid()}"
+    root = pymysql.connect(host="127.0.0.1", port=3306, user="root", autocommit=True)
+    try:
+        with root.cursor() as cur:
+            cur.execute(f"CREATE USER '{user}'@'%' IDENTIFIED BY 'old-pass'")
+        secrets_dir = tmp_path / "secrets"
+        secrets_dir.mkdir()
+        (secrets_dir / "mysql-password").write_text("new-'pass\\x")  # quotes are escaped
+        (secrets_dir / "mysql-root-password").write_text("")
+        ring = tmp_path / "ring.json"
+        ring.write_text(
+            json.dumps(
+                {"version": 1, "nodes": [{"name": f"shard-{i}", "url": "x"} for i in (0, 1)]}
+            )
+        )
+        env.update(
+            MYSQL_HOST="127.0.0.1",
+            MYSQL_PORT="3306",
+            MYSQL_USER=user,
+            MYSQL_PASSWORD_FILE=str(secrets_dir / "mysql-password"),
+            ROOT_PASSWORD_FILE=str(secrets_dir / "mysql-root-password"),
+            RING_FILE=str(ring),
+            WORK=str(tmp_path),
+            PATH=os.environ["PATH"],
+        )
+        proc = subprocess.run(
+            ["/bin/bash", "-c", script], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert proc.stdout.count("set from the Secret") == 2
+        assert not (tmp_path / "root.cnf").exists()
+        pymysql.connect(host="127.0.0.1", port=3306, user=user, password="new-'pass\\x").close()
+        with pytest.raises(pymysql.err.OperationalError):
+            pymysql.connect(host="127.0.0.1", port=3306, user=user, password="old-pass")
+    finally:
+        with root.cursor() as cur:
+            cur.execute(f"DROP USER IF EXISTS '{user}'@'%'")
+        root.close()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_shard_statefulset_has_a_disruption_budget(case: str) -> None:
+    docs = render(case)
+    budgets = of_kind(docs, "PodDisruptionBudget")
+    for component, sts in statefulsets(docs).items():
+        labels = sts["spec"]["template"]["metadata"]["labels"]
+        (pdb,) = [b for b in budgets if selects(b["spec"]["selector"]["matchLabels"], labels)]
+        assert pdb["spec"]["maxUnavailable"] == 1, component
+        assert "minAvailable" not in pdb["spec"]
+
+
+@pytest.mark.parametrize(("version", "policy"), [("1.25", None), ("1.33", "AlwaysAllow")])
+def test_gateway_budget_lets_drains_evict_unready_gateways(
+    version: str, policy: str | None
+) -> None:
+    """NotReady gateways may always be evicted (Kubernetes >= 1.27 has the field; older API
+    servers would reject it, so it is left out there)."""
+    docs = render("default", version)
+    gateway = one(docs, "Deployment", "gateway")["spec"]["template"]["metadata"]["labels"]
+    (pdb,) = [
+        b
+        for b in of_kind(docs, "PodDisruptionBudget")
+        if selects(b["spec"]["selector"]["matchLabels"], gateway)
+    ]
+    assert pdb["spec"].get("unhealthyPodEvictionPolicy") == policy
+
+
+@pytest.mark.parametrize("case", ["default", "shards=8", "external-stores"])
+def test_pods_spread_across_hosts_and_zones(case: str) -> None:
+    docs = render(case)
+    spread = [one(docs, "Deployment", "gateway"), *statefulsets(docs).values()]
+    for workload in spread:
+        template = workload["spec"]["template"]
+        constraints = {c["topologyKey"]: c for c in template["spec"]["topologySpreadConstraints"]}
+        where = workload["metadata"]["name"]
+        host = constraints["kubernetes.io/hostname"]
+        assert (host["maxSkew"], host["whenUnsatisfiable"]) == (1, "DoNotSchedule"), where
+        assert host["nodeTaintsPolicy"] == "Honor", where  # untolerated hosts do not count
+        # zones only where nodes are labelled: a preference, never a block
+        assert constraints["topology.kubernetes.io/zone"]["whenUnsatisfiable"] == "ScheduleAnyway"
+        for constraint in constraints.values():  # counts this component's own pods
+            assert (
+                constraint["labelSelector"]["matchLabels"]
+                == workload["spec"]["selector"]["matchLabels"]
+            )
+    # a component's own constraints replace the chart's
+    (given,) = one(render("everything-switched"), "Deployment", "gateway")["spec"]["template"][
+        "spec"
+    ]["topologySpreadConstraints"]
+    assert given["topologyKey"] == "topology.kubernetes.io/zone"
+
+
+@pytest.mark.parametrize(
+    ("action", "extra"),
+    [("add", ()), ("remove", ()), ("add", EXTERNAL), ("resume", ())],
+    ids=["add", "remove", "add-external-stores", "resume"],
+)
+def test_rebalance_job_ships_with_the_flags_the_backend_needs(
+    action: str, extra: tuple[str, ...]
+) -> None:
+    """The rebalance Job the chart renders runs a real `redpacket rebalance` command whose
+    kubernetes backend, built from its flags, drives exactly this release's objects."""
+    from redpacket.sharding.backends.kubernetes import KubernetesNames
+
+    shard = () if action == "resume" else sets("rebalance.job.node=shard-2")
+    docs = render_args(*extra, *sets(f"rebalance.job.action={action}"), *shard)
+    (job,) = [
+        d
+        for d in of_kind(docs, "Job")
+        if "helm.sh/hook" not in d["metadata"].get("annotations", {})
+    ]
+    assert job["spec"]["backoffLimit"] > 0  # resumable: docs/rebalancing.md
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    argv = container["command"]
+    assert_real_cli(argv)
+    args = build_parser().parse_args(argv[1:])
+    assert (args.backend, args.release, args.namespace) == ("kubernetes", RELEASE, NAMESPACE)
+    names = KubernetesNames(
+        namespace=args.namespace,
+        release=args.release,
+        fullname=args.fullname,
+        redis_statefulset=None if args.redis_statefulset == "none" else args.redis_statefulset,
+        mysql_statefulset=None if args.mysql_statefulset == "none" else args.mysql_statefulset,
+        node_port=args.node_port,
+        gateway_port=args.gateway_port,
+        cluster_domain=args.cluster_domain,
+    ).resolved()
+    sts = statefulsets(docs)
+    assert names.node_statefulset == sts["node"]["metadata"]["name"]
+    assert names.redis_statefulset == (sts["redis"]["metadata"]["name"] if "redis" in sts else None)
+    assert names.mysql_statefulset == (sts["mysql"]["metadata"]["name"] if "mysql" in sts else None)
+    assert names.ring_configmap == one(docs, "ConfigMap", "ring")["metadata"]["name"]
+    gateway = one(docs, "Deployment", "gateway")
+    assert names.gateway_deployment == gateway["metadata"]["name"]
+    assert selects(
+        dict(kv.split("=") for kv in names.gateway_selector.split(",")),
+        gateway["spec"]["template"]["metadata"]["labels"],
+    )
+    assert names.gateway_port == container_port(
+        gateway["spec"]["template"]["spec"]["containers"][0], "http"
+    )
+    ring = RingDoc.parse(json.loads(one(docs, "ConfigMap", "ring")["data"]["ring.json"]))
+    assert names.node_statefulset and ring.nodes[0].url.startswith(
+        f"http://{names.node_statefulset}-0.{names.node_statefulset}.{NAMESPACE}.svc.{names.cluster_domain}:{names.node_port}"
+    )
+    # its account is the rebalance Role's, its node secret the nodes'
+    (binding,) = of_kind(docs, "RoleBinding")
+    assert pod["serviceAccountName"] == binding["subjects"][0]["name"]
+    (secret_env,) = container["env"]
+    assert secret_env["name"] == "REDPACKET_NODE_SECRET"
+    assert secret_env["valueFrom"]["secretKeyRef"]["key"] == "node-secret"
+
+
+def test_rebalance_job_is_not_part_of_a_release() -> None:
+    assert not [
+        d
+        for d in render("default")
+        if d["kind"] == "Job"
+        and "rebalance-" in d["metadata"]["name"]
+        and "guard" not in d["metadata"]["name"]
+    ]
+    proc = run_helm(
+        "template",
+        RELEASE,
+        str(CHART),
+        "--is-upgrade",
+        *sets("rebalance.job.action=add", "rebalance.job.node=shard-2"),
+    )
+    assert proc.returncode != 0 and "never by an upgrade" in proc.stderr
+    proc = run_helm("template", RELEASE, str(CHART), *sets("rebalance.job.action=remove"))
+    assert proc.returncode != 0 and "needs rebalance.job.node" in proc.stderr
+
+
+def test_the_chart_renders_the_shards_capacity_plans_for() -> None:
+    """docs/capacity.md plans 308 shards for 760k opens/s; the chart takes up to 1024."""
+    docs = render_args(*sets("shards=512"))
+    for component, sts in statefulsets(docs).items():
+        assert sts["spec"]["replicas"] == 512, component
+    ring = RingDoc.parse(json.loads(one(docs, "ConfigMap", "ring")["data"]["ring.json"]))
+    assert [n.name for n in ring.nodes][-1] == "shard-511"
+    # a ConfigMap holds at most 1 MiB, and a rebalance writes the ring twice (with previous)
+    assert 2 * len(one(docs, "ConfigMap", "ring")["data"]["ring.json"]) < 1024 * 1024 // 2
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+
+
+@pytest.mark.parametrize("case", ["default", "everything-switched"])
+def test_gateway_keeps_serving_while_its_endpoint_goes_and_liveness_is_patient(case: str) -> None:
+    docs = render(case)
+    pod = one(docs, "Deployment", "gateway")["spec"]["template"]["spec"]
+    (gateway,) = pod["containers"]
+    command = gateway["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    sleep_s = int(command[1])
+    assert sleep_s >= 5  # EndpointSlice -> kube-proxy / load balancers take seconds
+    assert pod["terminationGracePeriodSeconds"] > sleep_s + 5  # time to drain after SIGTERM
+    # the image has the sleep binary the hook runs (a Debian-based python image)
+    assert "slim-bookworm" in (REPO / "docker" / "Dockerfile").read_text()
+    node = statefulsets(docs)["node"]["spec"]["template"]["spec"]["containers"][0]
+    for container in (gateway, node):
+        probe = container["livenessProbe"]
+        assert probe["timeoutSeconds"] >= 5 and probe["failureThreshold"] >= 5, container["name"]
+
+
+def test_liveness_below_5_is_refused() -> None:
+    proc = run_helm(
+        "template", RELEASE, str(CHART), *sets("gateway.livenessProbe.timeoutSeconds=3")
+    )
+    assert proc.returncode != 0 and "/gateway/livenessProbe/timeoutSeconds" in proc.stderr
+    proc = run_helm("template", RELEASE, str(CHART), *sets("gateway.preStopSleepSeconds=40"))
+    assert proc.returncode != 0 and "must exceed gateway.preStopSleepSeconds" in proc.stderr

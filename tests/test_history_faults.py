@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from redpacket.cli.check import Observed, check_shards
+from redpacket.core.ids import snowflake_of
+from redpacket.core.metrics import METRICS_URL
 from redpacket.node.history import HISTORY
 from redpacket.sharding.ring import NodeSpec, Ring, RingDoc, user_key
 from tests.conftest import IDS, NODE_SECRET_HEADER, Cluster, NodeHandle, sql
@@ -61,7 +63,7 @@ async def packets_on(
     picked: list[str] = []
     while len(picked) < count:
         packet_id = await cluster.create(sender, shares * 50, shares)
-        if cluster.shard_of(int(packet_id)) == shard:
+        if cluster.shard_of(snowflake_of(packet_id)) == shard:
             picked.append(packet_id)
     return picked
 
@@ -73,9 +75,9 @@ def assert_received_once(pages: dict[int, list[dict[str, Any]]], observed: list[
         want.setdefault(o.uid, {})[o.red_packet_id] = o.amount
     for uid, opened in want.items():
         rows = pages.get(uid, [])
-        copies = Counter(int(r["red_packet_id"]) for r in rows)
+        copies = Counter(snowflake_of(r["red_packet_id"]) for r in rows)
         assert all(n == 1 for n in copies.values()), (uid, copies)
-        assert {int(r["red_packet_id"]): r["amount"] for r in rows} == opened, uid
+        assert {snowflake_of(r["red_packet_id"]): r["amount"] for r in rows} == opened, uid
 
 
 async def received_via_gateway(cluster: Cluster, uids: set[int]) -> dict[int, list[dict[str, Any]]]:
@@ -239,7 +241,7 @@ async def test_users_shard_mysql_cut_backs_the_outbox_up_then_it_drains(
     assert waiting == 4 * 10  # a received per open (the sender's sent rows are applied here)
 
     async def backlog_gauge() -> float:
-        async with packets_node.session.get(packets_node.url + "/metrics") as resp:
+        async with packets_node.session.get(packets_node.app[METRICS_URL] + "/metrics") as resp:
             text = await resp.text()
         (line,) = [
             x for x in text.splitlines() if x.startswith("redpacket_history_outbox_backlog ")
@@ -303,7 +305,7 @@ async def test_removing_a_shard_under_load_delivers_its_outbox_before_it_stops(
     assert rc == 0, out
     users = list(range(14_000, 14_060))
     packet_ids = [await cluster.create(14_999, 500, 10) for _ in range(60)]
-    on_2 = [p for p in packet_ids if cluster.shard_of(int(p)) == "shard-2"]
+    on_2 = [p for p in packet_ids if cluster.shard_of(snowflake_of(p)) == "shard-2"]
     assert len(on_2) >= 5, "the ring gave shard-2 too few packets"
     load = OpenLoad(cluster, packet_ids, users)
     task = load.start()

@@ -10,6 +10,7 @@ import aiohttp
 import jwt
 import pytest
 
+from redpacket.core.ids import snowflake_of
 from redpacket.gateway.auth import mint_token
 from tests.conftest import Cluster, sql
 
@@ -164,7 +165,9 @@ async def test_sql_metacharacters_are_stored_as_text(cluster: Cluster) -> None:
 
 async def test_nodes_refuse_callers_without_the_gateway_secret(cluster: Cluster) -> None:
     packet_id = await cluster.create(1, 100, 1)
-    node_url = next(n.url for n in cluster.nodes() if n.name == cluster.shard_of(int(packet_id)))
+    node_url = next(
+        n.url for n in cluster.nodes() if n.name == cluster.shard_of(snowflake_of(packet_id))
+    )
     body = {"uid": "9", "nick_name": "", "img_url": ""}
     async with aiohttp.ClientSession() as session:
         for headers in ({}, {"X-Redpacket-Node-Secret": "guess"}):

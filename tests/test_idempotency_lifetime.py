@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from redpacket.node.ledger import Ledger, to_datetime
+from redpacket.node.migrations.runner import migrate
 from redpacket.node.settings import NodeSettings
 from tests.conftest import NodeHandle, sql
 
@@ -78,9 +79,9 @@ async def test_the_node_purges_expired_keys_in_the_background(fresh_node: Any) -
 async def test_one_purge_batch_is_bounded(mysql_databases: Any) -> None:
     # the ledger alone: a node's sweeper purges at start and would race the rows in
     url = mysql_databases("purge")
+    await migrate(url)
     ledger = await Ledger.connect(url, 2, timeout_s=5)
     try:
-        await ledger.apply_schema()
         expired = to_datetime(int(time.time() * 1000) - 2 * 86400 * 1000)
         await sql(
             url,

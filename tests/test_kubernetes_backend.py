@@ -21,10 +21,11 @@ from kubernetes import client as k8s
 
 from redpacket.cli.check import Observed, check_shards
 from redpacket.cli.devcluster import free_ports
+from redpacket.core.ids import snowflake_of
 from redpacket.sharding.backends import BackendError
 from redpacket.sharding.backends.kubernetes import KubernetesBackend, KubernetesNames
 from redpacket.sharding.rebalance import Rebalancer
-from redpacket.sharding.ring import Ring, RingDoc
+from redpacket.sharding.ring import NodeSpec, Ring, RingDoc
 from tests.conftest import IDS, NodeHandle, start_node
 
 NS = "pay"
@@ -39,7 +40,13 @@ class FakeKube:
         for sts, count in statefulsets.items():
             for i in range(count):
                 self.pods[f"{sts}-{i}"] = (0.0, None)
-        self.pods["gw-0"] = (0.0, None)  # one gateway pod; its /readyz is this server's
+        # gateway pods (name -> IP); each one's /readyz is this server, reached at that IP
+        self.gateways = {"gw-0": "127.0.0.1"}
+        self.gateway_replicas = 1  # the gateway Deployment's spec.replicas
+        self.gateway_lag: dict[str, int] = {}  # IP -> versions a gateway is behind
+        self.gateways_ready = True
+        for gw in self.gateways:
+            self.pods[gw] = (0.0, None)
         self.configmap = configmap
         self.data = {"ring.json": json.dumps(ring.as_dict())}
         self.resource_version = 1
@@ -58,6 +65,7 @@ class FakeKube:
                 web.get("/api/v1/namespaces/{ns}/configmaps/{name}", self.get_configmap),
                 web.put("/api/v1/namespaces/{ns}/configmaps/{name}", self.put_configmap),
                 web.get("/readyz", self.gateway_readyz),
+                web.get("/apis/apps/v1/namespaces/{ns}/deployments/{name}", self.get_deployment),
             ]
         )
         return app
@@ -127,9 +135,31 @@ class FakeKube:
     async def list_pods(self, request: web.Request) -> web.Response:
         selector = request.query.get("labelSelector", "")
         assert "app.kubernetes.io/component=gateway" in selector, selector
-        gateway = self._pod("gw-0", ip="127.0.0.1")
+        items = []
+        for name, ip in self.gateways.items():
+            pod = self._pod(name, ip=ip)
+            assert pod is not None
+            if not self.gateways_ready:
+                pod["status"]["conditions"] = [{"type": "Ready", "status": "False"}]
+            items.append(pod)
         return web.json_response(
-            {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": [gateway]}
+            {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items}
+        )
+
+    async def get_deployment(self, request: web.Request) -> web.Response:
+        if not request.match_info["name"].endswith("-gateway"):
+            return self.not_found("deployments")
+        return web.json_response(
+            {
+                "kind": "Deployment",
+                "apiVersion": "apps/v1",
+                "metadata": {"name": request.match_info["name"], "namespace": NS},
+                "spec": {
+                    "replicas": self.gateway_replicas,
+                    "selector": {"matchLabels": {"app.kubernetes.io/component": "gateway"}},
+                    "template": {"metadata": {}, "spec": {"containers": []}},
+                },
+            }
         )
 
     def _configmap(self) -> dict[str, Any]:
@@ -157,8 +187,9 @@ class FakeKube:
         self.resource_version += 1
         return web.json_response(self._configmap())
 
-    async def gateway_readyz(self, _: web.Request) -> web.Response:
-        version = json.loads(self.data["ring.json"])["version"]
+    async def gateway_readyz(self, request: web.Request) -> web.Response:
+        ip = request.transport.get_extra_info("sockname")[0] if request.transport else ""
+        version = json.loads(self.data["ring.json"])["version"] - self.gateway_lag.get(ip, 0)
         return web.json_response({"ready": True, "ring_version": version})
 
     def ring(self) -> RingDoc:
@@ -224,7 +255,7 @@ async def test_kubernetes_backend_scales_statefulsets_and_rewrites_the_ring(
         packets, observed = [], []
         for _ in range(60):
             packet_id = IDS.next_id()
-            owner = by_name[owner_ring.owner(packet_id).name]
+            owner = by_name[owner_ring.owner(snowflake_of(packet_id)).name]
             status, _ = await owner.call(
                 "POST",
                 "/internal/v1/packets",
@@ -266,7 +297,7 @@ async def test_kubernetes_backend_scales_statefulsets_and_rewrites_the_ring(
         puts = [p for m, p in fake.calls if m == "PUT"]
         assert len(puts) == 2  # the transition ring, then the final one
         new_ring = doc.ring()
-        on_shard2 = [p for p in packets if new_ring.owner(p).name == "shard-2"]
+        on_shard2 = [p for p in packets if new_ring.owner(snowflake_of(p)).name == "shard-2"]
         assert on_shard2
         assert (await check_shards([shard2.spec()], settle_s=1)).packets == len(on_shard2)
 
@@ -288,3 +319,86 @@ async def test_kubernetes_backend_scales_statefulsets_and_rewrites_the_ring(
     finally:
         api.close()
         await runner.cleanup()
+
+
+@pytest_asyncio.fixture
+async def fake_two_gateways() -> AsyncIterator[tuple[FakeKube, KubernetesBackend]]:
+    """A fake API server whose gateway Deployment wants 2 replicas, two gateway pods (at
+    127.0.0.1 and 127.0.0.2, both this server), three shard StatefulSets at 3 replicas and a
+    ring of shards 0 and 1 (shard-2 was removed from it)."""
+    names = KubernetesNames(namespace=NS, release="demo").resolved()
+    ring = RingDoc(5, tuple(NodeSpec(f"shard-{i}", f"http://n{i}:9000") for i in range(2)))
+    sts = [names.node_statefulset, names.redis_statefulset, names.mysql_statefulset]
+    fake = FakeKube({str(s): 3 for s in sts}, names.ring_configmap, ring)
+    fake.gateways = {"gw-0": "127.0.0.1", "gw-1": "127.0.0.2"}
+    fake.pods["gw-1"] = (0.0, None)
+    fake.gateway_replicas = 2
+    fake.delay_s = 0.05
+    runner = web.AppRunner(fake.app())
+    await runner.setup()
+    port = free_ports(1)[0]
+    for ip in fake.gateways.values():
+        await web.TCPSite(runner, ip, port).start()
+    configuration = k8s.Configuration()
+    configuration.host = f"http://127.0.0.1:{port}"
+    api = k8s.ApiClient(configuration)
+    backend = KubernetesBackend(
+        KubernetesNames(namespace=NS, release="demo", gateway_port=port),
+        "secret",
+        api_client=api,
+        ready_timeout_s=10,
+        poll_s=0.05,
+        confirm_timeout_s=0.5,
+    )
+    yield fake, backend
+    api.close()
+    await runner.cleanup()
+
+
+async def test_ring_loaded_counts_against_the_gateway_deployments_replicas(
+    fake_two_gateways: tuple[FakeKube, KubernetesBackend],
+) -> None:
+    fake, backend = fake_two_gateways
+    assert await backend.ring_loaded(5, 2)  # both Ready gateways report v5
+    assert (
+        "GET",
+        f"/apis/apps/v1/namespaces/{NS}/deployments/demo-redpacket-gateway",
+    ) in fake.calls
+
+    fake.gateway_lag = {"127.0.0.2": 1}  # one gateway still on v4
+    assert not await backend.ring_loaded(5, 0.3)
+
+    fake.gateway_lag = {}
+    fake.gateways_ready = False  # zero Ready gateways is not a confirmation
+    assert not await backend.ring_loaded(5, 0.3)
+
+    fake.gateways_ready = True
+    fake.gateways = {"gw-0": "127.0.0.1"}  # one pod found, the Deployment wants two
+    assert not await backend.ring_loaded(5, 0.3)
+
+    fake.gateways = {}  # a selector that matches nothing
+    assert not await backend.ring_loaded(5, 0.3)
+
+
+async def test_remove_never_stops_a_shard_before_every_gateway_confirms(
+    fake_two_gateways: tuple[FakeKube, KubernetesBackend],
+) -> None:
+    fake, backend = fake_two_gateways
+    node_sts = backend.names.node_statefulset
+    fake.gateway_lag = {"127.0.0.2": 1}
+    with pytest.raises(BackendError, match="not every gateway confirmed ring v5"):
+        await backend.stop_node("shard-2")
+    assert not [p for m, p in fake.calls if m == "PATCH"]
+    assert fake.replicas[node_sts] == 3
+
+    # a shard the ring still names is never stopped, confirmed or not
+    fake.gateway_lag = {}
+    final = fake.data["ring.json"]
+    named = RingDoc(6, tuple(NodeSpec(f"shard-{i}", f"http://n{i}:9000") for i in range(3)))
+    fake.data = {"ring.json": json.dumps(named.as_dict())}
+    with pytest.raises(BackendError, match="shard-2 is still in ring v6"):
+        await backend.stop_node("shard-2")
+    fake.data = {"ring.json": final}
+
+    await backend.stop_node("shard-2")  # every gateway on v5: the shard goes
+    assert set(fake.replicas.values()) == {2}

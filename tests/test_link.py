@@ -185,6 +185,27 @@ async def test_a_killed_connection_fails_its_calls_at_once_and_the_link_reconnec
     await proxy.stop()
 
 
+async def test_a_connection_lost_under_a_write_is_replaced_and_the_link_carries_on(
+    link_server: Any, session: aiohttp.ClientSession
+) -> None:
+    """The socket closes while the writer holds a frame: the send fails, the connection ends,
+    and the link must come back. That failure once escaped the connection's supervisor and
+    left its shard unanswerable until the gateway restarted (issue 24: a SIGKILLed node)."""
+    server = await link_server()
+    link = link_to(server.url, session, connections=1)
+    assert await call(link, "/echo", b"a") == (200, {"len": 1})
+    (conn,) = link._conns
+    assert conn.ws is not None
+    conn.ws._writer.transport.abort()  # as a SIGKILLed node's socket: closing at once
+    with pytest.raises(LinkDown) as lost:  # its frame is in the writer, the send fails
+        await call(link, "/echo", b"b")
+    assert lost.value.kind == "closed"
+    await eventually(lambda: link._pick() is not None)
+    assert await call(link, "/echo", b"abc") == (200, {"len": 3})
+    assert all(not task.done() for task in link._tasks)  # the supervisor lives on
+    await link.close()
+
+
 async def test_a_call_past_its_deadline_gets_timeout_and_the_others_carry_on(
     link_server: Any, session: aiohttp.ClientSession
 ) -> None:

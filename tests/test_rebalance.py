@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from redpacket.cli.check import Observed, check_shards
+from redpacket.core.ids import snowflake_of
 from redpacket.node.keys import packet_keys
 from redpacket.node.ledger import parse_mysql_url
 from redpacket.sharding.backends.local import LocalBackend
@@ -51,7 +52,7 @@ class Load:
                 status, body = 599, {"error": {"code": "connection"}}
             self.statuses[status] += 1
             if status == 200:
-                first = self.amounts.setdefault((int(packet_id), uid), body["amount"])
+                first = self.amounts.setdefault((snowflake_of(packet_id), uid), body["amount"])
                 if first != body["amount"]:
                     self.mismatches.append(f"{packet_id}/{uid}: {first} then {body['amount']}")
             elif status != 410:
@@ -124,7 +125,7 @@ async def create_many(cluster: Cluster, count: int, amount: int, shares: int) ->
 async def create_on_owner(cluster: Cluster, *, expire_seconds: int, shares: int) -> str:
     """A packet created on its node directly (the gateway's lifetime is fixed per cluster)."""
     packet_id, token = IDS.next_id(), secrets.token_hex(16)
-    owner = cluster.ring().ring().owner(packet_id)
+    owner = cluster.ring().ring().owner(snowflake_of(packet_id))
     assert cluster.session is not None
     await cluster.hold(77, 1000, token, packet_id)  # paid for (the sweeper confirms the hold)
     async with cluster.session.post(
@@ -140,7 +141,7 @@ async def create_on_owner(cluster: Cluster, *, expire_seconds: int, shares: int)
         headers={NODE_SECRET_HEADER: cluster.state["node_secret"]},
     ) as resp:
         assert resp.status == 201, await resp.text()
-    return str(packet_id)
+    return cluster.public_id(packet_id)
 
 
 async def records_by_node(nodes: list[NodeSpec]) -> dict[str, list[tuple[int, int, int]]]:
@@ -174,9 +175,9 @@ async def assert_all_on_their_owner(cluster: Cluster, packet_ids: list[str]) -> 
     for name, packets in held.items():
         assert "moving" not in packets.values(), name
         for packet_id in packets:
-            assert ring.owner(packet_id).name == name, (packet_id, name)
+            assert ring.owner(snowflake_of(packet_id)).name == name, (packet_id, name)
     everywhere = Counter(pid for packets in held.values() for pid in packets)
-    assert {int(p) for p in packet_ids} <= set(everywhere)
+    assert {snowflake_of(p) for p in packet_ids} <= set(everywhere)
     assert set(everywhere.values()) == {1}
     for node in doc.nodes:
         assert node.mysql
@@ -232,7 +233,7 @@ async def test_scale_2_to_3_to_2_under_an_open_load(make_cluster: Any) -> None:
     for packet_id in expiring:
         status, body = await cluster.open(packet_id, 1)
         assert status == 200, body
-        early.append(Observed(int(packet_id), 1, body["amount"]))
+        early.append(Observed(snowflake_of(packet_id), 1, body["amount"]))
 
     async def refunded() -> bool:
         statuses = [(await cluster.call("GET", f"/v1/red-packets/{p}", 1))[1] for p in expiring]
@@ -303,7 +304,7 @@ async def test_scale_2_to_3_to_2_under_an_open_load(make_cluster: Any) -> None:
     where: Counter[tuple[int, int]] = Counter()
     for name, rows in (await records_by_node(list(doc.nodes))).items():
         for packet_id, uid, _ in rows:
-            assert ring.owner(packet_id).name == name
+            assert ring.owner(snowflake_of(packet_id)).name == name
             where[(packet_id, uid)] += 1
     for seen in observed:
         assert where[(seen.red_packet_id, seen.uid)] == 1, seen
@@ -312,7 +313,9 @@ async def test_scale_2_to_3_to_2_under_an_open_load(make_cluster: Any) -> None:
     for seen in observed:
         winners.setdefault(seen.red_packet_id, {})[seen.uid] = seen.amount
     for packet_id in busy + small + expiring + created:
-        assert await records_via_gateway(cluster, packet_id) == winners.get(int(packet_id), {})
+        assert await records_via_gateway(cluster, packet_id) == winners.get(
+            snowflake_of(packet_id), {}
+        )
     for packet_id in expiring:
         _, info = await cluster.call("GET", f"/v1/red-packets/{packet_id}", 1)
         assert info["status"] == "refunded"
@@ -337,7 +340,7 @@ async def leave_half_done(
     target = doc.ring()
     picked = []
     for packet_id in map(int, packet_ids):
-        owner = target.owner(packet_id).name
+        owner = target.owner(snowflake_of(packet_id)).name
         holder = next((n for n, packets in held.items() if packet_id in packets), owner)
         if holder != owner and held[holder][packet_id] != "moving":
             picked.append((packet_id, nodes[holder], nodes[owner]))
@@ -394,7 +397,7 @@ async def test_a_killed_rebalance_is_finished_or_undone_by_running_again(
         results = await asyncio.gather(*(cluster.open(p, uid) for p in subset))
         for packet_id, (status, body) in zip(subset, results, strict=True):
             assert status == 200, (packet_id, body)
-            observed.append(Observed(int(packet_id), uid, body["amount"]))
+            observed.append(Observed(snowflake_of(packet_id), uid, body["amount"]))
 
     for uid in (1, 2, 3):
         await open_all(uid, packets[:120])
@@ -436,7 +439,7 @@ async def test_a_killed_rebalance_is_finished_or_undone_by_running_again(
     await open_all(5, packets[:150])
     await cluster.check(observed)
     ring: Ring = cluster.ring().ring()
-    assert any(ring.owner(int(p)).name == "shard-2" for p in packets)
+    assert any(ring.owner(snowflake_of(p)).name == "shard-2" for p in packets)
 
 
 async def test_dry_run_counts_and_changes_nothing_and_sighup_reloads_the_ring(
@@ -449,7 +452,9 @@ async def test_dry_run_counts_and_changes_nothing_and_sighup_reloads_the_ring(
     assert rc == 0, out
     target = Ring([*before.nodes, NodeSpec("shard-9", "http://x")])
     expected = Counter(
-        cluster.shard_of(int(p)) for p in packets if target.owner(int(p)).name == "shard-9"
+        cluster.shard_of(snowflake_of(p))
+        for p in packets
+        if target.owner(snowflake_of(p)).name == "shard-9"
     )
     for source, count in expected.items():
         assert f"{source} -> shard-9: {count}" in out, out

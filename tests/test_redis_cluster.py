@@ -20,6 +20,7 @@ import pytest_asyncio
 
 from redpacket.cli.check import Observed, check_shards
 from redpacket.cli.devcluster import free_ports
+from redpacket.core.ids import snowflake_of
 from redpacket.sharding.rebalance import Rebalancer
 from redpacket.sharding.ring import NodeSpec, RingDoc
 from tests.conftest import NodeHandle, RedisServer, start_node
@@ -189,7 +190,7 @@ async def test_packets_move_out_of_and_back_into_a_redis_cluster(
 
         assert await rebalancer.add("shard-1") == 0
         ring = backend.doc.ring()
-        moved = [p for p in packets if ring.owner(p).name == "shard-1"]
+        moved = [p for p in packets if ring.owner(snowflake_of(p)).name == "shard-1"]
         assert moved and len(moved) < len(packets)
         report = await check_shards([a, b], observed, settle_s=5)
         assert report.ok, report.violations

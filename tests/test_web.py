@@ -30,6 +30,7 @@ import pytest_asyncio
 from aiohttp import web
 
 from redpacket.cli.devcluster import free_ports
+from redpacket.core.ids import snowflake_of
 from redpacket.gateway.app import create_app
 from redpacket.gateway.settings import GatewaySettings
 from redpacket.gateway.webapp import STATIC_DIR
@@ -72,6 +73,7 @@ async def production_gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncI
             "REDPACKET_RING_FILE": str(ring_file),
             "REDPACKET_JWT_SECRET": secrets.token_urlsafe(32),
             "REDPACKET_NODE_SECRET": secrets.token_hex(16),
+            "REDPACKET_METRICS_PORT": "0",
         }
     )
     runner = web.AppRunner(create_app(settings))
@@ -332,7 +334,7 @@ def people_send_and_open(base_url: str, shots: Path) -> Seen:
         by_id(sender, "send-button").click()
         link_el = wait_for(sender, "the link to the new packet", visible("sent-link"))
         link = link_el.text
-        match = re.fullmatch(re.escape(base_url) + r"/app/#/p/(\d+)", link)
+        match = re.fullmatch(re.escape(base_url) + r"/app/#/p/([A-Za-z0-9_-]{22})", link)
         assert match, link
         seen.packet_id = match.group(1)
         people.shot(sender, "sent")
@@ -428,13 +430,13 @@ async def test_people_send_and_open_a_red_packet_in_the_browser(
     seen = await asyncio.to_thread(people_send_and_open, cluster.url, shots)
 
     # what the page showed is what the ledger holds, to the cent
-    shard = {n.name: n for n in cluster.nodes()}[cluster.shard_of(int(seen.packet_id))]
+    shard = {n.name: n for n in cluster.nodes()}[cluster.shard_of(snowflake_of(seen.packet_id))]
     assert shard.mysql
     [(total_amount, total_packet, greeting, uid)] = await sql(
         shard.mysql,
         "SELECT total_amount, total_packet, greeting, uid FROM red_packet_info "
         "WHERE red_packet_id = %s",
-        (int(seen.packet_id),),
+        (snowflake_of(seen.packet_id),),
     )
     assert (total_amount, total_packet, greeting, uid) == (888, 3, "新年快乐，万事如意", SENDER)
     ledger = {
@@ -442,7 +444,7 @@ async def test_people_send_and_open_a_red_packet_in_the_browser(
         for u, a in await sql(
             shard.mysql,
             "SELECT uid, amount FROM red_packet_record WHERE red_packet_id = %s",
-            (int(seen.packet_id),),
+            (snowflake_of(seen.packet_id),),
         )
     }
     assert ledger == seen.opened == seen.records

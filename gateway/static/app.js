@@ -236,7 +236,7 @@
     $("nav-wallet").hidden = !(state.features && state.features.wallet);
     refreshBalance();
     const hash = location.hash || "#/";
-    const packet = /^#\/p\/(\d{1,19})$/.exec(hash);
+    const packet = /^#\/p\/([A-Za-z0-9_-]{1,22})$/.exec(hash);
     if (packet) {
       showPacket(packet[1], state.routeSeq);
     } else if (hash === "#/me") {

@@ -8,7 +8,8 @@ from typing import Any
 import pymysql
 from aiohttp import web
 
-from redpacket.core.errors import bad_request, json_response, read_json_object
+from redpacket.core.body import read_json_object
+from redpacket.core.errors import bad_request, json_response
 from redpacket.core.errors import unavailable as unavailable_error
 from redpacket.core.ids import parse_packet_id, parse_uid
 from redpacket.node.handoff.fence import Fence

@@ -17,7 +17,8 @@ from typing import Any
 
 from aiohttp import web
 
-from redpacket.core.errors import bad_request, json_response, read_json_object
+from redpacket.core.body import read_json_object
+from redpacket.core.errors import bad_request, json_response
 from redpacket.core.ids import parse_uid
 from redpacket.node.handoff.fence import Fence
 from redpacket.node.handoff.http import HANDOFF, PREFIX

@@ -7,7 +7,8 @@ which every gateway mounts and re-reads when the kubelet updates it.
 
 API calls made, and nothing else (the chart's rebalance Role grants exactly these):
 ``get``/``patch`` on ``statefulsets/scale``, ``get``/``list`` on ``pods``, ``get``/``update``
-on the ring ``configmap``. Names are options, so another chart can be driven too.
+on the ring ``configmap``, ``get`` on the gateway ``deployment`` (how many gateways must
+confirm a ring). Names are options, so another chart can be driven too.
 
 Tested against a local fake of those endpoints only (tests/test_kubernetes_backend.py), never
 against a real API server: see docs/rebalancing.md.
@@ -52,6 +53,7 @@ class KubernetesNames:
     cluster_domain: str = "cluster.local"
     gateway_selector: str = ""
     gateway_port: int = 8080
+    gateway_deployment: str = ""
 
     def resolved(self) -> KubernetesNames:
         full = self.fullname or (
@@ -75,6 +77,7 @@ class KubernetesNames:
             gateway_selector=self.gateway_selector
             or f"app.kubernetes.io/instance={self.release},app.kubernetes.io/component=gateway",
             gateway_port=self.gateway_port,
+            gateway_deployment=self.gateway_deployment or f"{full}-gateway",
         )
 
 
@@ -98,6 +101,7 @@ class KubernetesBackend:
         api_client: k8s.ApiClient | None = None,
         ready_timeout_s: float = 600.0,
         poll_s: float = 2.0,
+        confirm_timeout_s: float = 120.0,
     ) -> None:
         self.names = names.resolved()
         self.node_secret = node_secret
@@ -106,6 +110,7 @@ class KubernetesBackend:
         self.core = k8s.CoreV1Api(self._api)
         self.ready_timeout_s = ready_timeout_s
         self.poll_s = poll_s
+        self.confirm_timeout_s = confirm_timeout_s
 
     async def _k8s(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """The client is synchronous: run its calls off the event loop."""
@@ -133,25 +138,46 @@ class KubernetesBackend:
         cm.data = {**(cm.data or {}), n.ring_key: json.dumps(doc.as_dict(), indent=2) + "\n"}
         await self._k8s(self.core.replace_namespaced_config_map, n.ring_configmap, n.namespace, cm)
 
-    async def ring_loaded(self, version: int, timeout_s: float) -> bool:
-        """Ask every ready gateway pod (pod IP, gateway port) which ring version it serves."""
+    async def _gateways_wanted(self) -> int:
+        """The gateway Deployment's desired replicas (the HPA writes them there); at least 1:
+        with no gateway asked, nothing is confirmed."""
         n = self.names
+        deployment = await self._k8s(
+            self.apps.read_namespaced_deployment, n.gateway_deployment, n.namespace
+        )
+        return max(1, int((deployment.spec.replicas if deployment.spec else None) or 0))
+
+    async def _gateway_versions(self, session: aiohttp.ClientSession) -> list[int | None]:
+        """The ring version each Ready gateway pod reports on /readyz (None: no answer)."""
+        n = self.names
+        pods = await self._k8s(
+            self.core.list_namespaced_pod, n.namespace, label_selector=n.gateway_selector
+        )
+        ips = [p.status.pod_ip for p in pods.items if _ready(p) and p.status.pod_ip]
+        versions: list[int | None] = []
+        for ip in ips:
+            seen = None
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+                async with session.get(f"http://{ip}:{n.gateway_port}/readyz") as resp:
+                    seen = (await resp.json(content_type=None)).get("ring_version")
+            versions.append(seen if isinstance(seen, int) else None)
+        return versions
+
+    async def ring_loaded(self, version: int, timeout_s: float) -> bool:
+        """True once as many Ready gateway pods as the gateway Deployment wants report ring
+        ``version`` or newer, and no Ready gateway reports an older one (or none).
+
+        Counting against the Deployment matters: finding zero Ready gateways (a selector
+        that matches nothing, every gateway NotReady, a NetworkPolicy in the way) must not
+        confirm anything, or the fence is lifted, and a shard stopped, while gateways still
+        route by the old ring."""
         deadline = time.monotonic() + timeout_s
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as session:
             while True:
-                pods = await self._k8s(
-                    self.core.list_namespaced_pod, n.namespace, label_selector=n.gateway_selector
-                )
-                ips = [p.status.pod_ip for p in pods.items if _ready(p) and p.status.pod_ip]
-                behind = 0
-                for ip in ips:
-                    seen = None
-                    with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
-                        async with session.get(f"http://{ip}:{n.gateway_port}/readyz") as resp:
-                            seen = (await resp.json(content_type=None)).get("ring_version")
-                    if not (isinstance(seen, int) and seen >= version):
-                        behind += 1
-                if not behind:
+                wanted = await self._gateways_wanted()
+                versions = await self._gateway_versions(session)
+                current = sum(1 for v in versions if v is not None and v >= version)
+                if current >= wanted and current == len(versions):
                     return True
                 if time.monotonic() > deadline:
                     return False
@@ -232,7 +258,21 @@ class KubernetesBackend:
             )
 
     async def stop_node(self, name: str) -> None:
+        """Scale the shard away, but only once every gateway routes by a ring without it:
+        a gateway still on an older ring would send its requests to a stopped shard."""
         await self.check_stop(name)
+        ring = await self.read_ring()
+        if ring.node(name) is not None or (
+            ring.previous is not None and ring.previous.node(name) is not None
+        ):
+            raise BackendError(f"{name} is still in ring v{ring.version}: not stopping it")
+        if not await self.ring_loaded(ring.version, self.confirm_timeout_s):
+            raise BackendError(
+                f"not every gateway confirmed ring v{ring.version} (the gateway Deployment "
+                f"{self.names.gateway_deployment}'s replicas, each Ready and reporting it on "
+                f"/readyz) within {self.confirm_timeout_s:.0f}s: not stopping {name}; check the "
+                "gateways and run the command again"
+            )
         ordinal = _ordinal(name)
         node_sts = self.names.node_statefulset
         replicas = await self._replicas(node_sts)
@@ -245,6 +285,12 @@ class KubernetesBackend:
             if await self._replicas(sts) > ordinal:
                 await self._scale(sts, ordinal)
         await self._wait_pods([f"{sts}-{ordinal}" for sts in stores], gone=True)
+
+    async def running_shards(self) -> int:
+        """How many shards run: the most replicas of the shard StatefulSets (a half-finished
+        scale counts its highest pods, which hold or await packets)."""
+        counts = [await self._replicas(sts) for sts in self._statefulsets()]
+        return max(counts, default=0)
 
     async def running_node(self, name: str) -> NodeSpec | None:
         ordinal = _ordinal(name)

@@ -57,6 +57,17 @@ Labels and selector labels of one component. Call with (dict "root" $ "component
 app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
+{{/*
+Pod labels of a store (Redis, MySQL): no chart or app version, so a release that changes
+only the redpacket image or the chart never rolls the stores (issue 20). Call like
+componentLabels.
+*/}}
+{{- define "redpacket.storePodLabels" -}}
+{{ include "redpacket.componentSelectorLabels" . }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: redpacket
+{{- end }}
+
 {{- define "redpacket.componentSelectorLabels" -}}
 {{ include "redpacket.selectorLabels" .root }}
 app.kubernetes.io/component: {{ .component }}
@@ -104,7 +115,15 @@ ServiceAccount of rebalance Jobs.
 The redpacket image.
 */}}
 {{- define "redpacket.image" -}}
-{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- include "redpacket.imageRef" (dict "repository" .Values.image.repository "tag" (.Values.image.tag | default .Chart.AppVersion) "digest" .Values.image.digest) }}
+{{- end }}
+
+{{/*
+repository:tag, pinned with @digest when a digest is given (a tag can be moved; a digest
+cannot). Call with (dict "repository" .. "tag" .. "digest" ..).
+*/}}
+{{- define "redpacket.imageRef" -}}
+{{- printf "%s:%s" .repository .tag }}{{ with .digest }}@{{ . }}{{ end }}
 {{- end }}
 
 {{/*
@@ -170,5 +189,87 @@ key, or nothing. Call with (dict "root" $ "port" <metrics port or 0> "extra" <di
 {{- if $out -}}
 annotations:
   {{- toYaml $out | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+Bytes of a Kubernetes memory quantity ("1Gi", "512Mi", "2G", "1073741824").
+*/}}
+{{- define "redpacket.memoryBytes" -}}
+{{- $q := toString . }}
+{{- $units := dict "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "k" 1000 "K" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 }}
+{{- $bytes := 0 }}
+{{- $found := false }}
+{{- range $suffix := list "Ki" "Mi" "Gi" "Ti" "k" "K" "M" "G" "T" }}
+{{- if and (not $found) (hasSuffix $suffix $q) }}
+{{- $bytes = mulf (float64 (trimSuffix $suffix $q)) (get $units $suffix) | int64 }}
+{{- $found = true }}
+{{- end }}
+{{- end }}
+{{- if not $found }}{{ $bytes = float64 $q | int64 }}{{ end }}
+{{- $bytes }}
+{{- end }}
+
+{{/*
+Redis maxmemory in bytes: redis.maxmemory when set, else redis.maxmemoryPercent of the
+container's memory limit. Redis's own overhead (the AOF rewrite's fork copy-on-write, client
+buffers, fragmentation) lives in the rest, so a full Redis refuses writes (noeviction)
+instead of being OOM-killed and replaying its AOF for minutes.
+*/}}
+{{- define "redpacket.redisMaxmemory" -}}
+{{- if .Values.redis.maxmemory }}
+{{- .Values.redis.maxmemory }}
+{{- else }}
+{{- $limit := include "redpacket.memoryBytes" .Values.redis.resources.limits.memory | int64 }}
+{{- if le $limit 0 }}
+{{- fail (printf "redis.resources.limits.memory %v: not a memory quantity the chart can read; set redis.maxmemory" .Values.redis.resources.limits.memory) }}
+{{- end }}
+{{- div (mul $limit (int .Values.redis.maxmemoryPercent)) 100 }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the chart's Retain StorageClass when storageClass.create, else empty (the cluster's
+default class).
+*/}}
+{{- define "redpacket.storageClassName" -}}
+{{- if .Values.storageClass.create }}
+{{- .Values.storageClass.name | default (printf "%s-%s-retain" .Release.Namespace (include "redpacket.fullname" .)) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Shell command of the Redis probes: PONG from the local server; the password (when auth is on)
+read from the mounted Secret file into redis-cli's REDISCLI_AUTH, never argv.
+*/}}
+{{- define "redpacket.redisPing" -}}
+{{- if .Values.redis.auth.enabled -}}
+REDISCLI_AUTH="$(cat /etc/redpacket/secrets/redis-password)" redis-cli -h 127.0.0.1 -p {{ .Values.redis.port }} ping | grep -q PONG
+{{- else -}}
+redis-cli -h 127.0.0.1 -p {{ .Values.redis.port }} ping | grep -q PONG
+{{- end }}
+{{- end }}
+
+{{/*
+Topology spread of a component's pods (the whole `topologySpreadConstraints:` key): the
+user's constraints when given (the label selector filled in), else the chart's: at most one
+pod more on any host than on another (hard, tainted hosts left out of the count), and the
+same across zones where nodes carry topology.kubernetes.io/zone (soft: a cluster without
+zones is not blocked). Call with (dict "root" $ "component" <name> "given" <list>).
+*/}}
+{{- define "redpacket.topologySpread" -}}
+{{- $selector := dict "matchLabels" (include "redpacket.componentSelectorLabels" . | fromYaml) }}
+{{- $spread := .root.Values.topologySpread }}
+{{- $constraints := .given }}
+{{- if and (not $constraints) $spread.enabled }}
+{{- $constraints = list
+    (dict "maxSkew" 1 "topologyKey" "kubernetes.io/hostname" "whenUnsatisfiable" $spread.hostWhenUnsatisfiable "nodeTaintsPolicy" "Honor")
+    (dict "maxSkew" 1 "topologyKey" "topology.kubernetes.io/zone" "whenUnsatisfiable" $spread.zoneWhenUnsatisfiable) }}
+{{- end }}
+{{- if $constraints }}
+topologySpreadConstraints:
+{{- range $constraints }}
+  - {{- toYaml (merge (deepCopy .) (dict "labelSelector" $selector)) | nindent 4 }}
+{{- end }}
 {{- end }}
 {{- end }}

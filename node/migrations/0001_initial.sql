@@ -1,7 +1,11 @@
--- The MySQL ledger of one shard. Applied idempotently at node start and by `redpacket db init`.
+-- oldest code: 1
+-- The MySQL ledger of one shard as release 0.1.0 (e6803e9) left it: its node/schema.sql, then
+-- the columns its node/ledger.py ADDED_COLUMNS put on tables made before them. Every statement
+-- is idempotent, so this migration also adopts a database that a 0.1.0 node made (no version
+-- table yet): it changes nothing there but recording version 1.
 -- Runs unchanged on MySQL 8 and MariaDB 10.11: utf8mb4_unicode_ci exists on both, and both
 -- enforce CHECK constraints. Times are UTC (the node sets time_zone = '+00:00').
--- Statements are separated by lines holding only ';' so the loader needs no SQL parser.
+-- Statements are separated by lines holding only ';' so the runner needs no SQL parser.
 
 -- One row per red packet (the seed's table, with the fixes the issue asks for).
 CREATE TABLE IF NOT EXISTS red_packet_info (
@@ -19,7 +23,7 @@ CREATE TABLE IF NOT EXISTS red_packet_info (
   create_time      DATETIME(3)  NOT NULL,
   expire_time      DATETIME(3)  NOT NULL,
   update_time      DATETIME(3)  NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3),
-  -- added with packet kinds and 手气最佳 (node/ledger.py ADDED_COLUMNS adds them to older tables)
+  -- added with packet kinds and 手气最佳 (the end of this file adds them to older tables)
   kind             VARCHAR(16)  NOT NULL DEFAULT 'lucky' COMMENT 'lucky | equal | exclusive',
   amount_each      INT          NULL COMMENT 'equal: cents per share',
   receiver_uid     BIGINT       NULL COMMENT 'exclusive: the only uid that may open it',
@@ -158,68 +162,72 @@ CREATE TABLE IF NOT EXISTS user_sent (
   KEY idx_user_year_time (uid, year, create_time, red_packet_id)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
 ;
--- ==== Wallet (零钱), issue 18 (node/wallet/, docs/architecture.md "Money flow") ============
--- One block, to move into a numbered migration as it is. A user's wallet lives on the shard
--- that owns "user:<uid>" (like history). Amounts are integer cents.
-CREATE TABLE IF NOT EXISTS wallet (
-  uid         BIGINT      NOT NULL,
-  balance     BIGINT      NOT NULL DEFAULT 0 COMMENT 'cents; never negative',
-  granted     TINYINT     NOT NULL DEFAULT 0 COMMENT '1 once the dev starting balance was given',
-  update_time DATETIME(3) NOT NULL,
-  PRIMARY KEY (uid),
-  CONSTRAINT ck_wallet_balance CHECK (balance >= 0)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+-- Columns added to red_packet_info after its first version (0.1.0's ADDED_COLUMNS), for a
+-- table made before them. MySQL 8 has no ADD COLUMN IF NOT EXISTS, so each one is a statement
+-- built from information_schema: the ALTER when the column is missing, else a no-op (DO 0).
+SET @ddl = (SELECT IF(COUNT(*) = 0,
+  'ALTER TABLE red_packet_info ADD COLUMN kind VARCHAR(16) NOT NULL DEFAULT ''lucky''', 'DO 0')
+  FROM information_schema.COLUMNS
+  WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'red_packet_info' AND COLUMN_NAME = 'kind')
 ;
--- Every change of a balance, exactly once: (uid, kind, ref) is the idempotency reference:
--- topup: the topup_id; grant: 'dev'; send: the create token; receive and refund: the packet
--- id; the release of an orphan hold is a refund with ref 'release:<create token>'.
-CREATE TABLE IF NOT EXISTS wallet_txn (
-  id            BIGINT UNSIGNED NOT NULL AUTO_INCREMENT,
-  uid           BIGINT       NOT NULL,
-  kind          VARCHAR(8)   NOT NULL COMMENT 'topup | grant | send | receive | refund',
-  ref           VARCHAR(80) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
-  amount        BIGINT       NOT NULL COMMENT 'signed cents: send is negative',
-  red_packet_id BIGINT       NULL,
-  balance_after BIGINT       NOT NULL,
-  create_time   DATETIME(3)  NOT NULL,
-  PRIMARY KEY (id),
-  UNIQUE KEY uk_wallet_txn_ref (uid, kind, ref),
-  KEY idx_wallet_txn_user (uid, id)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+PREPARE add_column FROM @ddl
 ;
--- The debit of a create, keyed by its create token: 'held' until the packet's shard has the
--- packet ('sent') or said it never will ('released', the money given back).
-CREATE TABLE IF NOT EXISTS wallet_hold (
-  create_token  CHAR(32) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
-  uid           BIGINT      NOT NULL,
-  amount        BIGINT      NOT NULL,
-  red_packet_id BIGINT      NOT NULL COMMENT 'the id chosen before the hold: where to ask',
-  state         VARCHAR(8)  NOT NULL DEFAULT 'held' COMMENT 'held | sent | released',
-  create_time   DATETIME(3) NOT NULL,
-  PRIMARY KEY (create_token),
-  KEY idx_wallet_hold_state (state, create_time),
-  CONSTRAINT ck_wallet_hold_amount CHECK (amount >= 1)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+EXECUTE add_column
 ;
--- A payment provider's top-up, idempotent by its id: a replay answers the first result.
-CREATE TABLE IF NOT EXISTS wallet_topup (
-  topup_id    VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
-  uid         BIGINT      NOT NULL,
-  amount      BIGINT      NOT NULL,
-  body_sha256 CHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL
-              COMMENT 'of the request as meant; its transaction is (uid, topup, topup_id)',
-  create_time DATETIME(3) NOT NULL,
-  PRIMARY KEY (topup_id)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+DEALLOCATE PREPARE add_column
 ;
--- On the packet's shard: a create token the wallet's sweeper gave up on (its hold was
--- released). A create of that packet id arriving later is refused, so a released hold can
--- never also become a packet.
-CREATE TABLE IF NOT EXISTS create_abandoned (
-  red_packet_id BIGINT      NOT NULL,
-  create_token  CHAR(32) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
-  create_time   DATETIME(3) NOT NULL,
-  PRIMARY KEY (red_packet_id)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+SET @ddl = (SELECT IF(COUNT(*) = 0,
+  'ALTER TABLE red_packet_info ADD COLUMN amount_each INT NULL', 'DO 0')
+  FROM information_schema.COLUMNS
+  WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'red_packet_info' AND COLUMN_NAME = 'amount_each')
 ;
--- ==== end of the wallet block ===============================================================
+PREPARE add_column FROM @ddl
+;
+EXECUTE add_column
+;
+DEALLOCATE PREPARE add_column
+;
+SET @ddl = (SELECT IF(COUNT(*) = 0,
+  'ALTER TABLE red_packet_info ADD COLUMN receiver_uid BIGINT NULL', 'DO 0')
+  FROM information_schema.COLUMNS
+  WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'red_packet_info' AND COLUMN_NAME = 'receiver_uid')
+;
+PREPARE add_column FROM @ddl
+;
+EXECUTE add_column
+;
+DEALLOCATE PREPARE add_column
+;
+SET @ddl = (SELECT IF(COUNT(*) = 0,
+  'ALTER TABLE red_packet_info ADD COLUMN sender_nick VARCHAR(64) NOT NULL DEFAULT ''''', 'DO 0')
+  FROM information_schema.COLUMNS
+  WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'red_packet_info' AND COLUMN_NAME = 'sender_nick')
+;
+PREPARE add_column FROM @ddl
+;
+EXECUTE add_column
+;
+DEALLOCATE PREPARE add_column
+;
+SET @ddl = (SELECT IF(COUNT(*) = 0,
+  'ALTER TABLE red_packet_info ADD COLUMN sender_img VARCHAR(512) NOT NULL DEFAULT ''''', 'DO 0')
+  FROM information_schema.COLUMNS
+  WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'red_packet_info' AND COLUMN_NAME = 'sender_img')
+;
+PREPARE add_column FROM @ddl
+;
+EXECUTE add_column
+;
+DEALLOCATE PREPARE add_column
+;
+SET @ddl = (SELECT IF(COUNT(*) = 0,
+  'ALTER TABLE red_packet_info ADD COLUMN luckiest_uid BIGINT NULL', 'DO 0')
+  FROM information_schema.COLUMNS
+  WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'red_packet_info' AND COLUMN_NAME = 'luckiest_uid')
+;
+PREPARE add_column FROM @ddl
+;
+EXECUTE add_column
+;
+DEALLOCATE PREPARE add_column
+;
