@@ -52,6 +52,7 @@ QUERY_PARAMS = {
     "/v1/red-packets/{id}/records": frozenset({"limit", "cursor"}),
     "/v1/me/received": frozenset({"year", "limit", "cursor"}),
     "/v1/me/sent": frozenset({"year", "limit", "cursor"}),
+    "/v1/me/wallet/transactions": frozenset({"limit", "cursor"}),
 }
 
 ROUTES = [
