@@ -207,8 +207,11 @@ async def check_shards(
     observed: Iterable[Observed] = (),
     settle_s: float = 10.0,
     owners: Ring | None = None,
+    *,
+    allow_unfunded: bool = False,
 ) -> Report:
-    """``owners``: the ring that places users' history (checked when given)."""
+    """``owners``: the ring that places users' history (checked when given);
+    ``allow_unfunded``: packets made before the wallet existed (cli/check_wallet.py)."""
     report = Report(shards=len(nodes))
     missing = [n.name for n in nodes if not (n.redis and n.mysql)]
     if missing:
@@ -257,7 +260,8 @@ async def check_shards(
                 f"{seen.amount} cents but the ledger has {got}"
             )
     report.violations += await history_violations(nodes, owners, wait_s=max(settle_s, 5.0))
-    wallet, totals = await wallet_violations(nodes)  # after the outboxes drained (above)
+    # after the outboxes drained (above)
+    wallet, totals = await wallet_violations(nodes, allow_unfunded=allow_unfunded)
     report.violations += wallet
     report.wallets, report.money_in = totals["wallets"], totals["money_in"]
     return report

@@ -386,5 +386,8 @@ async def test_a_cluster_of_the_previous_release_rolls_to_this_code_under_load(
             (code_version(),)
         ]
     doc = RingDoc.load(cluster.ring_file)
-    report = await check_shards(list(doc.nodes), load.observed, settle_s=15, owners=doc.ring())
+    # packets the previous release made were not paid for (it had no wallet): allowed here only
+    report = await check_shards(
+        list(doc.nodes), load.observed, settle_s=15, owners=doc.ring(), allow_unfunded=True
+    )
     assert report.ok, "\n".join(report.violations) + "\n" + cluster.logs()
