@@ -187,6 +187,10 @@ class UpgradeCluster:
             REDPACKET_RATE_OPEN_BURST="1000",
             REDPACKET_RATE_CREATE_PER_S="1000",
             REDPACKET_RATE_CREATE_BURST="1000",
+            # creates pay from the sender's wallet since 0.2.0: a dev starting balance funds
+            # the creator (the previous release ignores both settings)
+            REDPACKET_DEV_LOGIN="true",
+            REDPACKET_DEV_STARTING_BALANCE="1000000000",
             **env,
         )
 
