@@ -14,7 +14,9 @@ its own queries, so it does not trust the code it is checking. For every red pac
 
 Plus: a packet lives in exactly one shard's ledger. And the second half
 (``cli/check_history.py``): once every outbox is drained, every user's history (我的红包)
-equals the ledgers, and 手气最佳 names the right share.
+equals the ledgers, and 手气最佳 names the right share. And the third (``cli/check_wallet.py``):
+wallets, one ``receive`` per share, one ``refund`` per refund, one ``send`` per packet, and
+conservation of money across every shard.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from redpacket.cli.check_history import history_violations
+from redpacket.cli.check_wallet import wallet_violations
 from redpacket.node.counters import connect_redis
 from redpacket.node.keys import packet_keys
 from redpacket.node.ledger import connect_one
@@ -50,6 +53,8 @@ class Report:
     packets: int = 0
     records: int = 0
     refunds: int = 0
+    wallets: int = 0
+    money_in: int = 0  # cents topped up and granted, all of which must be accounted for
     violations: list[str] = field(default_factory=list)
 
     @property
@@ -60,7 +65,8 @@ class Report:
         verdict = "OK" if self.ok else f"{len(self.violations)} VIOLATION(S)"
         return (
             f"{verdict}: {self.packets} red packets, {self.records} records, "
-            f"{self.refunds} refunds on {self.shards} shard(s)"
+            f"{self.refunds} refunds, {self.wallets} wallets holding {self.money_in} cents "
+            f"on {self.shards} shard(s)"
         )
 
 
@@ -201,8 +207,11 @@ async def check_shards(
     observed: Iterable[Observed] = (),
     settle_s: float = 10.0,
     owners: Ring | None = None,
+    *,
+    allow_unfunded: bool = False,
 ) -> Report:
-    """``owners``: the ring that places users' history (checked when given)."""
+    """``owners``: the ring that places users' history (checked when given);
+    ``allow_unfunded``: packets made before the wallet existed (cli/check_wallet.py)."""
     report = Report(shards=len(nodes))
     missing = [n.name for n in nodes if not (n.redis and n.mysql)]
     if missing:
@@ -251,6 +260,10 @@ async def check_shards(
                 f"{seen.amount} cents but the ledger has {got}"
             )
     report.violations += await history_violations(nodes, owners, wait_s=max(settle_s, 5.0))
+    # after the outboxes drained (above)
+    wallet, totals = await wallet_violations(nodes, allow_unfunded=allow_unfunded)
+    report.violations += wallet
+    report.wallets, report.money_in = totals["wallets"], totals["money_in"]
     return report
 
 

@@ -82,6 +82,28 @@ def jwt_secret_from_env() -> str:
     return secret
 
 
+# Every user of a dev cluster starts with this much (a `grant`), unless
+# REDPACKET_DEV_STARTING_BALANCE or --starting-balance says otherwise: 100 000 元, so the
+# demo, the page, the bench and the tests create packets without topping up first.
+DEFAULT_STARTING_BALANCE = 10_000_000
+
+
+def starting_balance_from_env() -> int:
+    raw = os.environ.get("REDPACKET_DEV_STARTING_BALANCE", "")
+    if not raw:
+        return DEFAULT_STARTING_BALANCE
+    if not (raw.isascii() and raw.isdigit()):
+        raise SettingsError("REDPACKET_DEV_STARTING_BALANCE must be a number of cents")
+    return int(raw)
+
+
+def payments_secret_for(cluster: str, var: str) -> str:
+    """REDPACKET_PAYMENTS_SECRET if set, else the local cluster's (`redpacket wallet topup`)."""
+    return (
+        os.environ.get("REDPACKET_PAYMENTS_SECRET") or load_state(var, cluster)["payments_secret"]
+    )
+
+
 def jwt_secret_for(cluster: str, var: str) -> str:
     """REDPACKET_JWT_SECRET if set, else the secret of the local cluster."""
     return os.environ.get("REDPACKET_JWT_SECRET") or load_state(var, cluster)["jwt_secret"]
@@ -225,6 +247,12 @@ class DevCluster:
     metrics_port: int = 0  # the gateway's /metrics (every process listens on its own port)
     jwt_secret: str = field(default_factory=jwt_secret_from_env)
     node_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    starting_balance: int = field(default_factory=starting_balance_from_env)
+    payments_secret: str = field(
+        default_factory=lambda: (
+            os.environ.get("REDPACKET_PAYMENTS_SECRET") or secrets.token_urlsafe(32)
+        )
+    )
     _stopping: bool = False
     _watchers: list[asyncio.Task[None]] = field(default_factory=list)
     control_url: str = ""  # the supervisor's control endpoint (see `control_app`)
@@ -344,6 +372,10 @@ class DevCluster:
                         REDPACKET_EXPIRE_S=str(self.expire_s),
                         # the page at /app/ signs in through it; never on in production
                         REDPACKET_DEV_LOGIN=os.environ.get("REDPACKET_DEV_LOGIN", "true"),
+                        # the wallet: free money for every user (a dev cluster only), and the
+                        # key of the top-up webhook (`redpacket wallet topup` reads it here)
+                        REDPACKET_DEV_STARTING_BALANCE=str(self.starting_balance),
+                        REDPACKET_PAYMENTS_SECRET=self.payments_secret,
                     ),
                     logs / f"{name}.log",
                 )
@@ -411,6 +443,8 @@ class DevCluster:
             "ring_file": str(self.ring_file.resolve()),
             "jwt_secret": self.jwt_secret,
             "node_secret": self.node_secret,
+            "payments_secret": self.payments_secret,
+            "starting_balance": self.starting_balance,
             "mysql_server": self.mysql_server,
             "control": {"url": self.control_url},
             "shards": [
@@ -632,6 +666,8 @@ def run_dev_up(args: argparse.Namespace) -> int:
         expire_s=args.expire_s,
         gateway_workers=args.gateway_workers,
     )
+    if args.starting_balance is not None:
+        cluster.starting_balance = args.starting_balance
 
     async def main() -> int:
         stop = asyncio.Event()

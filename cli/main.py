@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     from redpacket.bench.cli import register as register_bench
     from redpacket.chaos.cli import register as register_chaos
     from redpacket.cli.deadletters import register as register_dead_letters
+    from redpacket.cli.wallet import register as register_wallet
     from redpacket.sharding.cli import register as register_rebalance
 
     parser = argparse.ArgumentParser(
@@ -125,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--gateway-workers", type=int, default=1, help="gateway processes sharing the port"
     )
+    p.add_argument(
+        "--starting-balance",
+        type=int,
+        default=None,
+        metavar="CENTS",
+        help="every user's wallet starts with this (a grant; default: "
+        "REDPACKET_DEV_STARTING_BALANCE, else 10000000)",
+    )
     _cluster_args(p)
     p.set_defaults(func=_dev)
 
@@ -150,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_args(p)
     p.set_defaults(func=_check)
 
+    register_wallet(sub)
     register_dead_letters(sub)
     register_bench(sub)
     register_chaos(sub)

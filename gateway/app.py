@@ -21,6 +21,7 @@ from redpacket.gateway.auth import Authenticator
 from redpacket.gateway.finished import FinishedPackets
 from redpacket.gateway.handlers import (
     AUTH,
+    CONFIRMING,
     CREATE_LIMIT,
     FINISHED,
     IDS,
@@ -35,6 +36,7 @@ from redpacket.gateway.link import Links
 from redpacket.gateway.ratelimit import RateLimiter
 from redpacket.gateway.settings import GatewaySettings
 from redpacket.gateway.shards import RingWatcher, Shards
+from redpacket.gateway.wallet import add_wallet_routes
 from redpacket.gateway.webapp import add_page_routes
 from redpacket.sharding.ring import RingDoc
 
@@ -50,6 +52,7 @@ QUERY_PARAMS = {
     "/v1/red-packets/{id}/records": frozenset({"limit", "cursor"}),
     "/v1/me/received": frozenset({"year", "limit", "cursor"}),
     "/v1/me/sent": frozenset({"year", "limit", "cursor"}),
+    "/v1/me/wallet/transactions": frozenset({"limit", "cursor"}),
 }
 
 ROUTES = [
@@ -117,6 +120,15 @@ async def shards_ctx(app: web.Application) -> AsyncIterator[None]:
         await session.close()
 
 
+async def confirmations_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Holds confirmed after their create's 201: finished (briefly) before the gateway stops;
+    one cut short is confirmed by the wallet's sweeper."""
+    app[CONFIRMING] = set()
+    yield
+    if app[CONFIRMING]:
+        await asyncio.wait(app[CONFIRMING], timeout=2.0)
+
+
 def create_app(settings: GatewaySettings) -> web.Application:
     app = web.Application(
         middlewares=[edge_middleware("gateway", QUERY_PARAMS)],
@@ -135,6 +147,8 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app[UNKNOWN_LIMIT] = RateLimiter(settings.unknown_ids_per_s, settings.unknown_ids_burst)
     app.cleanup_ctx.append(metrics_server(settings.host, settings.metrics_port))
     app.cleanup_ctx.append(shards_ctx)
+    app.cleanup_ctx.append(confirmations_ctx)  # after shards_ctx: cleaned up before it
     app.add_routes(ROUTES)
+    add_wallet_routes(app, settings.payments_secret)  # the wallet (gateway/wallet.py)
     add_page_routes(app, settings.dev_login)  # /app/, not part of the API (openapi.json)
     return app

@@ -37,6 +37,7 @@ IDS = web.AppKey("ids", IdGenerator)
 FINISHED = web.AppKey("finished", FinishedPackets)
 CREATE_LIMIT = web.AppKey("create_limit", RateLimiter)
 OPEN_LIMIT = web.AppKey("open_limit", RateLimiter)
+CONFIRMING = web.AppKey("confirming", set)  # holds being confirmed after their 201
 PUBLIC_IDS = web.AppKey("public_ids", PublicIds)
 UNKNOWN_LIMIT = web.AppKey("unknown_limit", RateLimiter)
 
@@ -47,7 +48,6 @@ _FINAL_REASONS = ("sold_out", "expired")
 _REJECTED = {reason: REJECTIONS.labels("gateway", reason) for reason in _FINAL_REASONS}
 _GRAB_FINAL = {r: orjson.dumps({"can_open": False, "reason": r}) for r in _FINAL_REASONS}
 _OPEN_FINAL = {r: orjson.dumps(gone(r).body()) for r in _FINAL_REASONS}
-MAX_ID_ATTEMPTS = 3
 
 
 def passthrough(upstream: Upstream) -> web.Response:
@@ -143,32 +143,52 @@ async def create_packet(request: web.Request) -> web.Response:
         fields["receiver_uid"] = str(new.receiver_uid)
     raw_key = request.headers.get("Idempotency-Key")
     if raw_key is None:
-        fields["create_token"] = secrets.token_hex(16)
-        for _ in range(MAX_ID_ATTEMPTS):
-            packet_id = ids.next_id()
-            upstream = await shards.packet_call(
-                packet_id,
-                "POST",
-                "/internal/v1/packets",
-                body={**fields, "red_packet_id": str(packet_id)},
-            )
-            if upstream.error_code() != "id_collision":
-                return with_public_ids(request, upstream)
-            log.warning("red packet id %s collided; retrying with a new id", packet_id)
+        token, packet_id = secrets.token_hex(16), ids.next_id()
+    else:
+        bound = await _bind_key(app, user, new, _valid_idempotency_key(raw_key))
+        if isinstance(bound, web.Response):
+            return bound
+        token, packet_id = bound
+    fields["create_token"] = token
+    held = await _hold(app, user.uid, new.total_amount, token, packet_id)
+    if held is not None:
+        return held  # 402 (not enough money) or another refusal: no packet
+    upstream = await shards.packet_call(
+        packet_id, "POST", "/internal/v1/packets", body={**fields, "red_packet_id": str(packet_id)}
+    )
+    if upstream.error_code() == "id_collision":
+        # The id belongs to someone else's packet (two gateways made the same id in the same
+        # millisecond). Never merge: refuse; the hold is given back by the wallet's sweeper
+        # (the packet's shard answers that this create's packet does not exist). The client
+        # retries (with a new key). Astronomically rare; see docs/api.md.
+        if raw_key is not None:
+            raise ApiError(409, "id_collision", "retry this create with a new Idempotency-Key")
         raise ApiError(
-            503,
-            "unavailable",
-            "could not allocate a red packet id; retry",
+            503, "unavailable", "could not allocate a red packet id; retry",
             headers={"Retry-After": "1"},
-        )
+        )  # fmt: skip
+    if upstream.status in (200, 201):  # 200: the node already had it, a replayed create
+        _confirm_soon(app, user.uid, token)
+        response = with_public_ids(request, Upstream(201, upstream.body, None))
+        if upstream.status == 200:
+            response.headers["Idempotent-Replayed"] = "true"
+        return response
+    # not created (yet): the hold stays until a retry with the same Idempotency-Key creates
+    # the packet, or the wallet's sweeper asks the packet's shard and settles it
+    return passthrough(upstream)
 
-    key = _valid_idempotency_key(raw_key)
+
+async def _bind_key(
+    app: web.Application, user: User, new: Any, key: str
+) -> tuple[str, int] | web.Response:
+    """The create token and packet id an Idempotency-Key stands for (bound on first use), or
+    the shard's refusal to pass on."""
     described: list[Any] = [new.total_amount, new.total_packet, new.greeting]
     if new.kind != "lucky":  # a lucky packet hashes as it did before kinds existed
         described += [new.kind, new.amount_each, new.receiver_uid]
     request_hash = hashlib.sha256(orjson.dumps(described)).hexdigest()
-    fields["create_token"] = hashlib.sha256(f"{user.uid}:{key}".encode()).hexdigest()[:32]
-    bound = await shards.user_call(
+    token = hashlib.sha256(f"{user.uid}:{key}".encode()).hexdigest()[:32]
+    bound = await app[SHARDS].user_call(
         user.uid,
         "POST",
         "/internal/v1/idempotency-keys",
@@ -176,7 +196,7 @@ async def create_packet(request: web.Request) -> web.Response:
             "uid": str(user.uid),
             "key": key,
             "request_hash": request_hash,
-            "red_packet_id": str(ids.next_id()),
+            "red_packet_id": str(app[IDS].next_id()),
         },
     )
     if bound.status != 200:
@@ -188,21 +208,53 @@ async def create_packet(request: web.Request) -> web.Response:
             "idempotency_key_reused",
             "this Idempotency-Key was already used for a different red packet",
         )
-    packet_id = int(binding["red_packet_id"])
-    upstream = await shards.packet_call(
-        packet_id, "POST", "/internal/v1/packets", body={**fields, "red_packet_id": str(packet_id)}
+    return token, int(binding["red_packet_id"])
+
+
+async def _hold(
+    app: web.Application, uid: int, amount: int, token: str, packet_id: int
+) -> web.Response | None:
+    """Debit the sender on their wallet's shard before the packet exists (keyed by the create
+    token: a retried create debits once). None when held; else the answer to give."""
+    held = await app[SHARDS].user_call(
+        uid,
+        "POST",
+        "/internal/v1/wallets/holds",
+        body={
+            "create_token": token,
+            "uid": str(uid),
+            "amount": amount,
+            "red_packet_id": str(packet_id),
+            "starting_balance": app[SETTINGS].dev_starting_balance,
+        },
     )
-    if upstream.error_code() == "id_collision":
-        # The id bound to this key belongs to someone else's packet (two gateways made the
-        # same id in the same millisecond). Never merge: refuse, the client retries with a
-        # new key. Astronomically rare; see docs/api.md.
-        raise ApiError(409, "id_collision", "retry this create with a new Idempotency-Key")
-    if upstream.status in (200, 201):  # 200: the node already had it, a replayed create
-        response = with_public_ids(request, Upstream(201, upstream.body, None))
-        if upstream.status == 200:
-            response.headers["Idempotent-Replayed"] = "true"
-        return response
-    return passthrough(upstream)
+    if held.status != 200:
+        return passthrough(held)
+    if held.json()["state"] == "released":  # the sweeper gave this create's money back
+        raise ApiError(409, "create_abandoned", "this create was abandoned; use a new key")
+    return None
+
+
+def _confirm_soon(app: web.Application, uid: int, token: str) -> None:
+    """Confirm the hold after answering: the client's 201 does not wait for it (it only marks
+    the hold settled; the debit was final at the hold), and the sweeper does it otherwise."""
+    task = asyncio.get_running_loop().create_task(_confirm(app, uid, token))
+    pending = app[CONFIRMING]
+    pending.add(task)
+    task.add_done_callback(pending.discard)
+
+
+async def _confirm(app: web.Application, uid: int, token: str) -> None:
+    """The packet exists: the hold becomes final. Best effort: the sweeper does it otherwise."""
+    try:
+        await app[SHARDS].user_call(
+            uid,
+            "POST",
+            "/internal/v1/wallets/holds/confirm",
+            body={"create_token": token, "uid": str(uid)},
+        )
+    except ApiError:
+        log.info("could not confirm a hold now; the wallet's sweeper will")
 
 
 # -- reads ----------------------------------------------------------------------------------

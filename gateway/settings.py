@@ -38,6 +38,10 @@ class GatewaySettings:
     log_level: str = "INFO"
     access_log: bool = False
     dev_login: bool = False  # POST /dev/login mints tokens for anyone: local clusters only
+    # the wallet (gateway/wallet.py): the key of the top-up webhook's signatures ("": the
+    # endpoint is off, 404), and a dev cluster's starting balance (0: none)
+    payments_secret: str = ""
+    dev_starting_balance: int = 0
     # public ids (core/ids.py PublicIds): the tag key ("": derived from the node secret), and
     # the time before which release 0.1.0's decimal ids are still accepted (0: none)
     id_secret: str = ""
@@ -97,6 +101,10 @@ class GatewaySettings:
             log_level=env_str(env, "REDPACKET_LOG_LEVEL", cls.log_level),
             access_log=env_bool(env, "REDPACKET_ACCESS_LOG", cls.access_log),
             dev_login=env_bool(env, "REDPACKET_DEV_LOGIN", cls.dev_login),
+            payments_secret=env_str(env, "REDPACKET_PAYMENTS_SECRET", ""),
+            dev_starting_balance=env_int(
+                env, "REDPACKET_DEV_STARTING_BALANCE", cls.dev_starting_balance, minimum=0
+            ),
             metrics_port=env_int(env, "REDPACKET_METRICS_PORT", cls.metrics_port, minimum=0),
             header_timeout_s=env_float(env, "REDPACKET_HEADER_TIMEOUT_S", cls.header_timeout_s),
             body_read_timeout_s=env_float(
@@ -126,6 +134,14 @@ class GatewaySettings:
             raise SettingsError("REDPACKET_NODE_TRANSPORT must be link or http")
         if missing:
             raise SettingsError(f"the gateway needs {', '.join(missing)} to be set")
+        if settings.dev_starting_balance and not settings.dev_login:
+            # free money is a dev cluster's convenience: REDPACKET_DEV_LOGIN is what marks one
+            raise SettingsError(
+                "REDPACKET_DEV_STARTING_BALANCE is for dev clusters only "
+                "(REDPACKET_DEV_LOGIN=true, as `redpacket dev up` sets)"
+            )
+        if settings.payments_secret and len(settings.payments_secret.encode()) < 32:
+            raise SettingsError("REDPACKET_PAYMENTS_SECRET must be at least 32 bytes")
         if len(settings.jwt_secret.encode()) < 32:
             raise SettingsError("REDPACKET_JWT_SECRET must be at least 32 bytes (HS256 key)")
         if settings.id_secret and len(settings.id_secret.encode()) < 32:

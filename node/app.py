@@ -28,6 +28,7 @@ from redpacket.node import handoff
 from redpacket.node.calls import http_routes
 from redpacket.node.counters import Counters, connect_redis
 from redpacket.node.handlers import CALLS, SETTINGS, SHARD
+from redpacket.node.handoff import wallets as wallet_moves
 from redpacket.node.ledger import Ledger, LedgerUnavailable
 from redpacket.node.link import LINK, LinkServer
 from redpacket.node.migrations.runner import SchemaMismatch, check_database
@@ -47,6 +48,7 @@ SWEEPER = web.AppKey("sweeper", Sweeper)
 ROUTES = [
     *http_routes(CALLS),  # the gateway's calls (node/handlers.py), also served over the link
     *handoff.ROUTES,  # /internal/v1/handoff/...: rebalancing (node/handoff/)
+    *wallet_moves.ROUTES,  # /internal/v1/handoff/wallets: users' wallets
 ]
 
 

@@ -25,6 +25,7 @@ from redpacket.node.counters import Outcome
 from redpacket.node.history import Page, UserHistory, this_year
 from redpacket.node.ledger import LedgerUnavailable, PacketRow, RecordRow
 from redpacket.node.shard import MOVING, NewPacketRequest, now_ms
+from redpacket.node.wallet.calls import WALLET_CALLS
 
 __all__ = ["CALLS", "SETTINGS", "SHARD"]  # the app keys live with Call; imported from here
 
@@ -387,6 +388,7 @@ CALLS: list[CallEntry] = [
     ("POST", "/internal/v1/history/events", apply_history),
     ("GET", "/internal/v1/users/{uid}/received", received),
     ("GET", "/internal/v1/users/{uid}/sent", sent),
+    *WALLET_CALLS,  # the wallet (node/wallet/calls.py)
     ("GET", "/healthz", healthz),
     ("GET", "/readyz", readyz),
 ]

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import os
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ from redpacket.core.errors import ApiError
 from redpacket.node.ledger import Ledger, retry_lock_conflicts, to_datetime, to_ms
 from redpacket.node.outbox import RECEIVED, SENT
 from redpacket.node.shard import Shard, moved
+from redpacket.node.wallet.credits import apply_credits
+from redpacket.node.wallet.debits import HoldQueue
+from redpacket.node.wallet.store import Wallets
 from redpacket.sharding.ring import NodeSpec, Ring, RingDoc, route_user, user_key
 
 CALENDAR = dt.timezone(dt.timedelta(hours=8), "UTC+8")
@@ -101,6 +105,8 @@ class UserHistory:
         self.name = name
         self.ring = ring
         self._slots = asyncio.Semaphore(HISTORY_CONNECTIONS)
+        self.wallets = Wallets(shard.ledger)  # the wallets of the users kept here too
+        self.debits = HoldQueue(shard.ledger)  # creates' holds, batched per user
         self._settled: tuple[RingDoc, Ring] | None = None
 
     @contextlib.asynccontextmanager
@@ -156,7 +162,8 @@ class UserHistory:
 
     @retry_lock_conflicts
     async def apply(self, events: list[Event]) -> None:
-        """One transaction, one multi-row merge per table."""
+        """One transaction, one multi-row merge per table, and the credits the events carry
+        posted to the users' wallets (node/wallet/credits.py)."""
         # in key order: two relays applying to the same users lock rows in the same order
         received = sorted(_received_row(e) for e in events if e[1] == RECEIVED)
         sent = sorted(_sent_row(e) for e in events if e[1] == SENT)
@@ -183,6 +190,7 @@ class UserHistory:
                         "refunded_amount = GREATEST(refunded_amount, VALUES(refunded_amount))",
                         sent,
                     )
+                await apply_credits(cur, events, int(time.time() * 1000))
                 await conn.commit()
             except BaseException:
                 with contextlib.suppress(Exception):

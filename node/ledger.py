@@ -57,6 +57,10 @@ class IdCollision(Exception):
     """A create reused an existing red_packet_id with a different creation token."""
 
 
+class CreateAbandoned(Exception):
+    """A create whose hold the wallet's sweeper released (node/wallet/abandon.py): refused."""
+
+
 def to_datetime(ms: int) -> dt.datetime:
     return _EPOCH + dt.timedelta(milliseconds=ms)
 
@@ -267,8 +271,11 @@ class Ledger:
     @retry_lock_conflicts
     async def insert_packet(self, row: PacketRow) -> tuple[PacketRow, bool]:
         """Insert a packet: ``(row, created)``; a retry with the same token gets the first row."""
+        from redpacket.node.wallet.abandon import refuse_abandoned  # imports this module
+
         async with self.connection() as conn, conn.cursor() as cur:
             try:
+                await refuse_abandoned(cur, row.red_packet_id)  # raises CreateAbandoned
                 await cur.execute(
                     f"INSERT INTO red_packet_info ({PACKET_COLUMNS}) "
                     f"VALUES ({PACKET_PLACEHOLDERS})",
@@ -281,6 +288,10 @@ class Ledger:
                 await conn.rollback()
                 if not _is_duplicate(exc):
                     raise
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await conn.rollback()
+                raise
         existing = await self.get_packet(row.red_packet_id)
         if existing is None or existing.create_token != row.create_token:
             raise IdCollision(row.red_packet_id)

@@ -11,6 +11,10 @@ Two events, each a full row to merge (so applying one twice, or out of order, is
   true on the copy written by the commit that decided 手气最佳;
 - ``sent`` (to the sender): the packet's progress after the change (opened shares and
   cents, refund), written at create, by every commit batch that touched it, and at refund.
+
+The events that move money carry ``"credit": true`` (every share's ``received``, the refund's
+``sent``): the user's shard posts them to the wallet in the same apply transaction
+(node/wallet/credits.py), exactly once.
 """
 
 from __future__ import annotations
@@ -101,6 +105,8 @@ def sent(state: PacketState, refunded_amount: int = 0) -> Event:
             "greeting": state.greeting,
             "create_time": state.create_time_ms,
             "expire_time": state.expire_time_ms,
+            # the refund moves money: credited to the sender's wallet (node/wallet/credits.py)
+            **({"credit": True} if refunded_amount > 0 else {}),
         },
     )
 
@@ -120,6 +126,7 @@ def received(
             "sender_img": state.sender_img,
             "kind": state.kind,
             "luckiest": luckiest,
+            "credit": True,  # the share moves money: credited to the winner's wallet
         },
     )
 

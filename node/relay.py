@@ -37,6 +37,7 @@ from redpacket.node.deadletters import DEAD_LETTERS
 from redpacket.node.handlers import SETTINGS, SHARD
 from redpacket.node.history import HISTORY, Event, RingView, UserHistory
 from redpacket.node.ledger import to_ms
+from redpacket.node.wallet.holds import HoldSweeper
 from redpacket.sharding.ring import NodeSpec
 
 log = logging.getLogger("redpacket.node.relay")
@@ -281,10 +282,12 @@ def _owner(err: ApiError) -> tuple[str, str]:
 
 RELAY = web.AppKey("relay", Relay)
 RELAY_TASK = web.AppKey("relay_task", asyncio.Task)
+HOLD_SWEEPER = web.AppKey("hold_sweeper", HoldSweeper)
 
 
 async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The history of this node's users (HISTORY) and the relay of its outbox."""
+    """The history of this node's users (HISTORY), the relay of its outbox, and the sweeper
+    of its users' orphan wallet holds (node/wallet/holds.py)."""
     settings = app[SETTINGS]
     history = UserHistory(app[SHARD], settings.name, RingView(settings.ring_file))
     app[HISTORY] = history
@@ -295,10 +298,16 @@ async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(relay.run())
     app[RELAY] = relay
     app[RELAY_TASK] = task
+    holds = HoldSweeper(
+        history, session, settings.node_secret, timeout_s=settings.wallet_hold_timeout_s
+    )
+    app[HOLD_SWEEPER] = holds
+    holds_task = asyncio.create_task(holds.run())
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for running in (task, holds_task):
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
         await session.close()

@@ -56,6 +56,8 @@ class NodeSettings:
     ring_file: str = ""  # the ring, to find the shard owning a user's history ("": this one)
     # how long the history relay sleeps when its outbox is empty (half that after a delivery)
     history_relay_idle_s: float = 0.1
+    # a create's hold still open this long is asked about (node/wallet/holds.py)
+    wallet_hold_timeout_s: float = 30.0
     # a file of milliseconds added to the node's clock (core/clock.py): chaos runs only
     clock_offset_file: str = ""
     metrics_port: int = 9101  # GET /metrics, on its own port (0: any free one)
@@ -122,6 +124,9 @@ class NodeSettings:
             ring_file=env_str(env, "REDPACKET_RING_FILE", cls.ring_file),
             history_relay_idle_s=env_float(
                 env, "REDPACKET_HISTORY_RELAY_IDLE_S", cls.history_relay_idle_s
+            ),
+            wallet_hold_timeout_s=env_float(
+                env, "REDPACKET_WALLET_HOLD_TIMEOUT_S", cls.wallet_hold_timeout_s
             ),
             clock_offset_file=env_str(env, "REDPACKET_CLOCK_OFFSET_FILE", ""),
             metrics_port=env_int(env, "REDPACKET_METRICS_PORT", cls.metrics_port, minimum=0),

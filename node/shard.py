@@ -35,6 +35,7 @@ from redpacket.node.counters import Counters, OpenResult, Outcome, claim_details
 from redpacket.node.keys import packet_keys
 from redpacket.node.ledger import (
     Claim,
+    CreateAbandoned,
     GuardFailed,
     IdCollision,
     Ledger,
@@ -189,6 +190,11 @@ class Shard:
             stored, created = await self.ledger.insert_packet(row)
         except IdCollision:
             raise id_collision() from None
+        except CreateAbandoned:
+            # the wallet's sweeper gave this create's money back (node/wallet/abandon.py)
+            raise ApiError(
+                409, "create_abandoned", "this create was abandoned; retry with a new request"
+            ) from None
         except LedgerUnavailable:
             raise unavailable("the shard's database is unavailable") from None
         if created:

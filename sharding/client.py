@@ -169,6 +169,28 @@ class NodeClient:
         )
         return dict(answer.get("moved", {}))
 
+    async def wallets(self, node: NodeSpec, page: int = 200) -> AsyncIterator[dict[str, Any]]:
+        """Every user's wallet on a node (node/handoff/wallets.py)."""
+        after = "0"
+        while True:
+            answer = await self.request(
+                node, "GET", f"{H}/wallets", params={"after_uid": after, "limit": str(page)}
+            )
+            for user in answer["users"]:
+                yield user
+            if answer.get("next") is None:
+                return
+            after = answer["next"]
+
+    async def import_wallets(self, node: NodeSpec, users: Sequence[dict[str, Any]]) -> list[str]:
+        """Merge wallets into their new owner: the uids it refused (kept elsewhere)."""
+        answer = await self.request(node, "POST", f"{H}/wallets", body={"users": list(users)})
+        return list(answer.get("refused", []))
+
+    async def release_wallets(self, node: NodeSpec, uids: Sequence[str]) -> int:
+        answer = await self.request(node, "POST", f"{H}/wallets/release", body={"uids": list(uids)})
+        return int(answer.get("deleted", 0))
+
     async def release_history(self, node: NodeSpec, uids: Sequence[str]) -> int:
         answer = await self.request(node, "POST", f"{H}/history/release", body={"uids": list(uids)})
         return int(answer.get("deleted", 0))

@@ -481,6 +481,10 @@ class Rebalancer:
         users = await self._move_history(nodes, target.ring())
         if users:
             self.say(f"moved the history of {users} user(s)")
+        # users' wallets (零钱), like the history: merged into the new owner, then released
+        wallets = await self._move_wallets(nodes, target.ring())
+        if wallets:
+            self.say(f"moved the wallets of {wallets} user(s)")
         self.moved_users = users
         self.timings["users_s"] = time.monotonic() - started
         self.timings["keys"] = float(sum(moved.values()))
@@ -683,6 +687,26 @@ class Rebalancer:
 
         await asyncio.gather(*(one(n) for n in nodes.values()))
         return moved, conflicts
+
+    async def _move_wallets(self, nodes: dict[str, NodeSpec], target: Ring) -> int:
+        """Merge each user's wallet into the user's owner in ``target``, then delete it where it
+        was (node/handoff/wallets.py); the number of wallets moved."""
+        moved = 0
+        for node in nodes.values():
+            batches: dict[str, list[dict[str, Any]]] = {}
+            async for user in self.client.wallets(node):
+                owner = target.owner_of_key(user_key(int(user["uid"]))).name
+                if owner != node.name:
+                    batches.setdefault(owner, []).append(user)
+            for owner, users in batches.items():
+                for start in range(0, len(users), 200):
+                    batch = users[start : start + 200]
+                    refused = await self.client.import_wallets(nodes[owner], batch)
+                    if refused:
+                        raise RebalanceError(f"{owner} refused the wallets of users {refused}")
+                    await self.client.release_wallets(node, [u["uid"] for u in batch])
+                    moved += len(batch)
+        return moved
 
     async def _move_history(self, nodes: dict[str, NodeSpec], target: Ring) -> int:
         """Copy each user's history (我的红包) to the user's owner in ``target``, then delete it

@@ -39,7 +39,7 @@ from redpacket.node.ledger import connect_one, parse_mysql_url
 from redpacket.node.migrations.runner import migrate
 from redpacket.node.settings import NodeSettings
 from redpacket.node.shard import Shard
-from redpacket.sharding.ring import NodeSpec, RingDoc
+from redpacket.sharding.ring import NodeSpec, RingDoc, user_key
 
 MYSQL_SERVER = (os.environ.get("REDPACKET_MYSQL_URL") or "mysql://root@127.0.0.1:3306").rstrip("/")
 RUN_ID = secrets.token_hex(3)
@@ -177,6 +177,9 @@ async def mysql_databases() -> AsyncIterator[Any]:
 # -- one node, in process -------------------------------------------------------------------
 
 
+TEST_GRANT = 10_000_000  # what a sender's wallet starts with in node tests (as in dev clusters)
+
+
 @dataclass
 class NodeHandle:
     """A shard node served on a real socket, plus direct access to its stores for checks."""
@@ -212,7 +215,10 @@ class NodeHandle:
     async def create(
         self, total_amount: int, total_packet: int, *, uid: int = 1, expire_seconds: int = 3600
     ) -> int:
-        packet_id = IDS.next_id()
+        """A paid create, as the gateway makes it: hold (this node keeps every user when it
+        has no ring), create, confirm."""
+        packet_id, token = IDS.next_id(), secrets.token_hex(16)
+        await self.hold(uid, total_amount, token, packet_id)
         status, body = await self.call(
             "POST",
             "/internal/v1/packets",
@@ -222,11 +228,34 @@ class NodeHandle:
                 "total_amount": total_amount,
                 "total_packet": total_packet,
                 "expire_seconds": expire_seconds,
-                "create_token": secrets.token_hex(16),
+                "create_token": token,
             },
         )
         assert status == 201, body
+        await self.confirm(token, uid)
         return packet_id
+
+    async def hold(self, uid: int, amount: int, token: str, packet_id: int) -> dict[str, Any]:
+        """Debit a create on this node, the wallet's shard (granting TEST_GRANT first)."""
+        status, body = await self.call(
+            "POST",
+            "/internal/v1/wallets/holds",
+            {
+                "create_token": token,
+                "uid": str(uid),
+                "amount": amount,
+                "red_packet_id": str(packet_id),
+                "starting_balance": TEST_GRANT,
+            },
+        )
+        assert status == 200, body
+        return body
+
+    async def confirm(self, token: str, uid: int = 1) -> None:
+        status, body = await self.call(
+            "POST", "/internal/v1/wallets/holds/confirm", {"create_token": token, "uid": str(uid)}
+        )
+        assert status == 200, body
 
     async def open(self, packet_id: int, uid: int, nick: str = "") -> tuple[int, Any]:
         return await self.call(
@@ -405,6 +434,26 @@ class Cluster:
 
     async def open(self, packet_id: str, uid: int) -> tuple[int, Any]:
         return await self.call("POST", f"/v1/red-packets/{packet_id}/open", uid)
+
+    async def hold(self, uid: int, amount: int, token: str, packet_id: int) -> dict[str, Any]:
+        """Debit a create on the user's wallet shard, as the gateway does before a create
+        (for tests that create on a node directly)."""
+        assert self.session is not None
+        owner = self.ring().ring().owner_of_key(user_key(uid))
+        async with self.session.post(
+            owner.url + "/internal/v1/wallets/holds",
+            json={
+                "create_token": token,
+                "uid": str(uid),
+                "amount": amount,
+                "red_packet_id": str(packet_id),
+                "starting_balance": self.state["starting_balance"],
+            },
+            headers={NODE_SECRET_HEADER: self.state["node_secret"]},
+        ) as resp:
+            body = await resp.json()
+            assert resp.status == 200, body
+            return body
 
     async def grab(self, packet_id: str, uid: int) -> tuple[int, Any]:
         return await self.call("POST", f"/v1/red-packets/{packet_id}/grab", uid)

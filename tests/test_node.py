@@ -143,6 +143,7 @@ async def test_create_is_idempotent_and_a_reused_id_is_refused(node: NodeHandle)
         "expire_seconds": 60,
         "create_token": "a" * 32,
     }
+    await node.hold(9, 100, "a" * 32, 4242424242)  # paid for, as the gateway does first
     status, first = await node.call("POST", "/internal/v1/packets", body)
     assert status in (200, 201)
     status, again = await node.call("POST", "/internal/v1/packets", body)

@@ -129,9 +129,10 @@ async def create_many(cluster: Cluster, count: int, amount: int, shares: int) ->
 
 async def create_on_owner(cluster: Cluster, *, expire_seconds: int, shares: int) -> str:
     """A packet created on its node directly (the gateway's lifetime is fixed per cluster)."""
-    packet_id = IDS.next_id()
+    packet_id, token = IDS.next_id(), secrets.token_hex(16)
     owner = cluster.ring().ring().owner(snowflake_of(packet_id))
     assert cluster.session is not None
+    await cluster.hold(77, 1000, token, packet_id)  # paid for (the sweeper confirms the hold)
     async with cluster.session.post(
         owner.url + "/internal/v1/packets",
         json={
@@ -140,7 +141,7 @@ async def create_on_owner(cluster: Cluster, *, expire_seconds: int, shares: int)
             "total_amount": 1000,
             "total_packet": shares,
             "expire_seconds": expire_seconds,
-            "create_token": secrets.token_hex(16),
+            "create_token": token,
         },
         headers={NODE_SECRET_HEADER: cluster.state["node_secret"]},
     ) as resp:

@@ -453,3 +453,63 @@ async def test_people_send_and_open_a_red_packet_in_the_browser(
     assert len(seen.luckiest) == 1 and ledger[seen.luckiest[0]] == best
     assert seen.received_total == ledger[OPENERS[0]]
     await cluster.check()
+
+
+WALLET_SENDER, WALLET_OPENER = 7_320_001, 7_320_002
+
+
+def sender_runs_out_and_opener_is_credited(base_url: str, shots: Path) -> dict[str, Any]:
+    """Starting balance 10.00: the sender sends 8.88 (one share), the bar shows 1.12; a second
+    packet of 5.00 is 余额不足 and changes nothing. The opener's balance grows by the share,
+    入账中 until the credit lands, and 零钱明细 lists it."""
+    seen: dict[str, Any] = {}
+    with browsers(shots) as people:
+        sender = people.start()
+        sign_in(sender, base_url + "/app/", WALLET_SENDER, "有钱人")
+        wait_for(sender, "the balance", lambda d: by_id(d, "balance").text == "¥10.00")
+        by_id(sender, "send-shares").send_keys("1")
+        by_id(sender, "send-amount").send_keys("8.88")
+        by_id(sender, "send-button").click()
+        link = wait_for(sender, "the link", visible("sent-link")).text
+        wait_for(sender, "the debit", lambda d: by_id(d, "balance").text == "¥1.12")
+        by_id(sender, "send-amount").clear()
+        by_id(sender, "send-amount").send_keys("5.00")
+        by_id(sender, "send-button").click()
+        error = wait_for(sender, "余额不足", lambda d: by_id(d, "send-error").text or None)
+        assert error == "余额不足：零钱只有1.12元", error
+        people.shot(sender, "insufficient-funds")
+        seen["sender_balance"] = by_id(sender, "balance").get_attribute("data-cents")
+
+        opener = people.start()
+        sign_in(opener, link, WALLET_OPENER, "幸运儿")
+        wait_for(opener, "the 開 button", lambda d: by_id(d, "open-button").is_enabled())
+        by_id(opener, "open-button").click()
+        wait_for(opener, "the amount", visible("amount-box"))
+        seen["opened"] = cents_of(by_id(opener, "amount").text)
+        wait_for(
+            opener, "the credit", lambda d: by_id(d, "amount-note").text == "已存入零钱" or None
+        )
+        wait_for(opener, "the new balance", lambda d: by_id(d, "balance").text == "¥18.88")
+        people.shot(opener, "credited")
+        by_id(opener, "nav-wallet").click()
+        wait_for(opener, "零钱明细", lambda d: d.find_elements("css selector", "#wallet-list li"))
+        kinds = [
+            li.get_attribute("data-kind")
+            for li in opener.find_elements("css selector", "#wallet-list li")
+        ]
+        seen["opener_kinds"] = kinds
+        people.shot(opener, "wallet")
+    return seen
+
+
+async def test_a_sender_runs_out_of_money_and_an_openers_balance_grows_in_the_browser(
+    make_cluster: Any,
+) -> None:
+    cluster: Cluster = await make_cluster(args=("--starting-balance", "1000"))
+    shots = SHOTS / (dt.datetime.now().strftime("%Y%m%d-%H%M%S") + "-wallet")
+    shots.mkdir(parents=True, exist_ok=True)
+    seen = await asyncio.to_thread(sender_runs_out_and_opener_is_credited, cluster.url, shots)
+    assert seen["sender_balance"] == "112"
+    assert seen["opened"] == 888
+    assert seen["opener_kinds"] == ["receive", "grant"]
+    await cluster.check()

@@ -29,6 +29,7 @@
     meYear: null,
     meTab: "received",
     meCursor: null,
+    walletCursor: null,
   };
 
   // -- money ---------------------------------------------------------------------------------
@@ -186,7 +187,7 @@
 
   async function loadFeatures() {
     if (state.features) return state.features;
-    const features = { kinds: null, me: false };
+    const features = { kinds: null, me: false, wallet: false };
     try {
       const response = await fetch("/openapi.json", { headers: { Accept: "application/json" } });
       const doc = await response.json();
@@ -200,6 +201,7 @@
         features.kinds = KINDS.filter((k) => listed.includes(k));
       }
       features.me = Boolean(paths["/v1/me/received"] && paths["/v1/me/sent"]);
+      features.wallet = Boolean(paths["/v1/me/wallet"] && paths["/v1/me/wallet/transactions"]);
     } catch {
       // an API description we cannot read: offer what every version has
     }
@@ -209,13 +211,14 @@
 
   // -- routing -------------------------------------------------------------------------------
 
-  const VIEWS = ["signin", "send", "packet", "me"];
+  const VIEWS = ["signin", "send", "packet", "me", "wallet"];
 
   function show(view) {
     for (const name of VIEWS) $(`view-${name}`).hidden = name !== view;
     $("nav").hidden = view === "signin";
     $("nav-send").classList.toggle("current", view === "send");
     $("nav-me").classList.toggle("current", view === "me");
+    $("nav-wallet").classList.toggle("current", view === "wallet");
     document.body.dataset.view = view;
   }
 
@@ -230,12 +233,16 @@
     $("who").textContent = state.me.name || `用户 ${state.me.uid}`;
     $("who").title = `uid ${state.me.uid} · 点击退出登录`;
     $("nav-me").hidden = !(state.features && state.features.me);
+    $("nav-wallet").hidden = !(state.features && state.features.wallet);
+    refreshBalance();
     const hash = location.hash || "#/";
     const packet = /^#\/p\/([A-Za-z0-9_-]{1,22})$/.exec(hash);
     if (packet) {
       showPacket(packet[1], state.routeSeq);
     } else if (hash === "#/me") {
       showMe(state.routeSeq);
+    } else if (hash === "#/wallet" && state.features && state.features.wallet) {
+      showWallet(state.routeSeq);
     } else {
       showSend();
     }
@@ -390,12 +397,20 @@
       const { status, data } = await api("POST", "/v1/red-packets", body, {
         "Idempotency-Key": state.pendingCreate.key,
       });
+      if (status === 402 && data && data.error) {
+        // not enough money: nothing was debited and no packet was made
+        $("send-error").textContent = `余额不足：零钱只有${yuan(data.error.balance || 0)}元`;
+        state.pendingCreate = null;
+        refreshBalance();
+        return;
+      }
       if (status !== 201) {
         $("send-error").textContent = errorText(data, `没有发出去 (${status})，请重试`);
         if (status < 500 && status !== 429) state.pendingCreate = null;
         return;
       }
       state.pendingCreate = null;
+      refreshBalance();
       const link = `${location.origin}/app/#/p/${data.red_packet_id}`;
       $("sent-link").textContent = link;
       $("sent-link").href = link;
@@ -670,7 +685,8 @@
     if (outcome.reason) {
       showOutcome(outcome.reason, outcome.amount);
     } else {
-      showAmount(outcome.amount, outcome.replayed ? "你已经领过这个红包" : "已存入零钱");
+      showAmount(outcome.amount, outcome.replayed ? "你已经领过这个红包" : creditNote());
+      if (!outcome.replayed) followCredit(seq);
     }
     clearTimeout(state.timer);
     refreshPacket(id, seq);
@@ -774,6 +790,91 @@
     }
   }
 
+  // -- wallet (零钱) ----------------------------------------------------------------------------
+
+  const TXN_NAMES = { topup: "充值", grant: "初始零钱", send: "发红包", receive: "收红包", refund: "退回" };
+
+  /** The balance in the bar (when the API has wallets); the wallet, or null. */
+  async function refreshBalance() {
+    if (!state.token || !(state.features && state.features.wallet)) return null;
+    try {
+      const { status, data } = await api("GET", "/v1/me/wallet");
+      if (status !== 200) return null;
+      $("balance").textContent = `¥${yuan(data.balance)}`;
+      $("balance").dataset.cents = String(data.balance);
+      $("balance").dataset.incoming = String(data.incoming);
+      return data;
+    } catch {
+      return null;
+    }
+  }
+
+  function creditNote() {
+    return state.features && state.features.wallet ? "入账中…" : "已存入零钱";
+  }
+
+  /** After an open: "入账中" until the share is in the balance (incoming back to 0). */
+  async function followCredit(seq) {
+    if (!(state.features && state.features.wallet)) return;
+    for (let i = 0; i < 60 && seq === state.routeSeq; i++) {
+      const wallet = await refreshBalance();
+      if (wallet && wallet.incoming === 0) {
+        if (seq === state.routeSeq) $("amount-note").textContent = "已存入零钱";
+        return;
+      }
+      await sleep(500);
+    }
+  }
+
+  function txnItem(t) {
+    const li = el("li");
+    li.dataset.kind = t.kind;
+    const row = t.red_packet_id && t.kind !== "topup" ? el("a") : el("span", "row-static");
+    if (row.tagName === "A") row.href = `#/p/${t.red_packet_id}`;
+    const who = el("span", "who-col");
+    who.append(el("span", "name", TXN_NAMES[t.kind] || t.kind), el("span", "time", when(t.create_time)));
+    const amt = el("span", "amt-col");
+    amt.append(el("span", "amt", `${t.amount > 0 ? "+" : ""}${yuan(t.amount)}元`));
+    amt.append(el("span", "time", `余额${yuan(t.balance_after)}元`));
+    row.append(el("span", "avatar", (TXN_NAMES[t.kind] || "零")[0]), who, amt);
+    li.append(row);
+    return li;
+  }
+
+  function showWallet(seq) {
+    show("wallet");
+    document.title = "零钱明细 · redpacket";
+    $("wallet-list").replaceChildren();
+    $("wallet-state").textContent = "加载中…";
+    state.walletCursor = null;
+    refreshBalance().then((w) => {
+      if (!w || seq !== state.routeSeq) return;
+      $("wallet-balance").textContent = `${yuan(w.balance)}元`;
+      $("wallet-balance").dataset.cents = String(w.balance);
+      $("wallet-incoming").textContent = w.incoming ? `入账中 ${yuan(w.incoming)}元` : "";
+    });
+    loadWallet(seq);
+  }
+
+  async function loadWallet(seq) {
+    const cursor = state.walletCursor ? `&cursor=${encodeURIComponent(state.walletCursor)}` : "";
+    $("wallet-more").hidden = true;
+    try {
+      const { status, data } = await api("GET", `/v1/me/wallet/transactions?limit=20${cursor}`);
+      if (seq !== state.routeSeq) return;
+      if (status !== 200) {
+        $("wallet-state").textContent = errorText(data, `暂时无法读取 (${status})`);
+        return;
+      }
+      $("wallet-list").append(...data.transactions.map(txnItem));
+      $("wallet-state").textContent = $("wallet-list").children.length ? "" : "还没有零钱明细";
+      state.walletCursor = data.next_cursor;
+      $("wallet-more").hidden = !data.next_cursor;
+    } catch (err) {
+      if (!(err instanceof SignedOut) && seq === state.routeSeq) $("wallet-state").textContent = err.message;
+    }
+  }
+
   // -- start ---------------------------------------------------------------------------------
 
   function wire() {
@@ -807,6 +908,7 @@
       route();
     });
     $("me-more").addEventListener("click", () => loadMe(state.routeSeq));
+    $("wallet-more").addEventListener("click", () => loadWallet(state.routeSeq));
     window.addEventListener("hashchange", route);
   }
 
