@@ -462,10 +462,24 @@ class Cluster:
         """Every node of every ring version, and of the previous ring during a change."""
         return self.ring().all_nodes()
 
-    async def check(self, observed: list[Observed] | None = None, settle_s: float = 15.0) -> Report:
+    async def check(
+        self,
+        observed: list[Observed] | None = None,
+        settle_s: float = 15.0,
+        *,
+        allow_unfunded: bool = False,
+    ) -> Report:
+        """The checker on every shard, conservation of money included. ``allow_unfunded``: some
+        packets were seeded straight into the ledgers (no wallet paid for them)."""
         doc = self.ring()
         owners = doc.ring() if doc.previous is None else None  # where users' history lives
-        report = await check_shards(self.nodes(), observed or [], settle_s=settle_s, owners=owners)
+        report = await check_shards(
+            self.nodes(),
+            observed or [],
+            settle_s=settle_s,
+            owners=owners,
+            allow_unfunded=allow_unfunded,
+        )
         assert report.ok, "\n".join(report.violations)
         return report
 

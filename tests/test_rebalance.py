@@ -415,7 +415,7 @@ async def test_a_killed_rebalance_is_finished_or_undone_by_running_again(
         half = await leave_half_done(client, doc, packets, await packets_by_node(cluster.nodes()))
     # exported, not finished: frozen where it was, not yet live where it goes, so no node
     # takes the open; the gateway retries it for a while, then answers 503
-    status, body = await cluster.open(str(half[0]), 4)
+    status, body = await cluster.open(cluster.public_id(half[0]), 4)
     assert (status, body["error"]["code"]) == (503, "unavailable")
 
     async def rolling_back() -> bool:

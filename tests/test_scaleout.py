@@ -188,7 +188,7 @@ async def test_add_no_move_places_only_new_packets_and_a_drained_shard_stops_onc
         assert await records_via_gateway(cluster, cluster.public_id(packet_id)) is not None
     await assert_keys_and_history_follow_users(cluster, keyed)
     await wait_for(lambda: _all_settled(cluster, first_real), timeout_s=60, what="the refunds")
-    await cluster.check(load.observed + creator.opens)
+    await cluster.check(load.observed + creator.opens, allow_unfunded=True)  # seeded packets
 
 
 async def _all_settled(cluster: Cluster, from_id: int) -> bool:
@@ -260,7 +260,7 @@ async def test_remove_move_killed_then_rolled_back_then_resumed_under_load(
     held = await assert_every_packet_on_its_version_owner(cluster)
     assert {snowflake_of(p) for p in packets} | set(seeded) <= set().union(*held.values())
     await assert_keys_and_history_follow_users(cluster, keyed)
-    await cluster.check(load.observed)
+    await cluster.check(load.observed, allow_unfunded=True)  # seeded packets
 
 
 def test_a_packet_is_served_by_the_version_that_placed_it() -> None:
