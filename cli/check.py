@@ -275,7 +275,14 @@ def run_check(args: argparse.Namespace) -> int:
     nodes = doc.all_nodes()  # every ring version's, and the previous ring's during a change
     print(f"checking {len(nodes)} shard(s) from {ring_path} ...", flush=True)
     owners = doc.ring() if doc.previous is None else None
-    report = asyncio.run(check_shards(nodes, settle_s=args.reconcile_wait, owners=owners))
+    report = asyncio.run(
+        check_shards(
+            nodes,
+            settle_s=args.reconcile_wait,
+            owners=owners,
+            allow_unfunded=args.allow_unfunded,
+        )
+    )
     for violation in report.violations:
         print(f"  VIOLATION {violation}")
     print(report.summary())

@@ -156,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="seconds to let pending claims land before calling them violations",
     )
+    p.add_argument(
+        "--allow-unfunded",
+        action="store_true",
+        help="accept packets no wallet paid for (made by release 0.1.0, before wallets)",
+    )
     _cluster_args(p)
     p.set_defaults(func=_check)
 

@@ -149,7 +149,7 @@ class Shards:
         body: Mapping[str, object] | None = None,
         params: Mapping[str, str] | None = None,
     ) -> Upstream:
-        """Call the node that keeps a user's own data (idempotency keys, history).
+        """Call the node that keeps a user's own data (idempotency keys, history, wallet).
 
         While a rebalance moves the user, the old and new owner may each point at the other
         for a moment; what is left of that after following the moves is a 503 to retry,
@@ -158,6 +158,10 @@ class Shards:
         upstream = await self.call(self.user_owner(uid), method, path, body=body, params=params)
         if upstream.error_code() == "packet_moved":
             raise unavailable("this user's data is moving between shards; retry")
+        if upstream.status == 404:
+            # no user call answers 404 for data it lacks: the node does not know this call
+            # at all, i.e. it still runs the previous release mid-upgrade (docs/deploy.md)
+            raise unavailable("this user's shard is being upgraded; retry")
         return upstream
 
     async def _call_once(
