@@ -23,6 +23,7 @@ docs/rebalancing.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -176,4 +177,6 @@ class RingDoc:
             else yaml.safe_dump(self.as_dict(), sort_keys=False)
         )
         tmp.write_text(body + "\n", "utf-8")
+        with contextlib.suppress(FileNotFoundError):  # a ring may hold store passwords:
+            tmp.chmod(target.stat().st_mode & 0o777)  # a new version keeps the old one's mode
         tmp.replace(target)
