@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
@@ -127,11 +128,21 @@ async def answers_ready(url: str, timeout_s: float, path: str = "/readyz") -> bo
             await asyncio.sleep(0.2)
 
 
-def redis_server_argv(port: int, data_dir: Path) -> list[str]:
+def redis_server_argv(port: int, data_dir: Path, password: str = "") -> list[str]:
     """A redis-server for one shard: loopback only, nothing on disk (the node rebuilds
-    from MySQL)."""
+    from MySQL), and a password when given (``redpacket dev up`` always gives one). The
+    password goes in a 0600 config file in ``data_dir``, not on the command line that
+    every local user can read in ``ps``."""
+    config: list[str] = []
+    if password:
+        conf = data_dir / "redis-auth.conf"
+        conf.touch(mode=0o600)
+        conf.chmod(0o600)
+        conf.write_text(f'requirepass "{password}"\n')
+        config = [str(conf)]
     return [
         "redis-server",
+        *config,
         "--port",
         str(port),
         "--bind",
@@ -205,6 +216,7 @@ class ShardPlan:
     database: str
     mysql_server: str
     metrics_port: int = 0
+    redis_password: str = ""
 
     @property
     def metrics_url(self) -> str:
@@ -216,7 +228,8 @@ class ShardPlan:
 
     @property
     def redis_url(self) -> str:
-        return f"redis://127.0.0.1:{self.redis_port}/0"
+        auth = f":{quote(self.redis_password, safe='')}@" if self.redis_password else ""
+        return f"redis://{auth}127.0.0.1:{self.redis_port}/0"
 
     @property
     def mysql_url(self) -> str:
@@ -313,6 +326,7 @@ class DevCluster:
                 f"{prefix}_shard_{i}",
                 self.mysql_server,
                 metrics_port=ports[3 * i + 2],
+                redis_password=secrets.token_urlsafe(24),
             )
             for i in range(self.shards)
         ]
@@ -335,7 +349,7 @@ class DevCluster:
         return [
             Child(
                 f"{plan.name}-redis",
-                redis_server_argv(plan.redis_port, data.resolve()),
+                redis_server_argv(plan.redis_port, data.resolve(), plan.redis_password),
                 dict(os.environ),
                 logs / f"{plan.name}-redis.log",
             ),
@@ -386,6 +400,11 @@ class DevCluster:
         """Start everything and wait until the gateway says every shard is ready."""
         await self.check_prerequisites()
         self.plan()
+        # cluster.json holds the JWT and node secrets, ring.json the Redis passwords: every
+        # file and folder this supervisor (and its children) makes is its user's alone
+        os.umask(0o077)
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.home.chmod(0o700)
         (self.home / "logs").mkdir(parents=True, exist_ok=True)
         await self.write_ring(RingDoc(1, tuple(p.spec() for p in self.plans)))
         started = time.monotonic()
@@ -463,6 +482,8 @@ class DevCluster:
         }
         path = self.home / "cluster.json"
         tmp = path.with_suffix(".tmp")
+        tmp.touch(mode=0o600)
+        tmp.chmod(0o600)
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(path)
 
@@ -512,6 +533,7 @@ class DevCluster:
                     f"{self._prefix()}_{re.sub(r'[^a-z0-9]+', '_', name.lower())}",
                     self.mysql_server,
                     metrics_port=ports[2],
+                    redis_password=secrets.token_urlsafe(24),
                 )
                 self.plans.append(plan)
                 await migrate(plan.mysql_url)

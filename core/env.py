@@ -14,6 +14,24 @@ class SettingsError(ValueError):
     """An environment variable holds a value the service cannot use."""
 
 
+REDIS_PASSWORD_FILE = "REDPACKET_REDIS_PASSWORD_FILE"
+MYSQL_PASSWORD_FILE = "REDPACKET_MYSQL_PASSWORD_FILE"
+
+
+def password_from_file(variable: str, env: Mapping[str, str] | None = None) -> str | None:
+    """The password in the file the variable names (as Kubernetes mounts a Secret), without
+    its trailing newline; None when the variable is unset. Nodes, the checker and every tool
+    read store passwords this way or from the store's URL (the URL wins)."""
+    path = (os.environ if env is None else env).get(variable, "")
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().rstrip("\r\n")
+    except OSError as exc:
+        raise SettingsError(f"{variable}: cannot read {path}: {exc.strerror}") from None
+
+
 def env_str(env: Mapping[str, str], name: str, default: str) -> str:
     return env.get(name, default)
 

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import redis.asyncio as aioredis
@@ -23,6 +24,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from redpacket.core.env import REDIS_PASSWORD_FILE, password_from_file
 from redpacket.node.batcher import ScriptBatcher
 from redpacket.node.keys import PENDING_PATTERN, packet_id_of, packet_keys
 from redpacket.node.ledger import Claim, PacketRow
@@ -65,6 +67,8 @@ def connect_redis(url: str, cluster: bool, pool_size: int) -> RedisClient:
     """
     retry = Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=3)
     errors = [RedisConnectionError, RedisTimeoutError]
+    # the password: in the URL, or in the file REDPACKET_REDIS_PASSWORD_FILE names
+    auth = {} if urlsplit(url).password else {"password": password_from_file(REDIS_PASSWORD_FILE)}
     if cluster:
         # redis-py's cluster client fails a command when a master's pool is full instead of
         # waiting for a connection, so its cap sits above anything the node can have in
@@ -73,6 +77,7 @@ def connect_redis(url: str, cluster: bool, pool_size: int) -> RedisClient:
             url,
             decode_responses=True,
             max_connections=max(pool_size, CLUSTER_MIN_CONNECTIONS),
+            **auth,
             retry=retry,
             retry_on_error=errors,
             socket_timeout=5,
@@ -85,6 +90,7 @@ def connect_redis(url: str, cluster: bool, pool_size: int) -> RedisClient:
         decode_responses=True,
         max_connections=pool_size,
         timeout=None,
+        **auth,
         retry=retry,
         retry_on_error=errors,
         socket_timeout=5,

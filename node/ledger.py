@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlsplit
 import aiomysql
 import pymysql
 
+from redpacket.core.env import MYSQL_PASSWORD_FILE, password_from_file
 from redpacket.node import outbox
 
 # "CREATE ... IF NOT EXISTS" on something that exists is the normal case for an idempotent
@@ -131,7 +132,8 @@ def parse_mysql_url(url: str) -> MysqlTarget:
         host=parts.hostname or "127.0.0.1",
         port=parts.port or 3306,
         user=unquote(parts.username or "root"),
-        password=unquote(parts.password or ""),
+        # the password: in the URL, or in the file REDPACKET_MYSQL_PASSWORD_FILE names
+        password=unquote(parts.password or "") or password_from_file(MYSQL_PASSWORD_FILE) or "",
         database=parts.path.lstrip("/"),
     )
 

@@ -34,6 +34,7 @@ docs/rebalancing.md.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 from collections.abc import Mapping, Sequence
@@ -233,6 +234,8 @@ class RingDoc:
             else yaml.safe_dump(self.as_dict(), sort_keys=False)
         )
         tmp.write_text(body + "\n", "utf-8")
+        with contextlib.suppress(FileNotFoundError):  # a ring may hold store passwords:
+            tmp.chmod(target.stat().st_mode & 0o777)  # a new version keeps the old one's mode
         tmp.replace(target)
 
 

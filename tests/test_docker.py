@@ -55,6 +55,8 @@ DOCKERFILE = DOCKER / "Dockerfile"
 CHECK_JSONSCHEMA = ("check-jsonschema", "0.39.0")
 COMPOSE_SCHEMA = Path("check_jsonschema", "builtin_schemas", "vendor", "compose-spec.json")
 SHARDS = 2
+JWT_SECRET = "compose-test-jwt-secret-" + "0123456789abcdef"
+STACK_SECRETS = {"REDPACKET_JWT_SECRET": JWT_SECRET}  # what compose requires to start
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -80,18 +82,28 @@ def default_image(service: dict[str, Any]) -> str:
     return interpolate(str(service.get("image", "")))
 
 
+class Required(ValueError):
+    """${VAR:?message} with VAR unset: compose refuses to start."""
+
+
 def interpolate(value: str, env: dict[str, str] | None = None) -> str:
-    """Compose's ${VAR}, ${VAR:-default} and $$ with an empty (or given) environment."""
-    env = env or {}
+    """Compose's ${VAR}, ${VAR:-default}, ${VAR:?error} and $$ with an empty (or given)
+    environment (the required secrets come from ``STACK_SECRETS`` unless told otherwise)."""
+    env = STACK_SECRETS if env is None else env
 
     def sub(m: re.Match[str]) -> str:
         if m[0] == "$$":
             return "$"
         name, default = m["name"], m["default"] or ""
+        if m["required"] is not None and not env.get(name):
+            raise Required(f"{name}: {m['required']}")
         return env.get(name) or default
 
     return re.sub(
-        r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}", sub, value
+        r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
+        r"(?::-(?P<default>[^}]*)|:\?(?P<required>[^}]*))?\}",
+        sub,
+        value,
     )
 
 
@@ -253,6 +265,19 @@ def test_gateway_settings_and_ring() -> None:
         assert node_settings.node_secret == settings.node_secret
 
 
+def test_compose_needs_a_jwt_secret_and_publishes_the_gateway_on_loopback() -> None:
+    gateway = compose()["services"]["gateway"]
+    with pytest.raises(Required):
+        interpolate(str(gateway["environment"]["REDPACKET_JWT_SECRET"]), {})
+    (published,) = gateway["ports"]
+    assert interpolate(published).startswith("127.0.0.1:")
+    assert interpolate(
+        published, {**STACK_SECRETS, "REDPACKET_GATEWAY_BIND": "0.0.0.0"}
+    ).startswith("0.0.0.0:")
+    for node in ("node-0", "node-1"):
+        assert urlsplit(service_env(node)["REDPACKET_REDIS_URL"]).password  # Redis wants one
+
+
 def test_node_i_uses_redis_i_and_mysql_i() -> None:
     services = compose()["services"]
     nodes = sorted(n for n, s in app_services().items() if s["command"] == ["node"])
@@ -360,7 +385,6 @@ def test_compose_file_works_with_compose_v1_and_v2() -> None:
 
 APP_INPUTS = ["pyproject.toml", "setup.py", "README.md", ".dockerignore", "docker/Dockerfile"]
 STACK_TIMEOUT_S = 420
-JWT_SECRET = "compose-test-jwt-secret-" + "0123456789abcdef"
 
 
 def free_port() -> int:
