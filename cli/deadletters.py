@@ -20,10 +20,7 @@ def ring_nodes(args: argparse.Namespace) -> list[NodeSpec]:
     from redpacket.cli.devcluster import load_state
 
     doc = RingDoc.load(Path(args.ring or load_state(args.var, args.cluster)["ring_file"]))
-    nodes = list(doc.nodes)
-    if doc.previous is not None:
-        nodes += [n for n in doc.previous.nodes if n.name not in {m.name for m in nodes}]
-    return nodes
+    return doc.all_nodes()  # every version's shards, and the previous ring's mid-change
 
 
 async def list_letters(nodes: list[NodeSpec]) -> int:

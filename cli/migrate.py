@@ -35,11 +35,10 @@ def _node_url_from_env() -> str | None:
 
 
 def _ring_urls(path: str) -> list[str]:
-    """Each shard's MySQL in a ring file, the previous ring's too (mid-rebalance)."""
+    """Each shard's MySQL in a ring file: every version's, the previous ring's too."""
     from redpacket.sharding.ring import RingDoc
 
-    doc = RingDoc.load(path)
-    nodes = list(doc.nodes) + (list(doc.previous.nodes) if doc.previous else [])
+    nodes = RingDoc.load(path).all_nodes()
     urls = list(dict.fromkeys(n.mysql for n in nodes if n.mysql))
     if not urls:
         raise SettingsError(f"the ring {path} names no shard's mysql URL")

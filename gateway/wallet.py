@@ -40,8 +40,7 @@ MAX_TOPUP_CENTS = 10**12  # 100 亿元: any larger top-up is a bug upstream
 
 async def _incoming_shares(shards: Shards, uid: int) -> dict[str, int]:
     """The user's committed shares still in some shard's outbox (undelivered credits)."""
-    doc = shards.ring_doc
-    nodes = {n.name: n for n in (*doc.nodes, *(doc.previous.nodes if doc.previous else ()))}
+    nodes = {n.name: n for n in shards.ring_doc.all_nodes()}  # every version's shards
 
     async def ask(node: Any) -> dict[str, int]:
         try:
