@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from redpacket.core.amounts import refuse_unknown_fields
+from redpacket.core.amounts import refuse_unknown_fields, strict_int
 from redpacket.core.body import read_body
 from redpacket.core.errors import ApiError, bad_request, json_response, parse_json_object
 from redpacket.core.ids import parse_uid
@@ -141,12 +141,8 @@ async def create_topup(request: web.Request) -> web.Response:
     uid = parse_uid(body.get("uid"))
     if uid is None:
         raise bad_request("invalid_field", "uid must be a positive 64-bit integer")
-    amount, topup_id = body.get("amount"), body.get("topup_id")
-    if (
-        not isinstance(amount, int)
-        or isinstance(amount, bool)
-        or not 1 <= amount <= MAX_TOPUP_CENTS
-    ):
+    amount, topup_id = strict_int(body.get("amount")), body.get("topup_id")
+    if amount is None or not 1 <= amount <= MAX_TOPUP_CENTS:
         raise bad_request("invalid_field", f"amount must be 1..{MAX_TOPUP_CENTS} cents")
     if not (
         isinstance(topup_id, str) and 1 <= len(topup_id) <= 64

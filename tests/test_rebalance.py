@@ -127,6 +127,22 @@ async def create_many(cluster: Cluster, count: int, amount: int, shares: int) ->
     return ids
 
 
+async def keyed_creates(cluster: Cluster, uids: range) -> dict[int, str]:
+    """Creates with an Idempotency-Key (the key lives with its user, and moves with them)."""
+    keyed = {}
+    for uid in uids:
+        status, body = await cluster.call(
+            "POST",
+            "/v1/red-packets",
+            uid,
+            {"total_amount": 300, "total_packet": 3},
+            headers={"Idempotency-Key": f"key-{uid}"},
+        )
+        assert status == 201, body
+        keyed[uid] = body["red_packet_id"]
+    return keyed
+
+
 async def create_on_owner(cluster: Cluster, *, expire_seconds: int, shares: int) -> str:
     """A packet created on its node directly (the gateway's lifetime is fixed per cluster)."""
     packet_id, token = IDS.next_id(), secrets.token_hex(16)
@@ -221,17 +237,7 @@ async def test_scale_2_to_3_to_2_under_an_open_load(make_cluster: Any) -> None:
     started = time.monotonic()
     busy = await create_many(cluster, 240, amount=10_000, shares=100)  # never sell out here
     small = await create_many(cluster, 60, amount=500, shares=5)  # sell out, then 410
-    keyed = {}
-    for uid in range(9001, 9021):  # creates with an Idempotency-Key: the key moves too
-        status, body = await cluster.call(
-            "POST",
-            "/v1/red-packets",
-            uid,
-            {"total_amount": 300, "total_packet": 3},
-            headers={"Idempotency-Key": f"key-{uid}"},
-        )
-        assert status == 201, body
-        keyed[uid] = body["red_packet_id"]
+    keyed = await keyed_creates(cluster, range(9001, 9021))  # the keys move too
     # packets that expire and are refunded before they move: the refund moves with them
     expiring = [await create_on_owner(cluster, expire_seconds=1, shares=5) for _ in range(10)]
     early: list[Observed] = []

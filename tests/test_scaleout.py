@@ -24,6 +24,7 @@ from tests.test_rebalance import (
     Load,
     create_many,
     database_exists,
+    keyed_creates,
     kill_when,
     packets_by_node,
     query,
@@ -33,22 +34,6 @@ from tests.test_rebalance import (
 )
 
 SEEDED = 20_000
-
-
-async def keyed_creates(cluster: Cluster, uids: range) -> dict[int, str]:
-    """Creates with an Idempotency-Key (the key lives with its user, and moves with them)."""
-    keyed = {}
-    for uid in uids:
-        status, body = await cluster.call(
-            "POST",
-            "/v1/red-packets",
-            uid,
-            {"total_amount": 300, "total_packet": 3},
-            headers={"Idempotency-Key": f"key-{uid}"},
-        )
-        assert status == 201, body
-        keyed[uid] = body["red_packet_id"]
-    return keyed
 
 
 async def assert_keys_and_history_follow_users(cluster: Cluster, keyed: dict[int, str]) -> None:
