@@ -19,6 +19,7 @@ from aiohttp import web
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from redpacket.core.edge import json_parser_errors, secure_headers
 from redpacket.core.errors import ApiError, error_middleware, unavailable
 from redpacket.core.frames import LINK_PATH
 from redpacket.core.logs import request_id_middleware
@@ -155,6 +156,8 @@ def create_app(settings: NodeSettings) -> web.Application:
         client_max_size=max(settings.max_body_bytes, 4 * 1024 * 1024),
     )
     app[SETTINGS] = settings
+    app.on_response_prepare.append(secure_headers)  # no versions in Server (issue 19)
+    json_parser_errors()
     link = LinkServer(
         CALLS,
         max_inflight=settings.link_max_inflight,
