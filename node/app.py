@@ -20,6 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from redpacket.core import clock
+from redpacket.core.edge import json_parser_errors, secure_headers
 from redpacket.core.errors import ApiError, error_middleware, unavailable
 from redpacket.core.frames import LINK_PATH
 from redpacket.core.logs import request_id_middleware
@@ -175,6 +176,8 @@ def create_app(settings: NodeSettings) -> web.Application:
     )
     app[SETTINGS] = settings
     clock.use_offset_file(settings.clock_offset_file)
+    app.on_response_prepare.append(secure_headers)  # no versions in Server (issue 19)
+    json_parser_errors()
     link = LinkServer(
         CALLS,
         max_inflight=settings.link_max_inflight,
