@@ -294,6 +294,15 @@ def mysql_target_of(pod: dict[str, Any], container: dict[str, Any]) -> tuple[str
     return url, item["key"]
 
 
+def mysql_env(container: dict[str, Any]) -> list[dict[str, Any]]:
+    """The env entries that choose a container's MySQL: URL, password file, ordinal."""
+    return [
+        v
+        for v in container["env"]
+        if v["name"] == "REDPACKET_ORDINAL" or v["name"].startswith("REDPACKET_MYSQL_")
+    ]
+
+
 @pytest.mark.parametrize("shards", [1, 3])
 def test_the_chart_migrates_every_shard_before_the_nodes_roll(shards: int) -> None:
     docs = render("--set", f"shards={shards}")
@@ -307,6 +316,12 @@ def test_the_chart_migrates_every_shard_before_the_nodes_roll(shards: int) -> No
     ]
     node_pod = node_set["spec"]["template"]["spec"]
     (node,) = node_pod["containers"]
+    # every node pod also migrates its own shard first (a shard added by a rebalance has no
+    # Job): an init container with exactly the node's MySQL env
+    (init,) = node_pod["initContainers"]
+    assert init["command"][:3] == ["redpacket", "db", "migrate"]
+    build_parser().parse_args(init["command"][1:])
+    assert mysql_env(init) == mysql_env(node)
     for i, job in enumerate(jobs):
         notes = job["metadata"]["annotations"]
         # in-chart MySQL does not exist before install: after it, but before every upgrade
@@ -323,6 +338,11 @@ def test_the_chart_migrates_every_shard_before_the_nodes_roll(shards: int) -> No
         ]
         url, password_key = mysql_target_of(pod, container)
         assert (url, password_key) == mysql_target_of(node_pod, {**node, "env": node_env})
+        init_env = [
+            v if v["name"] != "REDPACKET_ORDINAL" else {"name": v["name"], "value": str(i)}
+            for v in init["env"]
+        ]
+        assert (url, password_key) == mysql_target_of(node_pod, {**init, "env": init_env})
         assert f"-mysql-{i}." in url and password_key == "mysql-password"
 
 
@@ -356,4 +376,12 @@ def test_with_external_mysql_the_jobs_run_before_install_after_the_secret(
 
 
 def test_the_jobs_can_be_turned_off() -> None:
-    assert migrate_jobs(render("--set", "migrations.enabled=false")) == []
+    docs = render("--set", "migrations.enabled=false")
+    assert migrate_jobs(docs) == []
+    (node_set,) = [  # and the nodes' migrate init containers with them
+        d
+        for d in docs
+        if d["kind"] == "StatefulSet"
+        and d["metadata"]["labels"]["app.kubernetes.io/component"] == "node"
+    ]
+    assert "initContainers" not in node_set["spec"]["template"]["spec"]
