@@ -1796,6 +1796,14 @@ def test_the_chart_never_gives_the_gateway_free_money(case: str) -> None:
     assert GatewaySettings.from_env(gateway_env(render(case))).dev_starting_balance == 0
 
 
+@pytest.mark.parametrize("name", ["REDPACKET_DEV_STARTING_BALANCE", "REDPACKET_DEV_LOGIN"])
+def test_dev_settings_in_the_gateways_extra_env_are_refused(name: str) -> None:
+    value = json.dumps([{"name": name, "value": "100"}])
+    proc = run_helm("template", RELEASE, str(CHART), "--set-json", f"gateway.extraEnv={value}")
+    assert proc.returncode != 0
+    assert f"gateway.extraEnv sets {name}: that is for dev clusters only" in proc.stderr
+
+
 @pytest.mark.parametrize("timeout_s", ["", "45.5"])
 def test_nodes_get_the_wallet_hold_timeout(timeout_s: str) -> None:
     args = sets_json(f"node.config.walletHoldTimeoutS={timeout_s}") if timeout_s else ()

@@ -29,7 +29,7 @@ from redpacket.node.migrations.runner import (
     migrate,
 )
 from redpacket.node.settings import NodeSettings
-from tests.conftest import sql
+from tests.conftest import MYSQL_SERVER, RUN_ID, sql
 from tests.helm_tool import REPO, helm_binary
 from tests.releases import previous_release, releases
 
@@ -385,3 +385,45 @@ def test_the_jobs_can_be_turned_off() -> None:
         and d["metadata"]["labels"]["app.kubernetes.io/component"] == "node"
     ]
     assert "initContainers" not in node_set["spec"]["template"]["spec"]
+
+
+async def test_a_node_pods_init_container_migrates_its_own_shard(
+    mysql_databases: Any, tmp_path: Path
+) -> None:
+    """The init container's real command and env names, run here: pod 1 (a shard added by a
+    rebalance, that no Job has seen) migrates database 1, the one its node checks at start,
+    and leaves pod 0's alone. Only the MySQL address is moved to the test server (the URL
+    keeps its {ordinal}) and the password file to a temp file."""
+    docs = render("--set", "shards=2")
+    (node_set,) = [
+        d
+        for d in docs
+        if d["kind"] == "StatefulSet"
+        and d["metadata"]["labels"]["app.kubernetes.io/component"] == "node"
+    ]
+    (init,) = node_set["spec"]["template"]["spec"]["initContainers"]
+    env = {v["name"]: v["value"] for v in init["env"] if "value" in v}
+    assert "{ordinal}" in env["REDPACKET_MYSQL_URL"]
+    (ordinal,) = [v for v in init["env"] if v["name"] == "REDPACKET_ORDINAL"]
+    assert ordinal["valueFrom"]["fieldRef"]["fieldPath"].endswith(
+        "['apps.kubernetes.io/pod-index']"
+    )
+    password_file = tmp_path / Path(env["REDPACKET_MYSQL_PASSWORD_FILE"]).name
+    password_file.write_text((parse_mysql_url(MYSQL_SERVER + "/x").password or "") + "\n")
+    # the `redpacket\_t<run>` databases are dropped by mysql_databases at the session's end
+    template = f"{MYSQL_SERVER}/redpacket_t{RUN_ID}_pod_{{ordinal}}"
+    urls = [template.replace("{ordinal}", str(i)) for i in range(2)]
+    assert mysql_databases  # (its teardown drops them)
+    argv = init["command"]
+    assert argv[0] == "redpacket"
+    done = redpacket(
+        *argv[1:],
+        REDPACKET_ORDINAL="1",
+        REDPACKET_MYSQL_URL=template,
+        REDPACKET_MYSQL_PASSWORD_FILE=str(password_file),
+    )
+    assert done.returncode == 0, done.stderr
+    await check_database(urls[1])  # the node of pod 1 starts
+    assert len(await applied(urls[1])) == len(load())
+    with pytest.raises(Exception, match=r"Unknown database|never migrated"):
+        await check_database(urls[0])  # pod 0's: not this pod's business
