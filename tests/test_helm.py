@@ -220,6 +220,8 @@ def kubelet_env(
             )
         elif "secretKeyRef" in var["valueFrom"]:
             ref = var["valueFrom"]["secretKeyRef"]
+            if ref.get("optional") and ref["key"] not in secrets.get(ref["name"], {}):
+                continue  # the kubelet leaves an optional missing key out
             env[var["name"]] = secrets[ref["name"]][ref["key"]]
         else:
             path = var["valueFrom"]["fieldRef"]["fieldPath"]
@@ -586,6 +588,26 @@ def test_external_stores_pick_the_shards_url(tmp_path: Path, with_pod_index: boo
         assert settings.name == f"shard-{i}"
         assert settings.redis_url == files[f"redis-url-{i}"]
         assert settings.mysql_url == files[f"mysql-url-{i}"]
+        # the migrate init container picks the same database, the same way
+        (init,) = pod["initContainers"]
+        assert init["command"] == ["/bin/sh", "-c"]
+        (init_script,) = init["args"]
+        assert init_script.rstrip().endswith("exec redpacket db migrate --wait-s 300")
+        init_script = init_script.replace(mount["mountPath"], str(tmp_path)).replace(
+            "exec redpacket db migrate --wait-s 300", "exec env"
+        )
+        init_env = kubelet_env(init, {}, pod_labels(sts, i, with_pod_index), hostname)
+        proc = subprocess.run(
+            ["/bin/sh", "-c", init_script],
+            env=init_env,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        migrated = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+        assert migrated["REDPACKET_MYSQL_URL"] == files[f"mysql-url-{i}"]
 
 
 def test_external_stores_need_one_url_per_shard() -> None:
@@ -858,6 +880,8 @@ def test_dashboard_ships_and_uses_only_real_metrics() -> None:
         (("--set", "shards=1025"), "/shards"),
         (("--set-string", "shards=two"), "/shards"),
         (("--set", "secrets.jwtSecret=too-short"), "/secrets/jwtSecret"),
+        (("--set", "secrets.paymentsSecret=too-short"), "/secrets/paymentsSecret"),
+        (("--set", "node.config.walletHoldTimeoutS=0"), "/node/config/walletHoldTimeoutS"),
         (("--set", "gateway.service.type=Ingress"), "/gateway/service/type"),
         (("--set", "redis.appendfsync=sometimes"), "/redis/appendfsync"),
         (("--set", "externalStores.redisUrls={http://not-redis}"), "/externalStores/redisUrls"),
@@ -868,6 +892,8 @@ def test_dashboard_ships_and_uses_only_real_metrics() -> None:
         "shards=1025",
         "shards-string",
         "short-jwt",
+        "short-payments-secret",
+        "hold-timeout-0",
         "service-type",
         "appendfsync",
         "redis-url",
@@ -1633,3 +1659,158 @@ def test_a_restricted_gateway_still_answers_rebalance_jobs() -> None:
         for p in rule["from"]
     )
     assert any("namespaceSelector" in p for p in rule["from"])
+
+
+# -- every node pod migrates its own shard (a shard added by a rebalance too) ----------------
+
+
+def mysql_env(container: dict[str, Any]) -> list[dict[str, Any]]:
+    """The env entries that choose a container's MySQL: the URL, its password file, and the
+    ordinal that fills {ordinal} in the URL."""
+    return [
+        v
+        for v in container["env"]
+        if v["name"] == "REDPACKET_ORDINAL" or v["name"].startswith("REDPACKET_MYSQL_")
+    ]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_node_pod_migrates_its_own_shard_before_the_node_starts(case: str) -> None:
+    """A shard added by `redpacket rebalance add --backend kubernetes` (the StatefulSets scaled
+    up) gets an empty database no migration Job has seen: each node pod's init container runs
+    `redpacket db migrate` with exactly the node's MySQL env and the same Secret files, so
+    every pod i migrates database i before its node starts."""
+    docs = render(case)
+    sts = statefulsets(docs)["node"]
+    pod = sts["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    (node,) = pod["containers"]
+    argv = command_of(init)
+    if argv[:2] == ["/bin/sh", "-c"]:  # external MySQL: the URL from this shard's file
+        assert command_of(node)[:2] == ["/bin/sh", "-c"]
+        assert "mysql-url-${ordinal}" in argv[2]
+        argv = shlex.split(argv[2].rstrip().splitlines()[-1])[1:]  # after `exec`
+    assert argv[:3] == ["redpacket", "db", "migrate"]
+    assert_real_cli(argv)
+    assert argv[3:] == ["--wait-s", "300"]  # it may start before its MySQL does
+    assert mysql_env(init) == mysql_env(node)
+    assert init["image"] == node["image"]
+    # the same files from the same Secret keys
+    node_files = secret_files(sts, node)
+    for path, source in secret_files(sts, init).items():
+        assert node_files[path] == source, path
+    secrets = secret_data(docs)
+    for i in range(expected_shards(case)):
+        labels = pod_labels(sts, i)
+        hostname = f"{sts['metadata']['name']}-{i}"
+        env = kubelet_env(init, secrets, labels, hostname)
+        node_env = kubelet_env(node, secrets, labels, hostname)
+        if "REDPACKET_MYSQL_URL" in node_env:  # in-chart MySQL: the URL of pod i's MySQL
+            url = NodeSettings.from_env({**env, "REDPACKET_NODE_SECRET": "-"}).mysql_url
+            assert url == NodeSettings.from_env(node_env).mysql_url
+            assert f"-mysql-{i}." in url
+
+
+def test_no_init_migration_when_migrations_are_off() -> None:
+    docs = render_args(*sets("migrations.enabled=false"))
+    assert "initContainers" not in statefulsets(docs)["node"]["spec"]["template"]["spec"]
+
+
+# -- the wallet's settings ------------------------------------------------------------------
+
+
+def gateway_env(docs: tuple[dict[str, Any], ...]) -> dict[str, str]:
+    (container,) = one(docs, "Deployment", "gateway")["spec"]["template"]["spec"]["containers"]
+    return kubelet_env(container, secret_data(docs), {}, "gateway-abc")
+
+
+def test_gateway_gets_a_payments_secret_made_once_and_kept() -> None:
+    """The top-up webhook's key comes from the chart's Secret (key payments-secret), generated
+    at install like the other secrets (the Secret is a kept pre-install hook), so the webhook
+    route exists."""
+    docs = render("default")
+    (secret,) = [d for d in of_kind(docs, "Secret") if d["metadata"]["name"] == "rp-redpacket"]
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    generated = secret_data(docs)["rp-redpacket"]["payments-secret"]
+    settings = GatewaySettings.from_env(gateway_env(docs))  # refuses one under 32 bytes
+    assert settings.payments_secret == generated
+    assert "/v1/wallet/topups" in wallet_routes(settings.payments_secret)
+    given = "p" * 40
+    docs = render_args(*sets(f"secrets.paymentsSecret={given}"))
+    assert GatewaySettings.from_env(gateway_env(docs)).payments_secret == given
+
+
+def wallet_routes(payments_secret: str) -> set[str]:
+    """Paths of the gateway's wallet routes with this secret (the gateway's own wiring)."""
+    from aiohttp import web
+
+    from redpacket.gateway.wallet import add_wallet_routes
+
+    app = web.Application()
+    add_wallet_routes(app, payments_secret)
+    return {r.canonical for r in app.router.resources()}
+
+
+def test_without_payments_the_gateway_has_no_secret_and_no_webhook() -> None:
+    docs = render_args(*sets("payments.enabled=false"))
+    assert "payments-secret" not in secret_data(docs)["rp-redpacket"]
+    env = gateway_env(docs)
+    assert "REDPACKET_PAYMENTS_SECRET" not in env
+    settings = GatewaySettings.from_env(env)
+    assert "/v1/wallet/topups" not in wallet_routes(settings.payments_secret)  # 404
+    assert "/v1/me/wallet" in wallet_routes(settings.payments_secret)
+
+
+def test_an_existing_secret_supplies_the_payments_secret() -> None:
+    """With secrets.existingSecret the user's Secret holds payments-secret. The reference is
+    optional: a release whose Secret predates the key (the chart's own is never re-templated)
+    still starts its gateways, with the webhook at 404 until the key is added."""
+    docs = render_args(*sets("secrets.existingSecret=shop-credentials"))
+    (container,) = one(docs, "Deployment", "gateway")["spec"]["template"]["spec"]["containers"]
+    (var,) = [v for v in container["env"] if v["name"] == "REDPACKET_PAYMENTS_SECRET"]
+    ref = var["valueFrom"]["secretKeyRef"]
+    assert (ref["name"], ref["key"], ref["optional"]) == (
+        "shop-credentials",
+        "payments-secret",
+        True,
+    )
+    mine = {"jwt-secret": "j" * 32, "node-secret": "n" * 16}
+    env = kubelet_env(container, {"shop-credentials": mine}, {}, "gw")
+    assert GatewaySettings.from_env(env).payments_secret == ""
+    env = kubelet_env(
+        container, {"shop-credentials": {**mine, "payments-secret": "s" * 32}}, {}, "gw"
+    )
+    assert GatewaySettings.from_env(env).payments_secret == "s" * 32
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_chart_never_gives_the_gateway_free_money(case: str) -> None:
+    """A starting balance is a dev cluster's convenience (REDPACKET_DEV_LOGIN marks one): no
+    gateway of the chart gets REDPACKET_DEV_STARTING_BALANCE or REDPACKET_DEV_LOGIN."""
+    for doc, pod in workloads(render(case)):
+        for container in [*pod.get("initContainers", []), *pod["containers"]]:
+            names = {v["name"] for v in container.get("env", [])}
+            where = f"{doc['kind']}/{doc['metadata']['name']}/{container['name']}"
+            assert "REDPACKET_DEV_STARTING_BALANCE" not in names, where
+            assert "REDPACKET_DEV_LOGIN" not in names, where
+    assert GatewaySettings.from_env(gateway_env(render(case))).dev_starting_balance == 0
+
+
+@pytest.mark.parametrize("name", ["REDPACKET_DEV_STARTING_BALANCE", "REDPACKET_DEV_LOGIN"])
+def test_dev_settings_in_the_gateways_extra_env_are_refused(name: str) -> None:
+    value = json.dumps([{"name": name, "value": "100"}])
+    proc = run_helm("template", RELEASE, str(CHART), "--set-json", f"gateway.extraEnv={value}")
+    assert proc.returncode != 0
+    assert f"gateway.extraEnv sets {name}: that is for dev clusters only" in proc.stderr
+
+
+@pytest.mark.parametrize("timeout_s", ["", "45.5"])
+def test_nodes_get_the_wallet_hold_timeout(timeout_s: str) -> None:
+    args = sets_json(f"node.config.walletHoldTimeoutS={timeout_s}") if timeout_s else ()
+    docs = render_args(*args)
+    sts = statefulsets(docs)["node"]
+    (node,) = sts["spec"]["template"]["spec"]["containers"]
+    env = kubelet_env(node, secret_data(docs), pod_labels(sts, 0), "rp-redpacket-node-0")
+    default = yaml.safe_load((CHART / "values.yaml").read_text())["node"]["config"]
+    expected = float(timeout_s or default["walletHoldTimeoutS"])
+    assert NodeSettings.from_env(env).wallet_hold_timeout_s == expected

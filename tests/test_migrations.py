@@ -29,7 +29,7 @@ from redpacket.node.migrations.runner import (
     migrate,
 )
 from redpacket.node.settings import NodeSettings
-from tests.conftest import sql
+from tests.conftest import MYSQL_SERVER, RUN_ID, sql
 from tests.helm_tool import REPO, helm_binary
 from tests.releases import previous_release, releases
 
@@ -294,6 +294,15 @@ def mysql_target_of(pod: dict[str, Any], container: dict[str, Any]) -> tuple[str
     return url, item["key"]
 
 
+def mysql_env(container: dict[str, Any]) -> list[dict[str, Any]]:
+    """The env entries that choose a container's MySQL: URL, password file, ordinal."""
+    return [
+        v
+        for v in container["env"]
+        if v["name"] == "REDPACKET_ORDINAL" or v["name"].startswith("REDPACKET_MYSQL_")
+    ]
+
+
 @pytest.mark.parametrize("shards", [1, 3])
 def test_the_chart_migrates_every_shard_before_the_nodes_roll(shards: int) -> None:
     docs = render("--set", f"shards={shards}")
@@ -307,6 +316,12 @@ def test_the_chart_migrates_every_shard_before_the_nodes_roll(shards: int) -> No
     ]
     node_pod = node_set["spec"]["template"]["spec"]
     (node,) = node_pod["containers"]
+    # every node pod also migrates its own shard first (a shard added by a rebalance has no
+    # Job): an init container with exactly the node's MySQL env
+    (init,) = node_pod["initContainers"]
+    assert init["command"][:3] == ["redpacket", "db", "migrate"]
+    build_parser().parse_args(init["command"][1:])
+    assert mysql_env(init) == mysql_env(node)
     for i, job in enumerate(jobs):
         notes = job["metadata"]["annotations"]
         # in-chart MySQL does not exist before install: after it, but before every upgrade
@@ -323,6 +338,11 @@ def test_the_chart_migrates_every_shard_before_the_nodes_roll(shards: int) -> No
         ]
         url, password_key = mysql_target_of(pod, container)
         assert (url, password_key) == mysql_target_of(node_pod, {**node, "env": node_env})
+        init_env = [
+            v if v["name"] != "REDPACKET_ORDINAL" else {"name": v["name"], "value": str(i)}
+            for v in init["env"]
+        ]
+        assert (url, password_key) == mysql_target_of(node_pod, {**init, "env": init_env})
         assert f"-mysql-{i}." in url and password_key == "mysql-password"
 
 
@@ -356,4 +376,54 @@ def test_with_external_mysql_the_jobs_run_before_install_after_the_secret(
 
 
 def test_the_jobs_can_be_turned_off() -> None:
-    assert migrate_jobs(render("--set", "migrations.enabled=false")) == []
+    docs = render("--set", "migrations.enabled=false")
+    assert migrate_jobs(docs) == []
+    (node_set,) = [  # and the nodes' migrate init containers with them
+        d
+        for d in docs
+        if d["kind"] == "StatefulSet"
+        and d["metadata"]["labels"]["app.kubernetes.io/component"] == "node"
+    ]
+    assert "initContainers" not in node_set["spec"]["template"]["spec"]
+
+
+async def test_a_node_pods_init_container_migrates_its_own_shard(
+    mysql_databases: Any, tmp_path: Path
+) -> None:
+    """The init container's real command and env names, run here: pod 1 (a shard added by a
+    rebalance, that no Job has seen) migrates database 1, the one its node checks at start,
+    and leaves pod 0's alone. Only the MySQL address is moved to the test server (the URL
+    keeps its {ordinal}) and the password file to a temp file."""
+    docs = render("--set", "shards=2")
+    (node_set,) = [
+        d
+        for d in docs
+        if d["kind"] == "StatefulSet"
+        and d["metadata"]["labels"]["app.kubernetes.io/component"] == "node"
+    ]
+    (init,) = node_set["spec"]["template"]["spec"]["initContainers"]
+    env = {v["name"]: v["value"] for v in init["env"] if "value" in v}
+    assert "{ordinal}" in env["REDPACKET_MYSQL_URL"]
+    (ordinal,) = [v for v in init["env"] if v["name"] == "REDPACKET_ORDINAL"]
+    assert ordinal["valueFrom"]["fieldRef"]["fieldPath"].endswith(
+        "['apps.kubernetes.io/pod-index']"
+    )
+    password_file = tmp_path / Path(env["REDPACKET_MYSQL_PASSWORD_FILE"]).name
+    password_file.write_text((parse_mysql_url(MYSQL_SERVER + "/x").password or "") + "\n")
+    # the `redpacket\_t<run>` databases are dropped by mysql_databases at the session's end
+    template = f"{MYSQL_SERVER}/redpacket_t{RUN_ID}_pod_{{ordinal}}"
+    urls = [template.replace("{ordinal}", str(i)) for i in range(2)]
+    assert mysql_databases  # (its teardown drops them)
+    argv = init["command"]
+    assert argv[0] == "redpacket"
+    done = redpacket(
+        *argv[1:],
+        REDPACKET_ORDINAL="1",
+        REDPACKET_MYSQL_URL=template,
+        REDPACKET_MYSQL_PASSWORD_FILE=str(password_file),
+    )
+    assert done.returncode == 0, done.stderr
+    await check_database(urls[1])  # the node of pod 1 starts
+    assert len(await applied(urls[1])) == len(load())
+    with pytest.raises(Exception, match=r"Unknown database|never migrated"):
+        await check_database(urls[0])  # pod 0's: not this pod's business

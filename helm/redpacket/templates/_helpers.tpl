@@ -310,3 +310,49 @@ annotations:
   {{- toYaml $out | nindent 2 }}
 {{- end }}
 {{- end }}
+
+{{/*
+Command of a node pod's container (the whole `command:`/`args:` keys): argv itself with the
+in-chart stores; with external ones, a shell that first exports this shard's store URLs from
+the mounted Secret files (redis-url-<i> / mysql-url-<i>), then execs argv. Shared by the node
+and its migrate init container, so both reach the same database. Call with (dict "root" $
+"external" <bool> "redis" <export the Redis URL too> "argv" <list>).
+*/}}
+{{- define "redpacket.nodeCommand" -}}
+{{- $v := .root.Values }}
+{{- if .external -}}
+# External stores: shard i's URLs are the Secret keys redis-url-<i> / mysql-url-<i>,
+# mounted as files; pick this pod's, then run.
+command: ["/bin/sh", "-c"]
+args:
+  - |
+    set -eu
+    ordinal="${REDPACKET_ORDINAL:-${HOSTNAME##*-}}"
+    {{- if and .redis (not $v.redis.enabled) }}
+    REDPACKET_REDIS_URL="$(cat "/etc/redpacket/stores/redis-url-${ordinal}")"
+    export REDPACKET_REDIS_URL
+    {{- end }}
+    {{- if not $v.mysql.enabled }}
+    REDPACKET_MYSQL_URL="$(cat "/etc/redpacket/stores/mysql-url-${ordinal}")"
+    export REDPACKET_MYSQL_URL
+    {{- end }}
+    exec {{ join " " .argv }}
+{{- else -}}
+command: {{ toJson .argv }}
+{{- end }}
+{{- end }}
+
+{{/*
+MySQL env entries of a node pod's containers with the in-chart MySQL (nothing with an
+external one: its URL comes from the store files, redpacket.nodeCommand). The password comes
+from the mounted Secret file, never from the URL in the environment.
+*/}}
+{{- define "redpacket.nodeMysqlEnv" -}}
+{{- if .Values.mysql.enabled }}
+{{- $mysql := include "redpacket.mysqlName" . -}}
+- name: REDPACKET_MYSQL_PASSWORD_FILE
+  value: /etc/redpacket/secrets/mysql-password
+- name: REDPACKET_MYSQL_URL
+  value: "mysql://{{ .Values.mysql.user }}@{{ $mysql }}-{ordinal}.{{ $mysql }}.{{ .Release.Namespace }}.svc.{{ .Values.clusterDomain }}:{{ .Values.mysql.port }}/{{ .Values.mysql.database }}"
+{{- end }}
+{{- end }}
