@@ -366,4 +366,7 @@ def run_bench(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"redpacket bench: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # the bench's own "cannot go on" (a 402, a dead worker)
+        print(f"redpacket bench: {exc}", file=sys.stderr)
+        return 1
     return write_outputs(args, results)
