@@ -297,7 +297,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         rate = args.rate if args.rate is not None else round(0.5 * p1.rate("open"), 1)
         if shape.finite:
             rate = 0.0
-            target.notes.append("boss: no open-loop phase (the one packet is sold out)")
+            target.notes.append("boss: no open-loop phase (its one packet is phase 1's)")
         ol = await open_loop_phase(args, target, shape, ids, rate)
         await backlog.stop()
         history_after = await history.drain(target.nodes, timeout_s=10)
