@@ -25,10 +25,12 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import orjson
 import redis.asyncio as aioredis
+
+from redpacket.core.env import REDIS_PASSWORD_FILE, password_from_file
 
 # Not under rp:{...}: a node's reconciler scans rp:{*}:pending and must never see these keys.
 CEILING_TAG = "bench:{lua-ceiling}"
@@ -63,7 +65,12 @@ async def lua_ceiling(redis_url: str, duration_s: float, clients: int = 50) -> d
         return {"per_s": None, "skipped": "redis-benchmark is not installed"}
     parts = urlsplit(redis_url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 6379
-    client = aioredis.Redis(host=host, port=port, decode_responses=True)
+    # the password as the nodes read it: in the URL, or in REDPACKET_REDIS_PASSWORD_FILE
+    password = (
+        unquote(parts.password) if parts.password else password_from_file(REDIS_PASSWORD_FILE)
+    )
+    auth = ["-a", password] if password else []
+    client = aioredis.Redis(host=host, port=port, password=password, decode_responses=True)
     try:
         open_sha = await client.script_load(_script("open.lua"))
         load_sha = await client.script_load(_script("load.lua"))
@@ -87,7 +94,7 @@ async def lua_ceiling(redis_url: str, duration_s: float, clients: int = 50) -> d
         def argv(n: int) -> list[str]:
             return [
                 "redis-benchmark", "-h", host, "-p", str(port), "-c", str(clients),
-                "-n", str(n), "-r", str(UID_SPACE), "--csv", *command,
+                "-n", str(n), "-r", str(UID_SPACE), *auth, "--csv", *command,
             ]  # fmt: skip
 
         warm = await _redis_benchmark(argv(20_000))  # warm-up, and the size of the real run

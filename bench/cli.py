@@ -35,6 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     where.add_argument("--cluster", help="use this running local cluster (redpacket dev up)")
     where.add_argument("--url", help="use the gateway at this URL")
     where.add_argument("--jwt-secret", help="with --url (default: REDPACKET_JWT_SECRET)")
+    where.add_argument(
+        "--payments-secret",
+        help="with --url or --cluster: signs the top-ups that fund the senders (default: "
+        "REDPACKET_PAYMENTS_SECRET, or the local cluster's)",
+    )
     where.add_argument("--ring", help="ring file, for the Lua ceiling and the ledger check")
 
     load = p.add_argument_group("load")

@@ -30,6 +30,8 @@ class Target:
     cluster: Any = None  # our own DevCluster, stopped at the end
     databases: list[str] = field(default_factory=list)  # ours, dropped at the end
     notes: list[str] = field(default_factory=list)
+    starting_balance_cents: int = 0  # every user's first grant (dev clusters only)
+    payments_secret: str = ""  # signs the senders' top-ups (bench/funding.py), if known
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -63,14 +65,17 @@ def _ring_nodes(ring_file: str) -> list[NodeSpec]:
     return RingDoc.load(Path(ring_file)).all_nodes()  # every version's shards, draining ones too
 
 
-async def start_target(args: argparse.Namespace) -> Target:
+async def start_target(args: argparse.Namespace, starting_balance_cents: int) -> Target:
+    """Our own cluster starts every user with ``starting_balance_cents`` (or the dev
+    cluster's default, if more); the others keep theirs (bench/funding.py tops up)."""
     from redpacket.cli.devcluster import DevCluster, load_state
 
+    payments = args.payments_secret or os.environ.get("REDPACKET_PAYMENTS_SECRET", "")
     if args.url:
         secret = args.jwt_secret or os.environ.get("REDPACKET_JWT_SECRET", "")
         if not secret:
             raise SystemExit("redpacket bench: --url needs --jwt-secret or REDPACKET_JWT_SECRET")
-        target = Target(args.url.rstrip("/"), secret)
+        target = Target(args.url.rstrip("/"), secret, payments_secret=payments)
         if args.ring:
             target.nodes = _ring_nodes(args.ring)
         else:
@@ -79,6 +84,8 @@ async def start_target(args: argparse.Namespace) -> Target:
     if args.cluster:
         state = load_state(args.var, args.cluster)
         target = Target(state["gateway"]["url"], state["jwt_secret"])
+        target.starting_balance_cents = int(state.get("starting_balance") or 0)
+        target.payments_secret = payments or state.get("payments_secret", "")
         target.nodes = _ring_nodes(args.ring or state["ring_file"])
         target.mysql_server = state.get("mysql_server")
         target.pids = {"gateway": state["gateway"].get("pid")}
@@ -98,11 +105,14 @@ async def start_target(args: argparse.Namespace) -> Target:
     cluster = DevCluster(
         name=args.name, shards=args.shards, port=0, var=args.var, db_prefix=prefix, quiet=True
     )
+    cluster.starting_balance = max(cluster.starting_balance, starting_balance_cents)
     if args.gateway_workers > 1:
         if not hasattr(cluster, "gateway_workers"):
             raise SystemExit("redpacket bench: this DevCluster cannot run several gateways")
         cluster.gateway_workers = args.gateway_workers
     target = Target("", cluster.jwt_secret, cluster=cluster, mysql_server=cluster.mysql_server)
+    target.starting_balance_cents = cluster.starting_balance
+    target.payments_secret = cluster.payments_secret
     target.databases = [f"{prefix}_shard_{i}" for i in range(args.shards)]
     try:
         await cluster.up()

@@ -23,8 +23,8 @@ from redpacket.sharding.ring import NodeSpec
 
 LAG = "redpacket_history_lag_seconds"
 BACKLOG = "redpacket_history_outbox_backlog"
-# commit of an open -> the share credited to the opener's wallet on the wallet's shard; the
-# node exposes it once wallets exist (issue 23), until then the report says n/a
+# a share taken -> credited to the winner's wallet on the wallet's shard (node/wallet/
+# credits.py, issue 18); a cluster whose nodes predate wallets reports n/a
 CREDIT_LAG = "redpacket_credit_lag_seconds"
 
 
@@ -130,7 +130,11 @@ def credit_lag(before: HistorySample, after: HistorySample) -> dict[str, Any]:
     credits = after.credit_count - (before.credit_count or 0.0)
     buckets = {le: n - before.credit_buckets.get(le, 0.0) for le, n in after.credit_buckets.items()}
     p99 = _bound(buckets, credits, 0.99) if credits else None
-    return {"credits": int(credits), "p99_le_s": None if p99 is None or math.isinf(p99) else p99}
+    return {
+        "credits": int(credits),
+        "p99_le_s": None if p99 is None or math.isinf(p99) else p99,
+        "p99_within_1s": bool(credits) and (p99 or math.inf) <= 1.0,  # issue 18's target
+    }
 
 
 def render(h: dict[str, Any]) -> str:

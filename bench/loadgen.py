@@ -49,6 +49,7 @@ from redpacket.bench.httpclient import (
     aiohttp_session,
     close_quietly,
 )
+from redpacket.core.ids import snowflake_of
 
 # live counters, one slot each per worker (see Progress in phases.py)
 # (``finished``: the phase second at which a finite crowd was used up, 0 until then)
@@ -132,6 +133,12 @@ class Recorder:
         if live_field is not None:
             self._live[self._slot + live_field] += 1
 
+    def count_crash(self, task: asyncio.Task[Any]) -> None:
+        """A virtual user's task that raised is an error of the run, never a silent zero."""
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            label = f"error:loadgen:{type(exc).__name__}"
+            self.counts[label] = self.counts.get(label, 0) + 1
+
 
 def error_label(op: str, status: int, body: bytes) -> str:
     code = ""
@@ -144,10 +151,11 @@ def error_label(op: str, status: int, body: bytes) -> str:
 
 
 class Packet:
-    __slots__ = ("id", "left", "shares", "taken", "won")
+    __slots__ = ("id", "left", "shares", "snowflake", "taken", "won")
 
     def __init__(self, packet_id: bytes, shares: int) -> None:
-        self.id = packet_id
+        self.id = packet_id  # the public id, as the URLs carry it
+        self.snowflake = snowflake_of(packet_id.decode())  # the checker's id, decoded once
         self.left = self.shares = shares
         self.taken: set[int] = set()
         self.won = 0  # opens answered 200 with a new share
@@ -346,7 +354,7 @@ async def open_user(
             continue
         if status == 200:
             answer = orjson.loads(body)
-            observed.append((int(packet.id), uid, int(answer["amount"])))
+            observed.append((packet.snowflake, uid, int(answer["amount"])))
             if answer.get("replayed"):
                 rec.add("open_replayed", clock(), perf() - started, None)
             else:
@@ -403,7 +411,7 @@ async def open_arrival(
             rec.add(error_label("open", status, body), due, done - due, LIVE_ERRORS)
             return
         answer = orjson.loads(body)
-        observed.append((int(packet.id), uid, int(answer["amount"])))
+        observed.append((packet.snowflake, uid, int(answer["amount"])))
         if answer.get("replayed"):
             rec.add("open_replayed", due, done - grabbed, None)
             return
@@ -457,6 +465,7 @@ async def open_loop(
             )
             tasks.add(task)
             task.add_done_callback(tasks.discard)
+            task.add_done_callback(rec.count_crash)
             k += 1
         if k < total:
             await asyncio.sleep(max(0.0, k / job.rate - clock()))
@@ -671,6 +680,8 @@ async def run_job(
                 clock=clock,
                 observed=observed,
             )
+        for task in users if job.rate <= 0 else []:  # open-loop arrivals count their own
+            task.add_done_callback(rec.count_crash)
         if users:
             await asyncio.wait(users, timeout=max(0.0, end - clock()))
         if clock() < end:  # a finite crowd used up early: the phase is this long

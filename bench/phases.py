@@ -277,6 +277,11 @@ async def _wait_for(pipes: list[Any], what: str, timeout_s: float) -> list[Any]:
 async def _create(conn: RawConnection, sender: bytes, shares: int, amount: int) -> str:
     body = orjson.dumps({"total_amount": amount, "total_packet": shares, "greeting": "bench"})
     status, answer = await conn.request(b"POST", b"/v1/red-packets", sender, body)
+    if status == 402:
+        raise RuntimeError(
+            f"the sender cannot pay for a packet (402 {answer[:200]!r}): fund the senders "
+            "(--payments-secret, or a cluster with a starting balance)"
+        )
     if status != 201:
         raise RuntimeError(f"could not create a packet: {status} {answer[:200]!r}")
     return orjson.loads(answer)["red_packet_id"]

@@ -29,7 +29,20 @@ def _credit(lag: dict[str, Any] | None) -> str:
     if not lag or lag.get("credits") is None:
         return "n/a (no node exposes redpacket_credit_lag_seconds yet)"
     p99 = lag.get("p99_le_s")
-    return f"≤ {p99:g} s over {lag['credits']:,} credits" if p99 is not None else "-"
+    if p99 is None:
+        return f"- over {lag['credits']:,} credits (beyond the last bucket, or none)"
+    met = "met" if lag.get("p99_within_1s") else "MISSED"
+    return f"≤ {p99:g} s over {lag['credits']:,} credits (target ≤ 1 s: {met})"
+
+
+def _wallets(w: dict[str, Any] | None) -> str:
+    if not w:
+        return "-"
+    how = w.get("funded_by") or "NOT funded"
+    return (
+        f"senders funded by {how} (budget {w['budget_per_sender_cents']:,} cents each); "
+        f"creates answered 402: {w.get('creates_402', 0):,}"
+    )
 
 
 def render_table(r: dict[str, Any]) -> str:
@@ -101,6 +114,7 @@ def render_table(r: dict[str, Any]) -> str:
         f", naive peer {_fmt((r.get('naive_peer') or {}).get('box_cpu_us_per_committed_open'), 0)}"
         " (target <= 250)",
         f"credit lag p99: {_credit(r.get('credit_lag'))}",
+        f"wallets: {_wallets(r.get('wallets'))}",
     ]
     if r["errors"]:
         lines.append("errors: " + ", ".join(f"{k} x{v}" for k, v in r["errors"].items()))

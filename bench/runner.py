@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from redpacket.bench import ceilings, history
+from redpacket.bench import ceilings, funding, history
 from redpacket.bench.cluster import Target, mysql_settings, start_target, stop_target
 from redpacket.bench.commits import commit_stats, node_metrics
 from redpacket.bench.loadgen import Mint
@@ -68,6 +68,7 @@ class Crowds:
     openers: list[tuple[int, bytes]]
     latecomers: list[tuple[int, bytes]]
     senders: list[bytes]
+    sender_uids: list[int]  # funded before the load (bench/funding.py)
     crowd: list[bytes]
     next_uid: int
     secret: str
@@ -85,10 +86,19 @@ def _crowds(args: argparse.Namespace, secret: str, shape: Shape) -> Crowds:
     openers = _tokens(secret, uid, args.users, ttl)
     latecomers = _tokens(secret, uid + args.users, args.users, ttl)
     uid += 2 * args.users
-    senders = [t for _, t in _tokens(secret, uid, shape.senders, ttl)]
+    senders = _tokens(secret, uid, shape.senders, ttl)
     uid += shape.senders
     crowd = [t for _, t in _tokens(secret, uid, args.latecomers, ttl)]
-    return Crowds(openers, latecomers, senders, crowd, uid + args.latecomers, secret, ttl)
+    return Crowds(
+        openers,
+        latecomers,
+        [t for _, t in senders],
+        [u for u, _ in senders],
+        crowd,
+        uid + args.latecomers,
+        secret,
+        ttl,
+    )
 
 
 async def naive_phase(
@@ -229,12 +239,15 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     if not (args.url or args.cluster):
         say(f"redpacket bench: starting a local cluster (scenario {shape.scenario})")
         lift_limits_for(shape)
-    target = await start_target(args)
+    budget = funding.budget_cents(args, shape)
+    target = await start_target(args, starting_balance_cents=budget)
     try:
         host, port = target.host_port
         say(f"minting {args.latecomers} tokens for the sold-out crowd ...")
         ids = _crowds(args, target.jwt_secret, shape)
         openers, latecomers, senders, crowd = ids.openers, ids.latecomers, ids.senders, ids.crowd
+        # a create debits its sender: fund them for the whole run before any load
+        wallets = await funding.fund_senders(target, ids.sender_uids, budget)
         mysql = await mysql_settings(target)
         per_worker = args.users // max(1, args.workers)
         if shape.scenario == "hot" and shape.shares > per_worker:
@@ -284,7 +297,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         rate = args.rate if args.rate is not None else round(0.5 * p1.rate("open"), 1)
         if shape.finite:
             rate = 0.0
-            target.notes.append("boss: no open-loop phase (the one packet is sold out)")
+            target.notes.append("boss: no open-loop phase (its one packet is phase 1's)")
         ol = await open_loop_phase(args, target, shape, ids, rate)
         await backlog.stop()
         history_after = await history.drain(target.nodes, timeout_s=10)
@@ -331,6 +344,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     results["group_commit"] = commits
     results["history"] = history.report(history_before, history_after, backlog)
     results["credit_lag"] = history.credit_lag(history_before, history_after)
+    results["wallets"] = {**wallets, "creates_402": funding.refused(results)}
     results["profiles"] = [*p1.profiles, *(naive.profiles if naive else [])]
     for note in (p1.profile_note, naive.profile_note if naive else None):
         if note and note not in results["notes"]:
@@ -352,4 +366,7 @@ def run_bench(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"redpacket bench: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # the bench's own "cannot go on" (a 402, a dead worker)
+        print(f"redpacket bench: {exc}", file=sys.stderr)
+        return 1
     return write_outputs(args, results)
