@@ -27,6 +27,9 @@ from redpacket.core.env import SettingsError
 from redpacket.core.ids import snowflake_of
 from redpacket.sharding.ring import NodeSpec, Ring, RingDoc
 
+# every user's dev grant: modest, so top-ups fund the load; below the largest packet, so a
+# poor user's create can exceed it (chaos/wallets.py)
+STARTING_BALANCE = 10_000
 PROBER = 1  # the uid of the prober (it only reads and grabs: it never takes a share)
 NEMESIS_GRACE_S = 300.0  # after the load, unfinished heals (a slow rebalance) get this long
 
@@ -156,6 +159,7 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
         db_prefix=new_prefix(),
         expire_s=max(1, round(args.lifetime)),
         quiet=True,
+        starting_balance=STARTING_BALANCE,
     )
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     say(f"chaos: {len(schedule.faults)} faults scheduled over {seconds:g}s; starting cluster")
@@ -165,7 +169,16 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
         client = Client(cluster.gateway_url, cluster.jwt_secret)
         api = await discover_api(client)
         outcomes = Outcomes()
-        load = Load(client, api, args.seed, args.users, outcomes, think_s=args.think)
+        load = Load(
+            client,
+            api,
+            args.seed,
+            args.users,
+            outcomes,
+            think_s=args.think,
+            payments_secret=cluster.payments_secret,
+            starting_balance=cluster.starting_balance,
+        )
         base = [p.spec() for p in cluster.plans]
         probes = await make_probes(load, base, f"shard-{args.shards}")
         say(f"chaos: kinds {list(api.kinds)}, history {api.history}; probes {probes}")
