@@ -425,7 +425,7 @@ class Load:
         signed = {SIGNATURE_HEADER: signature_header(self.payments_secret, raw)}
         answer = await self.client.call("POST", "/v1/wallet/topups", 0, raw=raw, headers=signed)
         self.outcomes.count(op, answer)
-        self.outcomes.wallets.saw_topup(uid, amount, topup_id, answer)
+        self.outcomes.wallets.saw_topup(uid, amount, topup_id, answer, self.outcomes.now())
         return answer
 
     async def _topup(self, rng: random.Random, uid: int, n: int, mine: list[str]) -> None:

@@ -22,7 +22,7 @@ from redpacket.chaos.proxy import TcpProxy
 from redpacket.chaos.runner import judge_faults, publish
 from redpacket.chaos.schedule import Fault, Kind, draw
 from redpacket.chaos.verdict import Verdict, judge_liveness
-from redpacket.chaos.wallets import Expected, WalletsSeen, wallet_problems
+from redpacket.chaos.wallets import Expected, WalletsSeen, judge_restated, wallet_problems
 from redpacket.cli.check import Observed
 from redpacket.core import clock
 from tests.conftest import NodeHandle
@@ -195,19 +195,22 @@ def test_reads_are_held_to_what_the_clients_saw() -> None:
     assert "created (201) but records answered 404" in found
 
 
-def test_a_topup_replay_must_answer_the_first_result_and_credit_nothing() -> None:
+def test_a_topup_replay_must_answer_the_first_result_unless_a_move_restated_it() -> None:
     seen = WalletsSeen()
     first = {"transaction_id": "9", "balance_after": 15_000, "amount": 5_000}
-    seen.saw_topup(7, 5_000, "t1", _answer(201, {**first, "replayed": False}))
-    seen.saw_topup(7, 5_000, "t1", _answer(200, {**first, "replayed": True}))
+    seen.saw_topup(7, 5_000, "t1", _answer(201, {**first, "replayed": False}), 1.0)
+    seen.saw_topup(7, 5_000, "t1", _answer(200, {**first, "replayed": True}), 2.0)
     assert seen.contradictions == [] and seen.topups["t1"].result == first
-    seen.saw_topup(7, 5_000, "t1", _answer(201, {**first, "transaction_id": "10"}))
-    seen.saw_topup(
-        7, 5_000, "t1", _answer(200, {**first, "balance_after": 20_000, "replayed": True})
-    )
-    seen.saw_topup(7, 5_000, "t2", _answer(422, {"error": {"code": "topup_id_reused"}}))
-    found = "\n".join(seen.contradictions)
-    assert "201 again" in found and "replay answered" in found and "answered 422" in found
+    seen.saw_topup(7, 5_000, "t1", _answer(201, {**first, "transaction_id": "10"}), 3.0)
+    moved = {**first, "transaction_id": "12", "balance_after": 20_000, "replayed": True}
+    seen.saw_topup(7, 5_000, "t1", _answer(200, moved), 30.0)
+    seen.saw_topup(7, 5_000, "t2", _answer(422, {"error": {"code": "topup_id_reused"}}), 4.0)
+    assert "answered 422" in "\n".join(seen.contradictions)
+    violations, notes = judge_restated(seen, moves_s=[(20.0, 25.0)])
+    assert len(violations) == 1 and "answered 201 (as new)" in violations[0]
+    assert len(notes) == 1 and "replay answered" in notes[0]  # a rebalance ran in between
+    violations, notes = judge_restated(seen, moves_s=[])
+    assert len(violations) == 2 and notes == []
 
 
 def test_a_create_beyond_the_balance_must_be_402_with_the_balance_and_never_debit() -> None:
@@ -228,7 +231,7 @@ def test_a_create_beyond_the_balance_must_be_402_with_the_balance_and_never_debi
 
 
 def test_every_share_answered_200_is_a_receive_and_every_topup_is_in_the_transactions() -> None:
-    want = Expected(receives={"p": 30}, sends={"q": 100}, topups={"5": 2_000})
+    want = Expected(receives={"p": 30}, sends={"q": 100}, topups={"pay-1": 2_000})
     txns = [
         {"id": "8", "kind": "send", "amount": -100, "red_packet_id": "q", "balance_after": 1_930},
         {"id": "7", "kind": "receive", "amount": 30, "red_packet_id": "p", "balance_after": 2_030},
