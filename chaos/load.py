@@ -20,8 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import orjson
 
+from redpacket.chaos.wallets import POOR_UID, WalletsSeen, over_balance_body
 from redpacket.gateway.auth import mint_token
+from redpacket.gateway.wallet import SIGNATURE_HEADER, signature_header
 
 FIRST_UID = 10_000
 MAX_AMOUNT = 20_000
@@ -135,14 +138,21 @@ class Client:
         headers: dict[str, str] | None = None,
         params: dict[str, str] | None = None,
         timeout_s: float | None = None,
+        raw: bytes | None = None,
     ) -> Answer:
-        all_headers = {"Authorization": f"Bearer {self._token(uid)}", **(headers or {})}
+        """``uid`` 0: no user token (the payment provider's calls); ``raw``: these exact bytes
+        as a JSON body (a signed one) instead of ``body``."""
+        auth = {"Authorization": f"Bearer {self._token(uid)}"} if uid else {}
+        if raw is not None:
+            auth["Content-Type"] = "application/json"
+        all_headers = {**auth, **(headers or {})}
         timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s else self._timeout
         try:
             async with self.session.request(
                 method,
                 self.url + path,
-                json=body,
+                json=body if raw is None else None,
+                data=raw,
                 headers=all_headers,
                 params=params,
                 timeout=timeout,
@@ -180,6 +190,7 @@ class Outcomes:
     # what reads showed last: (answered at, value), to hold later reads to it
     remaining: dict[str, tuple[float, int, int]] = field(default_factory=dict)
     received_count: dict[int, tuple[float, int]] = field(default_factory=dict)
+    wallets: WalletsSeen = field(default_factory=WalletsSeen)
 
     def now(self) -> float:
         """Seconds since the start of the run."""
@@ -282,6 +293,8 @@ class Load:
     users: int
     outcomes: Outcomes
     think_s: float = 0.05
+    payments_secret: str = ""  # signs top-ups; none: the load makes no wallet calls
+    starting_balance: int = 0  # every user's grant (the cluster's dev starting balance)
     max_ops_per_user: int = 1_000_000
     deadline: float = 0.0
     stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -302,6 +315,14 @@ class Load:
         }
         if self.api.history:
             ops["history"] = (10, self._history)
+        if self.payments_secret:
+            ops |= {
+                "topup": (3, self._topup),
+                "topup_replay": (2, self._topup_replay),
+                "create_402": (2, self._create_402),
+                "wallet": (4, self._wallet),
+                "wallet_transactions": (2, self._wallet_transactions),
+            }
         return ops
 
     async def run(self) -> None:
@@ -340,6 +361,8 @@ class Load:
             self.saw_created(uid, body, answer.body)
         elif answer.unknown:
             self.outcomes.unknown_creates.append((uid, key, body))
+        elif answer.status == 402:
+            self.outcomes.wallets.saw_402(uid, body, answer)
 
     def saw_created(self, uid: int, body: dict[str, Any], answer: dict[str, Any]) -> None:
         packet = Packet(str(answer["red_packet_id"]), uid, body)
@@ -393,6 +416,57 @@ class Load:
         self.outcomes.count(f"history_{which}", answer)
         if which == "received":
             self.outcomes.saw_received(uid, sent_s, answer)
+
+    # -- the wallet -------------------------------------------------------------------------
+
+    async def topup_call(self, uid: int, amount: int, topup_id: str, op: str) -> Answer:
+        """The payment provider's signed webhook, for ``uid`` (no user token)."""
+        raw = orjson.dumps({"uid": str(uid), "amount": amount, "topup_id": topup_id})
+        signed = {SIGNATURE_HEADER: signature_header(self.payments_secret, raw)}
+        answer = await self.client.call("POST", "/v1/wallet/topups", 0, raw=raw, headers=signed)
+        self.outcomes.count(op, answer)
+        self.outcomes.wallets.saw_topup(uid, amount, topup_id, answer, self.outcomes.now())
+        return answer
+
+    async def _topup(self, rng: random.Random, uid: int, n: int, mine: list[str]) -> None:
+        amount = rng.randint(2_000, 30_000)
+        await self.topup_call(uid, amount, f"chaos-{self.seed}-{uid}-{n}", "topup")
+
+    async def _topup_replay(self, rng: random.Random, uid: int, n: int, mine: list[str]) -> None:
+        """The provider sends a top-up again: it must answer the first result, credit nothing."""
+        own = self.outcomes.wallets.topups_of.get(uid)
+        if not own:
+            return await self._topup(rng, uid, n, mine)
+        topup_id = rng.choice(own[-10:])
+        first = self.outcomes.wallets.topups[topup_id]
+        await self.topup_call(uid, first.amount, topup_id, "topup_replay")
+        return None
+
+    async def _create_402(self, rng: random.Random, uid: int, n: int, mine: list[str]) -> None:
+        """A create beyond the balance, by this loop's poor user (granted the starting
+        balance, never a top-up, never a share): it must be 402, and stay 402 when retried."""
+        poor = POOR_UID + uid - FIRST_UID
+        body = over_balance_body(rng, self.starting_balance, MAX_AMOUNT)
+        key = f"chaos-{self.seed}-{poor}-{n}"
+        answer = await self.client.call(
+            "POST", "/v1/red-packets", poor, body=body, headers={"Idempotency-Key": key}
+        )
+        self.outcomes.count("create_402", answer)
+        self.outcomes.wallets.saw_over_balance(poor, key, body, answer, self.starting_balance)
+
+    async def _wallet(self, rng: random.Random, uid: int, n: int, mine: list[str]) -> None:
+        answer = await self.client.call("GET", "/v1/me/wallet", uid)
+        self.outcomes.count("wallet", answer)
+        self.outcomes.wallets.saw_wallet(uid, answer)
+
+    async def _wallet_transactions(
+        self, rng: random.Random, uid: int, n: int, mine: list[str]
+    ) -> None:
+        answer = await self.client.call(
+            "GET", "/v1/me/wallet/transactions", uid, params={"limit": "20"}
+        )
+        self.outcomes.count("wallet_transactions", answer)
+        self.outcomes.wallets.saw_transactions(uid, answer)
 
 
 async def discover_api(client: Client) -> Api:

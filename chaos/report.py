@@ -89,6 +89,10 @@ def table(report: dict[str, Any]) -> str:
         f"resolved after the run, {verdict['history_users']} user histories compared",
         f"liveness: the last open without a final answer came {verdict.get('liveness_s', 0):.1f}s "
         f"after the last fault healed ({report.get('last_heal_s', 0):.1f}s into the run)",
+        f"wallets: {verdict.get('topups', 0)} top-ups, {verdict.get('over_balance_creates', 0)} "
+        f"creates beyond the balance (402), {verdict.get('wallet_users', 0)} users' "
+        f"transactions held to what the clients saw",
+        *[f"  NOTE {n}" for n in verdict.get("notes", [])[:20]],
         f"checker: {verdict['checker']}",
         f"violations: {len(report['violations'])}",
     ]

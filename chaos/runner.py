@@ -20,13 +20,16 @@ from redpacket.chaos import report as reports
 from redpacket.chaos.cluster import ChaosCluster, new_prefix
 from redpacket.chaos.load import Client, Load, Outcomes, discover_api
 from redpacket.chaos.nemesis import FaultRecord, Nemesis
-from redpacket.chaos.schedule import Schedule, draw
+from redpacket.chaos.schedule import Kind, Schedule, draw
 from redpacket.chaos.verdict import Verdict, judge
 from redpacket.cli.devcluster import ALL_SHARDS_READY, answers_ready
 from redpacket.core.env import SettingsError
 from redpacket.core.ids import snowflake_of
 from redpacket.sharding.ring import NodeSpec, Ring, RingDoc
 
+# every user's dev grant: modest, so top-ups fund the load; below the largest packet, so a
+# poor user's create can exceed it (chaos/wallets.py)
+STARTING_BALANCE = 10_000
 PROBER = 1  # the uid of the prober (it only reads and grabs: it never takes a share)
 NEMESIS_GRACE_S = 300.0  # after the load, unfinished heals (a slow rebalance) get this long
 
@@ -156,6 +159,7 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
         db_prefix=new_prefix(),
         expire_s=max(1, round(args.lifetime)),
         quiet=True,
+        starting_balance=STARTING_BALANCE,
     )
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     say(f"chaos: {len(schedule.faults)} faults scheduled over {seconds:g}s; starting cluster")
@@ -165,7 +169,16 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
         client = Client(cluster.gateway_url, cluster.jwt_secret)
         api = await discover_api(client)
         outcomes = Outcomes()
-        load = Load(client, api, args.seed, args.users, outcomes, think_s=args.think)
+        load = Load(
+            client,
+            api,
+            args.seed,
+            args.users,
+            outcomes,
+            think_s=args.think,
+            payments_secret=cluster.payments_secret,
+            starting_balance=cluster.starting_balance,
+        )
         base = [p.spec() for p in cluster.plans]
         probes = await make_probes(load, base, f"shard-{args.shards}")
         say(f"chaos: kinds {list(api.kinds)}, history {api.history}; probes {probes}")
@@ -202,6 +215,7 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
             time.monotonic() + args.lifetime + 90,
             last_heal_s=last_heal_s,
             liveness_s=args.liveness_s,
+            moves_s=rebalances_s(records, load_seconds),
         )
         violations, harness = judge_faults(records, load_seconds)
         violations = list(verdict.violations) + violations
@@ -234,6 +248,16 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
             await cluster.down()
         if not args.keep:
             await cluster.drop_databases()
+
+
+def rebalances_s(records: list[FaultRecord], load_seconds: float) -> list[tuple[float, float]]:
+    """When each rebalance ran (injected to healed, or the load's end): wallets moved then."""
+    kinds = (Kind.REBALANCE, Kind.REBALANCE_KILL)
+    return [
+        (r.injected_at, r.healed_at if r.healed_at is not None else load_seconds)
+        for r in records
+        if r.fault.kind in kinds and r.injected_at is not None
+    ]
 
 
 def judge_faults(records: list[FaultRecord], load_seconds: float) -> tuple[list[str], list[str]]:

@@ -22,6 +22,7 @@ from redpacket.chaos.proxy import TcpProxy
 from redpacket.chaos.runner import judge_faults, publish
 from redpacket.chaos.schedule import Fault, Kind, draw
 from redpacket.chaos.verdict import Verdict, judge_liveness
+from redpacket.chaos.wallets import Expected, WalletsSeen, judge_restated, wallet_problems
 from redpacket.cli.check import Observed
 from redpacket.core import clock
 from tests.conftest import NodeHandle
@@ -109,7 +110,13 @@ def test_a_60_second_seeded_chaos_run_loses_nothing(
         assert fault["healed_at"] <= report["load_seconds"], fault  # healed under load
     ops = report["operations"]
     assert ops["open"].get("200", 0) > 100 and ops["create"].get("201", 0) > 20, ops
+    assert ops["topup"].get("201", 0) > 0 and ops["topup_replay"].get("200", 0) > 0, ops
+    assert ops["create_402"].get("402", 0) > 0 and ops["wallet"].get("200", 0) > 0, ops
+    assert ops["wallet_transactions"].get("200", 0) > 0, ops
     verdict = report["verdict"]
+    assert verdict["wallet_users"] > 24 and verdict["topups"] > 0, verdict
+    assert verdict["over_balance_creates"] > 0, verdict
+    assert "wallets holding" in verdict["checker"], verdict  # conservation was checked
     assert verdict["refunded"] > 0 and verdict["sold_out"] > 0, verdict
     assert verdict["checker"].startswith("OK"), verdict
     assert report["command"] == (
@@ -186,6 +193,57 @@ def test_reads_are_held_to_what_the_clients_saw() -> None:
     assert "remaining went up from 70/1 to 100/2" in found
     assert "received history went from 1 to 0" in found
     assert "created (201) but records answered 404" in found
+
+
+def test_a_topup_replay_must_answer_the_first_result_unless_a_move_restated_it() -> None:
+    seen = WalletsSeen()
+    first = {"transaction_id": "9", "balance_after": 15_000, "amount": 5_000}
+    seen.saw_topup(7, 5_000, "t1", _answer(201, {**first, "replayed": False}), 1.0)
+    seen.saw_topup(7, 5_000, "t1", _answer(200, {**first, "replayed": True}), 2.0)
+    assert seen.contradictions == [] and seen.topups["t1"].result == first
+    seen.saw_topup(7, 5_000, "t1", _answer(201, {**first, "transaction_id": "10"}), 3.0)
+    moved = {**first, "transaction_id": "12", "balance_after": 20_000, "replayed": True}
+    seen.saw_topup(7, 5_000, "t1", _answer(200, moved), 30.0)
+    seen.saw_topup(7, 5_000, "t2", _answer(422, {"error": {"code": "topup_id_reused"}}), 4.0)
+    assert "answered 422" in "\n".join(seen.contradictions)
+    violations, notes = judge_restated(seen, moves_s=[(20.0, 25.0)])
+    assert len(violations) == 1 and "answered 201 (as new)" in violations[0]
+    assert len(notes) == 1 and "replay answered" in notes[0]  # a rebalance ran in between
+    violations, notes = judge_restated(seen, moves_s=[])
+    assert len(violations) == 2 and notes == []
+
+
+def test_a_create_beyond_the_balance_must_be_402_with_the_balance_and_never_debit() -> None:
+    seen = WalletsSeen()
+    body = {"total_amount": 15_000, "total_packet": 2}
+    refused = {"error": {"code": "insufficient_funds", "balance": 10_000}}
+    seen.saw_over_balance(20_001, "k1", body, _answer(402, refused), 10_000)
+    assert seen.contradictions == []
+    seen.saw_over_balance(20_001, "k2", body, _answer(201, {"red_packet_id": "x"}), 10_000)
+    assert "not 402 insufficient_funds" in seen.contradictions[0]
+    poor = Expected({}, {}, {}, poor_balance=10_000)
+    grant = {"id": "1", "kind": "grant", "amount": 10_000, "balance_after": 10_000}
+    assert wallet_problems(20_001, [grant], poor) == []
+    send = {"id": "2", "kind": "send", "amount": -15_000, "balance_after": -5_000}
+    problems = wallet_problems(20_001, [send, grant], poor)
+    assert any("below 0" in p for p in problems)
+    assert any("only creates beyond its balance" in p for p in problems)
+
+
+def test_every_share_answered_200_is_a_receive_and_every_topup_is_in_the_transactions() -> None:
+    want = Expected(receives={"p": 30}, sends={"q": 100}, topups={"pay-1": 2_000})
+    txns = [
+        {"id": "8", "kind": "send", "amount": -100, "red_packet_id": "q", "balance_after": 1_930},
+        {"id": "7", "kind": "receive", "amount": 30, "red_packet_id": "p", "balance_after": 2_030},
+        {"id": "5", "kind": "topup", "amount": 2_000, "balance_after": 2_000},
+    ]
+    assert wallet_problems(1, txns, want) == []
+    problems = "\n".join(wallet_problems(1, txns[::2], want))
+    assert "1 shares answered 200 not received" in problems
+    problems = "\n".join(wallet_problems(1, txns[1:], want))
+    assert "packets created without their send" in problems
+    problems = "\n".join(wallet_problems(1, txns[:2], want))
+    assert "top-ups 0 (0 cents) != answered 1 (2000 cents)" in problems
 
 
 def test_plot_without_matplotlib_says_what_to_install_and_still_writes_json_and_table(
