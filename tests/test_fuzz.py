@@ -180,7 +180,7 @@ def test_no_header_or_body_encoding_gets_a_server_error(cluster: Cluster) -> Non
             for method, path in (("POST", "/v1/red-packets"), ("GET", "/v1/me/sent")):
                 try:
                     answer = http.request(
-                        method, cluster.url + path, data=data, headers=sent, timeout=10
+                        method, cluster.url + path, data=data, headers=sent, timeout=30
                     )
                 except (requests.exceptions.InvalidHeader, UnicodeEncodeError):
                     return  # the client refuses to send it at all

@@ -312,7 +312,8 @@ async def test_kubernetes_backend_scales_statefulsets_and_rewrites_the_ring(
         doc = fake.ring()
         assert doc.version == 5 and [n.name for n in doc.nodes] == ["shard-0", "shard-1"]
 
-        report = await check_shards(list(doc.nodes), observed, settle_s=5)
+        # packets made on the nodes directly, no wallet paid for them
+        report = await check_shards(list(doc.nodes), observed, settle_s=5, allow_unfunded=True)
         assert report.ok, report.violations
         assert report.packets == 60 and report.records == 120
         assert (await check_shards([shard2.spec()], settle_s=1)).packets == 0
