@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import os
 import random
+import secrets
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ from redpacket.cli.devcluster import (
     answers_ready,
     load_state,
 )
+from redpacket.cli.wallet import send_topup
 from redpacket.core.ids import snowflake_of
 from redpacket.gateway.auth import mint_token
 from redpacket.sharding.ring import RingDoc
@@ -180,8 +182,24 @@ async def demo(url: str, secret: str, users: int, packets: int, ring_file: str |
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=500)) as session:
         api = Api(session, url, secret)
         runs = []
+        plan = (PACKETS * packets)[:packets]
+        payments_secret = os.environ.get("REDPACKET_PAYMENTS_SECRET", "")
+        if payments_secret:  # a cluster without a dev starting balance: pay in first
+            total = sum(amount for amount, _, _ in plan)
+            status, answer = await send_topup(
+                session,
+                url,
+                payments_secret,
+                uid=SENDER[0],
+                amount=total,
+                topup_id=f"demo-{secrets.token_hex(8)}",
+            )
+            if status != 201:
+                print(f"top-up failed: {status} {answer[:200]!r}", file=sys.stderr)
+                return 1
+            print(f"{SENDER[1]} tops up {total / 100:.2f} 元 through the payments webhook")
         print(f"{SENDER[1]} (uid {SENDER[0]}) sends {packets} red packets through {url}")
-        for amount, shares, greeting in (PACKETS * packets)[:packets]:
+        for amount, shares, greeting in plan:
             status, body = await api.call(
                 "POST",
                 "/v1/red-packets",

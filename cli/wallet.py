@@ -13,25 +13,30 @@ import aiohttp
 import orjson
 
 
+async def send_topup(
+    session: aiohttp.ClientSession, url: str, secret: str, *, uid: int, amount: int, topup_id: str
+) -> tuple[int, bytes]:
+    """One signed top-up, as the payment provider sends it: ``(status, body)``."""
+    from redpacket.gateway.wallet import SIGNATURE_HEADER, signature_header
+
+    raw = orjson.dumps({"uid": str(uid), "amount": amount, "topup_id": topup_id})
+    headers = {"Content-Type": "application/json", SIGNATURE_HEADER: signature_header(secret, raw)}
+    async with session.post(url.rstrip("/") + "/v1/wallet/topups", data=raw, headers=headers) as r:
+        return r.status, await r.read()
+
+
 def run_topup(args: argparse.Namespace) -> int:
     from redpacket.cli.devcluster import load_state, payments_secret_for
-    from redpacket.gateway.wallet import SIGNATURE_HEADER, signature_header
 
     url = args.url or load_state(args.var, args.cluster)["gateway"]["url"]
     secret = payments_secret_for(args.cluster, args.var)
     topup_id = args.topup_id or f"cli-{secrets.token_hex(8)}"
-    raw = orjson.dumps({"uid": str(args.uid), "amount": args.amount, "topup_id": topup_id})
 
     async def send() -> tuple[int, bytes]:
-        headers = {
-            "Content-Type": "application/json",
-            SIGNATURE_HEADER: signature_header(secret, raw),
-        }
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(url.rstrip("/") + "/v1/wallet/topups", data=raw, headers=headers) as resp,
-        ):
-            return resp.status, await resp.read()
+        async with aiohttp.ClientSession() as session:
+            return await send_topup(
+                session, url, secret, uid=args.uid, amount=args.amount, topup_id=topup_id
+            )
 
     status, body = asyncio.run(send())
     print(body.decode())

@@ -18,6 +18,7 @@ installed it is installed (without its dependencies, nothing imported) into ``.c
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import os
@@ -35,11 +36,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 import jsonschema
 import pytest
 import yaml
 
 from redpacket.cli.main import build_parser
+from redpacket.cli.wallet import send_topup
 from redpacket.core.ids import snowflake_of
 from redpacket.gateway.auth import mint_token
 from redpacket.gateway.settings import GatewaySettings
@@ -56,6 +59,7 @@ CHECK_JSONSCHEMA = ("check-jsonschema", "0.39.0")
 COMPOSE_SCHEMA = Path("check_jsonschema", "builtin_schemas", "vendor", "compose-spec.json")
 SHARDS = 2
 JWT_SECRET = "compose-test-jwt-secret-" + "0123456789abcdef"
+PAYMENTS_SECRET = "compose-test-payments-secret-" + "0123456789abcdef"
 STACK_SECRETS = {"REDPACKET_JWT_SECRET": JWT_SECRET}  # what compose requires to start
 
 
@@ -421,7 +425,21 @@ def stack_env() -> dict[str, str]:
         "REDPACKET_MYSQL_IMAGE": base_image("mysql:8.4"),
         "REDPACKET_GATEWAY_PORT": str(free_port()),
         "REDPACKET_JWT_SECRET": JWT_SECRET,
+        "REDPACKET_PAYMENTS_SECRET": PAYMENTS_SECRET,
     }
+
+
+def topup(gateway: str, uid: int, amount: int) -> int:
+    """One signed top-up through the compose gateway's payments webhook."""
+
+    async def send() -> int:
+        async with aiohttp.ClientSession() as session:
+            status, _ = await send_topup(
+                session, gateway, PAYMENTS_SECRET, uid=uid, amount=amount, topup_id=f"t-{uid}"
+            )
+            return status
+
+    return asyncio.run(send())
 
 
 def http(method: str, url: str, token: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
@@ -449,10 +467,11 @@ def wait_until(what: str, condition: Any, timeout_s: float, interval_s: float = 
 
 
 def container_of(eng: Engine, project: str, service: str) -> str:
-    """The container of a service, by compose's labels (the same in Compose v1 and v2)."""
+    """The container of a service, by compose's labels (the same in Compose v1 and v2); one
+    that has exited too (the one-shot ``migrate``)."""
     out = eng.run(
         "ps",
-        "-q",
+        "-aq",
         "--filter",
         f"label=com.docker.compose.project={project}",
         "--filter",
@@ -485,6 +504,7 @@ def test_the_compose_stack_serves_a_crowd_survives_a_node_crash_and_keeps_its_le
             STACK_TIMEOUT_S,
         )
         containers = {s: container_of(eng, project, s) for s in compose()["services"]}
+        assert inspect(eng, containers.pop("migrate"), "{{.State.ExitCode}}") == "0"
 
         def all_healthy() -> bool:
             return all(
@@ -501,13 +521,18 @@ def test_the_compose_stack_serves_a_crowd_survives_a_node_crash_and_keeps_its_le
             capture_output=True,
             text=True,
             timeout=300,
-            env={**os.environ, "REDPACKET_JWT_SECRET": JWT_SECRET},
+            env={
+                **os.environ,
+                "REDPACKET_JWT_SECRET": JWT_SECRET,
+                "REDPACKET_PAYMENTS_SECRET": PAYMENTS_SECRET,  # the demo pays in first
+            },
         )
         assert demo.returncode == 0, demo.stdout + demo.stderr
         assert "DO NOT match" not in demo.stdout and "match" in demo.stdout, demo.stdout
 
         # a node crashes (SIGKILL of its process, as the OOM killer would) and comes back
         sender, opener = mint_token(JWT_SECRET, 8801, "sender"), mint_token(JWT_SECRET, 8802, "u")
+        assert topup(gateway, 8801, 1000) == 201
         status, created = http(
             "POST",
             f"{gateway}/v1/red-packets",
@@ -541,6 +566,7 @@ def test_the_compose_stack_serves_a_crowd_survives_a_node_crash_and_keeps_its_le
         # the ledger of both shards, checked from inside the stack's network by the image
         check_ring = tmp_path / "check-ring.json"
         password = service_env("mysql-0")["MYSQL_PASSWORD"]
+        redis_password = service_env("redis-0")["REDISCLI_AUTH"]
         check_ring.write_text(
             json.dumps(
                 {
@@ -548,7 +574,7 @@ def test_the_compose_stack_serves_a_crowd_survives_a_node_crash_and_keeps_its_le
                     "nodes": [
                         {
                             **n,
-                            "redis": f"redis://redis-{i}:6379/0",
+                            "redis": f"redis://:{redis_password}@redis-{i}:6379/0",
                             "mysql": f"mysql://redpacket:{password}@mysql-{i}:3306/redpacket",
                         }
                         for i, n in enumerate(ring["nodes"])
