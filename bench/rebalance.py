@@ -66,8 +66,10 @@ async def seed_packets(
     for n in range(count):
         packet_id, sender = ids.next_id(), sender_base + n % senders
         row = PacketRow(
-            packet_id, sender, amount, shares, amount, shares, "seeded", "active",
-            secrets.token_hex(8), now_ms, now_ms + expire_s * 1000,
+            red_packet_id=packet_id, uid=sender, total_amount=amount, total_packet=shares,
+            remaining_amount=amount, remaining_packet=shares, greeting="seeded",
+            status="active", create_token=secrets.token_hex(8),
+            create_time_ms=now_ms, expire_time_ms=now_ms + expire_s * 1000,
         )  # fmt: skip
         packets[packet_owner(doc, packet_id).name].append(packet_values(row))
         owner = doc.ring().owner_of_key(user_key(sender)).name

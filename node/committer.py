@@ -19,12 +19,19 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
-import pymysql
 from prometheus_client import Counter
 
 from redpacket.core.metrics import COMMIT_BATCH_SIZE, COMMIT_LATENCY, OPENS_COMMITTED
 from redpacket.node.counters import Counters
-from redpacket.node.ledger import Claim, GuardFailed, Ledger, LedgerUnavailable
+from redpacket.node.ledger import (
+    GuardFailed,
+    Ledger,
+    LedgerRefused,
+    LedgerUnavailable,
+    LockConflict,
+    ValueRefused,
+)
+from redpacket.node.packet import Claim
 
 log = logging.getLogger("redpacket.node.commit")
 
@@ -150,13 +157,14 @@ class GroupCommitter:
         started = time.perf_counter()
         try:
             await self._ledger.commit_batch(claims)
+        except (GuardFailed, LedgerRefused, LockConflict):
+            # one claim that cannot go in (already committed, guard, a field that does not
+            # fit) must not take the batch with it, nor may a deadlock with another batch:
+            # each claim alone sorts them out
+            await self._commit_one_by_one(by_key)
+            return
         except LedgerUnavailable as exc:
             self._fail_all(by_key, exc)
-            return
-        except (GuardFailed, pymysql.err.MySQLError):
-            # one claim that cannot go in (already committed, guard, a field that does not
-            # fit) must not take the batch with it: each claim alone sorts them out
-            await self._commit_one_by_one(by_key)
             return
         COMMIT_LATENCY.observe(time.perf_counter() - started)
         COMMIT_BATCH_SIZE.observe(len(claims))
@@ -174,10 +182,7 @@ class GroupCommitter:
         for claim, futures in by_key.values():
             try:
                 amount, inserted = await self._commit_one(claim)
-            except Exception as error:
-                exc: Exception = error
-                if isinstance(exc, pymysql.err.OperationalError):  # lock conflicts, retried
-                    exc = LedgerUnavailable(str(exc))
+            except Exception as exc:
                 if isinstance(exc, GuardFailed):
                     self._repair(claim.red_packet_id)
                 elif isinstance(exc, LedgerUnavailable):
@@ -205,13 +210,13 @@ class GroupCommitter:
         jam its packet, or keep its packet from being refunded (issue 19)."""
         try:
             return await self._ledger.commit_one(claim)
-        except pymysql.err.DataError as exc:
+        except ValueRefused as exc:
             log.warning(
                 "red packet %s: the claim of uid %s does not fit the ledger (%s); "
                 "committing it without its display fields",
                 claim.red_packet_id,
                 claim.uid,
-                exc.args[0] if exc.args else exc,
+                exc,
             )
             CLAIMS_SET_ASIDE.inc()
             return await self._ledger.commit_one(replace(claim, nick_name="", img_url=""))

@@ -27,7 +27,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redpacket.core.env import REDIS_PASSWORD_FILE, password_from_file
 from redpacket.node.batcher import ScriptBatcher
 from redpacket.node.keys import PENDING_PATTERN, packet_id_of, packet_keys
-from redpacket.node.ledger import Claim, PacketRow
+from redpacket.node.packet import Claim, PacketRow
 
 RedisClient = aioredis.Redis | RedisCluster
 CLUSTER_MIN_CONNECTIONS = 1024  # per master

@@ -150,18 +150,18 @@ async def create(call: Call) -> Reply:
         raise bad_request("invalid_field", "create_token must be 32 ASCII letters or digits")
     row, created = await call.shard.create(
         NewPacketRequest(
-            packet_id,
-            uid,
-            new.total_amount,
-            new.total_packet,
-            new.greeting,
-            expire_s,
-            token,
-            new.kind,
-            new.amount_each,
-            new.receiver_uid,
-            _str(body, "nick_name"),
-            _str(body, "img_url"),
+            red_packet_id=packet_id,
+            uid=uid,
+            total_amount=new.total_amount,
+            total_packet=new.total_packet,
+            greeting=new.greeting,
+            expire_s=expire_s,
+            create_token=token,
+            kind=new.kind,
+            amount_each=new.amount_each,
+            receiver_uid=new.receiver_uid,
+            sender_nick=_str(body, "nick_name"),
+            sender_img=_str(body, "img_url"),
         )
     )
     return reply(packet_json(row), status=201 if created else 200)

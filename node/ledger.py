@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import datetime as dt
 import functools
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,6 +23,52 @@ import pymysql
 
 from redpacket.core.env import MYSQL_PASSWORD_FILE, password_from_file
 from redpacket.node import outbox
+from redpacket.node.packet import (
+    MS_TO_TIME,
+    PACKET_COLUMNS,
+    PACKET_PLACEHOLDERS,
+    PACKET_WIDTH,
+    Claim,
+    PacketRow,
+    RecordRow,
+    many_rows,
+    packet_from_row,
+    packet_select,
+    packet_values,
+    time_to_ms,
+    to_datetime,
+    to_ms,
+)
+
+# The ledger's API. The packet's types and the time conversions are defined in
+# node/packet.py (which both this module and node/outbox.py import) and offered here too.
+__all__ = [
+    "PACKET_COLUMNS",
+    "PACKET_PLACEHOLDERS",
+    "Claim",
+    "CreateAbandoned",
+    "GuardFailed",
+    "IdCollision",
+    "Ledger",
+    "LedgerError",
+    "LedgerRefused",
+    "LedgerUnavailable",
+    "LockConflict",
+    "MysqlTarget",
+    "PacketRow",
+    "RecordRow",
+    "ValueRefused",
+    "connect_one",
+    "ensure_database",
+    "ledger_error",
+    "packet_from_row",
+    "packet_values",
+    "parse_mysql_url",
+    "retry_lock_conflicts",
+    "to_datetime",
+    "to_ms",
+]
+
 
 # "CREATE ... IF NOT EXISTS" on something that exists is the normal case for an idempotent
 # migration (node/migrations), not news: keep PyMySQL from printing a warning for it.
@@ -34,17 +79,35 @@ warnings.filterwarnings(
 P = ParamSpec("P")
 T = TypeVar("T")
 
-_EPOCH = dt.datetime(1970, 1, 1)
-_MS = dt.timedelta(milliseconds=1)
-
-# Errors that mean "MySQL is not there right now", as opposed to a bug in a statement.
-_DOWN_CODES = {1040, 1053, 1077, 1152, 2002, 2003, 2006, 2013, 2014, 2055}
-# Lock conflicts: the batch path falls back to one claim at a time, the single path retries later.
+# Lock conflicts: the batch path falls back to one claim at a time, the single path retries.
 LOCK_CODES = {1205, 1213}
 
 
-class LedgerUnavailable(Exception):
+class LedgerError(Exception):
+    """MySQL failed or refused a statement. The ledger's callers see only this family, never
+    the driver's errors: :meth:`Ledger.connection` translates them where they leave it."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code  # MySQL's error number, when it gave one
+
+
+class LedgerUnavailable(LedgerError):
     """MySQL did not commit; the caller answers 503 and Redis keeps the claim for the reconciler."""
+
+
+class LockConflict(LedgerUnavailable):
+    """InnoDB rolled the transaction back to break a deadlock or a lock wait: trying it again
+    is safe (:func:`retry_lock_conflicts`); if retries do not help, the ledger is unavailable."""
+
+
+class LedgerRefused(LedgerError):
+    """MySQL refused the statement for the values it carries (too long for a column, a
+    duplicate key, a failed CHECK): sending it again unchanged will not help."""
+
+
+class ValueRefused(LedgerRefused):
+    """A value does not fit its column (``1406 Data too long``, an invalid string)."""
 
 
 class GuardFailed(Exception):
@@ -60,58 +123,6 @@ class IdCollision(Exception):
 
 class CreateAbandoned(Exception):
     """A create whose hold the wallet's sweeper released (node/wallet/abandon.py): refused."""
-
-
-def to_datetime(ms: int) -> dt.datetime:
-    return _EPOCH + dt.timedelta(milliseconds=ms)
-
-
-def to_ms(value: dt.datetime) -> int:
-    return (value - _EPOCH) // _MS
-
-
-@dataclass(frozen=True, slots=True)
-class PacketRow:
-    red_packet_id: int
-    uid: int
-    total_amount: int
-    total_packet: int
-    remaining_amount: int
-    remaining_packet: int
-    greeting: str
-    status: str
-    create_token: str
-    create_time_ms: int
-    expire_time_ms: int
-    kind: str = "lucky"
-    amount_each: int | None = None
-    receiver_uid: int | None = None
-    sender_nick: str = ""
-    sender_img: str = ""
-    luckiest_uid: int | None = None
-    luckiest: RecordRow | None = None  # the 手气最佳 record, filled by get_packet
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """One share taken in Redis, on its way to MySQL."""
-
-    red_packet_id: int
-    uid: int
-    amount: int
-    nick_name: str
-    img_url: str
-    claimed_at_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class RecordRow:
-    uid: int
-    nick_name: str
-    img_url: str
-    amount: int
-    create_time_ms: int
-    luckiest: bool = False
 
 
 @dataclass(frozen=True)
@@ -138,58 +149,29 @@ def parse_mysql_url(url: str) -> MysqlTarget:
     )
 
 
-PACKET_COLUMNS = (
-    "red_packet_id, uid, total_amount, total_packet, remaining_amount, remaining_packet, "
-    "greeting, status, create_token, create_time, expire_time, "
-    "kind, amount_each, receiver_uid, sender_nick, sender_img, luckiest_uid"
-)
-PACKET_PLACEHOLDERS = ", ".join(["%s"] * 17)
-_INFO_COLUMNS = ", ".join("i." + c.strip() for c in PACKET_COLUMNS.split(","))
-
-
-def packet_from_row(row: tuple[Any, ...]) -> PacketRow:
-    """A PacketRow from the PACKET_COLUMNS of a SELECT."""
-    return PacketRow(*row[:9], to_ms(row[9]), to_ms(row[10]), *row[11:17])
-
-
-def packet_values(row: PacketRow, status: str | None = None) -> tuple[Any, ...]:
-    """The PACKET_COLUMNS of an INSERT (``status`` overrides the row's)."""
-    return (
-        row.red_packet_id,
-        row.uid,
-        row.total_amount,
-        row.total_packet,
-        row.remaining_amount,
-        row.remaining_packet,
-        row.greeting,
-        status or row.status,
-        row.create_token,
-        to_datetime(row.create_time_ms),
-        to_datetime(row.expire_time_ms),
-        row.kind,
-        row.amount_each,
-        row.receiver_uid,
-        row.sender_nick,
-        row.sender_img,
-        row.luckiest_uid,
-    )
-
-
-def _is_down(exc: BaseException) -> bool:
+def ledger_error(exc: BaseException) -> LedgerError | None:
+    """The ledger's error for a failure of the driver or the network; None for anything else
+    (the ledger's own errors, GuardFailed, a bug)."""
     if isinstance(exc, (TimeoutError, ConnectionError)):
-        return True
-    return (
-        isinstance(exc, pymysql.err.OperationalError)
-        and bool(exc.args)
-        and (exc.args[0] in _DOWN_CODES)
-    )
+        return LedgerUnavailable(str(exc) or type(exc).__name__)
+    if not isinstance(exc, pymysql.err.MySQLError):
+        return None
+    code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+    if code in LOCK_CODES:
+        return LockConflict(str(exc), code)
+    if isinstance(exc, (pymysql.err.OperationalError, pymysql.err.InterfaceError)):
+        return LedgerUnavailable(str(exc), code)  # down, going away, out of connections
+    if isinstance(exc, pymysql.err.DataError):
+        return ValueRefused(str(exc), code)
+    return LedgerRefused(str(exc), code)  # integrity, programming, internal errors
 
 
 def retry_lock_conflicts(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     """Run a one-transaction method again when InnoDB picked it as a deadlock victim.
 
     Deadlocks are part of InnoDB's normal life under concurrency; the transaction was rolled
-    back whole, so trying it again is safe.
+    back whole, so trying it again is safe. The last conflict is raised as it is: a
+    LedgerUnavailable.
     """
 
     @functools.wraps(method)
@@ -197,8 +179,8 @@ def retry_lock_conflicts(method: Callable[P, Awaitable[T]]) -> Callable[P, Await
         for attempt in range(3):
             try:
                 return await method(*args, **kwargs)
-            except pymysql.err.OperationalError as exc:
-                if not exc.args or exc.args[0] not in LOCK_CODES or attempt == 2:
+            except LockConflict:
+                if attempt == 2:
                     raise
                 await asyncio.sleep(0.005 * (attempt + 1))
         raise AssertionError("unreachable")
@@ -210,6 +192,27 @@ def _is_duplicate(exc: BaseException) -> bool:
     return isinstance(exc, pymysql.err.IntegrityError) and exc.args[0] == 1062
 
 
+_PACKET_AND_BEST = (
+    f"{packet_select('i')}, r.nick_name, r.img_url, r.amount, {time_to_ms('r.create_time')}"
+)
+_INSERT_RECORDS = (
+    "INSERT INTO red_packet_record (red_packet_id, uid, amount, nick_name, img_url, create_time) "
+    "VALUES "
+)
+_RECORD_ROW = f"(%s, %s, %s, %s, %s, {MS_TO_TIME})"
+
+
+def _record_values(claim: Claim) -> tuple[int, int, int, str, str, int]:
+    return (
+        claim.red_packet_id,
+        claim.uid,
+        claim.amount,
+        claim.nick_name,
+        claim.img_url,
+        claim.claimed_at_ms,
+    )
+
+
 class Ledger:
     def __init__(self, pool: aiomysql.Pool, timeout_s: float = 5.0) -> None:
         self._pool = pool
@@ -218,20 +221,12 @@ class Ledger:
     @classmethod
     async def connect(cls, url: str, pool_size: int = 8, timeout_s: float = 5.0) -> Ledger:
         target = parse_mysql_url(url)
-        pool = await aiomysql.create_pool(
-            host=target.host,
-            port=target.port,
-            user=target.user,
-            password=target.password,
-            db=target.database,
-            minsize=1,
-            maxsize=pool_size,
-            autocommit=False,
-            charset="utf8mb4",
-            connect_timeout=timeout_s,
-            init_command="SET time_zone = '+00:00'",
-            pool_recycle=300,
-        )
+        try:
+            pool = await _create_pool(target, pool_size, timeout_s)
+        except Exception as exc:
+            if (mapped := ledger_error(exc)) is None:
+                raise
+            raise mapped from exc
         return cls(pool, timeout_s)
 
     async def close(self) -> None:
@@ -242,23 +237,25 @@ class Ledger:
     async def connection(
         self, timeout_s: float | None = None
     ) -> AsyncIterator[aiomysql.Connection]:
-        """A pooled connection; any failure closes it, MySQL outages become LedgerUnavailable.
-        ``timeout_s`` (default: the ledger's) bounds the acquire and, again, the use."""
+        """A pooled connection; any failure closes it. The driver's errors leave as the
+        ledger's (:func:`ledger_error`): inside the block a method may still look at them
+        (a duplicate key), its callers never do. ``timeout_s`` (default: the ledger's) bounds
+        the acquire and, again, the use."""
         timeout_s = self._timeout_s if timeout_s is None else timeout_s
         try:
             async with asyncio.timeout(timeout_s):
                 conn = await self._pool.acquire()
         except Exception as exc:
-            if _is_down(exc):
-                raise LedgerUnavailable(str(exc)) from exc
-            raise
+            if (mapped := ledger_error(exc)) is None:
+                raise
+            raise mapped from exc
         try:
             async with asyncio.timeout(timeout_s):
                 yield conn
         except BaseException as exc:
             conn.close()
-            if isinstance(exc, Exception) and _is_down(exc):
-                raise LedgerUnavailable(str(exc)) from exc
+            if isinstance(exc, Exception) and (mapped := ledger_error(exc)) is not None:
+                raise mapped from exc
             raise
         finally:
             self._pool.release(conn)
@@ -283,7 +280,7 @@ class Ledger:
                     f"VALUES ({PACKET_PLACEHOLDERS})",
                     packet_values(row),
                 )
-                await outbox.write(cur, [outbox.sent(outbox.state_of(row))])
+                await outbox.write(cur, [outbox.sent(row)])
                 await conn.commit()
                 return row, True
             except pymysql.err.IntegrityError as exc:
@@ -303,8 +300,7 @@ class Ledger:
         """The packet, with its 手气最佳 record once decided (one query, a join on the key)."""
         async with self.connection() as conn, conn.cursor() as cur:
             await cur.execute(
-                f"SELECT {_INFO_COLUMNS}, r.nick_name, r.img_url, r.amount, r.create_time "
-                "FROM red_packet_info i LEFT JOIN red_packet_record r "
+                f"SELECT {_PACKET_AND_BEST} FROM red_packet_info i LEFT JOIN red_packet_record r "
                 "ON r.red_packet_id = i.red_packet_id AND r.uid = i.luckiest_uid "
                 "WHERE i.red_packet_id = %s",
                 (packet_id,),
@@ -313,9 +309,10 @@ class Ledger:
             await conn.rollback()
         if not row:
             return None
-        packet = packet_from_row(row)
-        if packet.luckiest_uid is not None and row[19] is not None:
-            best = RecordRow(packet.luckiest_uid, row[17], row[18], row[19], to_ms(row[20]), True)
+        packet = packet_from_row(row[:PACKET_WIDTH])
+        nick, img, amount, taken_ms = row[PACKET_WIDTH:]
+        if packet.luckiest_uid is not None and amount is not None:
+            best = RecordRow(packet.luckiest_uid, nick, img, amount, taken_ms, True)
             packet = dataclasses.replace(packet, luckiest=best)
         return packet
 
@@ -371,21 +368,9 @@ class Ledger:
                 changed = await cur.execute(update_sql, update_args)
                 if changed != len(packet_ids):
                     raise GuardFailed(packet_ids)
-                await cur.executemany(
-                    "INSERT INTO red_packet_record "
-                    "(red_packet_id, uid, amount, nick_name, img_url, create_time) "
-                    "VALUES (%s, %s, %s, %s, %s, %s)",
-                    [
-                        (
-                            c.red_packet_id,
-                            c.uid,
-                            c.amount,
-                            c.nick_name,
-                            c.img_url,
-                            to_datetime(c.claimed_at_ms),
-                        )
-                        for c in claims
-                    ],
+                await cur.execute(
+                    _INSERT_RECORDS + many_rows(_RECORD_ROW, len(claims)),
+                    [v for c in claims for v in _record_values(c)],
                 )
                 events = await outbox.claim_events(cur, claims, packet_ids)
                 await outbox.write(cur, events)
@@ -425,19 +410,7 @@ class Ledger:
                 if changed != 1:
                     await conn.rollback()
                     raise GuardFailed([claim.red_packet_id])
-                await cur.execute(
-                    "INSERT INTO red_packet_record "
-                    "(red_packet_id, uid, amount, nick_name, img_url, create_time) "
-                    "VALUES (%s, %s, %s, %s, %s, %s)",
-                    (
-                        claim.red_packet_id,
-                        claim.uid,
-                        claim.amount,
-                        claim.nick_name,
-                        claim.img_url,
-                        to_datetime(claim.claimed_at_ms),
-                    ),
-                )
+                await cur.execute(_INSERT_RECORDS + _RECORD_ROW, _record_values(claim))
                 events = await outbox.claim_events(cur, [claim], [claim.red_packet_id])
                 await outbox.write(cur, events)
                 await conn.commit()
@@ -454,22 +427,21 @@ class Ledger:
     ) -> list[RecordRow]:
         """Newest first; ``after`` is (create_time_ms, uid) of the previous page's last record."""
         sql = (
-            "SELECT uid, nick_name, img_url, amount, create_time, uid <=> ("
+            f"SELECT uid, nick_name, img_url, amount, {time_to_ms('create_time')}, uid <=> ("
             "  SELECT luckiest_uid FROM red_packet_info WHERE red_packet_id = %s) "
             "FROM red_packet_record WHERE red_packet_id = %s"
         )
         args: list[Any] = [packet_id, packet_id]
         if after is not None:
-            sql += " AND (create_time < %s OR (create_time = %s AND uid < %s))"
-            when = to_datetime(after[0])
-            args += [when, when, after[1]]
+            sql += f" AND (create_time < {MS_TO_TIME} OR (create_time = {MS_TO_TIME} AND uid < %s))"
+            args += [after[0], after[0], after[1]]
         sql += " ORDER BY create_time DESC, uid DESC LIMIT %s"
         args.append(limit)
         async with self.connection() as conn, conn.cursor() as cur:
             await cur.execute(sql, args)
             rows = await cur.fetchall()
             await conn.rollback()
-        return [RecordRow(r[0], r[1], r[2], r[3], to_ms(r[4]), bool(r[5])) for r in rows]
+        return [RecordRow(*r[:5], luckiest=bool(r[5])) for r in rows]
 
     # -- expiry -------------------------------------------------------------------------
 
@@ -477,8 +449,9 @@ class Ledger:
         async with self.connection() as conn, conn.cursor() as cur:
             await cur.execute(
                 "SELECT red_packet_id FROM red_packet_info "
-                "WHERE status = 'active' AND expire_time <= %s ORDER BY expire_time LIMIT %s",
-                (to_datetime(before_ms), limit),
+                f"WHERE status = 'active' AND expire_time <= {MS_TO_TIME} "
+                "ORDER BY expire_time LIMIT %s",
+                (before_ms, limit),
             )
             rows = await cur.fetchall()
             await conn.rollback()
@@ -501,19 +474,19 @@ class Ledger:
         async with self.connection() as conn, conn.cursor() as cur:
             try:
                 await cur.execute(
-                    "SELECT uid, remaining_amount, status, expire_time FROM red_packet_info "
-                    "WHERE red_packet_id = %s FOR UPDATE",
+                    f"SELECT uid, remaining_amount, status, {time_to_ms('expire_time')} "
+                    "FROM red_packet_info WHERE red_packet_id = %s FOR UPDATE",
                     (packet_id,),
                 )
                 row = await cur.fetchone()
-                if row is None or row[2] != "active" or to_ms(row[3]) > now_ms or row[1] <= 0:
+                if row is None or row[2] != "active" or row[3] > now_ms or row[1] <= 0:
                     await conn.rollback()
                     return None
                 uid, amount = row[0], row[1]
                 await cur.execute(
                     "INSERT INTO red_packet_refund (red_packet_id, uid, amount, create_time) "
-                    "VALUES (%s, %s, %s, %s)",
-                    (packet_id, uid, amount, to_datetime(now_ms)),
+                    f"VALUES (%s, %s, %s, {MS_TO_TIME})",
+                    (packet_id, uid, amount, now_ms),
                 )
                 if between_steps is not None:
                     await between_steps(conn)
@@ -558,14 +531,15 @@ class Ledger:
         treated as unused (replaced), whether or not the purge has removed it yet."""
         async with self.connection() as conn, conn.cursor() as cur:
             await cur.execute(
-                "DELETE FROM idempotency_key WHERE uid = %s AND idem_key = %s AND create_time < %s",
-                (uid, key, to_datetime(expired_before_ms)),
+                "DELETE FROM idempotency_key WHERE uid = %s AND idem_key = %s "
+                f"AND create_time < {MS_TO_TIME}",
+                (uid, key, expired_before_ms),
             )
             await cur.execute(
                 "INSERT IGNORE INTO idempotency_key "
                 "(uid, idem_key, request_hash, red_packet_id, create_time) "
-                "VALUES (%s, %s, %s, %s, %s)",
-                (uid, key, request_hash, packet_id, to_datetime(now_ms)),
+                f"VALUES (%s, %s, %s, %s, {MS_TO_TIME})",
+                (uid, key, request_hash, packet_id, now_ms),
             )
             await cur.execute(
                 "SELECT red_packet_id, request_hash FROM idempotency_key "
@@ -581,11 +555,29 @@ class Ledger:
         index): one short transaction, so the purge never holds locks for long."""
         async with self.connection() as conn, conn.cursor() as cur:
             deleted = await cur.execute(
-                "DELETE FROM idempotency_key WHERE create_time < %s ORDER BY create_time LIMIT %s",
-                (to_datetime(expired_before_ms), batch),
+                f"DELETE FROM idempotency_key WHERE create_time < {MS_TO_TIME} "
+                "ORDER BY create_time LIMIT %s",
+                (expired_before_ms, batch),
             )
             await conn.commit()
         return int(deleted)
+
+
+async def _create_pool(target: MysqlTarget, pool_size: int, timeout_s: float) -> aiomysql.Pool:
+    return await aiomysql.create_pool(
+        host=target.host,
+        port=target.port,
+        user=target.user,
+        password=target.password,
+        db=target.database,
+        minsize=1,
+        maxsize=pool_size,
+        autocommit=False,
+        charset="utf8mb4",
+        connect_timeout=timeout_s,
+        init_command="SET time_zone = '+00:00'",
+        pool_recycle=300,
+    )
 
 
 async def connect_one(url: str, *, with_database: bool = True) -> aiomysql.Connection:

@@ -19,27 +19,23 @@ The events that move money carry ``"credit": true`` (every share's ``received``,
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiomysql
 import orjson
 
-from redpacket.core.clock import now_utc
-
-if TYPE_CHECKING:  # the ledger imports this module: no import back at run time
-    from redpacket.node.ledger import Claim, PacketRow
-
-_EPOCH = dt.datetime(1970, 1, 1)
-_MS = dt.timedelta(milliseconds=1)
-
-
-def to_ms(value: dt.datetime) -> int:
-    return (value - _EPOCH) // _MS
-
+from redpacket.core.clock import now_ms
+from redpacket.node.packet import (
+    MS_TO_TIME,
+    PACKET_SELECT,
+    Claim,
+    PacketRow,
+    many_rows,
+    packet_from_row,
+    time_to_ms,
+)
 
 RECEIVED = "received"
 SENT = "sent"
@@ -52,45 +48,26 @@ _DISPLAY_FIELDS = ("sender_img", "sender_nick", "greeting")  # the largest first
 log = logging.getLogger("redpacket.node.outbox")
 
 
-@dataclass(frozen=True, slots=True)
-class PacketState:
-    """A packet as the transaction that changed it sees it, for the events it writes."""
-
-    red_packet_id: int
-    uid: int
-    kind: str
-    total_amount: int
-    total_packet: int
-    remaining_amount: int
-    remaining_packet: int
-    greeting: str
-    create_time_ms: int
-    expire_time_ms: int
-    sender_nick: str
-    sender_img: str
-    luckiest_uid: int | None
-
-
 Event = tuple[int, str, int, dict[str, Any]]  # (uid, event, red_packet_id, payload)
 
 _STATE_SQL = (
-    "SELECT red_packet_id, uid, kind, total_amount, total_packet, remaining_amount, "
-    "remaining_packet, greeting, create_time, expire_time, sender_nick, sender_img, luckiest_uid "
-    "FROM red_packet_info FORCE INDEX (uk_red_packet_id) WHERE red_packet_id IN "
+    f"SELECT {PACKET_SELECT} FROM red_packet_info FORCE INDEX (uk_red_packet_id) "
+    "WHERE red_packet_id IN "
 )
 
 
-async def packet_states(cur: aiomysql.Cursor, packet_ids: Iterable[int]) -> dict[int, PacketState]:
+async def packet_states(cur: aiomysql.Cursor, packet_ids: Iterable[int]) -> dict[int, PacketRow]:
+    """The packets as this transaction sees them (after its changes), by id."""
     ids = list(packet_ids)
     await cur.execute(_STATE_SQL + "(" + ", ".join(["%s"] * len(ids)) + ")", ids)
     states = {}
     for row in await cur.fetchall():
-        state = PacketState(*row[:8], to_ms(row[8]), to_ms(row[9]), *row[10:13])
+        state = packet_from_row(row)
         states[state.red_packet_id] = state
     return states
 
 
-def sent(state: PacketState, refunded_amount: int = 0) -> Event:
+def sent(state: PacketRow, refunded_amount: int = 0) -> Event:
     return (
         state.uid,
         SENT,
@@ -112,7 +89,7 @@ def sent(state: PacketState, refunded_amount: int = 0) -> Event:
 
 
 def received(
-    state: PacketState, uid: int, amount: int, taken_ms: int, luckiest: bool = False
+    state: PacketRow, uid: int, amount: int, taken_ms: int, luckiest: bool = False
 ) -> Event:
     return (
         uid,
@@ -128,25 +105,6 @@ def received(
             "luckiest": luckiest,
             "credit": True,  # the share moves money: credited to the winner's wallet
         },
-    )
-
-
-def state_of(row: PacketRow) -> PacketState:
-    """The state of a packet just inserted: its row says everything, no read needed."""
-    return PacketState(
-        row.red_packet_id,
-        row.uid,
-        row.kind,
-        row.total_amount,
-        row.total_packet,
-        row.remaining_amount,
-        row.remaining_packet,
-        row.greeting,
-        row.create_time_ms,
-        row.expire_time_ms,
-        row.sender_nick,
-        row.sender_img,
-        row.luckiest_uid,
     )
 
 
@@ -168,7 +126,8 @@ async def decide_luckiest(cur: aiomysql.Cursor, packet_ids: list[int]) -> dict[i
     await cur.execute(
         " UNION ALL ".join(
             [
-                "(SELECT red_packet_id, uid, amount, create_time FROM red_packet_record "
+                "(SELECT red_packet_id, uid, amount, "
+                f"{time_to_ms('create_time')} FROM red_packet_record "
                 "WHERE red_packet_id = %s ORDER BY amount DESC, create_time, id LIMIT 1)"
             ]
             * len(packet_ids)
@@ -176,7 +135,7 @@ async def decide_luckiest(cur: aiomysql.Cursor, packet_ids: list[int]) -> dict[i
         packet_ids,
     )
     best = {
-        int(pid): (int(uid), int(amount), to_ms(when))
+        int(pid): (int(uid), int(amount), int(when))
         for pid, uid, amount, when in await cur.fetchall()
     }
     if best:
@@ -221,22 +180,26 @@ async def claim_events(
 
 
 async def write(cur: aiomysql.Cursor, events: list[Event]) -> None:
-    """One multi-row ``INSERT ... VALUES (..), (..)`` for all the events of a transaction
-    (``executemany`` of a plain VALUES insert is sent as one statement), stamped now (the relay
-    measures the history lag from this stamp). A multi-row VALUES insert is a "simple insert"
-    to InnoDB: its AUTO_INCREMENT ids come from a short mutex, not the table-level AUTO-INC
-    lock that INSERT ... SELECT would hold to the end of the statement."""
+    """One multi-row ``INSERT ... VALUES (..), (..)`` for all the events of a transaction,
+    stamped now in epoch ms (the relay measures the history lag from this stamp). A multi-row
+    VALUES insert is a "simple insert" to InnoDB: its AUTO_INCREMENT ids come from a short
+    mutex, not the table-level AUTO-INC lock that INSERT ... SELECT would hold to the end of
+    the statement."""
     if not events:
         return
-    when = now_utc()
-    await cur.executemany(
-        "INSERT INTO history_outbox (uid, event, red_packet_id, payload, create_time) "
-        "VALUES (%s, %s, %s, %s, %s)",
+    when = now_ms()
+    await cur.execute(
+        "INSERT INTO history_outbox (uid, event, red_packet_id, payload, create_time) VALUES "
+        + many_rows(_EVENT_ROW, len(events)),
         [
-            (uid, kind, pid, encode_payload(pid, payload).decode(), when)
+            v
             for uid, kind, pid, payload in events
+            for v in (uid, kind, pid, encode_payload(pid, payload).decode(), when)
         ],
     )
+
+
+_EVENT_ROW = f"(%s, %s, %s, %s, {MS_TO_TIME})"
 
 
 def encode_payload(red_packet_id: int, payload: dict[str, Any]) -> bytes:

@@ -26,7 +26,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-import pymysql
 from aiohttp import web
 from prometheus_client import Gauge, Histogram
 
@@ -36,7 +35,8 @@ from redpacket.node import deadletters
 from redpacket.node.deadletters import DEAD_LETTERS
 from redpacket.node.handlers import SETTINGS, SHARD
 from redpacket.node.history import HISTORY, Event, RingView, UserHistory
-from redpacket.node.ledger import to_ms
+from redpacket.node.ledger import LedgerRefused
+from redpacket.node.packet import time_to_ms
 from redpacket.node.wallet.holds import HoldSweeper
 from redpacket.sharding.ring import NodeSpec
 
@@ -127,8 +127,8 @@ class Relay:
             self._dead_counted = time.monotonic()
         async with self.history.connection() as conn, conn.cursor() as cur:
             await cur.execute(
-                "SELECT id, uid, event, red_packet_id, payload, create_time FROM history_outbox "
-                "ORDER BY id LIMIT %s",
+                "SELECT id, uid, event, red_packet_id, payload, "
+                f"{time_to_ms('create_time')} FROM history_outbox ORDER BY id LIMIT %s",
                 (self.batch,),
             )
             rows = await cur.fetchall()
@@ -145,7 +145,7 @@ class Relay:
             except (orjson.JSONDecodeError, TypeError, ValueError):
                 dead[row_id] = "the payload is not a JSON object"
                 continue
-            written[row_id] = to_ms(when)
+            written[row_id] = int(when)
         done = await self._deliver(events, dead)
         if done or dead:
             async with self.history.connection() as conn, conn.cursor() as cur:
@@ -268,9 +268,7 @@ REFUSED_HERE = (
     KeyError,
     TypeError,
     ValueError,
-    pymysql.err.DataError,
-    pymysql.err.IntegrityError,
-    pymysql.err.ProgrammingError,
+    LedgerRefused,
 )
 DEAD_LETTERS_RECOUNT_S = 10.0
 

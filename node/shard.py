@@ -34,14 +34,13 @@ from redpacket.node.committer import GroupCommitter
 from redpacket.node.counters import Counters, OpenResult, Outcome, claim_details
 from redpacket.node.keys import packet_keys
 from redpacket.node.ledger import (
-    Claim,
     CreateAbandoned,
     GuardFailed,
     IdCollision,
     Ledger,
     LedgerUnavailable,
-    PacketRow,
 )
+from redpacket.node.packet import Claim, PacketRow, PacketTerms, terms_of
 from redpacket.node.settings import NodeSettings
 
 log = logging.getLogger("redpacket.node.shard")
@@ -104,20 +103,11 @@ class Placement(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
-class NewPacketRequest:
-    red_packet_id: int
-    uid: int
-    total_amount: int
-    total_packet: int
-    greeting: str
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NewPacketRequest(PacketTerms):
+    """A create: the sender's terms (node/packet.py) and how long the packet lives."""
+
     expire_s: int
-    create_token: str
-    kind: str = "lucky"
-    amount_each: int | None = None
-    receiver_uid: int | None = None
-    sender_nick: str = ""
-    sender_img: str = ""
 
 
 class Shard:
@@ -168,23 +158,17 @@ class Shard:
     async def _create(self, req: NewPacketRequest) -> tuple[PacketRow, bool]:
         """MySQL first, then Redis: a packet Redis lacks is rebuilt on first use, never lost."""
         created_ms = now_ms()
+        terms = terms_of(req)
+        terms.update(
+            sender_nick=bound_nick(req.sender_nick), sender_img=bound_img_url(req.sender_img)
+        )
         row = PacketRow(
-            red_packet_id=req.red_packet_id,
-            uid=req.uid,
-            total_amount=req.total_amount,
-            total_packet=req.total_packet,
+            **terms,
             remaining_amount=req.total_amount,
             remaining_packet=req.total_packet,
-            greeting=req.greeting,
             status="active",
-            create_token=req.create_token,
             create_time_ms=created_ms,
             expire_time_ms=created_ms + req.expire_s * 1000,
-            kind=req.kind,
-            amount_each=req.amount_each,
-            receiver_uid=req.receiver_uid,
-            sender_nick=bound_nick(req.sender_nick),
-            sender_img=bound_img_url(req.sender_img),
         )
         try:
             stored, created = await self.ledger.insert_packet(row)

@@ -47,6 +47,7 @@ from redpacket.node.ledger import (
     to_datetime,
     to_ms,
 )
+from redpacket.node.packet import PACKET_SELECT
 from redpacket.node.shard import MOVING, now_ms
 
 log = logging.getLogger("redpacket.node.handoff")
@@ -205,7 +206,7 @@ class PacketBatches:
         async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
             try:
                 await cur.execute(
-                    f"SELECT {PACKET_COLUMNS} FROM red_packet_info "
+                    f"SELECT {PACKET_SELECT} FROM red_packet_info "
                     f"WHERE red_packet_id IN ({_in(ids)}) AND status <> %s FOR UPDATE",
                     (*ids, MOVING),
                 )
@@ -375,7 +376,7 @@ class PacketBatches:
     ) -> tuple[list[PacketRow], dict[int, dict[int, int]]]:
         async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
             await cur.execute(
-                f"SELECT {PACKET_COLUMNS} FROM red_packet_info WHERE red_packet_id IN ({_in(ids)})",
+                f"SELECT {PACKET_SELECT} FROM red_packet_info WHERE red_packet_id IN ({_in(ids)})",
                 tuple(ids),
             )
             packets = [packet_from_row(r) for r in await cur.fetchall()]

@@ -37,6 +37,7 @@ from redpacket.node.ledger import (
     to_datetime,
     to_ms,
 )
+from redpacket.node.packet import PACKET_SELECT
 from redpacket.node.shard import MOVING, now_ms
 
 log = logging.getLogger("redpacket.node.handoff")
@@ -260,7 +261,7 @@ class PacketMoves:
         async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
             try:
                 await cur.execute(
-                    f"SELECT {PACKET_COLUMNS} FROM red_packet_info "
+                    f"SELECT {PACKET_SELECT} FROM red_packet_info "
                     "WHERE red_packet_id = %s FOR UPDATE",
                     (packet_id,),
                 )
