@@ -222,3 +222,45 @@ def encode_payload(red_packet_id: int, payload: dict[str, Any]) -> bytes:
             payload = {**payload, name: ""}
             data = orjson.dumps(payload)
     return data
+
+
+def coalesce(events: dict[int, Event]) -> tuple[dict[int, Event], dict[int, list[int]]]:
+    """The events of one relay pass without the redundant ``sent`` states, and for each kept
+    event the outbox ids it stands for.
+
+    Every commit batch writes a ``sent`` per packet it touched: on a crowd of small packets
+    that is about one per claim, while the sender's row only keeps the latest state (opened
+    counts and refund only grow, node/history.py). So of a packet's ``sent`` events in a pass
+    only the most advanced one is delivered; the others are done when it is. An event that
+    moves money (``credit``: a refund) is never dropped, and ``received`` events are each a
+    share: they all go.
+    """
+    latest: dict[tuple[int, int], tuple[tuple[int, int, int], int]] = {}
+    for row_id, (uid, kind, pid, payload) in events.items():
+        progress = _progress(row_id, payload) if kind == SENT else None
+        if progress is None:
+            continue
+        best = latest.get((uid, pid))
+        if best is None or progress > best[0]:
+            latest[(uid, pid)] = (progress, row_id)
+    kept: dict[int, Event] = {}
+    stands_for: dict[int, list[int]] = {}
+    for row_id, event in events.items():
+        uid, kind, pid, payload = event
+        best = latest.get((uid, pid)) if kind == SENT else None
+        if best is None or best[1] == row_id or payload.get("credit"):
+            kept[row_id] = event
+        elif _progress(row_id, payload) is None:
+            kept[row_id] = event  # malformed: its destination decides (a dead letter)
+        else:
+            stands_for.setdefault(best[1], []).append(row_id)
+    return kept, stands_for
+
+
+def _progress(row_id: int, payload: dict[str, Any]) -> tuple[int, int, int] | None:
+    """How far a ``sent`` state is (opened shares, refund, then the later row); None if the
+    payload is not one."""
+    try:
+        return int(payload["opened_packet"]), int(payload["refunded_amount"]), row_id
+    except (KeyError, TypeError, ValueError):
+        return None

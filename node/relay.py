@@ -31,7 +31,7 @@ from prometheus_client import Gauge, Histogram
 
 from redpacket.core.clock import now_ms
 from redpacket.core.errors import ApiError
-from redpacket.node import deadletters
+from redpacket.node import deadletters, outbox
 from redpacket.node.deadletters import DEAD_LETTERS
 from redpacket.node.handlers import SETTINGS, SHARD
 from redpacket.node.history import HISTORY, Event, RingView, UserHistory
@@ -146,7 +146,13 @@ class Relay:
                 dead[row_id] = "the payload is not a JSON object"
                 continue
             written[row_id] = int(when)
-        done = await self._deliver(events, dead)
+        # a packet's redundant `sent` states go with the latest one (node/outbox.py)
+        kept, stands_for = outbox.coalesce(events)
+        done = await self._deliver(kept, dead)
+        done += [row_id for kept_id in done for row_id in stands_for.get(kept_id, ())]
+        for kept_id, row_ids in stands_for.items():
+            if kept_id in dead:
+                dead.update((row_id, dead[kept_id]) for row_id in row_ids)
         if done or dead:
             async with self.history.connection() as conn, conn.cursor() as cur:
                 if done:
