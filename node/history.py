@@ -33,6 +33,7 @@ from redpacket.core.cursors import encode_cursor
 from redpacket.core.errors import ApiError
 from redpacket.node.ledger import Ledger, retry_lock_conflicts, to_datetime, to_ms
 from redpacket.node.outbox import RECEIVED, SENT
+from redpacket.node.packet import MS_TO_TIME, many_rows
 from redpacket.node.shard import Shard, moved
 from redpacket.node.wallet.credits import apply_credits
 from redpacket.node.wallet.debits import HoldQueue
@@ -170,25 +171,14 @@ class UserHistory:
         async with self.connection() as conn, conn.cursor() as cur:
             try:
                 if received:
-                    await cur.executemany(
-                        "INSERT INTO user_received (uid, red_packet_id, year, sender_uid, "
-                        "sender_nick, sender_img, kind, amount, luckiest, create_time) "
-                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                        "ON DUPLICATE KEY UPDATE luckiest = GREATEST(luckiest, VALUES(luckiest))",
-                        received,
+                    await cur.execute(
+                        _MERGE_RECEIVED.format(rows=many_rows(_RECEIVED_ROW, len(received))),
+                        [v for row in received for v in row],
                     )
                 if sent:
-                    await cur.executemany(
-                        "INSERT INTO user_sent (uid, red_packet_id, year, kind, total_amount, "
-                        "total_packet, opened_packet, opened_amount, refunded_amount, greeting, "
-                        "create_time, expire_time) "
-                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                        "ON DUPLICATE KEY UPDATE "
-                        "opened_amount = IF(VALUES(opened_packet) > opened_packet, "
-                        "                   VALUES(opened_amount), opened_amount), "
-                        "opened_packet = GREATEST(opened_packet, VALUES(opened_packet)), "
-                        "refunded_amount = GREATEST(refunded_amount, VALUES(refunded_amount))",
-                        sent,
+                    await cur.execute(
+                        _MERGE_SENT.format(rows=many_rows(_SENT_ROW, len(sent))),
+                        [v for row in sent for v in row],
                     )
                 await apply_credits(cur, events, int(time.time() * 1000))
                 await conn.commit()
@@ -308,6 +298,25 @@ def _iso(value: dt.datetime) -> str:
     return value.replace(tzinfo=dt.UTC).isoformat(timespec="milliseconds")
 
 
+# One multi-row merge per table (times as epoch ms, converted by the server: node/packet.py).
+_MERGE_RECEIVED = (
+    "INSERT INTO user_received (uid, red_packet_id, year, sender_uid, sender_nick, sender_img, "
+    "kind, amount, luckiest, create_time) VALUES {rows} "
+    "ON DUPLICATE KEY UPDATE luckiest = GREATEST(luckiest, VALUES(luckiest))"
+)
+_RECEIVED_ROW = f"(%s, %s, %s, %s, %s, %s, %s, %s, %s, {MS_TO_TIME})"
+_MERGE_SENT = (
+    "INSERT INTO user_sent (uid, red_packet_id, year, kind, total_amount, total_packet, "
+    "opened_packet, opened_amount, refunded_amount, greeting, create_time, expire_time) "
+    "VALUES {rows} ON DUPLICATE KEY UPDATE "
+    "opened_amount = IF(VALUES(opened_packet) > opened_packet, "
+    "                   VALUES(opened_amount), opened_amount), "
+    "opened_packet = GREATEST(opened_packet, VALUES(opened_packet)), "
+    "refunded_amount = GREATEST(refunded_amount, VALUES(refunded_amount))"
+)
+_SENT_ROW = f"(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, {MS_TO_TIME}, {MS_TO_TIME})"
+
+
 def _received_row(event: Event) -> tuple[Any, ...]:
     uid, _, pid, p = event
     return (
@@ -320,7 +329,7 @@ def _received_row(event: Event) -> tuple[Any, ...]:
         str(p["kind"]),
         int(p["amount"]),
         1 if p.get("luckiest") else 0,
-        to_datetime(int(p["time"])),
+        int(p["time"]),
     )
 
 
@@ -337,8 +346,8 @@ def _sent_row(event: Event) -> tuple[Any, ...]:
         int(p["opened_amount"]),
         int(p["refunded_amount"]),
         str(p["greeting"]),
-        to_datetime(int(p["create_time"])),
-        to_datetime(int(p["expire_time"])),
+        int(p["create_time"]),
+        int(p["expire_time"]),
     )
 
 
