@@ -8,6 +8,7 @@ restarted and forgot it (NOSCRIPT).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redpacket.core.env import REDIS_PASSWORD_FILE, password_from_file
 from redpacket.node.batcher import ScriptBatcher
 from redpacket.node.keys import PENDING_PATTERN, packet_id_of, packet_keys
-from redpacket.node.packet import Claim, PacketRow
+from redpacket.node.packet import Claim, PacketRow, redis_fields
 
 RedisClient = aioredis.Redis | RedisCluster
 CLUSTER_MIN_CONNECTIONS = 1024  # per master
@@ -114,19 +115,10 @@ def _load_args(
     A refunded packet loads as expired whatever its expiry says: a node whose clock stepped
     back after the refund would otherwise sell its shares again in Redis (MySQL refuses them,
     but every such open answered 503 until the clock caught up)."""
-    expire_at_ms = 0 if packet.status == "refunded" else packet.expire_time_ms
-    args: list[int | str] = [
-        "replace" if replace else "create",
-        packet.total_amount,
-        packet.total_packet,
-        packet.remaining_amount,
-        packet.remaining_packet,
-        expire_at_ms,
-        drop_at_ms,
-        packet.kind,
-        "" if packet.amount_each is None else packet.amount_each,
-        "" if packet.receiver_uid is None else packet.receiver_uid,
-    ]
+    if packet.status == "refunded":
+        packet = dataclasses.replace(packet, expire_time_ms=0)
+    fields = redis_fields(packet)  # the hash's fields, from their one definition
+    args: list[int | str] = ["replace" if replace else "create", drop_at_ms, len(fields), *fields]
     for uid, amount in claims.items():
         args += [uid, amount]
     return args

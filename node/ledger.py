@@ -248,9 +248,7 @@ class Ledger:
         await self._pool.wait_closed()
 
     @contextlib.asynccontextmanager
-    async def connection(
-        self, timeout_s: float | None = None
-    ) -> AsyncIterator[asyncmy.Connection]:
+    async def connection(self, timeout_s: float | None = None) -> AsyncIterator[asyncmy.Connection]:
         """A pooled connection; any failure closes it. The driver's errors leave as the
         ledger's (:func:`ledger_error`): inside the block a method may still look at them
         (a duplicate key), its callers never do. ``timeout_s`` (default: the ledger's) bounds

@@ -6,30 +6,30 @@
 -- ARGV[1]  mode: "create" loads only if the packet is absent (a second create is a no-op);
 --          "replace" drops whatever Redis holds, pending claims included, and loads afresh
 --          (the caller has frozen the packet and drained its commits first)
--- ARGV[2]  total_amount   ARGV[3] total_packet   ARGV[4] remaining_amount
--- ARGV[5]  remaining_packet   ARGV[6] expire_at_ms
--- ARGV[7]  epoch ms at which all three keys are dropped from Redis (MySQL keeps the packet)
--- ARGV[8]  kind: "lucky" | "equal" | "exclusive"   ARGV[9] amount_each ("" unless equal)
--- ARGV[10] receiver uid ("" unless exclusive)
--- ARGV[11..] committed claims as uid, amount, uid, amount, ...
+-- ARGV[2]  epoch ms at which all three keys are dropped from Redis (MySQL keeps the packet)
+-- ARGV[3]  n: how many of the next arguments are the packet's hash, as name, value pairs.
+--          They come from the packet's one definition (node/packet.py redis_fields):
+--          total_amount, total_packet, remaining_amount, remaining_packet, expire_at_ms,
+--          kind ("lucky" | "equal" | "exclusive"), each ("" unless equal) and receiver
+--          ("" unless exclusive)
+-- ARGV[4 .. 3+n]  those pairs
+-- ARGV[4+n ..]    committed claims as uid, amount, uid, amount, ...
 --
 -- Returns 1 when it loaded the packet, 0 when "create" found it already there.
 
 if ARGV[1] == 'create' and redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
 end
+local n = tonumber(ARGV[3])
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
-redis.call('HSET', KEYS[1],
-  'total_amount', ARGV[2], 'total_packet', ARGV[3],
-  'remaining_amount', ARGV[4], 'remaining_packet', ARGV[5],
-  'expire_at_ms', ARGV[6], 'state', '',
-  'kind', ARGV[8], 'each', ARGV[9], 'receiver', ARGV[10])
-redis.call('PEXPIREAT', KEYS[1], ARGV[7])
-if #ARGV >= 12 then
+redis.call('HSET', KEYS[1], 'state', '', unpack(ARGV, 4, 3 + n))
+redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+local first_claim = 4 + n
+if #ARGV > first_claim then
   -- in slices: Lua's unpack has a stack limit of a few thousand values
-  for first = 11, #ARGV, 1000 do
+  for first = first_claim, #ARGV, 1000 do
     redis.call('HSET', KEYS[2], unpack(ARGV, first, math.min(first + 999, #ARGV)))
   end
-  redis.call('PEXPIREAT', KEYS[2], ARGV[7])
+  redis.call('PEXPIREAT', KEYS[2], ARGV[2])
 end
 return 1

@@ -14,6 +14,7 @@ is the cheapest value the pure-Python client escapes and parses, a datetime the 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -39,9 +40,14 @@ def to_ms(value: dt.datetime) -> int:
     return (value - _EPOCH) // _MS
 
 
-def _time(column: str) -> Any:
+def _time(column: str, redis: str = "") -> Any:
     """A field kept as epoch ms, stored in the DATETIME(3) column ``column``."""
-    return field(metadata={"time_column": column})
+    return field(metadata={"time_column": column, "redis": redis})
+
+
+def _redis(name: str, default: Any = dataclasses.MISSING) -> Any:
+    """A field that load.lua also puts in the packet's Redis hash, as ``name``."""
+    return field(default=default, metadata={"redis": name})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -50,13 +56,13 @@ class PacketTerms:
 
     red_packet_id: int
     uid: int
-    total_amount: int
-    total_packet: int
+    total_amount: int = _redis("total_amount")
+    total_packet: int = _redis("total_packet")
     greeting: str
     create_token: str
-    kind: str = "lucky"
-    amount_each: int | None = None
-    receiver_uid: int | None = None
+    kind: str = _redis("kind", "lucky")
+    amount_each: int | None = _redis("each", None)
+    receiver_uid: int | None = _redis("receiver", None)
     sender_nick: str = ""
     sender_img: str = ""
 
@@ -75,11 +81,11 @@ class RecordRow:
 class PacketRow(PacketTerms):
     """One row of ``red_packet_info``: the terms and the packet's progress."""
 
-    remaining_amount: int
-    remaining_packet: int
+    remaining_amount: int = _redis("remaining_amount")
+    remaining_packet: int = _redis("remaining_packet")
     status: str
     create_time_ms: int = _time("create_time")
-    expire_time_ms: int = _time("expire_time")
+    expire_time_ms: int = _time("expire_time", redis="expire_at_ms")
     luckiest_uid: int | None = None
     luckiest: RecordRow | None = field(default=None, metadata={"stored": False})  # 手气最佳
 
@@ -125,6 +131,19 @@ def packet_select(alias: str = "") -> str:
 
 PACKET_SELECT = packet_select()
 PACKET_WIDTH = len(PACKET_FIELDS)  # the columns of packet_select(), first in a joined row
+
+
+_IN_REDIS = [(f.name, f.metadata["redis"]) for f in _STORED if f.metadata.get("redis")]
+
+
+def redis_fields(row: PacketRow) -> list[int | str]:
+    """The packet's fields in its Redis hash (``rp:{id}:info``, node/open.lua), as the
+    name, value pairs that load.lua sets; a missing value is ``""``."""
+    pairs: list[int | str] = []
+    for name, key in _IN_REDIS:
+        value = getattr(row, name)
+        pairs += [key, "" if value is None else value]
+    return pairs
 
 
 def packet_from_row(row: tuple[Any, ...] | list[Any]) -> PacketRow:

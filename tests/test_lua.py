@@ -52,18 +52,13 @@ class Scripts:
         claims: tuple[tuple[int, int], ...] = (),
     ) -> int:
         left_amount, left_packet = remaining or (total_amount, total_packet)
-        argv: list[Any] = [
-            mode,
-            total_amount,
-            total_packet,
-            left_amount,
-            left_packet,
-            expire_at_ms,
-            expire_at_ms + HOUR_MS,
-            kind,
-            "" if each is None else each,
-            "" if receiver is None else receiver,
-        ]
+        fields: list[Any] = [
+            "total_amount", total_amount, "total_packet", total_packet,
+            "remaining_amount", left_amount, "remaining_packet", left_packet,
+            "expire_at_ms", expire_at_ms, "kind", kind,
+            "each", "" if each is None else each, "receiver", "" if receiver is None else receiver,
+        ]  # fmt: skip
+        argv: list[Any] = [mode, expire_at_ms + HOUR_MS, len(fields), *fields]
         for uid, amount in claims:
             argv += [uid, amount]
         return int(await self._scripts["load"](keys=packet_keys(packet_id), args=argv))
