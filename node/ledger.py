@@ -152,15 +152,17 @@ def parse_mysql_url(url: str) -> MysqlTarget:
 
 
 # The driver's errors, of the ledger's pool (asyncmy) and of the tools' connections (PyMySQL).
+# They are told apart by MySQL's error number: the two drivers file some numbers under
+# different classes (1054 is an OperationalError to asyncmy).
 _DRIVER_ERRORS = (asyncmy.errors.MySQLError, pymysql.err.MySQLError)
-_DOWN_ERRORS = (
-    asyncmy.errors.OperationalError,
-    asyncmy.errors.InterfaceError,
-    pymysql.err.OperationalError,
-    pymysql.err.InterfaceError,
-)
-_VALUE_ERRORS = (asyncmy.errors.DataError, pymysql.err.DataError)
+_CLOSED_ERRORS = (asyncmy.errors.InterfaceError, pymysql.err.InterfaceError)  # used when closed
 _INTEGRITY_ERRORS = (asyncmy.errors.IntegrityError, pymysql.err.IntegrityError)
+# "MySQL is not there right now": too many connections, shutting down, aborted, interrupted,
+# killed, idle disconnect; and every client-side error (2000-2999: cannot connect, gone
+# away, lost during query, ...).
+_DOWN_CODES = {1040, 1053, 1077, 1152, 1317, 1927, 4031}
+# A value that does not fit its column: out of range, truncated, incorrect, too long.
+_VALUE_CODES = {1264, 1265, 1292, 1366, 1367, 1406}
 
 
 def ledger_error(exc: BaseException) -> LedgerError | None:
@@ -173,11 +175,16 @@ def ledger_error(exc: BaseException) -> LedgerError | None:
     code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
     if code in LOCK_CODES:
         return LockConflict(str(exc), code)
-    if isinstance(exc, _DOWN_ERRORS):
-        return LedgerUnavailable(str(exc), code)  # down, going away, out of connections
-    if isinstance(exc, _VALUE_ERRORS):
+    if (
+        isinstance(exc, _CLOSED_ERRORS)
+        or code is None
+        or code in _DOWN_CODES
+        or 2000 <= code < 3000
+    ):
+        return LedgerUnavailable(str(exc), code)
+    if code in _VALUE_CODES:
         return ValueRefused(str(exc), code)
-    return LedgerRefused(str(exc), code)  # integrity, programming, internal errors
+    return LedgerRefused(str(exc), code)  # duplicates, failed checks, bad statements
 
 
 def retry_lock_conflicts(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
