@@ -35,4 +35,3 @@ async def test_a_mysql_that_is_not_there_is_unavailable(node: NodeHandle) -> Non
     with pytest.raises(LedgerUnavailable):
         await Ledger.connect(f"mysql://root@127.0.0.1:{port}/nothing", timeout_s=2)
     await node.check()
-
