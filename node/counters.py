@@ -203,6 +203,11 @@ class Counters:
         info, _, _ = packet_keys(packet_id)
         return bool(await self._freeze(keys=[info], args=["frozen" if frozen else ""]))
 
+    async def is_frozen(self, packet_id: int) -> bool:
+        """Whether open.lua would answer "frozen" for this packet now."""
+        info, _, _ = packet_keys(packet_id)
+        return await self.client.hget(info, "state") in ("frozen", b"frozen")
+
     async def freeze_many(self, packet_ids: Iterable[int], frozen: bool) -> None:
         """Freeze (or resume) many packets in one pipeline: a batched handoff's first step."""
         arg = "frozen" if frozen else ""
