@@ -407,6 +407,9 @@ class Rebalancer:
         if not published and not rollback:
             await self.backend.publish_ring(doc)
             self.say(f"published the transition ring v{doc.version}")
+        users_move = doc.previous.nodes != doc.nodes
+        if users_move:  # before the fence: no arriving user is served from half a wallet
+            await asyncio.gather(*(self.client.wallets_arriving(n, doc) for n in nodes.values()))
         await self._fence(nodes, doc)
         if not published and rollback:
             await self.backend.publish_ring(doc)
@@ -416,8 +419,9 @@ class Rebalancer:
         await self._move_packets(nodes, target, unmoved_before_ms(doc))
         self.timings["packets_s"] = time.monotonic() - started - self.timings["fenced_s"]
         # 4b.+4c. users' own data (idempotency keys, then history), if their ring changed
-        if doc.previous.nodes != doc.nodes:
+        if users_move:
             await self._move_users(nodes, target)
+            await asyncio.gather(*(self.client.wallets_in(n) for n in nodes.values()))
         # 5. retire the previous ring
         final = RingDoc(doc.version + 1, doc.nodes, since_ms=doc.since_ms, older=doc.older)
         await self.backend.publish_ring(final)

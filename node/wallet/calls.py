@@ -9,12 +9,13 @@ there; they are checked again here (positive cents), as every node input is.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 
 from redpacket.core.amounts import refuse_unknown_fields
-from redpacket.core.errors import ApiError, bad_request
+from redpacket.core.errors import ApiError, bad_request, unavailable
 from redpacket.core.ids import parse_packet_id, parse_uid
 from redpacket.node.calls import Call, Reply, reply
 from redpacket.node.shard import now_ms
@@ -56,13 +57,18 @@ def insufficient(balance: int) -> ApiError:
     )
 
 
-@contextlib.contextmanager
-def kept_here(call: Call, uid: int):  # type: ignore[no-untyped-def]
-    """Inside: this node keeps the user's wallet (a fence being set waits for the block)."""
+@contextlib.asynccontextmanager
+async def kept_here(call: Call, uid: int) -> AsyncIterator[None]:
+    """Inside: this node keeps the user's wallet, all of it (a fence being set waits for the
+    block). A wallet a rebalance is bringing here is not all here until imported: its calls
+    get 503 (retry), or a replayed top-up would be credited again or answered differently."""
     placement = call.shard.placement
     with placement.admitting() if placement is not None else contextlib.nullcontext():
         if (err := call.history.elsewhere(uid)) is not None:
             raise err
+        arriving = getattr(placement, "wallet_arriving", None)
+        if arriving is not None and await arriving(uid):
+            raise unavailable("this user's wallet is moving here; retry")
         yield
 
 
@@ -76,7 +82,7 @@ async def hold(call: Call) -> Reply:
     if packet_id is None:
         raise bad_request("invalid_id", "red_packet_id must be a positive 64-bit integer")
     starting = cents(body, "starting_balance", minimum=0)
-    with kept_here(call, uid):
+    async with kept_here(call, uid):
         try:
             held = await call.history.debits.hold(
                 HoldRequest(token, uid, amount, packet_id, starting)
@@ -91,7 +97,7 @@ async def hold(call: Call) -> Reply:
 async def confirm(call: Call) -> Reply:
     body = call.json()
     refuse_unknown_fields(body, frozenset({"create_token", "uid"}))
-    with kept_here(call, user_of(body.get("uid"))):
+    async with kept_here(call, user_of(body.get("uid"))):
         state = await call.history.wallets.confirm(token_of(body))
     return reply({"state": state})
 
@@ -117,7 +123,7 @@ async def wallet(call: Call) -> Reply:
     ):
         raise bad_request("invalid_field", "pending must be red packet ids, comma separated")
     wallets = call.history.wallets
-    with kept_here(call, uid):
+    async with kept_here(call, uid):
         balance, updated_ms = await wallets.balance(uid, now_ms(), int(raw))
         applied = await wallets.applied(uid, [int(p) for p in pending])
     return reply(
@@ -136,7 +142,7 @@ async def transactions(call: Call) -> Reply:
     cursor = call.query.get("cursor")
     if cursor is not None and not (cursor.isascii() and cursor.isdigit() and len(cursor) <= 19):
         raise bad_request("invalid_cursor", "cursor is not one this API returned")
-    with kept_here(call, uid):
+    async with kept_here(call, uid):
         rows, more = await call.history.wallets.transactions(
             uid, int(raw_limit), int(cursor) if cursor else None
         )
@@ -170,7 +176,7 @@ async def topup(call: Call) -> Reply:
     if not (isinstance(digest, str) and len(digest) == 64):
         raise bad_request("invalid_field", "body_sha256 must be 64 hex digits")
     starting = cents(body, "starting_balance", minimum=0)
-    with kept_here(call, uid):
+    async with kept_here(call, uid):
         try:
             result, replayed = await call.history.wallets.topup(
                 uid, topup_id, amount, digest, now_ms=now_ms(), starting=starting
