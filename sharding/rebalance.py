@@ -48,20 +48,23 @@ from redpacket.sharding.client import NodeClient, NodeError
 from redpacket.sharding.ring import NodeSpec, Ring, RingDoc, packet_owner, user_key
 
 ACTIVE, OUT, IN = "active", "out", "in"
-# keys per import call: one MySQL transaction that must beat the node's MySQL timeout under load
-KEY_BATCH = 100
-# batches (or single handoffs) in flight: each step holds one of the node's MySQL connections
-# (8 by default) for its transaction, and opens must keep getting theirs
-CONCURRENCY = 2
+# keys per import call: one MySQL transaction (a multi-row insert, one IN read) that must beat
+# the node's MySQL timeout under load; 100 made a move of 28,640 keys take 4.4 s (round trips)
+KEY_BATCH = 1000
+KEY_PAGE = 4000  # keys listed per call: a page's batches go concurrently
 PASSES = 4  # listings of what must move, each acting on what the previous one left
 HISTORY_BATCH = 200  # users per history apply (one multi-row merge per table)
+HISTORY_EVENTS = 5000  # events per history apply, at most (busy users have hundreds)
+WALLET_BATCH = 200  # users per wallet import (one transaction)
 USER_PAGE = 1000  # users (or keys) listed per call
 # packets per batched handoff: one IN list and one transaction per step on each node; small
-# enough that a batch's packets are frozen (opens retried by the gateway) only tens of ms
-BATCH = 100
+# enough that a batch's packets are frozen (opens retried by the gateway) only tens of ms.
+# Measured under the bench's open load (docs/rebalancing.md): 100 x 2 at once moved ~600
+# packets/s, 200 x 4 ~1,050-1,150/s with open p99 within 1.3-1.9x of before
+BATCH = 200
 # batches (or single handoffs) in flight: each step holds one of the node's MySQL connections
 # (8 by default) for its transaction, and opens must keep getting theirs
-CONCURRENCY = 2
+CONCURRENCY = 4
 PASSES = 4  # listings of what must move, each acting on what the previous one left
 
 
@@ -206,7 +209,8 @@ def now_ms() -> int:
 
 
 class Pacer:
-    """At most ``rate`` packet handoffs per second (0: as fast as the nodes go)."""
+    """At most ``rate`` packet handoffs (or users moved) per second (0: as fast as the nodes
+    go)."""
 
     def __init__(self, rate: float) -> None:
         self._interval = 1.0 / rate if rate > 0 else 0.0
@@ -242,6 +246,7 @@ class Rebalancer:
         self.backend = backend
         self.concurrency = max(1, concurrency)
         self.rate = rate
+        self.user_pacer = Pacer(rate)  # --rate caps users moved per second too
         self.batch_size = max(1, batch_size)
         self.moved_packets = 0  # handoffs carried out (the benchmark reads it)
         self.progress = progress
@@ -474,6 +479,7 @@ class Rebalancer:
     async def _move_users(self, nodes: dict[str, NodeSpec], target: RingDoc) -> None:
         started = time.monotonic()
         moved, conflicts = await self._move_keys(nodes, target.ring())
+        self.timings["keys_s"] = time.monotonic() - started
         if moved:
             self.say(f"moved {sum(moved.values())} idempotency key(s): {_pairs_text(moved)}")
         if conflicts:
@@ -483,6 +489,7 @@ class Rebalancer:
             )
         # users' history, like the keys: copied (an idempotent merge), then released
         users = await self._move_history(nodes, target.ring())
+        self.timings["history_s"] = time.monotonic() - started - self.timings["keys_s"]
         if users:
             self.say(f"moved the history of {users} user(s)")
         # users' wallets (零钱), like the history: merged into the new owner, then released
@@ -682,9 +689,9 @@ class Rebalancer:
 
         async def one(node: NodeSpec) -> None:
             page: list[list[Any]] = []
-            async for row in self.client.keys(node, page=USER_PAGE):
+            async for row in self.client.keys(node, page=KEY_PAGE):
                 page.append(row)
-                if len(page) >= USER_PAGE:
+                if len(page) >= KEY_PAGE:
                     await self._flush_page(node, page, target, flush, KEY_BATCH)
                     page = []
             await self._flush_page(node, page, target, flush, KEY_BATCH)
@@ -694,22 +701,29 @@ class Rebalancer:
 
     async def _move_wallets(self, nodes: dict[str, NodeSpec], target: Ring) -> int:
         """Merge each user's wallet into the user's owner in ``target``, then delete it where it
-        was (node/handoff/wallets.py); the number of wallets moved."""
+        was (node/handoff/wallets.py); the number of wallets moved. Every node is read at
+        once, a page of users per call, like the history."""
         moved = 0
-        for node in nodes.values():
-            batches: dict[str, list[dict[str, Any]]] = {}
-            async for user in self.client.wallets(node):
-                owner = target.owner_of_key(user_key(int(user["uid"]))).name
-                if owner != node.name:
-                    batches.setdefault(owner, []).append(user)
-            for owner, users in batches.items():
-                for start in range(0, len(users), 200):
-                    batch = users[start : start + 200]
-                    refused = await self.client.import_wallets(nodes[owner], batch)
-                    if refused:
-                        raise RebalanceError(f"{owner} refused the wallets of users {refused}")
-                    await self.client.release_wallets(node, [u["uid"] for u in batch])
-                    moved += len(batch)
+
+        async def flush(source: NodeSpec, owner: str, batch: list[list[Any]]) -> None:
+            nonlocal moved
+            users = [user for _, user in batch]
+            refused = await self.client.import_wallets(nodes[owner], users)
+            if refused:
+                raise RebalanceError(f"{owner} refused the wallets of users {refused}")
+            await self.client.release_wallets(source, [u["uid"] for u in users])
+            moved += len(batch)
+
+        async def one(node: NodeSpec) -> None:
+            page: list[list[Any]] = []
+            async for user in self.client.wallets(node, page=WALLET_BATCH):
+                page.append([user["uid"], user])
+                if len(page) >= USER_PAGE:
+                    await self._flush_page(node, page, target, flush, WALLET_BATCH)
+                    page = []
+            await self._flush_page(node, page, target, flush, WALLET_BATCH)
+
+        await asyncio.gather(*(one(n) for n in nodes.values()))
         return moved
 
     async def _move_history(self, nodes: dict[str, NodeSpec], target: Ring) -> int:
@@ -721,9 +735,12 @@ class Rebalancer:
         async def flush(source: NodeSpec, owner: str, batch: list[list[Any]]) -> None:
             nonlocal moved
             events = [event for _, user_events in batch for event in user_events]
-            refused = await self.client.apply_history(nodes[owner], events)
-            if refused:
-                raise RebalanceError(f"{owner} refused the history of users {sorted(refused)}")
+            for start in range(0, max(1, len(events)), HISTORY_EVENTS):  # a node takes 10,000
+                refused = await self.client.apply_history(
+                    nodes[owner], events[start : start + HISTORY_EVENTS]
+                )
+                if refused:
+                    raise RebalanceError(f"{owner} refused the history of users {sorted(refused)}")
             await self.client.release_history(source, [uid for uid, _ in batch])
             moved += len(batch)
 
@@ -739,8 +756,8 @@ class Rebalancer:
         await asyncio.gather(*(one(n) for n in nodes.values()))
         return moved
 
-    @staticmethod
     async def _flush_page(
+        self,
         node: NodeSpec,
         page: list[list[Any]],
         target: Ring,
@@ -748,15 +765,26 @@ class Rebalancer:
         batch: int,
     ) -> None:
         """Send a page of users' rows (``[uid, ...]``) that ``target`` gives to other nodes
-        to their owners, in batches of ``batch``."""
+        to their owners, in batches of ``batch``, ``concurrency`` batches at a time (each
+        holds a MySQL connection of its two nodes for one transaction; opens keep the rest)."""
         by_owner: dict[str, list[list[Any]]] = {}
         for row in page:
             owner = target.owner_of_key(user_key(int(row[0]))).name
             if owner != node.name:
                 by_owner.setdefault(owner, []).append(row)
-        for owner, rows in by_owner.items():  # one at a time: the nodes keep serving opens
-            for i in range(0, len(rows), batch):
-                await flush(node, owner, rows[i : i + batch])
+        batches = [
+            (owner, rows[i : i + batch])
+            for owner, rows in by_owner.items()
+            for i in range(0, len(rows), batch)
+        ]
+        slots = asyncio.Semaphore(self.concurrency)
+
+        async def send(owner: str, rows: list[list[Any]]) -> None:
+            async with slots:
+                await self.user_pacer.wait(len(rows))
+                await flush(node, owner, rows)
+
+        await asyncio.gather(*(send(owner, rows) for owner, rows in batches))
 
     # -- the edges ------------------------------------------------------------------------
 
