@@ -284,9 +284,22 @@ async def run_bench(
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "open_before": probe.latency_ms(started, change_started),
         "open_during": probe.latency_ms(change_started, change_ended),
+        # the parts of the change: packets handed off, then users' keys, history, wallets
+        **_phases(probe, rebalancer.marks),
         "open_after": probe.latency_ms(change_ended, time.monotonic()),
         "creates": len(probe.creates),
     }
+
+
+def _phases(probe: Probe, marks: dict[str, float]) -> dict[str, Any]:
+    out = {}
+    if "packets" in marks:
+        out["open_during_packets"] = probe.latency_ms(
+            marks["packets"], marks.get("users", marks.get("users_end", time.monotonic()))
+        )
+    if "users" in marks and "users_end" in marks:
+        out["open_during_users"] = probe.latency_ms(marks["users"], marks["users_end"])
+    return out
 
 
 def _rate(count: int, seconds: float | None) -> float | None:
