@@ -53,8 +53,10 @@ ACTIVE, OUT, IN = "active", "out", "in"
 KEY_BATCH = 1000
 KEY_PAGE = 4000  # keys listed per call: a page's batches go concurrently
 PASSES = 4  # listings of what must move, each acting on what the previous one left
-HISTORY_BATCH = 200  # users per history apply (one multi-row merge per table)
-HISTORY_EVENTS = 5000  # events per history apply, at most (busy users have hundreds)
+HISTORY_BATCH = 100  # users per history apply (one multi-row merge per table)
+# events per history apply: 5,000 outlasted the node's MySQL timeout (3 s) under load
+HISTORY_EVENTS = 1000
+HISTORY_PAGE = 400  # users listed per call: a busy user has hundreds of rows
 WALLET_BATCH = 200  # users per wallet import (one transaction)
 USER_PAGE = 1000  # users (or keys) listed per call
 # packets per batched handoff: one IN list and one transaction per step on each node; small
@@ -739,8 +741,8 @@ class Rebalancer:
             await self.client.release_history(source, [uid for uid, _ in batch])
             moved += len(batch)
 
-        listing = lambda node: self.client.history(node, page=USER_PAGE)  # noqa: E731
-        await self._pour(nodes, listing, USER_PAGE, target, flush=flush, batch=HISTORY_BATCH)
+        listing = lambda node: self.client.history(node, page=HISTORY_PAGE)  # noqa: E731
+        await self._pour(nodes, listing, HISTORY_PAGE, target, flush=flush, batch=HISTORY_BATCH)
         return moved
 
     async def _pour(
