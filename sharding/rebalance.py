@@ -48,14 +48,15 @@ from redpacket.sharding.client import NodeClient, NodeError
 from redpacket.sharding.ring import NodeSpec, Ring, RingDoc, packet_owner, user_key
 
 ACTIVE, OUT, IN = "active", "out", "in"
-# keys per import call: one MySQL transaction (a multi-row insert, one IN read) that must beat
-# the node's MySQL timeout under load; 100 made a move of 28,640 keys take 4.4 s (round trips)
-KEY_BATCH = 1000
-KEY_PAGE = 4000  # keys listed per call: a page's batches go concurrently
+# keys per import call: one MySQL transaction (a multi-row insert, one IN read); 100 made a
+# move of 28,640 keys take 4.4 s (round trips), 1,000 held a node's event loop long enough
+# (escaping, JSON) to double the opens' p99
+KEY_BATCH = 500
+KEY_PAGE = 2000  # keys listed per call: a page's batches go concurrently
 PASSES = 4  # listings of what must move, each acting on what the previous one left
 HISTORY_BATCH = 100  # users per history apply (one multi-row merge per table)
 # events per history apply: 5,000 outlasted the node's MySQL timeout (3 s) under load
-HISTORY_EVENTS = 1000
+HISTORY_EVENTS = 500
 HISTORY_PAGE = 400  # users listed per call: a busy user has hundreds of rows
 WALLET_BATCH = 200  # users per wallet import (one transaction)
 USER_PAGE = 1000  # users (or keys) listed per call
@@ -801,7 +802,9 @@ class Rebalancer:
             for owner, rows in by_owner.items()
             for i in range(0, len(rows), batch)
         ]
-        slots = asyncio.Semaphore(self.concurrency)
+        # half the packets' concurrency: a batch of users' rows is CPU on both nodes (JSON,
+        # escaping) that the opens wait behind
+        slots = asyncio.Semaphore(max(1, self.concurrency // 2))
 
         async def send(owner: str, rows: list[list[Any]]) -> None:
             async with slots:
