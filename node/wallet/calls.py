@@ -8,7 +8,9 @@ there; they are checked again here (positive cents), as every node input is.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,6 +27,10 @@ from redpacket.node.wallet.debits import HoldRequest
 from redpacket.node.wallet.store import HoldConflict, TopupConflict
 
 MAX_CENTS = 10**15  # far above any real balance, far below BIGINT
+# how long a wallet call of a user whose wallet a rebalance is bringing here waits for it
+# (wallets move first, a few hundred users per second at least) before 503: well inside the
+# gateway's node timeout (2 s)
+ARRIVAL_WAIT_S = 1.0
 
 
 def cents(body: dict[str, Any], field: str, *, minimum: int = 1) -> int:
@@ -61,14 +67,19 @@ def insufficient(balance: int) -> ApiError:
 async def kept_here(call: Call, uid: int) -> AsyncIterator[None]:
     """Inside: this node keeps the user's wallet, all of it (a fence being set waits for the
     block). A wallet a rebalance is bringing here is not all here until imported: its calls
-    get 503 (retry), or a replayed top-up would be credited again or answered differently."""
+    wait for it a moment, then get 503 (retry), or a replayed top-up would be credited again
+    or answered differently."""
     placement = call.shard.placement
     with placement.admitting() if placement is not None else contextlib.nullcontext():
         if (err := call.history.elsewhere(uid)) is not None:
             raise err
         arriving = getattr(placement, "wallet_arriving", None)
-        if arriving is not None and await arriving(uid):
-            raise unavailable("this user's wallet is moving here; retry")
+        if arriving is not None:
+            deadline = time.monotonic() + ARRIVAL_WAIT_S
+            while await arriving(uid):
+                if time.monotonic() >= deadline:
+                    raise unavailable("this user's wallet is moving here; retry")
+                await asyncio.sleep(0.05)
         yield
 
 
