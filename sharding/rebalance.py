@@ -58,7 +58,7 @@ HISTORY_BATCH = 100  # users per history apply (one multi-row merge per table)
 # events per history apply: 5,000 outlasted the node's MySQL timeout (3 s) under load
 HISTORY_EVENTS = 500
 HISTORY_PAGE = 400  # users listed per call: a busy user has hundreds of rows
-WALLET_BATCH = 200  # users per wallet import (one transaction)
+WALLET_BATCH = 100  # users per wallet import (one transaction; the users wait for it)
 USER_PAGE = 1000  # users (or keys) listed per call
 # packets per batched handoff: one IN list and one transaction per step on each node; small
 # enough that a batch's packets are frozen (opens retried by the gateway) only tens of ms.
@@ -731,7 +731,9 @@ class Rebalancer:
             async for user in self.client.wallets(node, page=WALLET_BATCH):
                 yield [user["uid"], user]
 
-        await self._pour(nodes, listing, USER_PAGE, target, flush=flush, batch=WALLET_BATCH)
+        await self._pour(
+            nodes, listing, USER_PAGE, target, flush=flush, batch=WALLET_BATCH, gentle=False
+        )
         return moved
 
     async def _move_history(self, nodes: dict[str, NodeSpec], target: Ring) -> int:
@@ -765,6 +767,7 @@ class Rebalancer:
         *,
         flush: Callable[[NodeSpec, str, list[list[Any]]], Awaitable[None]],
         batch: int,
+        gentle: bool = True,
     ) -> None:
         """Every node's users' rows (``listing``, uid order) to their owners in ``target``,
         every node at once; a node's next page is listed while its last one is sent."""
@@ -779,7 +782,7 @@ class Rebalancer:
                         if sending is not None:
                             await sending
                         sending = asyncio.ensure_future(
-                            self._flush_page(node, page, target, flush, batch)
+                            self._flush_page(node, page, target, flush, batch, gentle=gentle)
                         )
                         page = []
                 if sending is not None:
@@ -787,7 +790,7 @@ class Rebalancer:
             finally:
                 if sending is not None and not sending.done():
                     sending.cancel()
-            await self._flush_page(node, page, target, flush, batch)
+            await self._flush_page(node, page, target, flush, batch, gentle=gentle)
 
         await asyncio.gather(*(one(n) for n in nodes.values()))
 
@@ -798,10 +801,15 @@ class Rebalancer:
         target: Ring,
         flush: Callable[[NodeSpec, str, list[list[Any]]], Awaitable[None]],
         batch: int,
+        *,
+        gentle: bool = True,
     ) -> None:
         """Send a page of users' rows (``[uid, ...]``) that ``target`` gives to other nodes
         to their owners, in batches of ``batch``, ``concurrency`` batches at a time (each
-        holds a MySQL connection of its two nodes for one transaction; opens keep the rest)."""
+        holds a MySQL connection of its two nodes for one transaction; opens keep the rest).
+        ``gentle``: half as many, for keys and history (a batch of their rows is CPU on both
+        nodes, JSON and escaping, that opens wait behind), not for wallets (a few rows each,
+        and their users wait for them)."""
         by_owner: dict[str, list[list[Any]]] = {}
         for row in page:
             owner = target.owner_of_key(user_key(int(row[0]))).name
@@ -812,9 +820,7 @@ class Rebalancer:
             for owner, rows in by_owner.items()
             for i in range(0, len(rows), batch)
         ]
-        # half the packets' concurrency: a batch of users' rows is CPU on both nodes (JSON,
-        # escaping) that the opens wait behind
-        slots = asyncio.Semaphore(max(1, self.concurrency // 2))
+        slots = asyncio.Semaphore(max(1, self.concurrency // 2 if gentle else self.concurrency))
 
         async def send(owner: str, rows: list[list[Any]]) -> None:
             async with slots:

@@ -28,9 +28,9 @@ from redpacket.node.wallet.store import HoldConflict, TopupConflict
 
 MAX_CENTS = 10**15  # far above any real balance, far below BIGINT
 # how long a wallet call of a user whose wallet a rebalance is bringing here waits for it
-# (wallets move first, a few hundred users per second at least) before 503: well inside the
+# (wallets move first, a few hundred users per second at least) before 503: inside the
 # gateway's node timeout (2 s)
-ARRIVAL_WAIT_S = 1.0
+ARRIVAL_WAIT_S = 1.5
 
 
 def cents(body: dict[str, Any], field: str, *, minimum: int = 1) -> int:
