@@ -63,7 +63,7 @@ USER_PAGE = 1000  # users (or keys) listed per call
 # packets per batched handoff: one IN list and one transaction per step on each node; small
 # enough that a batch's packets are frozen (opens retried by the gateway) only tens of ms.
 # Measured under the bench's open load (docs/rebalancing.md): 100 x 2 at once moved ~600
-# packets/s, 200 x 4 ~1,050-1,150/s with open p99 within 1.3-1.9x of before
+# packets/s, 200 x 4 1,050-2,500/s with open p99 within 1.2-2.8x of before
 BATCH = 200
 # batches (or single handoffs) in flight: each step holds one of the node's MySQL connections
 # (8 by default) for its transaction, and opens must keep getting theirs
