@@ -187,6 +187,16 @@ class NodeClient:
         answer = await self.request(node, "POST", f"{H}/wallets", body={"users": list(users)})
         return list(answer.get("refused", []))
 
+    async def wallets_arriving(self, node: NodeSpec, doc: RingDoc) -> None:
+        """Before the fence: users ``doc.previous`` gives elsewhere and ``doc`` gives to
+        ``node`` wait there until their wallets are in (node/handoff/wallets.py)."""
+        assert doc.previous is not None
+        body = {"ring_version": doc.version, "from": doc.previous.settled().as_dict()}
+        await self.request(node, "POST", f"{H}/wallets/arriving", body=body)
+
+    async def wallets_in(self, node: NodeSpec) -> None:
+        await self.request(node, "POST", f"{H}/wallets/in", body={})
+
     async def release_wallets(self, node: NodeSpec, uids: Sequence[str]) -> int:
         answer = await self.request(node, "POST", f"{H}/wallets/release", body={"uids": list(uids)})
         return int(answer.get("deleted", 0))

@@ -8,13 +8,16 @@ there; they are checked again here (positive cents), as every node input is.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 
 from redpacket.core.amounts import refuse_unknown_fields
-from redpacket.core.errors import ApiError, bad_request
+from redpacket.core.errors import ApiError, bad_request, unavailable
 from redpacket.core.ids import parse_packet_id, parse_uid
 from redpacket.node.calls import Call, Reply, reply
 from redpacket.node.shard import now_ms
@@ -24,6 +27,10 @@ from redpacket.node.wallet.debits import HoldRequest
 from redpacket.node.wallet.store import HoldConflict, TopupConflict
 
 MAX_CENTS = 10**15  # far above any real balance, far below BIGINT
+# how long a wallet call of a user whose wallet a rebalance is bringing here waits for it
+# (wallets move first, a few hundred users per second at least) before 503: inside the
+# gateway's node timeout (2 s)
+ARRIVAL_WAIT_S = 1.5
 
 
 def cents(body: dict[str, Any], field: str, *, minimum: int = 1) -> int:
@@ -56,13 +63,23 @@ def insufficient(balance: int) -> ApiError:
     )
 
 
-@contextlib.contextmanager
-def kept_here(call: Call, uid: int):  # type: ignore[no-untyped-def]
-    """Inside: this node keeps the user's wallet (a fence being set waits for the block)."""
+@contextlib.asynccontextmanager
+async def kept_here(call: Call, uid: int) -> AsyncIterator[None]:
+    """Inside: this node keeps the user's wallet, all of it (a fence being set waits for the
+    block). A wallet a rebalance is bringing here is not all here until imported: its calls
+    wait for it a moment, then get 503 (retry), or a replayed top-up would be credited again
+    or answered differently."""
     placement = call.shard.placement
     with placement.admitting() if placement is not None else contextlib.nullcontext():
         if (err := call.history.elsewhere(uid)) is not None:
             raise err
+        arriving = getattr(placement, "wallet_arriving", None)
+        if arriving is not None:
+            deadline = time.monotonic() + ARRIVAL_WAIT_S
+            while await arriving(uid):
+                if time.monotonic() >= deadline:
+                    raise unavailable("this user's wallet is moving here; retry")
+                await asyncio.sleep(0.05)
         yield
 
 
@@ -76,7 +93,7 @@ async def hold(call: Call) -> Reply:
     if packet_id is None:
         raise bad_request("invalid_id", "red_packet_id must be a positive 64-bit integer")
     starting = cents(body, "starting_balance", minimum=0)
-    with kept_here(call, uid):
+    async with kept_here(call, uid):
         try:
             held = await call.history.debits.hold(
                 HoldRequest(token, uid, amount, packet_id, starting)
@@ -91,7 +108,7 @@ async def hold(call: Call) -> Reply:
 async def confirm(call: Call) -> Reply:
     body = call.json()
     refuse_unknown_fields(body, frozenset({"create_token", "uid"}))
-    with kept_here(call, user_of(body.get("uid"))):
+    async with kept_here(call, user_of(body.get("uid"))):
         state = await call.history.wallets.confirm(token_of(body))
     return reply({"state": state})
 
@@ -117,7 +134,7 @@ async def wallet(call: Call) -> Reply:
     ):
         raise bad_request("invalid_field", "pending must be red packet ids, comma separated")
     wallets = call.history.wallets
-    with kept_here(call, uid):
+    async with kept_here(call, uid):
         balance, updated_ms = await wallets.balance(uid, now_ms(), int(raw))
         applied = await wallets.applied(uid, [int(p) for p in pending])
     return reply(
@@ -136,7 +153,7 @@ async def transactions(call: Call) -> Reply:
     cursor = call.query.get("cursor")
     if cursor is not None and not (cursor.isascii() and cursor.isdigit() and len(cursor) <= 19):
         raise bad_request("invalid_cursor", "cursor is not one this API returned")
-    with kept_here(call, uid):
+    async with kept_here(call, uid):
         rows, more = await call.history.wallets.transactions(
             uid, int(raw_limit), int(cursor) if cursor else None
         )
@@ -170,7 +187,7 @@ async def topup(call: Call) -> Reply:
     if not (isinstance(digest, str) and len(digest) == 64):
         raise bad_request("invalid_field", "body_sha256 must be 64 hex digits")
     starting = cents(body, "starting_balance", minimum=0)
-    with kept_here(call, uid):
+    async with kept_here(call, uid):
         try:
             result, replayed = await call.history.wallets.topup(
                 uid, topup_id, amount, digest, now_ms=now_ms(), starting=starting
