@@ -58,11 +58,15 @@ class RingFile:
             log.error("ring file %s is unusable, keeping version %s: %s", self.path, kept, exc)
             return False
         if doc != self.doc:
-            self.doc = doc
-            if self.on_change is not None:
-                self.on_change(doc)
+            self.use(doc)
             log.info("ring version %s loaded (%d nodes)", doc.version, len(doc.nodes))
         return True
+
+    def use(self, doc: RingDoc) -> None:
+        """Switch to ``doc``; calls already under way finish against the node they chose."""
+        self.doc = doc
+        if self.on_change is not None:
+            self.on_change(doc)
 
     async def run(self, poll_s: float) -> None:
         while True:
