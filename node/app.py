@@ -31,7 +31,7 @@ from redpacket.node.counters import Counters, connect_redis
 from redpacket.node.handlers import CALLS, SETTINGS, SHARD
 from redpacket.node.handoff import wallets as wallet_moves
 from redpacket.node.ledger import Ledger, LedgerUnavailable
-from redpacket.node.link import LINK, LinkServer
+from redpacket.node.link import LinkServer
 from redpacket.node.migrations.runner import SchemaMismatch, check_database
 from redpacket.node.reconciler import Reconciler
 from redpacket.node.relay import relay_ctx
@@ -43,8 +43,7 @@ from redpacket.nodeclient.routes import NODE_SECRET_HEADER
 log = logging.getLogger("redpacket.node")
 
 T = TypeVar("T")
-RECONCILER = web.AppKey("reconciler", Reconciler)
-SWEEPER = web.AppKey("sweeper", Sweeper)
+SWEEPER = web.AppKey("sweeper", Sweeper)  # tests drive a sweep directly
 
 ROUTES = [
     *http_routes(CALLS),  # the gateway's calls (node/handlers.py), also served over the link
@@ -150,7 +149,6 @@ async def background_ctx(app: web.Application) -> AsyncIterator[None]:
     shard = app[SHARD]
     reconciler = Reconciler(shard, settings.reconcile_interval_s)
     sweeper = Sweeper(shard, reconciler, settings.sweep_interval_s, settings.refund_grace_s)
-    app[RECONCILER] = reconciler
     app[SWEEPER] = sweeper
     tasks = [asyncio.create_task(reconciler.run()), asyncio.create_task(sweeper.run())]
     yield
@@ -185,7 +183,6 @@ def create_app(settings: NodeSettings) -> web.Application:
         max_body_bytes=settings.max_body_bytes,
         access_log=settings.access_log,
     )
-    app[LINK] = link
     app.cleanup_ctx.append(metrics_server(settings.host, settings.metrics_port))
     app.cleanup_ctx.append(stores_ctx)
     app.cleanup_ctx.append(background_ctx)

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import time
-from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -311,13 +310,6 @@ def _sent_row(event: Event) -> tuple[Any, ...]:
         to_datetime(int(p["create_time"])),
         to_datetime(int(p["expire_time"])),
     )
-
-
-def group_by_uid(events: list[Event]) -> dict[int, list[Event]]:
-    grouped: dict[int, list[Event]] = defaultdict(list)
-    for event in events:
-        grouped[event[0]].append(event)
-    return grouped
 
 
 HISTORY = web.AppKey("history", UserHistory)

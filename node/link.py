@@ -220,5 +220,3 @@ def _size(args: dict[str, Any]) -> int:
     """A cheap bound of a call's size: the lengths of its strings (what could be large)."""
     return sum(len(v) for v in args.values() if isinstance(v, str | bytes))
 
-
-LINK = web.AppKey("link", LinkServer)

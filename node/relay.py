@@ -251,9 +251,7 @@ REFUSED_STATUSES = frozenset({400, 413, 422, 500})
 DEAD_LETTERS_RECOUNT_S = 10.0
 
 
-RELAY = web.AppKey("relay", Relay)
-RELAY_TASK = web.AppKey("relay_task", asyncio.Task)
-HOLD_SWEEPER = web.AppKey("hold_sweeper", HoldSweeper)
+RELAY = web.AppKey("relay", Relay)  # the handoff API drains it (node/handoff/http.py)
 
 
 async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -276,9 +274,7 @@ async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
     relay = Relay(history, client, idle_s=settings.history_relay_idle_s)
     task = asyncio.create_task(relay.run())
     app[RELAY] = relay
-    app[RELAY_TASK] = task
     holds = HoldSweeper(history, client, timeout_s=settings.wallet_hold_timeout_s)
-    app[HOLD_SWEEPER] = holds
     holds_task = asyncio.create_task(holds.run())
     try:
         yield

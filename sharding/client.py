@@ -137,7 +137,7 @@ class NodeClient:
             after_uid, after_key = answer["next"]
 
     async def history(self, node: NodeSpec, page: int = 200) -> AsyncIterator[list[Any]]:
-        """Every user with history on a node: ``[uid, events]`` (node/handoff/keys.py)."""
+        """Every user with history on a node: ``[uid, events]`` (node/handoff/user_data.py)."""
         after = "0"
         while True:
             answer = await self.request(

@@ -17,8 +17,8 @@ import pytest
 
 from redpacket.cli.check import Observed, check_shards
 from redpacket.core.ids import snowflake_of
-from redpacket.node.keys import packet_keys
 from redpacket.node.ledger import parse_mysql_url
+from redpacket.node.redis_keys import packet_keys
 from redpacket.sharding.backends.local import LocalBackend
 from redpacket.sharding.client import NodeClient, NodeError
 from redpacket.sharding.ring import NodeSpec, Ring, RingDoc
