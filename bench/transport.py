@@ -33,7 +33,7 @@ from redpacket.node.calls import SETTINGS, SHARD, Call, CallTable, Reply, http_r
 from redpacket.node.history import HISTORY
 from redpacket.node.link import LinkServer
 from redpacket.nodeclient.link import NodeLink
-from redpacket.nodeclient.routes import NODE_SECRET_HEADER
+from redpacket.nodeclient.wire import NODE_SECRET_HEADER
 
 SECRET = "transport-bench-secret"
 

@@ -35,7 +35,7 @@ from aiohttp import web
 from redpacket.core.env import SettingsError
 from redpacket.node.ledger import connect_one, parse_mysql_url
 from redpacket.node.migrations.runner import migrate
-from redpacket.nodeclient.routes import NODE_SECRET_HEADER
+from redpacket.nodeclient.wire import NODE_SECRET_HEADER
 from redpacket.sharding.ring import NodeSpec, RingDoc, RingError
 
 DEFAULT_MYSQL_URL = "mysql://root@127.0.0.1:3306"

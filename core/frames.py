@@ -5,7 +5,7 @@ WebSocket message carries one or more msgpack frames back to back, so every fram
 became ready in one loop tick leaves in one message and one write:
 
 - call, caller → node: ``[call_id, name, args, request_id]``: the call's name
-  (``nodeclient/routes.py``) and its arguments as a map of msgpack values;
+  (``nodeclient/wire.py``) and its arguments as a map of msgpack values;
 - reply, node → caller: ``[call_id, status, value, retry_after | None]``, the answer as a
   msgpack value (the JSON the HTTP adapter would send, not encoded as JSON);
 - control, node → gateway: ``[0, "goaway"]``: the node is draining (SIGTERM); no new calls

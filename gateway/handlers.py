@@ -26,8 +26,7 @@ from redpacket.gateway.auth import Authenticator, User
 from redpacket.gateway.finished import FinishedPackets
 from redpacket.gateway.ratelimit import RateLimiter
 from redpacket.gateway.settings import GatewaySettings
-from redpacket.nodeclient.answer import Answer
-from redpacket.nodeclient.client import NodeClient, Opened
+from redpacket.nodeclient.client import Answer, NodeClient, Opened
 
 log = logging.getLogger("redpacket.gateway")
 

@@ -38,7 +38,7 @@ from redpacket.node.relay import relay_ctx
 from redpacket.node.settings import NodeSettings
 from redpacket.node.shard import Shard
 from redpacket.node.sweeper import Sweeper
-from redpacket.nodeclient.routes import NODE_SECRET_HEADER
+from redpacket.nodeclient.wire import NODE_SECRET_HEADER
 
 log = logging.getLogger("redpacket.node")
 

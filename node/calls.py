@@ -1,6 +1,6 @@
 """The node's calls, by name, independent of how they arrive: over the link or over HTTP.
 
-The call table (``handlers.CALLS``) maps each call's name (``nodeclient/routes.py``) to an
+The call table (``handlers.CALLS``) maps each call's name (``nodeclient/wire.py``) to an
 ``async def f(call: Call) -> Reply``. The link (``link.py``) finds a call by its name and
 hands it the frame's map of arguments; the HTTP routes (``http_routes``: tools, debugging,
 ``REDPACKET_NODE_TRANSPORT=http``) and the link frames of 0.1.0 gateways (method and path)
@@ -33,8 +33,8 @@ from redpacket.node.history import HISTORY, UserHistory
 from redpacket.node.ledger import LedgerUnavailable
 from redpacket.node.settings import NodeSettings
 from redpacket.node.shard import Shard
-from redpacket.nodeclient.answer import Answer
-from redpacket.nodeclient.routes import ROUTES, Route
+from redpacket.nodeclient.client import Answer
+from redpacket.nodeclient.wire import ROUTES, Route
 
 log = logging.getLogger("redpacket.node")
 access_log = logging.getLogger("aiohttp.access")
@@ -167,7 +167,7 @@ class CallTable:
         async def call(name: str, args: dict[str, Any]) -> Answer:
             made = Call(template.shard, template.settings, template.history, args)
             answer = await run_call(self.handlers[name], made, name)
-            return Answer(answer.status, answer.data, answer.retry_after)
+            return Answer.decode(answer.status, answer.data, answer.retry_after)
 
         return call
 

@@ -2,7 +2,7 @@
 
 Handlers turn a :class:`Call` (over the link or HTTP, node/calls.py) into calls on
 :class:`Shard` and results into JSON values; the rules live there. ``CALLS`` at the bottom is
-the one table, by call name (``nodeclient/routes.py``), both transports serve.
+the one table, by call name (``nodeclient/wire.py``), both transports serve.
 """
 
 from __future__ import annotations
@@ -358,7 +358,7 @@ async def sent(call: Call) -> Reply:
 
 
 # The node's calls, by name: served over the link (node/link.py) and as HTTP routes
-# (node/app.py) at their nodeclient/routes.py paths.
+# (node/app.py) at their nodeclient/wire.py paths.
 CALLS = CallTable(
     {
         "create": create,

@@ -60,6 +60,7 @@ class LinkConnection:
         self._ws = ws
         self._template = call  # shard and settings; each frame fills in the rest
         self._writer = FrameWriter(ws.send_bytes, server.max_message_bytes)
+        self._max_body = server.max_body_bytes
         self.inflight = 0
         self._room: asyncio.Future[None] | None = None
         self._idle: asyncio.Future[None] | None = None
@@ -100,19 +101,29 @@ class LinkConnection:
     async def _serve(self, frame: list[Any]) -> None:
         started = time.perf_counter()
         request_id.set(frame[-1] if isinstance(frame[-1], str) else "-")
-        name = "unmatched"
+        table = self._server.table
         try:
             if len(frame) == 4:  # [call_id, name, args, request_id]
                 name, args = frame[1], frame[2]
-                answer = await self._answer(name, args)
+                handler = table.handlers.get(name) if isinstance(name, str) else None
+                size = 0  # a bound of the call's size: its strings (what could be large)
+                for value in args.values() if isinstance(args, dict) else ():
+                    if isinstance(value, str | bytes):
+                        size += len(value)
+                if handler is None or not isinstance(args, dict) or size > self._max_body:
+                    answer = _refusal(handler, args)
+                else:
+                    t = self._template
+                    call = Call(t.shard, t.settings, t.history, args)
+                    answer = await run_call(handler, call, name)
                 out = answer.data
             else:  # 0.1.0: [call_id, method, path, query, body, request_id], JSON replies
                 name, answer = await self._answer_by_path(*frame[1:5])
                 out = answer.body()
             self._writer.put(pack([frame[0], answer.status, out, answer.retry_after]))
-            self._server.table.observe(name, answer.status, time.perf_counter() - started)
+            table.observe(name, answer.status, time.perf_counter() - started)
             if self._server.access_log:
-                route = self._server.table.routes.get(name)
+                route = table.routes.get(name)
                 where = f"{route.method} {route.pattern} ({name})" if route else f"- {name}"
                 log_access(where, answer.status, started)
         finally:
@@ -124,17 +135,6 @@ class LinkConnection:
             idle = self._idle
             if self.inflight == 0 and idle is not None and not idle.done():
                 idle.set_result(None)
-
-    async def _answer(self, name: Any, args: Any) -> Reply:
-        handler = self._server.table.handlers.get(name) if isinstance(name, str) else None
-        if handler is None:
-            return error_reply(ApiError(404, "not_found", "no such call"))
-        if not isinstance(args, dict):
-            return error_reply(ApiError(400, "invalid_json", "a call's arguments are a map"))
-        if _size(args) > self._server.max_body_bytes:
-            return error_reply(ApiError(413, "payload_too_large", "request body is too large"))
-        t = self._template
-        return await run_call(handler, Call(t.shard, t.settings, t.history, args), name)
 
     async def _answer_by_path(
         self, method: Any, path: Any, query: Any, body: Any
@@ -206,7 +206,9 @@ class LinkServer:
         conn = LinkConnection(self, ws, template)
         self.connections.add(conn)
         try:
-            await conn.run()
+            # its own task: each message then wakes the connection alone, not also this
+            # request's handler and every middleware around it (a cancel reaches it too)
+            await asyncio.ensure_future(conn.run())
         finally:
             self.connections.discard(conn)
         return ws
@@ -216,7 +218,10 @@ class LinkServer:
         await asyncio.gather(*(c.drain(timeout_s) for c in list(self.connections)))
 
 
-def _size(args: dict[str, Any]) -> int:
-    """A cheap bound of a call's size: the lengths of its strings (what could be large)."""
-    return sum(len(v) for v in args.values() if isinstance(v, str | bytes))
-
+def _refusal(handler: Any, args: Any) -> Reply:
+    """The answer to a call by name that is not served: unknown, malformed or too large."""
+    if handler is None:
+        return error_reply(ApiError(404, "not_found", "no such call"))
+    if not isinstance(args, dict):
+        return error_reply(ApiError(400, "invalid_json", "a call's arguments are a map"))
+    return error_reply(ApiError(413, "payload_too_large", "request body is too large"))

@@ -25,18 +25,62 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from redpacket.core.errors import ApiError, unavailable
 from redpacket.core.logs import request_id
 from redpacket.core.metrics import SHARD_CALLS, SHARD_ERRORS, SHARD_INFLIGHT, SHARD_LATENCY
-from redpacket.nodeclient.answer import Answer, NodeDown
 from redpacket.nodeclient.http import HttpTransport
 from redpacket.nodeclient.link import Links
 from redpacket.nodeclient.ring import RingFile
+from redpacket.nodeclient.wire import NodeDown
 from redpacket.sharding.ring import NodeSpec, RingDoc, route_packet, route_user
 
 log = logging.getLogger("redpacket.nodeclient")
 
 MAX_MOVED_HOPS = 4  # packet_moved answers followed per call (a packet moved twice: 2 hops)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A node's answer, decoded once: status, its JSON value, ``Retry-After``, and the error
+    code of a refusal (None for a success)."""
+
+    status: int
+    data: Any  # the node's JSON value (a dict for every call)
+    retry_after: str | None
+    code: str | None
+
+    @classmethod
+    def decode(cls, status: int, body: Any, retry_after: Any) -> Answer:
+        """From a reply whose body is JSON bytes (HTTP, nodes of 0.1.0) or a value (link)."""
+        if isinstance(body, bytes | bytearray):
+            try:
+                body = orjson.loads(body) if body else {}
+            except orjson.JSONDecodeError:
+                text = bytes(body[:200]).decode("latin1")
+                body = {"error": {"code": "not_json", "message": text}}
+        code = None
+        if status >= 400 and isinstance(body, dict):
+            error = body.get("error")
+            if isinstance(error, dict) and isinstance(error.get("code"), str):
+                code = error["code"]
+        return cls(status, body, retry_after if isinstance(retry_after, str) else None, code)
+
+    @property
+    def ok(self) -> bool:
+        return self.status < 300
+
+    @property
+    def error(self) -> dict[str, Any]:
+        """The error object of a refusal (``{}`` for a success or an odd body)."""
+        error = self.data.get("error") if self.code is not None else None
+        return error if isinstance(error, dict) else {}
+
+    def body(self) -> bytes:
+        return orjson.dumps(self.data)
+
+
 LocalCalls = Callable[[str, dict[str, Any]], Awaitable[Answer]]
 
 
@@ -129,7 +173,9 @@ class NodeClient:
         """Call the node that owns a packet; wait out a handoff and follow where it moved."""
         delay, waited = 0.02, 0.0
         for _ in range(50):
-            answer = await self.call(self.owner(packet_id), name, args)  # owner: ring may switch
+            doc = self.ring.doc  # read each time: the ring may switch meanwhile
+            node = route_packet(doc, packet_id) if doc is not None else None
+            answer = await self.call(node, name, args)
             code = answer.code
             if code == "packet_moved":  # call() followed as far as it could
                 break
@@ -179,9 +225,9 @@ class NodeClient:
         try:
             if self._links is not None:
                 link = self._links.get(node.name, node.url)
-                answer = await link.call(name, args, rid=request_id.get(), timeout_s=timeout_s)
+                reply = await link.call(name, args, rid=request_id.get(), timeout_s=timeout_s)
             else:
-                answer = await self.http.call(
+                reply = await self.http.call(
                     node.url, name, args, rid=request_id.get(), timeout_s=timeout_s
                 )
         except NodeDown as down:
@@ -194,6 +240,7 @@ class NodeClient:
         finally:
             inflight.dec()
             latency.observe(time.perf_counter() - started)
+        answer = Answer.decode(*reply)
         if answer.status == 401:
             SHARD_ERRORS.labels(node.name, "auth").inc()
             raise _misconfigured(node)

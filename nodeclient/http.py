@@ -10,8 +10,7 @@ import aiohttp
 import orjson
 
 from redpacket.core.logs import REQUEST_ID_HEADER
-from redpacket.nodeclient.answer import Answer, NodeDown
-from redpacket.nodeclient.routes import NODE_SECRET_HEADER, ROUTES
+from redpacket.nodeclient.wire import NODE_SECRET_HEADER, ROUTES, NodeDown
 
 
 class HttpTransport:
@@ -20,7 +19,7 @@ class HttpTransport:
 
     async def call(
         self, url: str, name: str, args: dict[str, Any], *, rid: str, timeout_s: float
-    ) -> Answer:
+    ) -> tuple[int, bytes, str | None]:
         route = ROUTES[name]
         path, query, body = route.request(args)
         return await self.request(
@@ -37,8 +36,9 @@ class HttpTransport:
         body: Any = None,
         rid: str = "-",
         timeout_s: float,
-    ) -> Answer:
-        """One request to ``url + path``; :class:`NodeDown` if it got no answer."""
+    ) -> tuple[int, bytes, str | None]:
+        """``(status, JSON body, Retry-After)`` of one request to ``url + path``;
+        :class:`NodeDown` if it got no answer."""
         headers = {NODE_SECRET_HEADER: self.secret, REQUEST_ID_HEADER: rid}
         data = None
         if body is not None:
@@ -54,7 +54,7 @@ class HttpTransport:
                 timeout=aiohttp.ClientTimeout(total=timeout_s),
             ) as resp:
                 raw = await resp.read()
-                return Answer.decode(resp.status, raw, resp.headers.get("Retry-After"))
+                return resp.status, raw, resp.headers.get("Retry-After")
         except TimeoutError:
             raise NodeDown("timeout", f"{url} did not answer in time") from None
         except (aiohttp.ClientError, OSError) as exc:

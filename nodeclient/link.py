@@ -41,8 +41,7 @@ from redpacket.core.frames import (
     pack,
     unpacker,
 )
-from redpacket.nodeclient.answer import Answer, NodeDown
-from redpacket.nodeclient.routes import NODE_SECRET_HEADER, ROUTES, Route
+from redpacket.nodeclient.wire import NODE_SECRET_HEADER, ROUTES, NodeDown, Route
 
 log = logging.getLogger("redpacket.nodeclient.link")
 
@@ -88,8 +87,8 @@ class _Connection:
                 link.connect_failed(NodeDown("connect", f"shard {link.name}: {exc}"))
             else:
                 delay = BACKOFF_FIRST_S
-                try:
-                    await self._serve(ws)
+                try:  # its own task: a message wakes the connection alone, not this loop too
+                    await asyncio.ensure_future(self._serve(ws))
                 except Exception:  # this loop is the link's only way back: it must not end
                     log.exception("link to shard %s failed unexpectedly", link.name)
                 continue  # a connection that worked is replaced at once
@@ -191,14 +190,17 @@ class NodeLink:
                 best = conn
         return best
 
-    async def call(self, name: str, args: dict[str, Any], *, rid: str, timeout_s: float) -> Answer:
-        """The node's answer to call ``name`` with ``args``, or :class:`NodeDown`."""
+    async def call(
+        self, name: str, args: dict[str, Any], *, rid: str, timeout_s: float
+    ) -> tuple[int, Any, Any]:
+        """The node's reply to call ``name`` with ``args``: ``(status, body, retry_after)``,
+        the body a value (or JSON bytes from a node of 0.1.0); or :class:`NodeDown`."""
         if self.retired:
             raise NodeDown("connect", f"shard {self.name} has left the ring")
         self._calls += 1
         try:
             _, status, body, retry_after = await self._call(name, args, rid, timeout_s)
-            return Answer.decode(status, body, retry_after)
+            return status, body, retry_after
         finally:
             self._calls -= 1
             if not self._calls and self._idle is not None:

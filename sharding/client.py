@@ -15,8 +15,9 @@ from typing import Any
 
 import aiohttp
 
-from redpacket.nodeclient.answer import NodeDown
+from redpacket.nodeclient.client import Answer
 from redpacket.nodeclient.http import HttpTransport
+from redpacket.nodeclient.wire import NodeDown
 from redpacket.sharding.ring import NodeSpec, RingDoc
 
 H = "/internal/v1/handoff"
@@ -60,13 +61,14 @@ class NodeClient:
         for attempt in range(self._attempts):
             last = attempt == self._attempts - 1
             try:
-                answer = await self._http.request(
+                reply = await self._http.request(
                     node.url, method, path, params=params, body=body, timeout_s=self._timeout_s
                 )
             except NodeDown as exc:
                 if last:
                     raise NodeError(node.name, 0, "unreachable", str(exc) or "timeout") from None
             else:
+                answer = Answer.decode(*reply)
                 if answer.ok:
                     return answer.data if isinstance(answer.data, dict) else {}
                 if answer.status not in (500, 502, 503, 504) or last:

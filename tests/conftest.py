@@ -39,7 +39,7 @@ from redpacket.node.ledger import connect_one, parse_mysql_url
 from redpacket.node.migrations.runner import migrate
 from redpacket.node.settings import NodeSettings
 from redpacket.node.shard import Shard
-from redpacket.nodeclient.routes import NODE_SECRET_HEADER
+from redpacket.nodeclient.wire import NODE_SECRET_HEADER
 from redpacket.sharding.ring import NodeSpec, RingDoc, user_key
 
 MYSQL_SERVER = (os.environ.get("REDPACKET_MYSQL_URL") or "mysql://root@127.0.0.1:3306").rstrip("/")

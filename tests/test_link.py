@@ -27,12 +27,11 @@ from redpacket.node.calls import SETTINGS, SHARD, Call, CallTable, Reply, reply
 from redpacket.node.history import HISTORY
 from redpacket.node.link import LinkServer
 from redpacket.node.shard import moved
-from redpacket.nodeclient.answer import NodeDown
 from redpacket.nodeclient.client import NodeClient
 from redpacket.nodeclient.http import HttpTransport
 from redpacket.nodeclient.link import Links, NodeLink
 from redpacket.nodeclient.ring import RingFile
-from redpacket.nodeclient.routes import ROUTES, Route
+from redpacket.nodeclient.wire import ROUTES, NodeDown, Route
 from redpacket.sharding.ring import NodeSpec, RingDoc
 from tests.conftest import Cluster, NodeHandle
 from tests.load import OpenLoad
@@ -134,8 +133,8 @@ def link_to(url: str, session: aiohttp.ClientSession, **options: Any) -> NodeLin
 
 
 async def call(link: NodeLink, call_name: str, timeout_s: float = 30, **args: Any) -> Any:
-    answer = await link.call(call_name, args, rid="test", timeout_s=timeout_s)
-    return answer.status, answer.data
+    status, body, _ = await link.call(call_name, args, rid="test", timeout_s=timeout_s)
+    return status, body
 
 
 def client_of(

@@ -31,7 +31,7 @@ from redpacket.nodeclient.client import NodeClient, Opened
 from redpacket.nodeclient.http import HttpTransport
 from redpacket.nodeclient.link import Links
 from redpacket.nodeclient.ring import RingFile
-from redpacket.nodeclient.routes import NODE_SECRET_HEADER
+from redpacket.nodeclient.wire import NODE_SECRET_HEADER
 from redpacket.sharding.ring import NodeSpec, RingDoc
 from tests.conftest import IDS, NodeHandle
 

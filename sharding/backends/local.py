@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from redpacket.cli.devcluster import cluster_dir, load_state
-from redpacket.nodeclient.routes import NODE_SECRET_HEADER
+from redpacket.nodeclient.wire import NODE_SECRET_HEADER
 from redpacket.sharding.backends import BackendError
 from redpacket.sharding.ring import NodeSpec, RingDoc
 

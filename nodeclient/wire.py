@@ -1,4 +1,7 @@
-"""Every node call, by name: what the node's call table (``node/handlers.py CALLS``) serves
+"""The wire contract of node calls: every call by name, its HTTP route, the node secret's
+header, and :class:`NodeDown`.
+
+Every node call, by name: what the node's call table (``node/handlers.py CALLS``) serves
 and what :class:`~redpacket.nodeclient.client.NodeClient` calls.
 
 On the link a call is its name and a map of msgpack values (``core/frames.py``); the HTTP
@@ -58,3 +61,11 @@ ROUTES: dict[str, Route] = {
     "healthz": Route("GET", "/healthz"),
     "readyz": Route("GET", "/readyz"),
 }
+
+
+class NodeDown(Exception):
+    """The call could not be made or got no answer; ``kind`` says how."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind  # "connect", "closed", "timeout" or "auth"
