@@ -231,10 +231,11 @@ class Relay:
         does not keep, with their owner."""
         events = [[str(u), kind, str(pid), payload] for u, kind, pid, payload in batch]
         answer = await self.client.apply_history(node, events)
-        where = node.name if node is not None else "this node"
-        if answer.status in REFUSED_STATUSES:
-            raise Refused(f"{where} answered {answer.status}: {answer.error}")
+        if answer.status in REFUSED_STATUSES:  # a dead letter says where it was refused
+            where = f"{node.name} answered" if node is not None else "refused here:"
+            raise Refused(f"{where} {answer.status}: {answer.error}")
         if answer.status != 200:
+            where = node.name if node is not None else "this node"
             raise RuntimeError(f"{where} answered {answer.status}: {answer.error}")
         moved = answer.data.get("moved", {})
         return {int(uid): (str(o[0]), str(o[1])) for uid, o in moved.items()}
