@@ -15,11 +15,12 @@ Call ids are positive and unique per connection; answers come in any order.
 
 Versions. The frames above are version 2: the caller offers the WebSocket subprotocol
 ``LINK_PROTOCOL`` at the upgrade and a node that takes calls by name accepts it. Gateways and
-nodes of 0.1.0 (every build before issue 21) neither offer nor accept it, and speak version 1: a call is ``[call_id,
-method, path, query | None, body | None, request_id]`` (``body`` the JSON bytes of the HTTP
-hop) and its reply's ``body`` is JSON bytes. A node serves both on any connection (by the
-frame's length), a caller sends version 1 to a node that did not accept version 2, and
-reads a reply body of bytes as JSON: every mix of a rolling upgrade talks.
+nodes of 0.1.0 (every build before issue 21) neither offer nor accept it, and speak version
+1: a call is ``[call_id, method, path, query | None, body | None, request_id]`` (``body``
+the JSON bytes of the HTTP hop) and its reply's ``body`` is JSON bytes. A node serves both
+on any connection (by the frame's length), a caller sends version 1 to a node that did not
+accept version 2, and reads a reply body of bytes as JSON: every mix of a rolling upgrade
+talks.
 """
 
 from __future__ import annotations
