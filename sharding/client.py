@@ -31,14 +31,17 @@ class NodeError(Exception):
         self.node, self.status, self.code = node, status, code
 
 
-class NodeClient:
+class HandoffClient:
+    """The handoff API of the nodes, for `redpacket rebalance` (calls of the public API go
+    through ``nodeclient.client.NodeClient``)."""
+
     def __init__(self, secret: str, *, timeout_s: float = 30.0, attempts: int = 6) -> None:
         self._secret = secret
         self._timeout_s = timeout_s
         self._attempts = attempts
         self._http: HttpTransport | None = None
 
-    async def __aenter__(self) -> NodeClient:
+    async def __aenter__(self) -> HandoffClient:
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
         self._http = HttpTransport(session, self._secret)
         return self
@@ -56,7 +59,7 @@ class NodeClient:
         body: Any = None,
         params: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        assert self._http is not None, "use NodeClient as an async context manager"
+        assert self._http is not None, "use HandoffClient as an async context manager"
         delay = 0.1
         for attempt in range(self._attempts):
             last = attempt == self._attempts - 1
