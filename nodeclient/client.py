@@ -98,6 +98,8 @@ class Winners:
 
 
 class NodeClient:
+    """Calls to the shard nodes, routed by the ring (see the module docstring)."""
+
     def __init__(
         self,
         ring: RingFile,
@@ -155,8 +157,8 @@ class NodeClient:
     async def call(
         self, node: NodeSpec | None, name: str, args: dict[str, Any], timeout_s: float = 0
     ) -> Answer:
-        """Call ``node`` (None: this node); if it answers that the packet (or user) moved,
-        call the new owner."""
+        """Call ``node`` (None: this node) within ``timeout_s`` (0: the client's); if it
+        answers that the packet (or user) moved, call the new owner."""
         answer = await self._once(node, name, args, timeout_s)
         for _ in range(MAX_MOVED_HOPS):
             if answer.code != "packet_moved":
@@ -166,6 +168,8 @@ class NodeClient:
             if not isinstance(owner, str) or owner == (node.name if node else self._local_name):
                 break
             node = self.resolve(owner, url if isinstance(url, str) else "")
+            if node is not None and not node.url:  # a node of no ring and no URL: stop here
+                break
             answer = await self._once(node, name, args, timeout_s)
         return answer
 
