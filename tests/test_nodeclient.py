@@ -33,7 +33,7 @@ from redpacket.nodeclient.link import Links
 from redpacket.nodeclient.ring import RingFile
 from redpacket.nodeclient.wire import NODE_SECRET_HEADER
 from redpacket.sharding.ring import NodeSpec, RingDoc
-from tests.conftest import IDS, NodeHandle
+from tests.conftest import IDS, Cluster, NodeHandle
 
 SECRET = "nodeclient-test-secret"
 
@@ -275,3 +275,24 @@ async def test_calls_by_name_carry_msgpack_values_both_ways(
     assert replies[2][1] == 404 and replies[2][2]["error"]["code"] == "not_found"
     assert replies[3][1] == 400
     await node.check()
+
+
+@pytest.mark.parametrize("transport", ["link", "http"])
+async def test_a_gateway_on_either_transport_creates_opens_and_reads(
+    make_cluster: Any, transport: str
+) -> None:
+    """The gateway end to end through the node client: create (hold, create, confirm),
+    open, a replayed open, records, a sold-out open, history and the wallet."""
+    cluster: Cluster = await make_cluster(REDPACKET_NODE_TRANSPORT=transport)
+    packet_id = await cluster.create(1, 300, 2)
+    status, first = await cluster.open(packet_id, 2)
+    assert status == 200 and not first["replayed"]
+    assert await cluster.open(packet_id, 2) == (200, {**first, "replayed": True})
+    assert (await cluster.open(packet_id, 3))[0] == 200
+    status, late = await cluster.open(packet_id, 4)
+    assert (status, late["error"]["code"]) == (410, "sold_out")
+    status, page = await cluster.call("GET", f"/v1/red-packets/{packet_id}/records", 1)
+    assert status == 200 and len(page["records"]) == 2
+    status, wallet = await cluster.call("GET", "/v1/me/wallet", 1)
+    assert status == 200 and wallet["balance"] >= 0
+    await cluster.check()
