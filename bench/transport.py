@@ -83,8 +83,10 @@ async def _drive(
         async def one(i: int) -> None:
             path = f"/internal/v1/packets/{i}/grab"
             if kind == "link":
-                answer = await link.call("grab", {"id": i, "uid": "12345"}, rid="b", timeout_s=5)
-                assert answer.status == 200
+                status, _, _ = await link.call(
+                    "grab", {"id": i, "uid": "12345"}, rid="b", timeout_s=5
+                )
+                assert status == 200
             else:
                 async with session.post(url + path, data=body, headers=headers) as resp:
                     await resp.read()
