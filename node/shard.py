@@ -32,7 +32,6 @@ from redpacket.core.profile import bound_img_url, bound_nick
 from redpacket.node.admission import Admission, PacketGate
 from redpacket.node.committer import GroupCommitter
 from redpacket.node.counters import Counters, OpenResult, Outcome, claim_details
-from redpacket.node.keys import packet_keys
 from redpacket.node.ledger import (
     Claim,
     CreateAbandoned,
@@ -42,6 +41,7 @@ from redpacket.node.ledger import (
     LedgerUnavailable,
     PacketRow,
 )
+from redpacket.node.redis_keys import packet_keys
 from redpacket.node.settings import NodeSettings
 
 log = logging.getLogger("redpacket.node.shard")

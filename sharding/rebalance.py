@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from redpacket.core.ids import IdGenerator
 from redpacket.sharding.backends import Backend, BackendError
-from redpacket.sharding.client import NodeClient, NodeError
+from redpacket.sharding.client import HandoffClient, NodeError
 from redpacket.sharding.ring import NodeSpec, Ring, RingDoc, packet_owner, user_key
 
 ACTIVE, OUT, IN = "active", "out", "in"
@@ -262,7 +262,7 @@ class Rebalancer:
         self.moved_users = 0
         self.moved_wallets = 0
         self.say = say or (lambda message: print(message, flush=True))
-        self.client = NodeClient(backend.node_secret)
+        self.client = HandoffClient(backend.node_secret)
 
     # -- commands -------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
 """Moving users' wallets (零钱) to the user's new owner (``user:<uid>`` on the ring), in
-batches, like their history (keys.py): list on the old owner, import on the new, release.
+batches, like their history (user_data.py): list on the old owner, import on the new, release.
 
 Once the fence is up the old owner refuses every wallet write of a user the fence ring gives
 away (node/wallet/calls.py ``kept_here``, and the hold sweeper skips them), so what it lists

@@ -1,4 +1,4 @@
-"""The node's wallet calls (lines of ``node/handlers.py CALLS``), made by the gateway
+"""The node's wallet calls (entries of ``node/handlers.py CALLS``), made by the gateway
 (gateway/wallet.py, gateway/handlers.py create_packet) and by other nodes' hold sweepers.
 
 A user's wallet calls are answered by the shard that owns ``user:<uid>``; any other node says
@@ -19,7 +19,7 @@ import orjson
 from redpacket.core.amounts import refuse_unknown_fields
 from redpacket.core.errors import ApiError, bad_request, unavailable
 from redpacket.core.ids import parse_packet_id, parse_uid
-from redpacket.node.calls import Call, Reply, reply
+from redpacket.node.calls import Call, Handler, Reply, reply
 from redpacket.node.shard import now_ms
 from redpacket.node.wallet.abandon import ask_here
 from redpacket.node.wallet.book import InsufficientFunds
@@ -84,14 +84,12 @@ async def kept_here(call: Call, uid: int) -> AsyncIterator[None]:
 
 
 async def hold(call: Call) -> Reply:
-    body = call.json()
+    body = call.args
     refuse_unknown_fields(
         body, frozenset({"create_token", "uid", "amount", "red_packet_id", "starting_balance"})
     )
     uid, token, amount = user_of(body.get("uid")), token_of(body), cents(body, "amount")
-    packet_id = parse_uid(body.get("red_packet_id"))
-    if packet_id is None:
-        raise bad_request("invalid_id", "red_packet_id must be a positive 64-bit integer")
+    packet_id = parse_packet_id(body.get("red_packet_id"))
     starting = cents(body, "starting_balance", minimum=0)
     async with kept_here(call, uid):
         try:
@@ -106,7 +104,7 @@ async def hold(call: Call) -> Reply:
 
 
 async def confirm(call: Call) -> Reply:
-    body = call.json()
+    body = call.args
     refuse_unknown_fields(body, frozenset({"create_token", "uid"}))
     async with kept_here(call, user_of(body.get("uid"))):
         state = await call.history.wallets.confirm(token_of(body))
@@ -115,20 +113,21 @@ async def confirm(call: Call) -> Reply:
 
 async def abandon_create(call: Call) -> Reply:
     """The packet's shard: does the packet of this hold exist? If not, it never will."""
-    packet_id = parse_packet_id(call.params["id"])
-    body = call.json()
-    refuse_unknown_fields(body, frozenset({"create_token"}))
+    body = call.args
+    refuse_unknown_fields(body, frozenset({"id", "create_token"}))
+    packet_id = parse_packet_id(body["id"])
     outcome = await ask_here(call.shard, packet_id, token_of(body), now_ms())
     return reply({"outcome": outcome})
 
 
 async def wallet(call: Call) -> Reply:
-    uid = user_of(call.params["uid"])
-    refuse_unknown_fields(call.query, frozenset({"starting_balance", "pending"}))
-    raw = call.query.get("starting_balance", "0")
+    args = call.args
+    uid = user_of(args.get("uid"))
+    refuse_unknown_fields(args, frozenset({"uid", "starting_balance", "pending"}))
+    raw = str(args.get("starting_balance", "0"))
     if not (raw.isascii() and raw.isdigit() and len(raw) <= 15):
         raise bad_request("invalid_field", "starting_balance must be cents")
-    pending = [p for p in call.query.get("pending", "").split(",") if p]
+    pending = [p for p in str(args.get("pending", "")).split(",") if p]
     if len(pending) > 1000 or not all(
         p.isascii() and p.isdigit() and len(p) <= 19 for p in pending
     ):
@@ -143,14 +142,16 @@ async def wallet(call: Call) -> Reply:
 
 
 async def transactions(call: Call) -> Reply:
-    uid = user_of(call.params["uid"])
-    refuse_unknown_fields(call.query, frozenset({"limit", "cursor"}))
-    raw_limit = call.query.get("limit", "20")
+    args = call.args
+    uid = user_of(args.get("uid"))
+    refuse_unknown_fields(args, frozenset({"uid", "limit", "cursor"}))
+    raw_limit = str(args.get("limit", "20"))
     if not (raw_limit.isascii() and raw_limit.isdigit() and 1 <= int(raw_limit) <= 100):
         raise ApiError(
             400, "invalid_field", "limit must be an integer from 1 to 100", extra={"field": "limit"}
         )
-    cursor = call.query.get("cursor")
+    cursor = args.get("cursor")
+    cursor = None if cursor is None else str(cursor)
     if cursor is not None and not (cursor.isascii() and cursor.isdigit() and len(cursor) <= 19):
         raise bad_request("invalid_cursor", "cursor is not one this API returned")
     async with kept_here(call, uid):
@@ -162,7 +163,7 @@ async def transactions(call: Call) -> Reply:
 
 async def incoming(call: Call) -> Reply:
     """Shares of this user committed here whose credit is still in this node's outbox."""
-    uid = user_of(call.params["uid"])
+    uid = user_of(call.args.get("uid"))
     async with call.history.connection() as conn, conn.cursor() as cur:
         await cur.execute(
             "SELECT red_packet_id, payload FROM history_outbox WHERE uid = %s "
@@ -176,7 +177,7 @@ async def incoming(call: Call) -> Reply:
 
 
 async def topup(call: Call) -> Reply:
-    body = call.json()
+    body = call.args
     refuse_unknown_fields(
         body, frozenset({"uid", "topup_id", "amount", "body_sha256", "starting_balance"})
     )
@@ -199,12 +200,12 @@ async def topup(call: Call) -> Reply:
     return reply({**result, "replayed": replayed}, status=200 if replayed else 201)
 
 
-WALLET_CALLS = [
-    ("POST", "/internal/v1/wallets/holds", hold),
-    ("POST", "/internal/v1/wallets/holds/confirm", confirm),
-    ("POST", "/internal/v1/packets/{id}/abandon", abandon_create),
-    ("POST", "/internal/v1/wallets/topups", topup),
-    ("GET", "/internal/v1/users/{uid}/wallet", wallet),
-    ("GET", "/internal/v1/users/{uid}/wallet/transactions", transactions),
-    ("GET", "/internal/v1/users/{uid}/incoming", incoming),
-]
+WALLET_CALLS: dict[str, Handler] = {
+    "hold": hold,
+    "confirm_hold": confirm,
+    "abandon_create": abandon_create,
+    "topup": topup,
+    "wallet": wallet,
+    "transactions": transactions,
+    "incoming": incoming,
+}

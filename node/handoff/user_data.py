@@ -1,4 +1,5 @@
-"""Moving users' idempotency keys to the user's new owner (``user:<uid>`` on the ring)."""
+"""Moving users' own data off a node: their idempotency keys and their history (我的红包), to
+the owner of ``user:<uid>`` on the new ring."""
 
 from __future__ import annotations
 
