@@ -9,10 +9,12 @@ an open load and a trickle of creates through the gateway, and changes the ring 
 - red packets and users moved per second (and for how long);
 - the open latency (p50/p99) before, during and after the change.
 
-Seeding writes the rows the create path would (``red_packet_info`` on each packet's owner,
-``user_sent`` on each sender's owner) in multi-row INSERTs: 100,000 packets take seconds,
-where creating them through the API would take minutes. Redis is filled lazily: the first
-open of a packet loads it from MySQL, exactly as after a Redis restart.
+Seeding writes the rows the create path would (``red_packet_info`` on each packet's owner;
+``user_sent`` and an idempotency key per packet, and a wallet with its starting grant per
+sender, on each sender's owner: what a user move carries) in multi-row INSERTs: 100,000
+packets take seconds, where creating them through the API would take minutes. Redis is
+filled lazily: the first open of a packet loads it from MySQL, exactly as after a Redis
+restart.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ async def seed_packets(
     now_ms = int(time.time() * 1000)
     packets: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
     sent: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
+    keys: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
     made: list[int] = []
     urls = {n.name: n.mysql for n in doc.all_nodes()}
     for n in range(count):
@@ -77,18 +80,55 @@ async def seed_packets(
             (sender, packet_id, year_of(now_ms), "lucky", amount, shares, "seeded",
              to_datetime(now_ms), to_datetime(row.expire_time_ms))
         )  # fmt: skip
+        keys[owner].append(
+            (sender, f"seed-{packet_id}", secrets.token_hex(32), packet_id, to_datetime(now_ms))
+        )
         made.append(packet_id)
+    wallets, grants = _seed_wallets(doc, ids, range(sender_base, sender_base + senders), now_ms)
     await asyncio.gather(
         *(_insert(urls[name], _PACKET_SQL, rows) for name, rows in packets.items()),
         *(_insert(urls[name], _SENT_SQL, rows) for name, rows in sent.items()),
+        *(_insert(urls[name], _KEY_SQL, rows) for name, rows in keys.items()),
+        *(_insert(urls[name], _WALLET_SQL, rows) for name, rows in wallets.items()),
+        *(_insert(urls[name], _GRANT_SQL, rows) for name, rows in grants.items()),
     )
     return made
+
+
+def _seed_wallets(
+    doc: RingDoc, ids: IdGenerator, uids: range, now_ms: int, cents: int = 1_000_000
+) -> tuple[dict[str, list[tuple[Any, ...]]], dict[str, list[tuple[Any, ...]]]]:
+    """A wallet per sender holding a dev starting grant, on the sender's owner (new senders
+    only: a second seeding leaves the wallets it finds)."""
+    wallets: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
+    grants: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
+    when = to_datetime(now_ms)
+    for uid in uids:
+        owner = doc.ring().owner_of_key(user_key(uid)).name
+        wallets[owner].append((uid, cents, 1, when))
+        grants[owner].append((ids.next_id(), uid, "grant", "dev", cents, None, cents, when))
+    return wallets, grants
 
 
 _PACKET_SQL = f"INSERT INTO red_packet_info ({PACKET_COLUMNS}) VALUES ({PACKET_PLACEHOLDERS})"
 _SENT_SQL = (
     "INSERT INTO user_sent (uid, red_packet_id, year, kind, total_amount, total_packet, "
     "greeting, create_time, expire_time) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+
+
+_KEY_SQL = (
+    "INSERT INTO idempotency_key (uid, idem_key, request_hash, red_packet_id, create_time) "
+    "VALUES (%s, %s, %s, %s, %s)"
+)
+# a second seeding finds the wallets there: kept (no INSERT IGNORE: a warning per row)
+_WALLET_SQL = (
+    "INSERT INTO wallet (uid, balance, granted, update_time) VALUES (%s, %s, %s, %s) "
+    "ON DUPLICATE KEY UPDATE uid = uid"
+)
+_GRANT_SQL = (
+    "INSERT INTO wallet_txn (id, uid, kind, ref, amount, red_packet_id, balance_after, "
+    "create_time) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON DUPLICATE KEY UPDATE uid = uid"
 )
 
 
@@ -246,9 +286,22 @@ async def run_bench(
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "open_before": probe.latency_ms(started, change_started),
         "open_during": probe.latency_ms(change_started, change_ended),
+        # the parts of the change: packets handed off, then users' keys, history, wallets
+        **_phases(probe, rebalancer.marks),
         "open_after": probe.latency_ms(change_ended, time.monotonic()),
         "creates": len(probe.creates),
     }
+
+
+def _phases(probe: Probe, marks: dict[str, float]) -> dict[str, Any]:
+    out = {}
+    if "packets" in marks:
+        out["open_during_packets"] = probe.latency_ms(
+            marks["packets"], marks.get("users", marks.get("users_end", time.monotonic()))
+        )
+    if "users" in marks and "users_end" in marks:
+        out["open_during_users"] = probe.latency_ms(marks["users"], marks["users_end"])
+    return out
 
 
 def _rate(count: int, seconds: float | None) -> float | None:

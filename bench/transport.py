@@ -4,7 +4,7 @@
 process with one trivial call (``POST /internal/v1/packets/{id}/grab`` answering a small
 JSON), then drives it from this process with ``--inflight`` calls always outstanding, once
 per transport: ``http`` (one aiohttp request per call on pooled keep-alive connections,
-the gateway's old hop) and ``link`` (gateway/link.py against node/link.py: msgpack frames
+the gateway's old hop) and ``link`` (nodeclient/link.py against node/link.py: msgpack frames
 on 2 WebSockets, frames of one tick in one write). It prints calls/s and CPU µs per call
 on the client and on the server side, measured from /proc, and ``--json`` writes them.
 No database is involved: this isolates what the hop itself costs.
@@ -28,27 +28,27 @@ from redpacket.bench.procstats import cpu_s
 from redpacket.cli.devcluster import free_ports
 from redpacket.cli.serve import new_event_loop
 from redpacket.core.frames import LINK_PATH
-from redpacket.gateway.link import NodeLink
 from redpacket.node.app import node_auth_middleware
-from redpacket.node.calls import SETTINGS, SHARD, Call, Reply, http_routes, reply
+from redpacket.node.calls import SETTINGS, SHARD, Call, CallTable, Reply, http_routes, reply
 from redpacket.node.history import HISTORY
 from redpacket.node.link import LinkServer
+from redpacket.nodeclient.link import NodeLink
+from redpacket.nodeclient.wire import NODE_SECRET_HEADER
 
 SECRET = "transport-bench-secret"
-PATH = "/internal/v1/packets/{id}/grab"
 
 
 async def _grab(call: Call) -> Reply:
-    call.json()
+    call.args.get("uid")
     return reply({"can_open": True})
 
 
 def _serve(port: int) -> None:
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
-    entries = [("POST", PATH, _grab)]
+    table = CallTable({"grab": _grab})
     link = LinkServer(
-        entries,
+        table,
         max_inflight=1024,
         max_message_bytes=4 << 20,
         max_body_bytes=16 * 1024,
@@ -59,7 +59,7 @@ def _serve(port: int) -> None:
     app[SETTINGS] = None  # type: ignore[assignment]
     app[HISTORY] = None  # type: ignore[assignment]
     app.router.add_get(LINK_PATH, link.handle)
-    app.add_routes(http_routes(entries))
+    app.add_routes(http_routes(table))
     web.run_app(app, host="127.0.0.1", port=port, loop=loop, print=None, access_log=None)
 
 
@@ -78,13 +78,15 @@ async def _drive(
             max_inflight=512,
             max_message_bytes=4 << 20,
         )
-        headers = {"X-Redpacket-Node-Secret": SECRET, "Content-Type": "application/json"}
+        headers = {NODE_SECRET_HEADER: SECRET, "Content-Type": "application/json"}
 
         async def one(i: int) -> None:
             path = f"/internal/v1/packets/{i}/grab"
             if kind == "link":
-                answer = await link.call("POST", path, None, body, rid="b", timeout_s=5)
-                assert answer[1] == 200
+                status, _, _ = await link.call(
+                    "grab", {"id": i, "uid": "12345"}, rid="b", timeout_s=5
+                )
+                assert status == 200
             else:
                 async with session.post(url + path, data=body, headers=headers) as resp:
                     await resp.read()

@@ -229,7 +229,8 @@ class Outcomes:
         """A packet that was created (201 seen) is never answered 404, by any call."""
         if answer.status == 404 and packet in self.packets:
             self.contradictions.append(
-                f"red packet {packet}: created (201) but {op} answered 404 at {self.now():.1f}s"
+                f"red packet {packet}: created (201) but {op} answered 404 at "
+                f"{self.now():.1f}s: {str(answer.body)[:160]}"
             )
 
     def saw_info(self, packet: str, sent_s: float, answer: Answer) -> None:

@@ -92,7 +92,6 @@ def table(report: dict[str, Any]) -> str:
         f"wallets: {verdict.get('topups', 0)} top-ups, {verdict.get('over_balance_creates', 0)} "
         f"creates beyond the balance (402), {verdict.get('wallet_users', 0)} users' "
         f"transactions held to what the clients saw",
-        *[f"  NOTE {n}" for n in verdict.get("notes", [])[:20]],
         f"checker: {verdict['checker']}",
         f"violations: {len(report['violations'])}",
     ]

@@ -20,7 +20,7 @@ from redpacket.chaos import report as reports
 from redpacket.chaos.cluster import ChaosCluster, new_prefix
 from redpacket.chaos.load import Client, Load, Outcomes, discover_api
 from redpacket.chaos.nemesis import FaultRecord, Nemesis
-from redpacket.chaos.schedule import Kind, Schedule, draw
+from redpacket.chaos.schedule import Schedule, draw
 from redpacket.chaos.verdict import Verdict, judge
 from redpacket.cli.devcluster import ALL_SHARDS_READY, answers_ready
 from redpacket.core.env import SettingsError
@@ -215,7 +215,6 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
             time.monotonic() + args.lifetime + 90,
             last_heal_s=last_heal_s,
             liveness_s=args.liveness_s,
-            moves_s=rebalances_s(records, load_seconds),
         )
         violations, harness = judge_faults(records, load_seconds)
         violations = list(verdict.violations) + violations
@@ -248,16 +247,6 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
             await cluster.down()
         if not args.keep:
             await cluster.drop_databases()
-
-
-def rebalances_s(records: list[FaultRecord], load_seconds: float) -> list[tuple[float, float]]:
-    """When each rebalance ran (injected to healed, or the load's end): wallets moved then."""
-    kinds = (Kind.REBALANCE, Kind.REBALANCE_KILL)
-    return [
-        (r.injected_at, r.healed_at if r.healed_at is not None else load_seconds)
-        for r in records
-        if r.fault.kind in kinds and r.injected_at is not None
-    ]
 
 
 def judge_faults(records: list[FaultRecord], load_seconds: float) -> tuple[list[str], list[str]]:

@@ -52,9 +52,10 @@ class WalletsSeen:
     refused_402: int = 0  # ordinary creates answered 402 (their sender spent its money)
     poor: set[int] = field(default_factory=set)
     contradictions: list[str] = field(default_factory=list)
-    # replays answered otherwise than the first: (first at, replay at, what); judged against
-    # the rebalances by :func:`judge_restated` (a wallet move restates ids: see there)
-    restated: list[tuple[float, float, str]] = field(default_factory=list)
+    # replays answered otherwise than the first: each a violation. A wallet move keeps a
+    # top-up's first answer and holds the user's calls until the import (issue 18), so
+    # nothing, a rebalance included, may change what a replay answers.
+    restated: list[str] = field(default_factory=list)
 
     def saw_topup(self, uid: int, amount: int, topup_id: str, answer: Answer, at_s: float) -> None:
         """201 the first time, 200 ``replayed`` with the first result after; never 4xx."""
@@ -77,17 +78,9 @@ class WalletsSeen:
         if topup.result is None:
             topup.result, topup.result_at = mine, at_s
         elif answer.status == 201:
-            self.restated.append(
-                (
-                    topup.result_at,
-                    at_s,
-                    f"{where}: a replay answered 201 (as new) after {topup.result}",
-                )
-            )
+            self.restated.append(f"{where}: a replay answered 201 (as new) after {topup.result}")
         elif topup.result != mine:
-            self.restated.append(
-                (topup.result_at, at_s, f"{where}: replay answered {mine}, first {topup.result}")
-            )
+            self.restated.append(f"{where}: replay answered {mine}, first {topup.result}")
 
     def saw_402(self, uid: int, body: dict[str, Any], answer: Answer) -> None:
         self.refused_402 += 1
@@ -127,26 +120,6 @@ class WalletsSeen:
     def _balance_not_negative(self, uid: int, balance: Any) -> None:
         if isinstance(balance, int) and balance < 0:
             self.contradictions.append(f"uid {uid}: a balance of {balance} cents was shown")
-
-
-def judge_restated(
-    seen: WalletsSeen, moves_s: list[tuple[float, float]]
-) -> tuple[list[str], list[str]]:
-    """``(violations, notes)`` of the replays answered otherwise than the first answer.
-
-    A rebalance that moves the user's wallet re-inserts its transactions on the new owner
-    (``node/handoff/wallets.py``): new transaction ids, ``balance_after`` restated on that
-    owner's running sum, and a replay that reaches the new owner after the fence and before
-    the import is credited there as new (201) while the import then skips the old owner's
-    copy (credited once: the per-user transactions and the checker's conservation hold). So
-    a changed answer with a rebalance (``moves_s``: its injection to its heal) between the
-    first answer and the replay is a note (a known limit of the move); without one, a
-    violation: nothing else may change a top-up's answer."""
-    violations, notes = [], []
-    for first_s, replay_s, what in seen.restated:
-        moved = any(start <= replay_s and end >= first_s for start, end in moves_s)
-        (notes if moved else violations).append(what)
-    return violations, notes
 
 
 async def resolve_wallets(load: Load, deadline: float) -> list[str]:

@@ -33,8 +33,8 @@ import redis.asyncio as aioredis
 from redpacket.cli.check_history import history_violations
 from redpacket.cli.check_wallet import wallet_violations
 from redpacket.node.counters import connect_redis
-from redpacket.node.keys import packet_keys
 from redpacket.node.ledger import connect_one
+from redpacket.node.redis_keys import packet_keys
 from redpacket.sharding.ring import NodeSpec, Ring, RingDoc
 
 

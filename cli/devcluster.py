@@ -35,6 +35,7 @@ from aiohttp import web
 from redpacket.core.env import SettingsError
 from redpacket.node.ledger import connect_one, parse_mysql_url
 from redpacket.node.migrations.runner import migrate
+from redpacket.nodeclient.wire import NODE_SECRET_HEADER
 from redpacket.sharding.ring import NodeSpec, RingDoc, RingError
 
 DEFAULT_MYSQL_URL = "mysql://root@127.0.0.1:3306"
@@ -638,7 +639,7 @@ def control_app(cluster: DevCluster) -> web.Application:
 
     @web.middleware
     async def auth(request: web.Request, handler: Any) -> web.StreamResponse:
-        given = request.headers.get("X-Redpacket-Node-Secret", "").encode()
+        given = request.headers.get(NODE_SECRET_HEADER, "").encode()
         if not hmac.compare_digest(given, secret):
             return web.json_response({"error": "unauthenticated"}, status=401)
         try:

@@ -4,14 +4,23 @@ The link is a WebSocket on the node's HTTP port (``/internal/v1/link``). Each bi
 WebSocket message carries one or more msgpack frames back to back, so every frame that
 became ready in one loop tick leaves in one message and one write:
 
-- call, gateway → node: ``[call_id, method, path, query | None, body | None, request_id]``
-  (``body`` is the JSON bytes the HTTP hop would have carried, ``query`` a str → str map);
-- reply, node → gateway: ``[call_id, status, body, retry_after | None]`` (``body`` is the
-  JSON answer, passed on to the client untouched);
+- call, caller → node: ``[call_id, name, args, request_id]``: the call's name
+  (``nodeclient/wire.py``) and its arguments as a map of msgpack values;
+- reply, node → caller: ``[call_id, status, value, retry_after | None]``, the answer as a
+  msgpack value (the JSON the HTTP adapter would send, not encoded as JSON);
 - control, node → gateway: ``[0, "goaway"]``: the node is draining (SIGTERM); no new calls
   on this connection, the ones in flight are still answered.
 
 Call ids are positive and unique per connection; answers come in any order.
+
+Versions. The frames above are version 2: the caller offers the WebSocket subprotocol
+``LINK_PROTOCOL`` at the upgrade and a node that takes calls by name accepts it. Gateways and
+nodes of 0.1.0 (every build before issue 21) neither offer nor accept it, and speak version
+1: a call is ``[call_id, method, path, query | None, body | None, request_id]`` (``body``
+the JSON bytes of the HTTP hop) and its reply's ``body`` is JSON bytes. A node serves both
+on any connection (by the frame's length), a caller sends version 1 to a node that did not
+accept version 2, and reads a reply body of bytes as JSON: every mix of a rolling upgrade
+talks.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from typing import Any
 import msgpack
 
 LINK_PATH = "/internal/v1/link"
+LINK_PROTOCOL = "redpacket.link.v2"  # calls by name, msgpack values (docstring above)
 GOAWAY = "goaway"
 CONTROL_ID = 0
 

@@ -30,9 +30,11 @@ _SEQ_BITS = 12
 _GEN_BITS = 10
 
 
-def parse_packet_id(raw: str) -> int:
-    """A path segment as a red packet id, or 400 ``invalid_id``."""
-    if not (0 < len(raw) <= 19 and raw.isascii() and raw.isdigit()):
+def parse_packet_id(raw: object) -> int:
+    """A call's red packet id (a path segment, or an int on the link), or 400 ``invalid_id``."""
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        raw = str(raw)
+    if not (isinstance(raw, str) and 0 < len(raw) <= 19 and raw.isascii() and raw.isdigit()):
         raise ApiError(400, "invalid_id", "red packet id must be a positive decimal integer")
     value = int(raw)
     if not 0 < value <= MAX_ID:

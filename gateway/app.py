@@ -25,19 +25,20 @@ from redpacket.gateway.handlers import (
     CREATE_LIMIT,
     FINISHED,
     IDS,
+    NODES,
     OPEN_LIMIT,
     PUBLIC_IDS,
-    RING_WATCHER,
     SETTINGS,
-    SHARDS,
     UNKNOWN_LIMIT,
 )
-from redpacket.gateway.link import Links
 from redpacket.gateway.ratelimit import RateLimiter
 from redpacket.gateway.settings import GatewaySettings
-from redpacket.gateway.shards import RingWatcher, Shards
 from redpacket.gateway.wallet import add_wallet_routes
 from redpacket.gateway.webapp import add_page_routes
+from redpacket.nodeclient.client import NodeClient
+from redpacket.nodeclient.http import HttpTransport
+from redpacket.nodeclient.link import Links
+from redpacket.nodeclient.ring import RingFile
 from redpacket.sharding.ring import RingDoc
 
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
@@ -91,30 +92,27 @@ async def shards_ctx(app: web.Application) -> AsyncIterator[None]:
             max_inflight=settings.link_max_inflight,
             max_message_bytes=settings.link_max_message_bytes,
         )
-    shards = Shards(
-        RingDoc.load(settings.ring_file),
-        session,
-        settings.node_secret,
-        settings.frozen_retry_s,
+    ring = RingFile(settings.ring_file, RingDoc.load(settings.ring_file))
+    app[NODES] = NodeClient(
+        ring,
+        http=HttpTransport(session, settings.node_secret),
         links=links,
         timeout_s=settings.node_timeout_s,
+        frozen_retry_s=settings.frozen_retry_s,
     )
-    app[SHARDS] = shards
-    watcher = RingWatcher(settings.ring_file, shards)
-    app[RING_WATCHER] = watcher
-    watcher.start(settings.ring_poll_s)
+    ring.start(settings.ring_poll_s)
     # SIGHUP: re-read the ring file now (`redpacket rebalance` says so after publishing it)
     loop = asyncio.get_running_loop()
     hup = False
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-        loop.add_signal_handler(signal.SIGHUP, watcher.reload)
+        loop.add_signal_handler(signal.SIGHUP, ring.reload)
         hup = True
     try:
         yield
     finally:
         if hup:
             loop.remove_signal_handler(signal.SIGHUP)
-        await watcher.stop()
+        await ring.stop()
         if links is not None:
             await links.close()
         await session.close()

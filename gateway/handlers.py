@@ -1,8 +1,9 @@
 """The public API (docs/api.md, gateway/openapi.json): authenticate, check, route, answer.
 
 Every handler starts the same way: the user comes from the verified token (never from the
-body), the red packet id from the path. Node answers are passed through as they are; the
-node already speaks the public error shape.
+body), the red packet id from the path. Nodes are called through the node client
+(``nodeclient/``: typed calls, routing, moves); their answers are passed through as they are,
+the node already speaks the public error shape.
 """
 
 from __future__ import annotations
@@ -25,14 +26,13 @@ from redpacket.gateway.auth import Authenticator, User
 from redpacket.gateway.finished import FinishedPackets
 from redpacket.gateway.ratelimit import RateLimiter
 from redpacket.gateway.settings import GatewaySettings
-from redpacket.gateway.shards import RingWatcher, Shards, Upstream
+from redpacket.nodeclient.client import Answer, NodeClient, Opened
 
 log = logging.getLogger("redpacket.gateway")
 
 SETTINGS = web.AppKey("settings", GatewaySettings)
 AUTH = web.AppKey("auth", Authenticator)
-SHARDS = web.AppKey("shards", Shards)
-RING_WATCHER = web.AppKey("ring_watcher", RingWatcher)
+NODES = web.AppKey("nodes", NodeClient)
 IDS = web.AppKey("ids", IdGenerator)
 FINISHED = web.AppKey("finished", FinishedPackets)
 CREATE_LIMIT = web.AppKey("create_limit", RateLimiter)
@@ -50,13 +50,10 @@ _GRAB_FINAL = {r: orjson.dumps({"can_open": False, "reason": r}) for r in _FINAL
 _OPEN_FINAL = {r: orjson.dumps(gone(r).body()) for r in _FINAL_REASONS}
 
 
-def passthrough(upstream: Upstream) -> web.Response:
-    headers = {"Retry-After": upstream.retry_after} if upstream.retry_after else None
+def passthrough(answer: Answer) -> web.Response:
+    headers = {"Retry-After": answer.retry_after} if answer.retry_after else None
     return web.Response(
-        body=upstream.body,
-        status=upstream.status,
-        content_type="application/json",
-        headers=headers,
+        body=answer.body(), status=answer.status, content_type="application/json", headers=headers
     )
 
 
@@ -80,24 +77,26 @@ def _packet_id(request: web.Request, user: User) -> int:
         raise
 
 
-def _counted(request: web.Request, user: User, upstream: Upstream) -> Upstream:
+def _counted(request: web.Request, user: User, answer: Answer) -> Answer:
     """A node's 404 for a packet counts against the caller like a bad tag does."""
-    if upstream.status == 404:
+    if answer.status == 404:
         request.app[UNKNOWN_LIMIT].take(user.uid)
-    return upstream
+    return answer
 
 
-def with_public_ids(request: web.Request, upstream: Upstream, rows: str = "") -> web.Response:
+def with_public_ids(
+    request: web.Request, answer: Answer, rows: str = "", status: int = 0
+) -> web.Response:
     """The node's answer with every red packet id in it made public (the body's own
     ``red_packet_id``, and each row's in the list ``rows``); errors pass through."""
-    if upstream.status not in (200, 201):
-        return passthrough(upstream)
+    if answer.status not in (200, 201):
+        return passthrough(answer)
     ids = request.app[PUBLIC_IDS]
-    data = upstream.json()
+    data = answer.data
     for item in [data, *(data.get(rows) or [] if rows else [])]:
         if "red_packet_id" in item:
             item["red_packet_id"] = ids.format(int(item["red_packet_id"]))
-    return json_response(data, status=upstream.status)
+    return json_response(data, status=status or answer.status)
 
 
 async def _empty_body(request: web.Request) -> None:
@@ -125,7 +124,7 @@ async def create_packet(request: web.Request) -> web.Response:
     app[CREATE_LIMIT].take(user.uid)
     new = parse_new_packet(await read_json_object(request), app[SETTINGS].limits)
     check_sender(new, user.uid)
-    shards, ids = app[SHARDS], app[IDS]
+    nodes, ids = app[NODES], app[IDS]
     fields: dict[str, Any] = {
         "uid": str(user.uid),
         "total_amount": new.total_amount,
@@ -153,10 +152,8 @@ async def create_packet(request: web.Request) -> web.Response:
     held = await _hold(app, user.uid, new.total_amount, token, packet_id)
     if held is not None:
         return held  # 402 (not enough money) or another refusal: no packet
-    upstream = await shards.packet_call(
-        packet_id, "POST", "/internal/v1/packets", body={**fields, "red_packet_id": str(packet_id)}
-    )
-    if upstream.error_code() == "id_collision":
+    answer = await nodes.create(packet_id, fields)
+    if answer.code == "id_collision":
         # The id belongs to someone else's packet (two gateways made the same id in the same
         # millisecond). Never merge: refuse; the hold is given back by the wallet's sweeper
         # (the packet's shard answers that this create's packet does not exist). The client
@@ -167,15 +164,15 @@ async def create_packet(request: web.Request) -> web.Response:
             503, "unavailable", "could not allocate a red packet id; retry",
             headers={"Retry-After": "1"},
         )  # fmt: skip
-    if upstream.status in (200, 201):  # 200: the node already had it, a replayed create
+    if answer.status in (200, 201):  # 200: the node already had it, a replayed create
         _confirm_soon(app, user.uid, token)
-        response = with_public_ids(request, Upstream(201, upstream.body, None))
-        if upstream.status == 200:
+        response = with_public_ids(request, answer, status=201)
+        if answer.status == 200:
             response.headers["Idempotent-Replayed"] = "true"
         return response
     # not created (yet): the hold stays until a retry with the same Idempotency-Key creates
     # the packet, or the wallet's sweeper asks the packet's shard and settles it
-    return passthrough(upstream)
+    return passthrough(answer)
 
 
 async def _bind_key(
@@ -188,20 +185,10 @@ async def _bind_key(
         described += [new.kind, new.amount_each, new.receiver_uid]
     request_hash = hashlib.sha256(orjson.dumps(described)).hexdigest()
     token = hashlib.sha256(f"{user.uid}:{key}".encode()).hexdigest()[:32]
-    bound = await app[SHARDS].user_call(
-        user.uid,
-        "POST",
-        "/internal/v1/idempotency-keys",
-        body={
-            "uid": str(user.uid),
-            "key": key,
-            "request_hash": request_hash,
-            "red_packet_id": str(app[IDS].next_id()),
-        },
-    )
+    bound = await app[NODES].claim_idempotency_key(user.uid, key, request_hash, app[IDS].next_id())
     if bound.status != 200:
         return passthrough(bound)
-    binding = bound.json()
+    binding = bound.data
     if binding["request_hash"] != request_hash:
         raise ApiError(
             422,
@@ -216,21 +203,10 @@ async def _hold(
 ) -> web.Response | None:
     """Debit the sender on their wallet's shard before the packet exists (keyed by the create
     token: a retried create debits once). None when held; else the answer to give."""
-    held = await app[SHARDS].user_call(
-        uid,
-        "POST",
-        "/internal/v1/wallets/holds",
-        body={
-            "create_token": token,
-            "uid": str(uid),
-            "amount": amount,
-            "red_packet_id": str(packet_id),
-            "starting_balance": app[SETTINGS].dev_starting_balance,
-        },
-    )
+    held = await app[NODES].hold(uid, amount, token, packet_id, app[SETTINGS].dev_starting_balance)
     if held.status != 200:
         return passthrough(held)
-    if held.json()["state"] == "released":  # the sweeper gave this create's money back
+    if held.data["state"] == "released":  # the sweeper gave this create's money back
         raise ApiError(409, "create_abandoned", "this create was abandoned; use a new key")
     return None
 
@@ -247,12 +223,7 @@ def _confirm_soon(app: web.Application, uid: int, token: str) -> None:
 async def _confirm(app: web.Application, uid: int, token: str) -> None:
     """The packet exists: the hold becomes final. Best effort: the sweeper does it otherwise."""
     try:
-        await app[SHARDS].user_call(
-            uid,
-            "POST",
-            "/internal/v1/wallets/holds/confirm",
-            body={"create_token": token, "uid": str(uid)},
-        )
+        await app[NODES].confirm_hold(uid, token)
     except ApiError:
         log.info("could not confirm a hold now; the wallet's sweeper will")
 
@@ -263,20 +234,16 @@ async def _confirm(app: web.Application, uid: int, token: str) -> None:
 async def get_packet(request: web.Request) -> web.Response:
     user = _user(request)
     packet_id = _packet_id(request, user)
-    upstream = await request.app[SHARDS].packet_call(
-        packet_id, "GET", f"/internal/v1/packets/{packet_id}"
-    )
-    return with_public_ids(request, _counted(request, user, upstream))
+    answer = await request.app[NODES].info(packet_id)
+    return with_public_ids(request, _counted(request, user, answer))
 
 
 async def list_records(request: web.Request) -> web.Response:
     user = _user(request)
     packet_id = _packet_id(request, user)
     params = {k: request.query[k] for k in ("limit", "cursor") if k in request.query}
-    upstream = await request.app[SHARDS].packet_call(
-        packet_id, "GET", f"/internal/v1/packets/{packet_id}/records", params=params
-    )
-    return passthrough(_counted(request, user, upstream))
+    answer = await request.app[NODES].records(packet_id, params)
+    return passthrough(_counted(request, user, answer))
 
 
 # -- grab and open --------------------------------------------------------------------------
@@ -294,18 +261,10 @@ async def grab(request: web.Request) -> web.Response:
             return json_response({"can_open": False, "reason": "already_opened", "amount": amount})
         _REJECTED[finished.reason].inc()
         return web.Response(body=_GRAB_FINAL[finished.reason], content_type="application/json")
-    upstream = _counted(
-        request,
-        user,
-        await app[SHARDS].packet_call(
-            packet_id, "POST", f"/internal/v1/packets/{packet_id}/grab", body={"uid": str(user.uid)}
-        ),
-    )
-    if upstream.status == 200:
-        reason = upstream.json().get("reason")
-        if reason in _FINAL_REASONS:
-            _learn_winners(app, packet_id)
-    return passthrough(upstream)
+    answer = _counted(request, user, await app[NODES].grab(packet_id, user.uid))
+    if answer.status == 200 and answer.data.get("reason") in _FINAL_REASONS:
+        _learn_winners(app, packet_id)
+    return passthrough(answer)
 
 
 async def open_packet(request: web.Request) -> web.Response:
@@ -323,16 +282,13 @@ async def open_packet(request: web.Request) -> web.Response:
             body=_OPEN_FINAL[finished.reason], status=410, content_type="application/json"
         )
     app[OPEN_LIMIT].take(user.uid)
-    upstream = await app[SHARDS].packet_call(
-        packet_id,
-        "POST",
-        f"/internal/v1/packets/{packet_id}/open",
-        body={"uid": str(user.uid), "nick_name": user.nick_name, "img_url": user.img_url},
-    )
-    _counted(request, user, upstream)
-    if upstream.status == 410:
+    result = await app[NODES].open(packet_id, user.uid, user.nick_name, user.img_url)
+    if isinstance(result, Opened):
+        return json_response({"amount": result.amount, "replayed": result.replayed})
+    _counted(request, user, result)
+    if result.status == 410:
         _learn_winners(app, packet_id)
-    return passthrough(upstream)
+    return passthrough(result)
 
 
 def _learn_winners(app: web.Application, packet_id: int) -> None:
@@ -343,13 +299,9 @@ def _learn_winners(app: web.Application, packet_id: int) -> None:
 
     async def learn() -> None:
         try:
-            upstream = await app[SHARDS].packet_call(
-                packet_id, "GET", f"/internal/v1/packets/{packet_id}/winners"
-            )
-            data = upstream.json() if upstream.status == 200 else {}
-            if data.get("final") in _FINAL_REASONS and data.get("complete"):
-                winners = {int(uid): amount for uid, amount in data["winners"].items()}
-                finished.remember(packet_id, data["final"], winners)
+            known = await app[NODES].winners(packet_id)
+            if known is not None and known.final in _FINAL_REASONS and known.complete:
+                finished.remember(packet_id, known.final, known.winners)
         except Exception:
             log.debug("could not learn winners of %s", packet_id, exc_info=True)
         finally:
@@ -366,18 +318,11 @@ async def healthz(_: web.Request) -> web.Response:
     return json_response({"ok": True})
 
 
-async def _shard_states(shards: Shards) -> dict[str, str]:
+async def _shard_states(client: NodeClient) -> dict[str, str]:
     """Each shard of the ring: "ready" when its node's /readyz is 200 (its Redis and MySQL
     answer), else "down"."""
-    nodes = list(shards.ring.nodes.values())
-
-    async def probe(node: Any) -> bool:
-        try:
-            return (await shards.call(node, "GET", "/readyz")).status == 200
-        except ApiError:
-            return False
-
-    results = await asyncio.gather(*(probe(n) for n in nodes))
+    nodes = list(client.ring_doc.ring().nodes.values())
+    results = await asyncio.gather(*(client.ready(n) for n in nodes))
     return {n.name: ("ready" if ok else "down") for n, ok in zip(nodes, results, strict=True)}
 
 
@@ -387,27 +332,27 @@ async def readyz(request: web.Request) -> web.Response:
     shard costs only its own packets, and a readiness probe that failed on any shard would
     empty the gateway Service for every shard at once (issue 20). The body still lists each
     shard's state; ``/readyz/shards`` is the signal that every shard is up."""
-    shards = request.app[SHARDS]
+    nodes = request.app[NODES]
     problems = []
-    if not request.app[RING_WATCHER].watching:
+    if not nodes.ring.watching:
         problems.append("the ring file is not being watched")
-    if not shards.links_managed:
+    if nodes.http.session.closed:
         problems.append("the node links are closed")
-    status = await _shard_states(shards)
+    status = await _shard_states(nodes)
     if problems:
         raise ApiError(503, "unavailable", "; ".join(problems), extra={"shards": status})
-    body = {"ready": True, "ring_version": shards.ring_doc.version, "shards": status}
+    body = {"ready": True, "ring_version": nodes.ring_doc.version, "shards": status}
     return json_response(body)
 
 
 async def readyz_shards(request: web.Request) -> web.Response:
     """Every shard of the ring is up (for alerts and `helm test`, not for the gateway's own
     readiness probe): 200, or 503 naming the shards that are down."""
-    shards = request.app[SHARDS]
-    status = await _shard_states(shards)
+    nodes = request.app[NODES]
+    status = await _shard_states(nodes)
     if any(state != "ready" for state in status.values()):
         raise ApiError(503, "unavailable", "not every shard is ready", extra={"shards": status})
-    return json_response({"ready": True, "ring_version": shards.ring_doc.version, "shards": status})
+    return json_response({"ready": True, "ring_version": nodes.ring_doc.version, "shards": status})
 
 
 # -- my red packets -------------------------------------------------------------------------
@@ -417,10 +362,8 @@ async def _my_history(request: web.Request, which: str) -> web.Response:
     """One call to the shard owning ``user:<uid>``: a user's history is one shard's read."""
     user = _user(request)  # the parameters were checked at the edge (gateway/app.py)
     params = {k: request.query[k] for k in ("year", "limit", "cursor") if k in request.query}
-    upstream = await request.app[SHARDS].user_call(
-        user.uid, "GET", f"/internal/v1/users/{user.uid}/{which}", params=params
-    )
-    return with_public_ids(request, upstream, "records" if which == "received" else "packets")
+    answer = await request.app[NODES].user_page(user.uid, which, params)
+    return with_public_ids(request, answer, "records" if which == "received" else "packets")
 
 
 async def my_received(request: web.Request) -> web.Response:

@@ -27,8 +27,8 @@ from redpacket.core.amounts import refuse_unknown_fields, strict_int
 from redpacket.core.body import read_body
 from redpacket.core.errors import ApiError, bad_request, json_response, parse_json_object
 from redpacket.core.ids import parse_uid
-from redpacket.gateway.handlers import SETTINGS, SHARDS, _user, passthrough, with_public_ids
-from redpacket.gateway.shards import Shards, Upstream
+from redpacket.gateway.handlers import NODES, SETTINGS, _user, passthrough, with_public_ids
+from redpacket.nodeclient.client import NodeClient
 
 SIGNATURE_HEADER = "X-Redpacket-Signature"
 SIGNATURE_TOLERANCE_S = 300
@@ -38,16 +38,15 @@ MAX_TOPUP_CENTS = 10**12  # 100 亿元: any larger top-up is a bug upstream
 # -- reads ----------------------------------------------------------------------------------
 
 
-async def _incoming_shares(shards: Shards, uid: int) -> dict[str, int]:
+async def _incoming_shares(client: NodeClient, uid: int) -> dict[str, int]:
     """The user's committed shares still in some shard's outbox (undelivered credits)."""
-    nodes = {n.name: n for n in shards.ring_doc.all_nodes()}  # every version's shards
+    nodes = {n.name: n for n in client.ring_doc.all_nodes()}  # every version's shards
 
     async def ask(node: Any) -> dict[str, int]:
         try:
-            upstream = await shards.call(node, "GET", f"/internal/v1/users/{uid}/incoming")
+            return await client.incoming(node, uid)
         except ApiError:
             return {}
-        return upstream.json().get("shares", {}) if upstream.status == 200 else {}
 
     shares: dict[str, int] = {}
     for found in await asyncio.gather(*(ask(n) for n in nodes.values())):
@@ -57,17 +56,12 @@ async def _incoming_shares(shards: Shards, uid: int) -> dict[str, int]:
 
 async def my_wallet(request: web.Request) -> web.Response:
     user = _user(request)
-    shards = request.app[SHARDS]
-    shares = await _incoming_shares(shards, user.uid)
-    params = {"starting_balance": str(request.app[SETTINGS].dev_starting_balance)}
-    if shares:
-        params["pending"] = ",".join(shares)
-    upstream = await shards.user_call(
-        user.uid, "GET", f"/internal/v1/users/{user.uid}/wallet", params=params
-    )
-    if upstream.status != 200:
-        return passthrough(upstream)
-    data = upstream.json()
+    nodes = request.app[NODES]
+    shares = await _incoming_shares(nodes, user.uid)
+    answer = await nodes.wallet(user.uid, request.app[SETTINGS].dev_starting_balance, list(shares))
+    if answer.status != 200:
+        return passthrough(answer)
+    data = answer.data
     applied = set(data["applied"])
     updated_ms = int(data["updated_ms"])
     return json_response(
@@ -82,10 +76,8 @@ async def my_wallet(request: web.Request) -> web.Response:
 async def my_transactions(request: web.Request) -> web.Response:
     user = _user(request)
     params = {k: request.query[k] for k in ("limit", "cursor") if k in request.query}
-    upstream = await request.app[SHARDS].user_call(
-        user.uid, "GET", f"/internal/v1/users/{user.uid}/wallet/transactions", params=params
-    )
-    return with_public_ids(request, upstream, "transactions")
+    answer = await request.app[NODES].user_page(user.uid, "transactions", params)
+    return with_public_ids(request, answer, "transactions")
 
 
 def _iso(ms: int) -> str:
@@ -151,19 +143,10 @@ async def create_topup(request: web.Request) -> web.Response:
         raise bad_request("invalid_field", "topup_id must be 1 to 64 visible ASCII characters")
     # the request as the provider meant it (not its bytes): a replay re-serialized is the same
     digest = hashlib.sha256(orjson.dumps([str(uid), amount, topup_id])).hexdigest()
-    upstream: Upstream = await request.app[SHARDS].user_call(
-        uid,
-        "POST",
-        "/internal/v1/wallets/topups",
-        body={
-            "uid": str(uid),
-            "topup_id": topup_id,
-            "amount": amount,
-            "body_sha256": digest,
-            "starting_balance": settings.dev_starting_balance,
-        },
+    answer = await request.app[NODES].topup(
+        uid, topup_id, amount, digest, settings.dev_starting_balance
     )
-    return passthrough(upstream)
+    return passthrough(answer)
 
 
 ROUTES = [

@@ -21,30 +21,29 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from redpacket.core import clock
 from redpacket.core.edge import json_parser_errors, secure_headers
-from redpacket.core.errors import ApiError, error_middleware, unavailable
+from redpacket.core.errors import ApiError, error_middleware
 from redpacket.core.frames import LINK_PATH
 from redpacket.core.logs import request_id_middleware
 from redpacket.core.metrics import metrics_middleware, metrics_server
 from redpacket.node import handoff
-from redpacket.node.calls import http_routes
+from redpacket.node.calls import STORE_ERRORS, http_routes, store_unavailable
 from redpacket.node.counters import Counters, connect_redis
 from redpacket.node.handlers import CALLS, SETTINGS, SHARD
 from redpacket.node.handoff import wallets as wallet_moves
 from redpacket.node.ledger import Ledger, LedgerUnavailable
-from redpacket.node.link import LINK, LinkServer
+from redpacket.node.link import LinkServer
 from redpacket.node.migrations.runner import SchemaMismatch, check_database
 from redpacket.node.reconciler import Reconciler
 from redpacket.node.relay import relay_ctx
 from redpacket.node.settings import NodeSettings
 from redpacket.node.shard import Shard
 from redpacket.node.sweeper import Sweeper
+from redpacket.nodeclient.wire import NODE_SECRET_HEADER
 
 log = logging.getLogger("redpacket.node")
 
-NODE_SECRET_HEADER = "X-Redpacket-Node-Secret"
 T = TypeVar("T")
-RECONCILER = web.AppKey("reconciler", Reconciler)
-SWEEPER = web.AppKey("sweeper", Sweeper)
+SWEEPER = web.AppKey("sweeper", Sweeper)  # tests drive a sweep directly
 
 ROUTES = [
     *http_routes(CALLS),  # the gateway's calls (node/handlers.py), also served over the link
@@ -55,12 +54,12 @@ ROUTES = [
 
 @web.middleware
 async def store_errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """A store that is down is a 503 the client may retry, never a 500."""
+    """The handoff routes (outside the call table, which maps its own): a store that is down
+    is a 503 the caller may retry, by the same rule (node/calls.py ``STORE_ERRORS``)."""
     try:
         return await handler(request)
-    except (RedisConnectionError, RedisTimeoutError, LedgerUnavailable) as exc:
-        log.warning("store unavailable on %s: %s", request.path, exc)
-        raise unavailable("a store of this shard is unavailable; retry") from None
+    except STORE_ERRORS as exc:
+        raise store_unavailable(request.path, exc) from None
 
 
 def node_auth_middleware(secret: str) -> Any:
@@ -150,7 +149,6 @@ async def background_ctx(app: web.Application) -> AsyncIterator[None]:
     shard = app[SHARD]
     reconciler = Reconciler(shard, settings.reconcile_interval_s)
     sweeper = Sweeper(shard, reconciler, settings.sweep_interval_s, settings.refund_grace_s)
-    app[RECONCILER] = reconciler
     app[SWEEPER] = sweeper
     tasks = [asyncio.create_task(reconciler.run()), asyncio.create_task(sweeper.run())]
     yield
@@ -185,7 +183,6 @@ def create_app(settings: NodeSettings) -> web.Application:
         max_body_bytes=settings.max_body_bytes,
         access_log=settings.access_log,
     )
-    app[LINK] = link
     app.cleanup_ctx.append(metrics_server(settings.host, settings.metrics_port))
     app.cleanup_ctx.append(stores_ctx)
     app.cleanup_ctx.append(background_ctx)

@@ -1,4 +1,9 @@
-"""The live state of this shard's red packets in Redis, changed only by the Lua scripts here.
+"""The live state of this shard's red packets in Redis.
+
+What changes it: the Lua scripts (``open``, ``grab``, ``load``, ``freeze`` here, and
+``drop.lua``, which a handoff runs through :meth:`Counters.run_many` once a packet has left,
+node/handoff/packets.py), plus one plain command: :meth:`Counters.settle`'s ``HDEL`` of the
+``pending`` entries MySQL has committed.
 
 Each script's KEYS, ARGV and return codes are documented at the top of its ``.lua`` file.
 Scripts are loaded into Redis once at start; redis-py re-sends one transparently if Redis
@@ -27,8 +32,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from redpacket.core.env import REDIS_PASSWORD_FILE, password_from_file
 from redpacket.node.batcher import ScriptBatcher
-from redpacket.node.keys import PENDING_PATTERN, packet_id_of, packet_keys
 from redpacket.node.packet import Claim, PacketRow, redis_fields
+from redpacket.node.redis_keys import PENDING_PATTERN, packet_id_of, packet_keys
 
 RedisClient = aioredis.Redis | RedisCluster
 CLUSTER_MIN_CONNECTIONS = 1024  # per master
@@ -37,8 +42,7 @@ CLUSTER_MIN_CONNECTIONS = 1024  # per master
 class Outcome(enum.IntEnum):
     """Return codes shared by open.lua and grab.lua."""
 
-    NEW_SHARE = 1  # open only
-    AVAILABLE = 1  # grab only (same code, other script)
+    NEW_SHARE = 1  # open: a new share was drawn; grab: a share is there to open
     ALREADY_OPENED = 2
     NOT_LOADED = 0
     SOLD_OUT = -1
@@ -194,6 +198,11 @@ class Counters:
     async def freeze(self, packet_id: int, frozen: bool) -> bool:
         info, _, _ = packet_keys(packet_id)
         return bool(await self._freeze(keys=[info], args=["frozen" if frozen else ""]))
+
+    async def is_frozen(self, packet_id: int) -> bool:
+        """Whether open.lua would answer "frozen" for this packet now."""
+        info, _, _ = packet_keys(packet_id)
+        return await self.client.hget(info, "state") in ("frozen", b"frozen")
 
     async def freeze_many(self, packet_ids: Iterable[int], frozen: bool) -> None:
         """Freeze (or resume) many packets in one pipeline: a batched handoff's first step."""

@@ -1,8 +1,8 @@
 """The node's internal API, called only by the gateway (see docs/api.md, "Node API").
 
 Handlers turn a :class:`Call` (over the link or HTTP, node/calls.py) into calls on
-:class:`Shard` and results into JSON; the rules live there. ``CALLS`` at the bottom is the
-one table both transports serve: a new node call is a function here and a line there.
+:class:`Shard` and results into JSON values; the rules live there. ``CALLS`` at the bottom is
+the one table, by call name (``nodeclient/wire.py``), both transports serve.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from redpacket.core.amounts import (
     refuse_unknown_fields,
 )
 from redpacket.core.cursors import decode_cursor, encode_cursor
-from redpacket.core.errors import ApiError, bad_request, unavailable
+from redpacket.core.errors import ApiError, bad_request
 from redpacket.core.ids import parse_packet_id, parse_uid
 from redpacket.core.metrics import REJECTIONS
-from redpacket.node.calls import SETTINGS, SHARD, Call, CallEntry, Reply, reply
+from redpacket.node.calls import SETTINGS, SHARD, Call, CallTable, Reply, reply
 from redpacket.node.counters import Outcome
 from redpacket.node.history import Page, UserHistory, this_year
-from redpacket.node.ledger import LedgerUnavailable, PacketRow, RecordRow
+from redpacket.node.ledger import PacketRow, RecordRow
 from redpacket.node.shard import MOVING, NewPacketRequest, now_ms
 from redpacket.node.wallet.calls import WALLET_CALLS
 
@@ -93,14 +93,14 @@ def record_json(row: RecordRow) -> dict[str, Any]:
     }
 
 
-def _uid(body: dict[str, Any]) -> int:
+def _uid(body: Any) -> int:
     uid = parse_uid(body.get("uid"))
     if uid is None:
         raise bad_request("invalid_field", "uid must be a positive 64-bit integer")
     return uid
 
 
-def _str(body: dict[str, Any], field: str) -> str:
+def _str(body: Any, field: str) -> str:
     value = body.get(field, "")
     if not isinstance(value, str):
         raise bad_request("invalid_field", f"{field} must be a string")
@@ -127,11 +127,9 @@ CREATE_FIELDS = frozenset(
 
 async def create(call: Call) -> Reply:
     settings = call.settings
-    body = call.json()
+    body = call.args
     refuse_unknown_fields(body, CREATE_FIELDS)
-    packet_id = parse_uid(body.get("red_packet_id"))  # same range as a uid
-    if packet_id is None:
-        raise bad_request("invalid_id", "red_packet_id must be a positive 64-bit integer")
+    packet_id = parse_packet_id(body.get("red_packet_id"))
     new = parse_new_packet(
         {k: body[k] for k in NEW_PACKET_FIELDS if k in body},
         settings.limits,
@@ -168,24 +166,21 @@ async def create(call: Call) -> Reply:
 
 
 async def info(call: Call) -> Reply:
-    packet_id = parse_packet_id(call.params["id"])
-    try:
-        row = await call.shard.ledger.get_packet(packet_id)
-        if row is None:
-            raise await call.shard.absent(packet_id)  # 404, or 421 if it moved
-        if row.status == MOVING:
-            raise await call.shard.moving(packet_id)  # 409 while it is handed off
-    except LedgerUnavailable:
-        raise unavailable("the shard's database is unavailable") from None
+    packet_id = parse_packet_id(call.args["id"])
+    row = await call.shard.ledger.get_packet(packet_id)
+    if row is None:
+        raise await call.shard.absent(packet_id)  # 404, or 421 if it moved
+    if row.status == MOVING:
+        raise await call.shard.moving(packet_id)  # 409 while it is handed off
     return reply(packet_json(row))
 
 
 async def grab(call: Call) -> Reply:
-    packet_id = parse_packet_id(call.params["id"])
-    body = call.json()
-    refuse_unknown_fields(body, frozenset({"uid"}))
+    body = call.args
+    refuse_unknown_fields(body, frozenset({"id", "uid"}))
+    packet_id = parse_packet_id(body["id"])
     outcome, amount = await call.shard.grab(packet_id, _uid(body))
-    if outcome == Outcome.AVAILABLE:
+    if outcome == Outcome.NEW_SHARE:
         return reply({"can_open": True})
     reason = _REASONS[outcome]
     REJECTIONS.labels("node", reason).inc()
@@ -196,9 +191,9 @@ async def grab(call: Call) -> Reply:
 
 
 async def open_(call: Call) -> Reply:
-    packet_id = parse_packet_id(call.params["id"])
-    body = call.json()
-    refuse_unknown_fields(body, frozenset({"uid", "nick_name", "img_url"}))
+    body = call.args
+    refuse_unknown_fields(body, frozenset({"id", "uid", "nick_name", "img_url"}))
+    packet_id = parse_packet_id(body["id"])
     try:
         amount, replayed = await call.shard.open(
             packet_id, _uid(body), _str(body, "nick_name"), _str(body, "img_url")
@@ -211,24 +206,21 @@ async def open_(call: Call) -> Reply:
 
 
 async def records(call: Call) -> Reply:
-    packet_id = parse_packet_id(call.params["id"])
-    raw_limit = call.query.get("limit", "20")
+    packet_id = parse_packet_id(call.args["id"])
+    raw_limit = str(call.args.get("limit", "20"))
     if not (raw_limit.isascii() and raw_limit.isdigit() and 1 <= int(raw_limit) <= 100):
         raise ApiError(
             400, "invalid_field", "limit must be an integer from 1 to 100", extra={"field": "limit"}
         )
     limit = int(raw_limit)
-    cursor = call.query.get("cursor")
+    cursor = call.args.get("cursor")
     after = decode_cursor(cursor) if cursor else None
     shard = call.shard
-    try:
-        rows = await shard.ledger.records(packet_id, limit + 1, after)
-        if not rows and await shard.ledger.get_packet(packet_id) is None:
-            missing = await shard.absent(packet_id)  # a later page may find the packet moved
-            if after is None or missing.code == "packet_moved":
-                raise missing
-    except LedgerUnavailable:
-        raise unavailable("the shard's database is unavailable") from None
+    rows = await shard.ledger.records(packet_id, limit + 1, after)
+    if not rows and await shard.ledger.get_packet(packet_id) is None:
+        missing = await shard.absent(packet_id)  # a later page may find the packet moved
+        if after is None or missing.code == "packet_moved":
+            raise missing
     page = rows[:limit]
     next_cursor = (
         encode_cursor(page[-1].create_time_ms, page[-1].uid) if len(rows) > limit else None
@@ -237,7 +229,7 @@ async def records(call: Call) -> Reply:
 
 
 async def winners(call: Call) -> Reply:
-    packet_id = parse_packet_id(call.params["id"])
+    packet_id = parse_packet_id(call.args["id"])
     reason, claims, complete = await call.shard.winners(packet_id)
     return reply(
         {
@@ -249,24 +241,15 @@ async def winners(call: Call) -> Reply:
 
 
 async def claim_idempotency_key(call: Call) -> Reply:
-    body = call.json()
+    body = call.args
     refuse_unknown_fields(body, frozenset({"uid", "key", "request_hash", "red_packet_id"}))
     key, request_hash = _str(body, "key"), _str(body, "request_hash")
-    packet_id = parse_uid(body.get("red_packet_id"))
-    if (
-        not key
-        or len(key) > 255
-        or not key.isascii()
-        or packet_id is None
-        or len(request_hash) != 64
-    ):
-        raise bad_request("invalid_field", "key, request_hash or red_packet_id is malformed")
-    try:
-        bound_id, bound_hash = await call.shard.claim_idempotency_key(
-            _uid(body), key, request_hash, packet_id, now_ms()
-        )
-    except LedgerUnavailable:
-        raise unavailable("the shard's database is unavailable") from None
+    packet_id = parse_packet_id(body.get("red_packet_id"))
+    if not key or len(key) > 255 or not key.isascii() or len(request_hash) != 64:
+        raise bad_request("invalid_field", "key or request_hash is malformed")
+    bound_id, bound_hash = await call.shard.claim_idempotency_key(
+        _uid(body), key, request_hash, packet_id, now_ms()
+    )
     return reply({"red_packet_id": str(bound_id), "request_hash": bound_hash})
 
 
@@ -294,7 +277,7 @@ async def readyz(call: Call) -> Reply:
 
 async def apply_history(call: Call) -> Reply:
     """Events from a relay (node/relay.py): applied here, or ``moved`` for users kept elsewhere."""
-    body = call.json()
+    body = call.args
     refuse_unknown_fields(body, frozenset({"events"}))
     raw = body.get("events")
     if not isinstance(raw, list) or len(raw) > 10_000:
@@ -309,8 +292,6 @@ async def apply_history(call: Call) -> Reply:
         moved = await call.history.accept(events)
     except (KeyError, TypeError, ValueError):
         raise bad_request("invalid_field", "an event row is malformed") from None
-    except LedgerUnavailable:
-        raise unavailable("the shard's database is unavailable") from None
     return reply(
         {
             "applied": sum(1 for e in events if e[0] not in moved),
@@ -323,23 +304,23 @@ async def apply_history(call: Call) -> Reply:
 
 
 def _history_query(call: Call) -> tuple[int, int, int, tuple[int, int] | None]:
-    uid = parse_uid(call.params["uid"])
-    if uid is None:
-        raise bad_request("invalid_field", "uid must be a positive 64-bit integer")
-    refuse_unknown_fields(call.query, frozenset({"year", "limit", "cursor"}))
-    raw_year = call.query.get("year")
+    args = call.args
+    uid = _uid(args)
+    refuse_unknown_fields(args, frozenset({"uid", "year", "limit", "cursor"}))
+    raw_year = args.get("year")
+    raw_year = None if raw_year is None else str(raw_year)
     if raw_year is None:
         year = this_year()
     elif raw_year.isascii() and raw_year.isdigit() and 2000 <= int(raw_year) <= 2999:
         year = int(raw_year)
     else:
         raise ApiError(400, "invalid_field", "year must be 2000..2999", extra={"field": "year"})
-    raw_limit = call.query.get("limit", "20")
+    raw_limit = str(args.get("limit", "20"))
     if not (raw_limit.isascii() and raw_limit.isdigit() and 1 <= int(raw_limit) <= 100):
         raise ApiError(
             400, "invalid_field", "limit must be an integer from 1 to 100", extra={"field": "limit"}
         )
-    cursor = call.query.get("cursor")
+    cursor = args.get("cursor")
     return uid, year, int(raw_limit), decode_cursor(cursor) if cursor else None
 
 
@@ -376,19 +357,22 @@ async def sent(call: Call) -> Reply:
     )
 
 
-# The node's calls: served over the link (node/link.py) and as HTTP routes (node/app.py).
-CALLS: list[CallEntry] = [
-    ("POST", "/internal/v1/packets", create),
-    ("GET", "/internal/v1/packets/{id}", info),
-    ("POST", "/internal/v1/packets/{id}/grab", grab),
-    ("POST", "/internal/v1/packets/{id}/open", open_),
-    ("GET", "/internal/v1/packets/{id}/records", records),
-    ("GET", "/internal/v1/packets/{id}/winners", winners),
-    ("POST", "/internal/v1/idempotency-keys", claim_idempotency_key),
-    ("POST", "/internal/v1/history/events", apply_history),
-    ("GET", "/internal/v1/users/{uid}/received", received),
-    ("GET", "/internal/v1/users/{uid}/sent", sent),
-    *WALLET_CALLS,  # the wallet (node/wallet/calls.py)
-    ("GET", "/healthz", healthz),
-    ("GET", "/readyz", readyz),
-]
+# The node's calls, by name: served over the link (node/link.py) and as HTTP routes
+# (node/app.py) at their nodeclient/wire.py paths.
+CALLS = CallTable(
+    {
+        "create": create,
+        "info": info,
+        "grab": grab,
+        "open": open_,
+        "records": records,
+        "winners": winners,
+        "claim_idempotency_key": claim_idempotency_key,
+        "apply_history": apply_history,
+        "received": received,
+        "sent": sent,
+        **WALLET_CALLS,  # the wallet (node/wallet/calls.py)
+        "healthz": healthz,
+        "readyz": readyz,
+    }
+)

@@ -18,9 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import os
 import time
-from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +36,8 @@ from redpacket.node.shard import Shard, moved
 from redpacket.node.wallet.credits import apply_credits
 from redpacket.node.wallet.debits import HoldQueue
 from redpacket.node.wallet.store import Wallets
-from redpacket.sharding.ring import NodeSpec, Ring, RingDoc, route_user, user_key
+from redpacket.nodeclient.ring import RingFile
+from redpacket.sharding.ring import Ring, RingDoc, route_user, user_key
 
 CALENDAR = dt.timezone(dt.timedelta(hours=8), "UTC+8")
 
@@ -52,37 +51,6 @@ def year_of(ms: int) -> int:
 
 def this_year() -> int:
     return dt.datetime.fromtimestamp(now_ms() / 1000, CALENDAR).year
-
-
-class RingView:
-    """The ring as this node reads it from ``REDPACKET_RING_FILE`` (reloaded when it changes),
-    to find the owner of a user. Without a ring file the node owns every user (one shard)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.doc: RingDoc | None = None
-        self._stamp: tuple[int, int] | None = None
-        self.refresh()
-
-    def refresh(self) -> None:
-        if not self.path:
-            return
-        with contextlib.suppress(OSError):
-            stat = os.stat(self.path)
-            stamp = (stat.st_mtime_ns, stat.st_size)
-            if stamp != self._stamp:
-                with contextlib.suppress(Exception):  # a half-written file: next time
-                    self.doc = RingDoc.load(self.path)
-                    self._stamp = stamp
-
-    def owner(self, uid: int) -> NodeSpec | None:
-        """The user's owner by the ring gateways route by (the previous one during a change)."""
-        if self.doc is None:
-            return None
-        return route_user(self.doc, uid)
-
-    def node(self, name: str) -> NodeSpec | None:
-        return self.doc.node(name) if self.doc is not None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +68,7 @@ HISTORY_CONNECTIONS = 2
 
 
 class UserHistory:
-    def __init__(self, shard: Shard, name: str, ring: RingView) -> None:
+    def __init__(self, shard: Shard, name: str, ring: RingFile) -> None:
         self.shard = shard
         self.ledger: Ledger = shard.ledger
         self.name = name
@@ -137,8 +105,10 @@ class UserHistory:
                 self._settled = (settled, settled.ring())  # built once per change
             owner = self._settled[1].owner_of_key(user_key(uid))
             return None if owner.name == self.name else moved(owner.name, owner.url)
-        owner = self.ring.owner(uid)
-        if owner is None or owner.name == self.name:
+        if self.ring.doc is None:  # no ring file: a single shard keeps every user
+            return None
+        owner = route_user(self.ring.doc, uid)
+        if owner.name == self.name:
             return None
         return moved(owner.name, owner.url)
 
@@ -349,13 +319,6 @@ def _sent_row(event: Event) -> tuple[Any, ...]:
         int(p["create_time"]),
         int(p["expire_time"]),
     )
-
-
-def group_by_uid(events: list[Event]) -> dict[int, list[Event]]:
-    grouped: dict[int, list[Event]] = defaultdict(list)
-    for event in events:
-        grouped[event[0]].append(event)
-    return grouped
 
 
 HISTORY = web.AppKey("history", UserHistory)

@@ -12,7 +12,6 @@ of Redis for pending hashes at start and every ``interval`` (catches a crash).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from redpacket.core.metrics import RECONCILER_BACKLOG
@@ -28,10 +27,6 @@ class Reconciler:
     def __init__(self, shard: Shard, interval_s: float) -> None:
         self._shard = shard
         self._interval_s = interval_s
-        self._kick = asyncio.Event()
-
-    def kick(self) -> None:
-        self._kick.set()
 
     async def run(self) -> None:
         retry_s = 0.5
@@ -45,15 +40,7 @@ class Reconciler:
                 wait_s, retry_s = retry_s, min(retry_s * 2, self._interval_s)
             else:
                 wait_s, retry_s = self._interval_s, 0.5
-            self._kick.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait_s):
-                    await self._kick.wait()
-            # Python 3.11's timeout() can turn a cancel that lands as it expires into a
-            # TimeoutError; without this check the task would never stop (a hung shutdown).
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise asyncio.CancelledError
+            await asyncio.sleep(wait_s)
 
     async def pass_once(self) -> int:
         """One sweep over every packet with pending claims; how many claims are still pending."""

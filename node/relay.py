@@ -22,7 +22,6 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
-from typing import Any
 
 import aiohttp
 import orjson
@@ -30,20 +29,19 @@ from aiohttp import web
 from prometheus_client import Gauge, Histogram
 
 from redpacket.core.clock import now_ms
-from redpacket.core.errors import ApiError
 from redpacket.node import deadletters, outbox
+from redpacket.node.calls import Call
 from redpacket.node.deadletters import DEAD_LETTERS
-from redpacket.node.handlers import SETTINGS, SHARD
-from redpacket.node.history import HISTORY, Event, RingView, UserHistory
-from redpacket.node.ledger import LedgerRefused
+from redpacket.node.handlers import CALLS, SETTINGS, SHARD
+from redpacket.node.history import HISTORY, Event, UserHistory
 from redpacket.node.packet import time_to_ms
 from redpacket.node.wallet.holds import HoldSweeper
+from redpacket.nodeclient.client import MAX_MOVED_HOPS, NodeClient
+from redpacket.nodeclient.http import HttpTransport
+from redpacket.nodeclient.ring import RingFile
 from redpacket.sharding.ring import NodeSpec
 
 log = logging.getLogger("redpacket.node.relay")
-
-NODE_SECRET_HEADER = "X-Redpacket-Node-Secret"
-MAX_HOPS = 4
 
 OUTBOX_BACKLOG = Gauge(
     "redpacket_history_outbox_backlog", "History events written here and not yet delivered."
@@ -62,15 +60,13 @@ class Relay:
     def __init__(
         self,
         history: UserHistory,
-        session: aiohttp.ClientSession,
-        secret: str,
+        client: NodeClient,
         *,
         batch: int = 500,
         idle_s: float = 0.05,
     ) -> None:
         self.history = history
-        self.session = session
-        self.secret = secret
+        self.client = client
         self.batch = batch
         self.idle_s = idle_s
         self._ring_checked = 0.0
@@ -188,7 +184,7 @@ class Relay:
         by_node: dict[str | None, list[int]] = defaultdict(list)
         targets: dict[str | None, NodeSpec | None] = {}
         for row_id, event in events.items():
-            owner = self.history.ring.owner(event[0])
+            owner = self.client.user_owner(event[0])
             name = None if owner is None or owner.name == self.history.name else owner.name
             by_node[name].append(row_id)
             targets[name] = owner if name is not None else None
@@ -206,7 +202,7 @@ class Relay:
         that is refused alone becomes a dead letter and the others are delivered now."""
         pending = ids
         done: list[int] = []
-        for _ in range(MAX_HOPS):
+        for _ in range(MAX_MOVED_HOPS):
             try:
                 away = await self._apply_on(node, [events[i] for i in pending])
             except Refused as exc:
@@ -230,35 +226,24 @@ class Relay:
             # every moved user of one answer points at the same owner (the node's fence ring),
             # or at several: take them one owner at a time
             owner_name, owner_url = away[events[pending[0]][0]]
-            node = self.history.ring.node(owner_name) or NodeSpec(owner_name, owner_url)
-            if node.name == self.history.name:
-                node = None
+            node = self.client.resolve(owner_name, owner_url)
             pending = [i for i in pending if away[events[i][0]][0] == owner_name]
         return done
 
     async def _apply_on(
         self, node: NodeSpec | None, batch: list[Event]
     ) -> dict[int, tuple[str, str]]:
-        if node is None:
-            try:
-                moved = await self.history.accept(batch)
-            except REFUSED_HERE as exc:
-                raise Refused(f"refused here: {type(exc).__name__}: {exc}") from exc
-            return {uid: _owner(err) for uid, err in moved.items()}
-        body = orjson.dumps(
-            {"events": [[str(u), kind, str(pid), payload] for u, kind, pid, payload in batch]}
-        )
-        async with self.session.post(
-            node.url + "/internal/v1/history/events",
-            data=body,
-            headers={NODE_SECRET_HEADER: self.secret, "Content-Type": "application/json"},
-        ) as resp:
-            answer = await resp.read()
-            if resp.status in REFUSED_STATUSES:
-                raise Refused(f"{node.name} answered {resp.status}: {answer[:200]!r}")
-            if resp.status != 200:
-                raise RuntimeError(f"{node.name} answered {resp.status}: {answer[:200]!r}")
-        moved = orjson.loads(answer).get("moved", {})
+        """Apply on ``node`` (None: here, through this node's own call table): the users it
+        does not keep, with their owner."""
+        events = [[str(u), kind, str(pid), payload] for u, kind, pid, payload in batch]
+        answer = await self.client.apply_history(node, events)
+        if answer.status in REFUSED_STATUSES:  # a dead letter says where it was refused
+            where = f"{node.name} answered" if node is not None else "refused here:"
+            raise Refused(f"{where} {answer.status}: {answer.error}")
+        if answer.status != 200:
+            where = node.name if node is not None else "this node"
+            raise RuntimeError(f"{where} answered {answer.status}: {answer.error}")
+        moved = answer.data.get("moved", {})
         return {int(uid): (str(o[0]), str(o[1])) for uid, o in moved.items()}
 
 
@@ -267,45 +252,36 @@ class Refused(Exception):
 
 
 # A shard that answers these refuses the content (400 a malformed row, 413 too large, 422, 500
-# a row its database refused); 503, 502, 421 and connection errors are outages, retried.
+# a row its database refused); 503, 502, 421 and connection errors are outages, retried. This
+# node's own table answers the same way (node/calls.py maps a store that is down to 503).
 REFUSED_STATUSES = frozenset({400, 413, 422, 500})
-# The same, applying here: a malformed row, or a value the history tables cannot take.
-REFUSED_HERE = (
-    KeyError,
-    TypeError,
-    ValueError,
-    LedgerRefused,
-)
 DEAD_LETTERS_RECOUNT_S = 10.0
 
 
-def _owner(err: ApiError) -> tuple[str, str]:
-    extra: dict[str, Any] = err.extra or {}
-    return str(extra.get("owner", "")), str(extra.get("owner_url", ""))
-
-
-RELAY = web.AppKey("relay", Relay)
-RELAY_TASK = web.AppKey("relay_task", asyncio.Task)
-HOLD_SWEEPER = web.AppKey("hold_sweeper", HoldSweeper)
+RELAY = web.AppKey("relay", Relay)  # the handoff API drains it (node/handoff/http.py)
 
 
 async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
     """The history of this node's users (HISTORY), the relay of its outbox, and the sweeper
-    of its users' orphan wallet holds (node/wallet/holds.py)."""
+    of its users' orphan wallet holds (node/wallet/holds.py), with the node client they
+    share (calls to this node run through its own call table)."""
     settings = app[SETTINGS]
-    history = UserHistory(app[SHARD], settings.name, RingView(settings.ring_file))
+    ring = RingFile(settings.ring_file)
+    history = UserHistory(app[SHARD], settings.name, ring)
     app[HISTORY] = history
-    session = aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=5), json_serialize=lambda o: orjson.dumps(o).decode()
+    session = aiohttp.ClientSession()
+    client = NodeClient(
+        ring,
+        http=HttpTransport(session, settings.node_secret),
+        timeout_s=5.0,
+        local_name=settings.name,
+        local=CALLS.local(Call(app[SHARD], settings, history, {})),
+        pass_server_errors=True,  # a 500 is a refused batch (REFUSED_STATUSES)
     )
-    relay = Relay(history, session, settings.node_secret, idle_s=settings.history_relay_idle_s)
+    relay = Relay(history, client, idle_s=settings.history_relay_idle_s)
     task = asyncio.create_task(relay.run())
     app[RELAY] = relay
-    app[RELAY_TASK] = task
-    holds = HoldSweeper(
-        history, session, settings.node_secret, timeout_s=settings.wallet_hold_timeout_s
-    )
-    app[HOLD_SWEEPER] = holds
+    holds = HoldSweeper(history, client, timeout_s=settings.wallet_hold_timeout_s)
     holds_task = asyncio.create_task(holds.run())
     try:
         yield

@@ -32,7 +32,6 @@ from redpacket.core.profile import bound_img_url, bound_nick
 from redpacket.node.admission import Admission, PacketGate
 from redpacket.node.committer import GroupCommitter
 from redpacket.node.counters import Counters, OpenResult, Outcome, claim_details
-from redpacket.node.keys import packet_keys
 from redpacket.node.ledger import (
     CreateAbandoned,
     GuardFailed,
@@ -41,6 +40,7 @@ from redpacket.node.ledger import (
     LedgerUnavailable,
 )
 from redpacket.node.packet import Claim, PacketRow, PacketTerms, terms_of
+from redpacket.node.redis_keys import packet_keys
 from redpacket.node.settings import NodeSettings
 
 log = logging.getLogger("redpacket.node.shard")
@@ -234,7 +234,10 @@ class Shard:
             if outcome == Outcome.NOT_FOR_YOU:
                 raise not_for_you()
             if outcome == Outcome.FROZEN:
-                if not await self._wait_for_local_rebuild(packet_id):
+                if not (
+                    await self._wait_for_local_rebuild(packet_id)
+                    or await self._thaw_if_stale(packet_id)
+                ):
                     raise await self.moving(packet_id)
                 continue
             if outcome in (Outcome.SOLD_OUT, Outcome.EXPIRED):
@@ -335,23 +338,50 @@ class Shard:
         loses nothing a client was told it had.
         """
         async with self.packet_lock(packet_id):
-            if replace:
-                await self.counters.freeze(packet_id, True)
-            await self.quiesce(packet_id)
+            return await self._rebuild_locked(packet_id, replace=replace)
+
+    async def _rebuild_locked(self, packet_id: int, *, replace: bool) -> PacketRow:
+        if replace:
+            await self.counters.freeze(packet_id, True)
+        await self.quiesce(packet_id)
+        try:
+            packet = await self.ledger.get_packet(packet_id)
+            if packet is None:
+                raise await self.absent(packet_id)
+            if packet.status == MOVING:
+                raise await self.moving(packet_id)
+            claims = await self.ledger.committed_claims(packet_id)
+        except LedgerUnavailable:
+            raise unavailable("the shard's database is unavailable") from None
+        await self.counters.load(packet, claims, replace=replace, drop_at_ms=self._drop_at(packet))
+        self.admission.forget(packet_id)
+        return packet
+
+    async def _thaw_if_stale(self, packet_id: int) -> bool:
+        """Finish a resync that froze this packet and then failed; True to try the open again.
+
+        A packet is frozen in Redis by a handoff (which marks it ``MOVING`` in MySQL and
+        holds its lock while it works) or by a resync (which holds the lock, and unfreezes
+        by reloading). A resync that could not read MySQL (cut, restarted) or a process
+        that died in the middle leaves the packet frozen with nobody to thaw it: every open
+        would answer "frozen" forever (chaos seed 1 found it after a clock jump and a
+        MySQL cut). So the first open that finds it frozen here, unlocked and not
+        ``MOVING``, does the resync itself; the others wait on the lock and find it thawed.
+        """
+        async with self.packet_lock(packet_id):
+            if not await self.counters.is_frozen(packet_id):
+                return True
             try:
                 packet = await self.ledger.get_packet(packet_id)
-                if packet is None:
-                    raise await self.absent(packet_id)
-                if packet.status == MOVING:
-                    raise await self.moving(packet_id)
-                claims = await self.ledger.committed_claims(packet_id)
             except LedgerUnavailable:
                 raise unavailable("the shard's database is unavailable") from None
-            await self.counters.load(
-                packet, claims, replace=replace, drop_at_ms=self._drop_at(packet)
+            if packet is None or packet.status == MOVING:
+                return False
+            log.warning(
+                "red packet %s: frozen by a resync that did not finish; resyncing", packet_id
             )
-            self.admission.forget(packet_id)
-            return packet
+            await self._rebuild_locked(packet_id, replace=True)
+            return True
 
     async def resync(self, packet_id: int) -> None:
         """Make Redis agree with MySQL for one packet after they were found to disagree."""

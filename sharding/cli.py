@@ -40,7 +40,10 @@ def _common(parser: argparse.ArgumentParser, dry_run: bool = True) -> None:
         "--batch", type=int, default=BATCH, help=f"packets per batched handoff (default {BATCH})"
     )
     run.add_argument(
-        "--rate", type=float, default=0.0, help="at most this many packets per second (0: no cap)"
+        "--rate",
+        type=float,
+        default=0.0,
+        help="at most this many packets, and users, per second (0: no cap)",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument(

@@ -1,6 +1,7 @@
-"""The rebalance's HTTP client of the shard nodes' handoff API (node/handoff/).
+"""The rebalance's client of the shard nodes' handoff API (node/handoff/).
 
-Every call carries the node secret. Answers that say "try again" (503, a connection that
+Requests go through the node client's HTTP transport (``nodeclient/http.py``: the node
+secret, the deadline, the decoding of answers). Answers that say "try again" (503, a connection that
 failed or timed out) are retried with backoff; anything else that is not a 2xx raises
 :class:`NodeError`, since the handoff steps are idempotent but not guesswork.
 """
@@ -13,11 +14,12 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import aiohttp
-import orjson
 
+from redpacket.nodeclient.client import Answer
+from redpacket.nodeclient.http import HttpTransport
+from redpacket.nodeclient.wire import NodeDown
 from redpacket.sharding.ring import NodeSpec, RingDoc
 
-NODE_SECRET_HEADER = "X-Redpacket-Node-Secret"
 H = "/internal/v1/handoff"
 
 
@@ -29,22 +31,24 @@ class NodeError(Exception):
         self.node, self.status, self.code = node, status, code
 
 
-class NodeClient:
+class HandoffClient:
+    """The handoff API of the nodes, for `redpacket rebalance` (calls of the public API go
+    through ``nodeclient.client.NodeClient``)."""
+
     def __init__(self, secret: str, *, timeout_s: float = 30.0, attempts: int = 6) -> None:
         self._secret = secret
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._timeout_s = timeout_s
         self._attempts = attempts
-        self._session: aiohttp.ClientSession | None = None
+        self._http: HttpTransport | None = None
 
-    async def __aenter__(self) -> NodeClient:
-        self._session = aiohttp.ClientSession(
-            timeout=self._timeout, connector=aiohttp.TCPConnector(limit=64)
-        )
+    async def __aenter__(self) -> HandoffClient:
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
+        self._http = HttpTransport(session, self._secret)
         return self
 
     async def __aexit__(self, *_: object) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._http is not None:
+            await self._http.session.close()
 
     async def request(
         self,
@@ -55,39 +59,27 @@ class NodeClient:
         body: Any = None,
         params: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        assert self._session is not None, "use NodeClient as an async context manager"
-        headers = {NODE_SECRET_HEADER: self._secret}
-        data = None
-        if body is not None:
-            data = orjson.dumps(body)
-            headers["Content-Type"] = "application/json"
+        assert self._http is not None, "use HandoffClient as an async context manager"
         delay = 0.1
         for attempt in range(self._attempts):
             last = attempt == self._attempts - 1
             try:
-                async with self._session.request(
-                    method, node.url + path, data=data, params=params, headers=headers
-                ) as resp:
-                    raw = await resp.read()
-                    status = resp.status
-            except (aiohttp.ClientError, TimeoutError) as exc:
+                reply = await self._http.request(
+                    node.url, method, path, params=params, body=body, timeout_s=self._timeout_s
+                )
+            except NodeDown as exc:
                 if last:
                     raise NodeError(node.name, 0, "unreachable", str(exc) or "timeout") from None
             else:
-                try:
-                    answer = orjson.loads(raw) if raw else {}
-                except orjson.JSONDecodeError:
-                    answer = {"error": {"code": "not_json", "message": raw[:200].decode("latin1")}}
-                if status < 300:
-                    return answer
-                error = answer.get("error") if isinstance(answer, dict) else None
-                error = error if isinstance(error, dict) else {}
-                if status not in (500, 502, 503, 504) or last:
+                answer = Answer.decode(*reply)
+                if answer.ok:
+                    return answer.data if isinstance(answer.data, dict) else {}
+                if answer.status not in (500, 502, 503, 504) or last:
                     raise NodeError(
                         node.name,
-                        status,
-                        str(error.get("code", "error")),
-                        str(error.get("message", "")),
+                        answer.status,
+                        str(answer.error.get("code", "error")),
+                        str(answer.error.get("message", "")),
                     )
             await asyncio.sleep(delay * (1 + random.random()))
             delay = min(delay * 2, 2.0)
@@ -150,7 +142,7 @@ class NodeClient:
             after_uid, after_key = answer["next"]
 
     async def history(self, node: NodeSpec, page: int = 200) -> AsyncIterator[list[Any]]:
-        """Every user with history on a node: ``[uid, events]`` (node/handoff/keys.py)."""
+        """Every user with history on a node: ``[uid, events]`` (node/handoff/user_data.py)."""
         after = "0"
         while True:
             answer = await self.request(
@@ -186,6 +178,16 @@ class NodeClient:
         """Merge wallets into their new owner: the uids it refused (kept elsewhere)."""
         answer = await self.request(node, "POST", f"{H}/wallets", body={"users": list(users)})
         return list(answer.get("refused", []))
+
+    async def wallets_arriving(self, node: NodeSpec, doc: RingDoc) -> None:
+        """Before the fence: users ``doc.previous`` gives elsewhere and ``doc`` gives to
+        ``node`` wait there until their wallets are in (node/handoff/wallets.py)."""
+        assert doc.previous is not None
+        body = {"ring_version": doc.version, "from": doc.previous.settled().as_dict()}
+        await self.request(node, "POST", f"{H}/wallets/arriving", body=body)
+
+    async def wallets_in(self, node: NodeSpec) -> None:
+        await self.request(node, "POST", f"{H}/wallets/in", body={})
 
     async def release_wallets(self, node: NodeSpec, uids: Sequence[str]) -> int:
         answer = await self.request(node, "POST", f"{H}/wallets/release", body={"uids": list(uids)})

@@ -36,7 +36,7 @@ import itertools
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,24 +44,30 @@ from tqdm import tqdm
 
 from redpacket.core.ids import IdGenerator
 from redpacket.sharding.backends import Backend, BackendError
-from redpacket.sharding.client import NodeClient, NodeError
+from redpacket.sharding.client import HandoffClient, NodeError
 from redpacket.sharding.ring import NodeSpec, Ring, RingDoc, packet_owner, user_key
 
 ACTIVE, OUT, IN = "active", "out", "in"
-# keys per import call: one MySQL transaction that must beat the node's MySQL timeout under load
-KEY_BATCH = 100
-# batches (or single handoffs) in flight: each step holds one of the node's MySQL connections
-# (8 by default) for its transaction, and opens must keep getting theirs
-CONCURRENCY = 2
+# keys per import call: one MySQL transaction (a multi-row insert, one IN read); 100 made a
+# move of 28,640 keys take 4.4 s (round trips), 1,000 held a node's event loop long enough
+# (escaping, JSON) to double the opens' p99
+KEY_BATCH = 500
+KEY_PAGE = 2000  # keys listed per call: a page's batches go concurrently
 PASSES = 4  # listings of what must move, each acting on what the previous one left
-HISTORY_BATCH = 200  # users per history apply (one multi-row merge per table)
+HISTORY_BATCH = 100  # users per history apply (one multi-row merge per table)
+# events per history apply: 5,000 outlasted the node's MySQL timeout (3 s) under load
+HISTORY_EVENTS = 500
+HISTORY_PAGE = 400  # users listed per call: a busy user has hundreds of rows
+WALLET_BATCH = 100  # users per wallet import (one transaction; the users wait for it)
 USER_PAGE = 1000  # users (or keys) listed per call
 # packets per batched handoff: one IN list and one transaction per step on each node; small
-# enough that a batch's packets are frozen (opens retried by the gateway) only tens of ms
-BATCH = 100
+# enough that a batch's packets are frozen (opens retried by the gateway) only tens of ms.
+# Measured under the bench's open load (docs/rebalancing.md): 100 x 2 at once moved ~600
+# packets/s, 200 x 4 1,050-2,500/s with open p99 within 1.2-2.8x of before
+BATCH = 200
 # batches (or single handoffs) in flight: each step holds one of the node's MySQL connections
 # (8 by default) for its transaction, and opens must keep getting theirs
-CONCURRENCY = 2
+CONCURRENCY = 4
 PASSES = 4  # listings of what must move, each acting on what the previous one left
 
 
@@ -206,7 +212,8 @@ def now_ms() -> int:
 
 
 class Pacer:
-    """At most ``rate`` packet handoffs per second (0: as fast as the nodes go)."""
+    """At most ``rate`` packet handoffs (or users moved) per second (0: as fast as the nodes
+    go)."""
 
     def __init__(self, rate: float) -> None:
         self._interval = 1.0 / rate if rate > 0 else 0.0
@@ -242,6 +249,7 @@ class Rebalancer:
         self.backend = backend
         self.concurrency = max(1, concurrency)
         self.rate = rate
+        self.user_pacer = Pacer(rate)  # --rate caps users moved per second too
         self.batch_size = max(1, batch_size)
         self.moved_packets = 0  # handoffs carried out (the benchmark reads it)
         self.progress = progress
@@ -250,9 +258,11 @@ class Rebalancer:
         self.settle_s = settle_s  # how far ahead a new ring version starts placing packets
         self.wait_s = wait_s  # how long `retire` waits for draining versions to empty
         self.timings: dict[str, float] = {}  # seconds per phase of the last change (bench)
+        self.marks: dict[str, float] = {}  # time.monotonic() as each phase began (bench)
         self.moved_users = 0
+        self.moved_wallets = 0
         self.say = say or (lambda message: print(message, flush=True))
-        self.client = NodeClient(backend.node_secret)
+        self.client = HandoffClient(backend.node_secret)
 
     # -- commands -------------------------------------------------------------------------
 
@@ -407,16 +417,24 @@ class Rebalancer:
         if not published and not rollback:
             await self.backend.publish_ring(doc)
             self.say(f"published the transition ring v{doc.version}")
+        users_move = doc.previous.nodes != doc.nodes
+        if users_move:  # before the fence: no arriving user is served from half a wallet
+            await asyncio.gather(*(self.client.wallets_arriving(n, doc) for n in nodes.values()))
         await self._fence(nodes, doc)
         if not published and rollback:
             await self.backend.publish_ring(doc)
             self.say(f"published the rollback ring v{doc.version}")
         self.timings["fenced_s"] = time.monotonic() - started
+        if users_move:  # 4a. wallets first: their users wait (503) until theirs is in
+            self.marks["wallets"] = time.monotonic()
+            await self._move_arriving_wallets(nodes, target)
         # 4. packets, until a fresh look finds nothing left to do
+        self.marks["packets"] = time.monotonic()
         await self._move_packets(nodes, target, unmoved_before_ms(doc))
         self.timings["packets_s"] = time.monotonic() - started - self.timings["fenced_s"]
         # 4b.+4c. users' own data (idempotency keys, then history), if their ring changed
-        if doc.previous.nodes != doc.nodes:
+        if users_move:
+            self.marks["users"] = time.monotonic()
             await self._move_users(nodes, target)
         # 5. retire the previous ring
         final = RingDoc(doc.version + 1, doc.nodes, since_ms=doc.since_ms, older=doc.older)
@@ -467,9 +485,25 @@ class Rebalancer:
             )
         raise RebalanceError(f"packets kept needing moves after {PASSES} passes; run it again")
 
+    async def _move_arriving_wallets(self, nodes: dict[str, NodeSpec], target: RingDoc) -> None:
+        """Users' wallets (零钱), right after the fence: from then on their new owners answer
+        their wallet calls only once each wallet is in (node/handoff/wallets.py), so this
+        comes before the packets. A wallet is a few rows: the users wait seconds at most."""
+        started = time.monotonic()
+        wallets = await self._move_wallets(nodes, target.ring())
+        await asyncio.gather(*(self.client.wallets_in(n) for n in nodes.values()))
+        if wallets:
+            self.say(f"moved the wallets of {wallets} user(s)")
+        self.moved_wallets = wallets
+        self.timings["wallets_s"] = time.monotonic() - started
+
     async def _move_users(self, nodes: dict[str, NodeSpec], target: RingDoc) -> None:
+        """Users' idempotency keys, then history, each copied (an idempotent merge) to the
+        user's new owner, then released (one after the other: at once, the two measured no
+        faster on two cores, and left the opens less CPU)."""
         started = time.monotonic()
         moved, conflicts = await self._move_keys(nodes, target.ring())
+        self.timings["keys_s"] = time.monotonic() - started
         if moved:
             self.say(f"moved {sum(moved.values())} idempotency key(s): {_pairs_text(moved)}")
         if conflicts:
@@ -477,17 +511,15 @@ class Rebalancer:
                 f"  {conflicts} idempotency key(s) were bound differently on their new owner; "
                 "kept on both (see docs/rebalancing.md)"
             )
-        # users' history, like the keys: copied (an idempotent merge), then released
         users = await self._move_history(nodes, target.ring())
+        self.timings["history_s"] = time.monotonic() - started - self.timings["keys_s"]
         if users:
             self.say(f"moved the history of {users} user(s)")
-        # users' wallets (零钱), like the history: merged into the new owner, then released
-        wallets = await self._move_wallets(nodes, target.ring())
-        if wallets:
-            self.say(f"moved the wallets of {wallets} user(s)")
-        self.moved_users = users
-        self.timings["users_s"] = time.monotonic() - started
+        self.moved_users = max(users, self.moved_wallets)
+        # the users' part of the change: their wallets (before the packets), keys, history
+        self.timings["users_s"] = time.monotonic() - started + self.timings.get("wallets_s", 0.0)
         self.timings["keys"] = float(sum(moved.values()))
+        self.marks["users_end"] = time.monotonic()
 
     async def _retire(self, doc: RingDoc, dry_run: bool) -> int:
         """Retire the older versions that serve no live packet any more (waiting up to
@@ -676,36 +708,32 @@ class Rebalancer:
                 await self.client.release_keys(source, clean)
             moved[(source.name, owner)] += len(clean)
 
-        async def one(node: NodeSpec) -> None:
-            page: list[list[Any]] = []
-            async for row in self.client.keys(node, page=USER_PAGE):
-                page.append(row)
-                if len(page) >= USER_PAGE:
-                    await self._flush_page(node, page, target, flush, KEY_BATCH)
-                    page = []
-            await self._flush_page(node, page, target, flush, KEY_BATCH)
-
-        await asyncio.gather(*(one(n) for n in nodes.values()))
+        listing = lambda node: self.client.keys(node, page=KEY_PAGE)  # noqa: E731
+        await self._pour(nodes, listing, KEY_PAGE, target, flush=flush, batch=KEY_BATCH)
         return moved, conflicts
 
     async def _move_wallets(self, nodes: dict[str, NodeSpec], target: Ring) -> int:
         """Merge each user's wallet into the user's owner in ``target``, then delete it where it
-        was (node/handoff/wallets.py); the number of wallets moved."""
+        was (node/handoff/wallets.py); the number of wallets moved. Every node is read at
+        once, a page of users per call, like the history."""
         moved = 0
-        for node in nodes.values():
-            batches: dict[str, list[dict[str, Any]]] = {}
-            async for user in self.client.wallets(node):
-                owner = target.owner_of_key(user_key(int(user["uid"]))).name
-                if owner != node.name:
-                    batches.setdefault(owner, []).append(user)
-            for owner, users in batches.items():
-                for start in range(0, len(users), 200):
-                    batch = users[start : start + 200]
-                    refused = await self.client.import_wallets(nodes[owner], batch)
-                    if refused:
-                        raise RebalanceError(f"{owner} refused the wallets of users {refused}")
-                    await self.client.release_wallets(node, [u["uid"] for u in batch])
-                    moved += len(batch)
+
+        async def flush(source: NodeSpec, owner: str, batch: list[list[Any]]) -> None:
+            nonlocal moved
+            users = [user for _, user in batch]
+            refused = await self.client.import_wallets(nodes[owner], users)
+            if refused:
+                raise RebalanceError(f"{owner} refused the wallets of users {refused}")
+            await self.client.release_wallets(source, [u["uid"] for u in users])
+            moved += len(batch)
+
+        async def listing(node: NodeSpec) -> AsyncIterator[list[Any]]:
+            async for user in self.client.wallets(node, page=WALLET_BATCH):
+                yield [user["uid"], user]
+
+        await self._pour(
+            nodes, listing, USER_PAGE, target, flush=flush, batch=WALLET_BATCH, gentle=False
+        )
         return moved
 
     async def _move_history(self, nodes: dict[str, NodeSpec], target: Ring) -> int:
@@ -717,42 +745,89 @@ class Rebalancer:
         async def flush(source: NodeSpec, owner: str, batch: list[list[Any]]) -> None:
             nonlocal moved
             events = [event for _, user_events in batch for event in user_events]
-            refused = await self.client.apply_history(nodes[owner], events)
-            if refused:
-                raise RebalanceError(f"{owner} refused the history of users {sorted(refused)}")
+            for start in range(0, max(1, len(events)), HISTORY_EVENTS):  # a node takes 10,000
+                refused = await self.client.apply_history(
+                    nodes[owner], events[start : start + HISTORY_EVENTS]
+                )
+                if refused:
+                    raise RebalanceError(f"{owner} refused the history of users {sorted(refused)}")
             await self.client.release_history(source, [uid for uid, _ in batch])
             moved += len(batch)
 
-        async def one(node: NodeSpec) -> None:
-            page: list[list[Any]] = []
-            async for row in self.client.history(node, page=USER_PAGE):
-                page.append(row)
-                if len(page) >= USER_PAGE:
-                    await self._flush_page(node, page, target, flush, HISTORY_BATCH)
-                    page = []
-            await self._flush_page(node, page, target, flush, HISTORY_BATCH)
-
-        await asyncio.gather(*(one(n) for n in nodes.values()))
+        listing = lambda node: self.client.history(node, page=HISTORY_PAGE)  # noqa: E731
+        await self._pour(nodes, listing, HISTORY_PAGE, target, flush=flush, batch=HISTORY_BATCH)
         return moved
 
-    @staticmethod
+    async def _pour(
+        self,
+        nodes: dict[str, NodeSpec],
+        listing: Callable[[NodeSpec], AsyncIterator[list[Any]]],
+        page_size: int,
+        target: Ring,
+        *,
+        flush: Callable[[NodeSpec, str, list[list[Any]]], Awaitable[None]],
+        batch: int,
+        gentle: bool = True,
+    ) -> None:
+        """Every node's users' rows (``listing``, uid order) to their owners in ``target``,
+        every node at once; a node's next page is listed while its last one is sent."""
+
+        async def one(node: NodeSpec) -> None:
+            page: list[list[Any]] = []
+            sending: asyncio.Future[None] | None = None
+            try:
+                async for row in listing(node):
+                    page.append(row)
+                    if len(page) >= page_size:
+                        if sending is not None:
+                            await sending
+                        sending = asyncio.ensure_future(
+                            self._flush_page(node, page, target, flush, batch, gentle=gentle)
+                        )
+                        page = []
+                if sending is not None:
+                    await sending
+            finally:
+                if sending is not None and not sending.done():
+                    sending.cancel()
+            await self._flush_page(node, page, target, flush, batch, gentle=gentle)
+
+        await asyncio.gather(*(one(n) for n in nodes.values()))
+
     async def _flush_page(
+        self,
         node: NodeSpec,
         page: list[list[Any]],
         target: Ring,
         flush: Callable[[NodeSpec, str, list[list[Any]]], Awaitable[None]],
         batch: int,
+        *,
+        gentle: bool = True,
     ) -> None:
         """Send a page of users' rows (``[uid, ...]``) that ``target`` gives to other nodes
-        to their owners, in batches of ``batch``."""
+        to their owners, in batches of ``batch``, ``concurrency`` batches at a time (each
+        holds a MySQL connection of its two nodes for one transaction; opens keep the rest).
+        ``gentle``: half as many, for keys and history (a batch of their rows is CPU on both
+        nodes, JSON and escaping, that opens wait behind), not for wallets (a few rows each,
+        and their users wait for them)."""
         by_owner: dict[str, list[list[Any]]] = {}
         for row in page:
             owner = target.owner_of_key(user_key(int(row[0]))).name
             if owner != node.name:
                 by_owner.setdefault(owner, []).append(row)
-        for owner, rows in by_owner.items():  # one at a time: the nodes keep serving opens
-            for i in range(0, len(rows), batch):
-                await flush(node, owner, rows[i : i + batch])
+        batches = [
+            (owner, rows[i : i + batch])
+            for owner, rows in by_owner.items()
+            for i in range(0, len(rows), batch)
+        ]
+        slots = asyncio.Semaphore(max(1, self.concurrency // 2 if gentle else self.concurrency))
+
+        async def send(owner: str, rows: list[list[Any]]) -> None:
+            async with slots:
+                await self.user_pacer.wait(len(rows))
+                await flush(node, owner, rows)
+
+        await asyncio.gather(*(send(owner, rows) for owner, rows in batches))
 
     # -- the edges ------------------------------------------------------------------------
 

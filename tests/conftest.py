@@ -39,12 +39,12 @@ from redpacket.node.ledger import connect_one, parse_mysql_url
 from redpacket.node.migrations.runner import migrate
 from redpacket.node.settings import NodeSettings
 from redpacket.node.shard import Shard
+from redpacket.nodeclient.wire import NODE_SECRET_HEADER
 from redpacket.sharding.ring import NodeSpec, RingDoc, user_key
 
 MYSQL_SERVER = (os.environ.get("REDPACKET_MYSQL_URL") or "mysql://root@127.0.0.1:3306").rstrip("/")
 RUN_ID = secrets.token_hex(3)
 IDS = IdGenerator()
-NODE_SECRET_HEADER = "X-Redpacket-Node-Secret"
 
 
 # -- servers --------------------------------------------------------------------------------

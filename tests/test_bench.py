@@ -150,3 +150,19 @@ def test_hot_and_boss_scenarios_keep_their_shapes() -> None:
     boss = _shape("--scenario", "boss")
     assert (boss.shares, boss.initial_packets) == (10_000, 1)
     assert boss.fresh and boss.finite
+
+
+async def test_open_path_counts_the_files_and_functions_of_one_open(
+    redis_servers: Any, mysql_databases: Any
+) -> None:
+    """bench/open_path.py, which docs/architecture.md quotes: one open through the gateway,
+    the node client, the link and the node, every function of this repository counted."""
+    from redpacket.bench.open_path import measure
+
+    result = await measure(redis_servers().url, mysql_databases("openpath"), "link")
+    by_file = result["by_file"]
+    assert "NodeClient.open" in by_file["nodeclient/client.py"]
+    assert "Shard.open" in by_file["node/shard.py"]
+    assert "gateway/shards.py" not in by_file  # the old client is gone
+    assert result["files"] == len(by_file) and 20 <= result["files"] <= 40
+    assert result["functions"] <= result["calls"]

@@ -403,3 +403,34 @@ async def test_remove_never_stops_a_shard_before_every_gateway_confirms(
 
     await backend.stop_node("shard-2")  # every gateway on v5: the shard goes
     assert set(fake.replicas.values()) == {2}
+
+
+async def test_remove_drain_on_kubernetes_shrinks_only_from_the_highest_ordinal(
+    fake_two_gateways: tuple[FakeKube, KubernetesBackend],
+) -> None:
+    """A StatefulSet only loses its highest pod, and a drained shard stops much later (by
+    ``retire``): draining any other ordinal, removing one below a shard still draining, or
+    adding one above it would leave a shard that can never stop. Each is refused before
+    anything changes."""
+    fake, backend = fake_two_gateways
+    node_sts = backend.names.node_statefulset
+    three = tuple(NodeSpec(f"shard-{i}", f"http://n{i}.invalid:9000") for i in range(3))
+    fake.data = {"ring.json": json.dumps(RingDoc(5, three).as_dict())}
+    rebalancer = Rebalancer(backend, progress=False, say=lambda _: None)
+    for name in ("shard-0", "shard-1"):
+        with pytest.raises(BackendError, match="only shrinks from the end: remove shard-2"):
+            await rebalancer.remove(name, drain=True)
+
+    # shard-2 is draining: an older version still names it, the newest does not
+    since_ms = int(time.time() * 1000)
+    draining = RingDoc(6, three[:2], since_ms=since_ms, older=(RingDoc(5, three).as_version(),))
+    fake.data = {"ring.json": json.dumps(draining.as_dict())}
+    for name, drain in (("shard-1", True), ("shard-1", False), ("shard-0", True)):
+        with pytest.raises(BackendError, match="shard-2 is still draining"):
+            await rebalancer.remove(name, drain=drain)
+    with pytest.raises(BackendError, match="shard-2 is draining"):
+        await rebalancer.add("shard-3", "http://n3.invalid:9000")
+    assert fake.ring() == draining  # nothing changed
+    assert not [p for m, p in fake.calls if m == "PATCH"]
+    assert fake.replicas[node_sts] == 3
+    await backend.check_stop("shard-2")  # the draining shard itself may stop, once drained

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import orjson
 import pytest
 import pytest_asyncio
 from aiohttp import web
@@ -23,13 +22,16 @@ from redpacket.chaos.proxy import TcpProxy
 from redpacket.cli.devcluster import free_ports
 from redpacket.core.errors import ApiError
 from redpacket.core.frames import LINK_PATH
-from redpacket.gateway.link import LinkDown, Links, NodeLink
-from redpacket.gateway.shards import Shards
 from redpacket.node.app import node_auth_middleware
-from redpacket.node.calls import SETTINGS, SHARD, Call, Reply, reply
+from redpacket.node.calls import SETTINGS, SHARD, Call, CallTable, Reply, reply
 from redpacket.node.history import HISTORY
 from redpacket.node.link import LinkServer
 from redpacket.node.shard import moved
+from redpacket.nodeclient.client import NodeClient
+from redpacket.nodeclient.http import HttpTransport
+from redpacket.nodeclient.link import Links, NodeLink
+from redpacket.nodeclient.ring import RingFile
+from redpacket.nodeclient.wire import ROUTES, NodeDown, Route
 from redpacket.sharding.ring import NodeSpec, RingDoc
 from tests.conftest import Cluster, NodeHandle
 from tests.load import OpenLoad
@@ -52,16 +54,19 @@ class Calls:
         self.running += 1
         self.most_running = max(self.most_running, self.running)
         try:
-            await self.gate(call.params["name"]).wait()
+            await self.gate(call.args["name"]).wait()
         finally:
             self.running -= 1
-        return reply({"name": call.params["name"]})
+        return reply({"name": call.args["name"]})
 
     async def echo(self, call: Call) -> Reply:
-        return reply({"len": len(call.body)})
+        return reply({"len": len(call.args.get("data", ""))})
 
-    def entries(self) -> list[Any]:
-        return [("POST", "/wait/{name}", self.wait), ("POST", "/echo", self.echo)]
+    def table(self) -> CallTable:
+        return CallTable({"wait": self.wait, "echo": self.echo}, TEST_ROUTES)
+
+
+TEST_ROUTES = {"wait": Route("POST", "/wait/{name}"), "echo": Route("POST", "/echo")}
 
 
 class Server:
@@ -70,11 +75,11 @@ class Server:
 
 
 async def serve_calls(
-    entries: list[Any], port: int, **options: int
+    table: CallTable, port: int, **options: int
 ) -> tuple[LinkServer, web.AppRunner]:
-    """A node's link server on a real socket, serving only ``entries`` (no shard behind it)."""
+    """A node's link server on a real socket, serving only ``table`` (no shard behind it)."""
     link = LinkServer(
-        entries,
+        table,
         max_inflight=options.get("max_inflight", 1024),
         max_message_bytes=options.get("max_message_bytes", 1 << 20),
         max_body_bytes=options.get("max_body_bytes", 1024),
@@ -98,7 +103,7 @@ async def link_server() -> AsyncIterator[Any]:
     async def make(**options: int) -> Server:
         calls = Calls()
         port = free_ports(1)[0]
-        link, runner = await serve_calls(calls.entries(), port, **options)
+        link, runner = await serve_calls(calls.table(), port, **options)
         made.append(runner)
         return Server(calls, link, runner, f"http://127.0.0.1:{port}")
 
@@ -114,7 +119,7 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 def link_to(url: str, session: aiohttp.ClientSession, **options: Any) -> NodeLink:
-    return NodeLink(
+    link = NodeLink(
         "shard-t",
         url,
         session,
@@ -123,13 +128,24 @@ def link_to(url: str, session: aiohttp.ClientSession, **options: Any) -> NodeLin
         max_inflight=options.pop("max_inflight", 64),
         max_message_bytes=options.pop("max_message_bytes", 1 << 20),
     )
+    link.routes = {**ROUTES, **TEST_ROUTES}
+    return link
 
 
-async def call(link: NodeLink, path: str, body: bytes = b"{}", timeout_s: float = 30) -> Any:
-    _, status, payload, _ = await link.call(
-        "POST", path, None, body, rid="test", timeout_s=timeout_s
+async def call(link: NodeLink, call_name: str, timeout_s: float = 30, **args: Any) -> Any:
+    status, body, _ = await link.call(call_name, args, rid="test", timeout_s=timeout_s)
+    return status, body
+
+
+def client_of(
+    session: aiohttp.ClientSession, secret: str, links: Links, *nodes: NodeSpec
+) -> NodeClient:
+    return NodeClient(
+        RingFile("", RingDoc(version=1, nodes=nodes)),
+        http=HttpTransport(session, secret),
+        links=links,
+        frozen_retry_s=0.1,
     )
-    return status, orjson.loads(payload)
 
 
 async def eventually(condition: Any, timeout_s: float = 10) -> None:
@@ -146,7 +162,7 @@ async def test_answers_come_back_as_each_call_finishes_not_in_order(
     finished: list[str] = []
 
     async def one(name: str) -> None:
-        assert await call(link, f"/wait/{name}") == (200, {"name": name})
+        assert await call(link, "wait", name=name) == (200, {"name": name})
         finished.append(name)
 
     tasks = [asyncio.create_task(one(name)) for name in ("first", "second", "third")]
@@ -167,19 +183,19 @@ async def test_a_killed_connection_fails_its_calls_at_once_and_the_link_reconnec
     proxy = TcpProxy("127.0.0.1", port)
     await proxy.start()
     link = link_to(f"http://127.0.0.1:{proxy.port}", session)
-    stuck = [asyncio.create_task(call(link, "/wait/never", timeout_s=60)) for _ in range(10)]
+    stuck = [asyncio.create_task(call(link, "wait", timeout_s=60, name="never")) for _ in range(10)]
     await eventually(lambda: server.calls.running == 10)
     proxy.block()
     for task in stuck:
-        with pytest.raises(LinkDown) as lost:
+        with pytest.raises(NodeDown) as lost:
             await task
         assert lost.value.kind == "closed"  # failed with the connection, not by the 60 s timeout
-    with pytest.raises(LinkDown) as down:  # while the node is unreachable: fail fast
-        await call(link, "/echo")
+    with pytest.raises(NodeDown) as down:  # while the node is unreachable: fail fast
+        await call(link, "echo")
     assert down.value.kind in ("connect", "closed")
     proxy.unblock()
     await eventually(lambda: link._pick() is not None)
-    assert await call(link, "/echo", b"abc") == (200, {"len": 3})
+    assert await call(link, "echo", data="abc") == (200, {"len": 3})
     server.calls.gate("never").set()
     await link.close()
     await proxy.stop()
@@ -193,15 +209,15 @@ async def test_a_connection_lost_under_a_write_is_replaced_and_the_link_carries_
     left its shard unanswerable until the gateway restarted (issue 24: a SIGKILLed node)."""
     server = await link_server()
     link = link_to(server.url, session, connections=1)
-    assert await call(link, "/echo", b"a") == (200, {"len": 1})
+    assert await call(link, "echo", data="a") == (200, {"len": 1})
     (conn,) = link._conns
     assert conn.ws is not None
     conn.ws._writer.transport.abort()  # as a SIGKILLed node's socket: closing at once
-    with pytest.raises(LinkDown) as lost:  # its frame is in the writer, the send fails
-        await call(link, "/echo", b"b")
+    with pytest.raises(NodeDown) as lost:  # its frame is in the writer, the send fails
+        await call(link, "echo", data="b")
     assert lost.value.kind == "closed"
     await eventually(lambda: link._pick() is not None)
-    assert await call(link, "/echo", b"abc") == (200, {"len": 3})
+    assert await call(link, "echo", data="abc") == (200, {"len": 3})
     assert all(not task.done() for task in link._tasks)  # the supervisor lives on
     await link.close()
 
@@ -211,12 +227,12 @@ async def test_a_call_past_its_deadline_gets_timeout_and_the_others_carry_on(
 ) -> None:
     server = await link_server()
     link = link_to(server.url, session, connections=1)
-    with pytest.raises(LinkDown) as late:
-        await call(link, "/wait/slow", timeout_s=0.2)
+    with pytest.raises(NodeDown) as late:
+        await call(link, "wait", timeout_s=0.2, name="slow")
     assert late.value.kind == "timeout"
-    assert await call(link, "/echo", b"x") == (200, {"len": 1})  # same connection, still fine
+    assert await call(link, "echo", data="x") == (200, {"len": 1})  # same connection, still fine
     server.calls.gate("slow").set()  # its late answer arrives and is dropped
-    assert await call(link, "/echo", b"xy") == (200, {"len": 2})
+    assert await call(link, "echo", data="xy") == (200, {"len": 2})
     await link.close()
 
 
@@ -224,19 +240,19 @@ async def test_a_wrong_node_secret_is_refused_at_the_handshake(
     node: NodeHandle, session: aiohttp.ClientSession
 ) -> None:
     link = link_to(node.url, session, secret="not-the-secret")
-    with pytest.raises(LinkDown) as refused:
-        await call(link, "/healthz")
+    with pytest.raises(NodeDown) as refused:
+        await call(link, "healthz")
     assert refused.value.kind == "auth"
     await link.close()
-    doc = RingDoc(version=1, nodes=(NodeSpec("shard-t", node.url),))
+    spec = NodeSpec("shard-t", node.url)
     bad_links = _links(session, "not-the-secret")
-    shards = Shards(doc, session, "not-the-secret", 0.1, links=bad_links)
+    shards = client_of(session, "not-the-secret", bad_links, spec)
     with pytest.raises(ApiError) as err:
-        await shards.call(NodeSpec("shard-t", node.url), "GET", "/healthz")
+        await shards.call(spec, "healthz", {})
     assert (err.value.status, err.value.code) == (502, "bad_gateway")
     good_links = _links(session, node.secret)
-    good = Shards(doc, session, node.secret, 0.1, links=good_links)
-    assert (await good.call(NodeSpec("shard-t", node.url), "GET", "/healthz")).status == 200
+    good = client_of(session, node.secret, good_links, spec)
+    assert (await good.call(spec, "healthz", {})).status == 200
     await bad_links.close()
     await good_links.close()
 
@@ -250,14 +266,14 @@ async def test_oversize_bodies_and_messages_are_refused(
 ) -> None:
     server = await link_server(max_body_bytes=100, max_message_bytes=64 * 1024)
     link = link_to(server.url, session, connections=1)
-    status, body = await call(link, "/echo", b"x" * 101)
+    status, body = await call(link, "echo", data="x" * 101)
     assert (status, body["error"]["code"]) == (413, "payload_too_large")
-    assert await call(link, "/echo", b"x" * 100) == (200, {"len": 100})
-    with pytest.raises(LinkDown) as cut:  # a message over the node's limit closes the link
-        await call(link, "/echo", b"x" * 100_000)
+    assert await call(link, "echo", data="x" * 100) == (200, {"len": 100})
+    with pytest.raises(NodeDown) as cut:  # a message over the node's limit closes the link
+        await call(link, "echo", data="x" * 100_000)
     assert cut.value.kind == "closed"
     await eventually(lambda: link._pick() is not None)
-    assert await call(link, "/echo", b"x") == (200, {"len": 1})
+    assert await call(link, "echo", data="x") == (200, {"len": 1})
     await link.close()
 
 
@@ -266,7 +282,7 @@ async def test_calls_in_flight_per_connection_are_bounded(
 ) -> None:
     server = await link_server()
     link = link_to(server.url, session, connections=2, max_inflight=3)
-    tasks = [asyncio.create_task(call(link, "/wait/crowd")) for _ in range(40)]
+    tasks = [asyncio.create_task(call(link, "wait", name="crowd")) for _ in range(40)]
     await eventually(lambda: server.calls.running == 6)
     await asyncio.sleep(0.2)
     assert server.calls.running == 6  # 2 connections x 3; the other 34 wait their turn
@@ -281,7 +297,7 @@ async def test_a_draining_node_answers_its_calls_in_flight_and_takes_no_new_ones
 ) -> None:
     server = await link_server()
     link = link_to(server.url, session, connections=1)
-    in_flight = [asyncio.create_task(call(link, "/wait/drain")) for _ in range(5)]
+    in_flight = [asyncio.create_task(call(link, "wait", name="drain")) for _ in range(5)]
     await eventually(lambda: server.calls.running == 5)
     drain = asyncio.create_task(server.link.drain(10))
     await eventually(lambda: link._pick() is None)  # goaway heard: no new calls here
@@ -297,14 +313,14 @@ async def test_a_node_left_out_of_a_new_ring_has_its_link_closed_after_its_calls
     staying, leaving = await link_server(), await link_server()
     a, b = NodeSpec("shard-a", staying.url), NodeSpec("shard-b", leaving.url)
     links = _links(session, SECRET)
-    shards = Shards(RingDoc(version=1, nodes=(a, b)), session, SECRET, 0.1, links=links)
-    in_flight = asyncio.create_task(shards.call(b, "POST", "/wait/last", body={}))
-    assert (await shards.call(a, "POST", "/echo", body={})).status == 200
+    shards = client_of(session, SECRET, links, a, b)
+    in_flight = asyncio.create_task(shards.call(b, "wait", {"name": "last"}))
+    assert (await shards.call(a, "echo", {})).status == 200
     await eventually(lambda: leaving.calls.running == 1)
     old_link = links.get("shard-b", b.url)
     assert len(leaving.link.connections) == 1
 
-    shards.use_ring(RingDoc(version=2, nodes=(a,)))
+    shards.ring.use(RingDoc(version=2, nodes=(a,)))
     assert old_link.retired
     await asyncio.sleep(0.2)
     assert len(leaving.link.connections) == 1  # kept open while a call is under way on it
@@ -312,7 +328,7 @@ async def test_a_node_left_out_of_a_new_ring_has_its_link_closed_after_its_calls
     assert (await in_flight).status == 200  # the call in flight is answered
     await eventually(lambda: not leaving.link.connections)  # then the link is closed
     assert len(staying.link.connections) == 1  # the node still in the ring keeps its link
-    assert (await shards.call(a, "POST", "/echo", body={})).status == 200
+    assert (await shards.call(a, "echo", {})).status == 200
     await links.close()
 
 
@@ -349,19 +365,19 @@ async def test_a_user_whose_two_owners_point_at_each_other_gets_503_not_421(
         return received
 
     for other, port in zip(reversed(names), ports, strict=True):
-        entries = [("GET", "/internal/v1/users/{uid}/received", pointing_at(other))]
-        runners.append((await serve_calls(entries, port))[1])
+        table = CallTable({"received": pointing_at(other)})
+        runners.append((await serve_calls(table, port))[1])
     nodes = tuple(NodeSpec(n, f"http://127.0.0.1:{p}") for n, p in zip(names, ports, strict=True))
     links = _links(session, SECRET)
-    shards = Shards(RingDoc(version=1, nodes=nodes), session, SECRET, 0.1, links=links)
+    shards = client_of(session, SECRET, links, *nodes)
     try:
         with pytest.raises(ApiError) as err:
-            await shards.user_call(42, "GET", "/internal/v1/users/42/received")
+            await shards.user_call(42, "received", {"uid": 42})
         assert (err.value.status, err.value.code) == (503, "unavailable")
         assert err.value.headers.get("Retry-After") == "1"
         # the plain call, which packet routes use, still hands the last answer back
-        plain = await shards.call(nodes[0], "GET", "/internal/v1/users/42/received")
-        assert plain.error_code() == "packet_moved"
+        plain = await shards.call(nodes[0], "received", {"uid": 42})
+        assert plain.code == "packet_moved"
     finally:
         await links.close()
         for runner in runners:

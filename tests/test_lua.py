@@ -16,7 +16,7 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 
 import redpacket.node as node_pkg
-from redpacket.node.keys import packet_keys
+from redpacket.node.redis_keys import packet_keys
 
 NOW_MS = 1_800_000_000_000
 HOUR_MS = 3_600_000

@@ -257,3 +257,25 @@ async def test_claims_left_pending_by_an_outage_are_landed_by_the_reconciler(
     # nobody retries: the reconciler alone must land the five claims
     report = await node.check(settle_s=20)
     assert report.records == 5
+
+
+async def test_a_resync_cut_short_by_mysql_does_not_leave_the_packet_frozen(
+    proxied_mysql: Any, fresh_node: Any
+) -> None:
+    """A resync freezes the packet, then reads MySQL. If MySQL is cut at that moment the
+    packet stays frozen in Redis with nobody to thaw it (chaos seed 1: every open of it
+    answered "frozen" for 200 s). The next open after MySQL is back finishes the resync."""
+    url, proxy = await proxied_mysql("resync")
+    node: NodeHandle = await fresh_node(REDPACKET_MYSQL_URL=url, REDPACKET_MYSQL_TIMEOUT_S="1")
+    packet_id = await node.create(total_amount=1000, total_packet=10)
+    first = await open_all(node, packet_id, [1, 2, 3])
+    proxy.block()
+    await node.shard.resync(packet_id)  # logs its failure, as it does in production
+    assert await node.shard.counters.is_frozen(packet_id)
+    proxy.unblock()
+    later = await open_all(node, packet_id, list(range(1, 11)))
+    assert all(status == 200 for _, status, _ in later)
+    assert not await node.shard.counters.is_frozen(packet_id)
+    replayed = {uid: body["amount"] for uid, _, body in later if body["replayed"]}
+    assert replayed == {uid: body["amount"] for uid, _, body in first}
+    await node.check(observed(packet_id, first + later))

@@ -17,10 +17,10 @@ import pytest
 
 from redpacket.cli.check import Observed, check_shards
 from redpacket.core.ids import snowflake_of
-from redpacket.node.keys import packet_keys
 from redpacket.node.ledger import parse_mysql_url
+from redpacket.node.redis_keys import packet_keys
 from redpacket.sharding.backends.local import LocalBackend
-from redpacket.sharding.client import NodeClient, NodeError
+from redpacket.sharding.client import HandoffClient, NodeError
 from redpacket.sharding.ring import NodeSpec, Ring, RingDoc
 from tests.conftest import IDS, NODE_SECRET_HEADER, Cluster, NodeHandle, sql
 
@@ -344,7 +344,7 @@ async def test_scale_2_to_3_to_2_under_an_open_load(make_cluster: Any) -> None:
 
 
 async def leave_half_done(
-    client: NodeClient, doc: Any, packet_ids: list[str], held: dict[str, dict[int, str]]
+    client: HandoffClient, doc: Any, packet_ids: list[str], held: dict[str, dict[int, str]]
 ) -> list[int]:
     """Put three packets that must move into each half-done handoff state, by hand."""
     nodes = {n.name: n for n in (*doc.nodes, *doc.previous.nodes)}
@@ -417,7 +417,7 @@ async def test_a_killed_rebalance_is_finished_or_undone_by_running_again(
     await kill_midway(cluster, "add", "--node", "shard-2", moved_to="shard-2")
     doc = cluster.ring()
     assert doc.previous is not None and [n.name for n in doc.nodes][-1] == "shard-2"
-    async with NodeClient(secret) as client:
+    async with HandoffClient(secret) as client:
         half = await leave_half_done(client, doc, packets, await packets_by_node(cluster.nodes()))
     # exported, not finished: frozen where it was, not yet live where it goes, so no node
     # takes the open; the gateway retries it for a while, then answers 503
@@ -440,7 +440,7 @@ async def test_a_killed_rebalance_is_finished_or_undone_by_running_again(
     # 2. an addition killed mid-way is finished by running the same command again
     await kill_midway(cluster, "add", "--node", "shard-2", moved_to="shard-2")
     doc = cluster.ring()
-    async with NodeClient(secret) as client:
+    async with HandoffClient(secret) as client:
         await leave_half_done(client, doc, packets, await packets_by_node(cluster.nodes()))
     rc, out = await rebalance(cluster, "add", "--node", "shard-2")
     assert rc == 0, out
@@ -507,7 +507,7 @@ async def test_a_handoff_commits_pending_claims_first_and_leaves_a_tombstone(
         assert {status for status, _ in refused} == {503}
         assert len(await src.shard.counters.pending(packet_id)) == 3
 
-        async with NodeClient(secret) as client:
+        async with HandoffClient(secret) as client:
             # the claims Redis holds cannot be committed: the packet does not move, and stays live
             with pytest.raises(NodeError) as refusal:
                 await client.export(src.spec(), packet_id, "shard-1", 2)

@@ -17,7 +17,7 @@ from typing import Any
 from redpacket.bench.rebalance import seed_packets
 from redpacket.cli.check import Observed
 from redpacket.core.ids import MAX_ID, IdGenerator, snowflake_of
-from redpacket.sharding.client import NodeClient
+from redpacket.sharding.client import HandoffClient
 from redpacket.sharding.ring import NodeSpec, RingDoc, packet_owner
 from tests.conftest import Cluster
 from tests.test_rebalance import (
@@ -179,7 +179,7 @@ async def test_add_no_move_places_only_new_packets_and_a_drained_shard_stops_onc
 async def _all_settled(cluster: Cluster, from_id: int) -> bool:
     """No node holds a live packet made through the gateway (the checker reads tables one
     after another, so a refund committing meanwhile would look half done)."""
-    async with NodeClient(cluster.state["node_secret"]) as client:
+    async with HandoffClient(cluster.state["node_secret"]) as client:
         counts = [await client.live(n, from_id, MAX_ID) for n in cluster.nodes()]
     return not any(counts)
 
@@ -272,7 +272,7 @@ async def test_a_fenced_node_places_each_create_by_the_version_of_its_id(fresh_n
     me, other = node.spec(), NodeSpec("shard-x", "http://127.0.0.1:9")
     since_ms = int(time.time() * 1000) + 60_000
     doc = RingDoc(9, (me, other), since_ms=since_ms, older=(RingDoc(8, (me,)),))
-    async with NodeClient(node.secret) as client:  # the orchestrator's own call
+    async with HandoffClient(node.secret) as client:  # the orchestrator's own call
         assert (await client.fence(me, doc))["node"] == me.name
 
     async def create(packet_id: int) -> tuple[int, Any]:

@@ -15,7 +15,7 @@ import signal
 from typing import Any
 
 from redpacket.core.ids import IdGenerator
-from redpacket.gateway.shards import NODE_SECRET_HEADER
+from redpacket.nodeclient.wire import NODE_SECRET_HEADER
 from redpacket.sharding.ring import user_key
 from tests.conftest import Cluster, sql
 from tests.test_history_faults import until, users_of

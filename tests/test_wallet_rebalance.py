@@ -11,7 +11,7 @@ from typing import Any
 from redpacket.sharding.ring import user_key
 from tests.conftest import Cluster, sql
 from tests.test_rebalance import rebalance
-from tests.test_wallet import topup, wallet
+from tests.test_wallet import topup, transactions, wallet
 
 SENDERS = range(19_001, 19_021)
 OPENERS = range(19_101, 19_141)
@@ -67,3 +67,51 @@ async def test_wallets_move_with_their_users_in_a_live_rebalance(make_cluster: A
     ring = cluster.ring().ring()
     for uid, nodes in (await wallets_by_node(cluster)).items():
         assert nodes == [ring.owner_of_key(user_key(uid)).name], (uid, nodes)
+
+
+MOVERS = range(19_201, 19_241)
+
+
+def _answer(body: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if k != "replayed"}
+
+
+async def test_a_topup_replayed_across_a_wallet_move_answers_its_first_result(
+    make_cluster: Any,
+) -> None:
+    """Top up, move the wallets (rebalance add), replay: the same body, and the transactions
+    keep their ids. Replays sent all through the move (the fence to import window included)
+    get the first answer or 503 (retry), never a second credit or another answer."""
+    cluster: Cluster = await make_cluster(args=("--starting-balance", "1000"))
+    first: dict[int, dict[str, Any]] = {}
+    for uid in MOVERS:
+        status, body = await topup(cluster, uid, 250, f"first-{uid}")
+        assert status == 201, body
+        first[uid] = _answer(body)
+    before = {uid: (await transactions(cluster, uid))["transactions"] for uid in MOVERS}
+    seen: Counter[int] = Counter()
+    stop = asyncio.Event()
+
+    async def replays() -> None:
+        while not stop.is_set():
+            for uid in MOVERS:
+                status, body = await topup(cluster, uid, 250, f"first-{uid}")
+                seen[status] += 1
+                if status != 503:
+                    assert (status, _answer(body)) == (200, first[uid]), (uid, status, body)
+
+    load = asyncio.gather(replays(), replays())
+    rc, out = await rebalance(cluster, "add", "--node", "shard-2")
+    stop.set()
+    await load
+    assert rc == 0, out
+    assert set(seen) <= {200, 503} and seen[200] > 0, seen
+    ring = cluster.ring().ring()
+    moved = [u for u in MOVERS if ring.owner_of_key(user_key(u)).name == "shard-2"]
+    assert moved, "no wallet moved: pick other users"
+    for uid in MOVERS:
+        status, body = await topup(cluster, uid, 250, f"first-{uid}")
+        assert (status, _answer(body)) == (200, first[uid]), (uid, status, body)
+        assert (await wallet(cluster, uid))["balance"] == 1250
+        assert (await transactions(cluster, uid))["transactions"] == before[uid], uid
+    await cluster.check(settle_s=20)

@@ -1,7 +1,7 @@
 """Handing red packets (and users' keys) between shard nodes: the node's half of a rebalance.
 
 One module per concept: ``fence.py`` (the fence and tombstones), ``packets.py`` (the per-packet
-steps), ``keys.py`` (users' idempotency keys), ``http.py`` (the handoff API).
+steps), ``user_data.py`` (users' idempotency keys and history), ``http.py`` (the handoff API).
 
 The protocol, with a sequence diagram, is in docs/rebalancing.md. The orchestrator
 (``sharding/rebalance.py``) takes each packet that changes owner through these steps, each
@@ -23,8 +23,8 @@ does not hold that the fence ring gives to another node.
 
 from redpacket.node.handoff.fence import Fence, HandoffConflict
 from redpacket.node.handoff.http import HANDOFF, ROUTES, Handoff, start
-from redpacket.node.handoff.keys import KeyMoves
 from redpacket.node.handoff.packets import PacketMoves
+from redpacket.node.handoff.user_data import KeyMoves
 
 __all__ = [
     "HANDOFF",

@@ -36,7 +36,6 @@ from redpacket.node.handoff.packets import (
     _packet_json,
     parse_export,
 )
-from redpacket.node.keys import packet_keys
 from redpacket.node.ledger import (
     PACKET_COLUMNS,
     PACKET_PLACEHOLDERS,
@@ -48,6 +47,7 @@ from redpacket.node.ledger import (
     to_ms,
 )
 from redpacket.node.packet import PACKET_SELECT
+from redpacket.node.redis_keys import packet_keys
 from redpacket.node.shard import MOVING, now_ms
 
 log = logging.getLogger("redpacket.node.handoff")

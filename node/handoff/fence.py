@@ -59,6 +59,9 @@ class Fence:
         self._inflight: dict[int, int] = {}
         self._drained = asyncio.Event()  # set: nothing from before the last fence is in flight
         self._drained.set()
+        # (ring version, the ring users move from) while users' wallets are arriving here:
+        # their calls are refused until each one's wallet is in (node/handoff/wallets.py)
+        self.incoming: tuple[int, Ring] | None = None
 
     # -- start ----------------------------------------------------------------------------
 
@@ -69,7 +72,13 @@ class Fence:
             row = await cur.fetchone()
             await cur.execute("SELECT 1 FROM red_packet_tombstone LIMIT 1")
             self.has_tombstones = await cur.fetchone() is not None
+            await cur.execute("SELECT ring_version, from_json FROM wallet_incoming WHERE id = 1")
+            incoming = await cur.fetchone()
             await conn.rollback()
+        if incoming is not None:
+            with contextlib.suppress(RingError, orjson.JSONDecodeError):
+                doc = RingDoc.parse(orjson.loads(incoming[1]))
+                self.incoming = (int(incoming[0]), doc.ring())
         if row is not None:
             try:
                 self._set_fence(RingDoc.parse(orjson.loads(row[0])))
@@ -187,10 +196,56 @@ class Fence:
         """The change is over and every gateway routes by its ring: stop redirecting."""
         async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
             await cur.execute("DELETE FROM shard_ring WHERE id = 1")
+            await cur.execute("DELETE FROM wallet_incoming")
+            await cur.execute("DELETE FROM wallet_arrival")
             await conn.commit()
+        self.incoming = None
         if self.fence is not None:
             self.settled = self.fence
         self.fence, self._fence_ring = None, None
+
+    # -- wallets arriving -------------------------------------------------------------------
+
+    async def expect_wallets(self, version: int, moving_from: RingDoc) -> None:
+        """Users that ``moving_from`` gives to other nodes and the fence gives here are
+        arriving: refuse their wallet calls until each wallet is in. Set before the fence, so
+        no call of theirs is ever answered here from a wallet that is not all here yet (a
+        top-up replay answered 201 a second time, a balance read as empty)."""
+        body = orjson.dumps(moving_from.settled().as_dict()).decode()
+        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+            if self.incoming is None or self.incoming[0] != version:  # another change's marks
+                await cur.execute("DELETE FROM wallet_arrival")
+            await cur.execute(
+                "INSERT INTO wallet_incoming (id, ring_version, from_json) VALUES (1, %s, %s) "
+                "ON DUPLICATE KEY UPDATE ring_version = VALUES(ring_version), "
+                "from_json = VALUES(from_json)",
+                (version, body),
+            )
+            await conn.commit()
+        self.incoming = (version, moving_from.settled().ring())
+
+    async def wallets_in(self) -> None:
+        """The rebalance tool imported every arriving wallet: serve all users again."""
+        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+            await cur.execute("DELETE FROM wallet_incoming")
+            await cur.execute("DELETE FROM wallet_arrival")
+            await conn.commit()
+        self.incoming = None
+
+    async def wallet_arriving(self, uid: int) -> bool:
+        """Is this user's wallet still on its way here (its calls must wait)?"""
+        if self.incoming is None:
+            return False
+        version, moving_from = self.incoming
+        if moving_from.owner_of_key(user_key(uid)).name == self.name:
+            return False  # the user was here already
+        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "SELECT 1 FROM wallet_arrival WHERE uid = %s AND ring_version = %s", (uid, version)
+            )
+            arrived = await cur.fetchone() is not None
+            await conn.rollback()
+        return not arrived
 
     # -- reads ----------------------------------------------------------------------------
 

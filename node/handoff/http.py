@@ -14,8 +14,8 @@ from redpacket.core.errors import unavailable as unavailable_error
 from redpacket.core.ids import parse_packet_id, parse_uid
 from redpacket.node.handoff.batch import MAX_BATCH, PacketBatches
 from redpacket.node.handoff.fence import Fence
-from redpacket.node.handoff.keys import KeyMoves
 from redpacket.node.handoff.packets import PacketMoves
+from redpacket.node.handoff.user_data import KeyMoves
 from redpacket.node.relay import RELAY
 from redpacket.node.shard import Shard
 from redpacket.sharding.ring import RingDoc, RingError

@@ -26,7 +26,6 @@ from typing import Any
 from redpacket.core.errors import bad_request
 from redpacket.core.errors import unavailable as unavailable_error
 from redpacket.node.handoff.fence import Fence, HandoffConflict
-from redpacket.node.keys import packet_keys
 from redpacket.node.ledger import (
     PACKET_COLUMNS,
     PACKET_PLACEHOLDERS,
@@ -38,6 +37,7 @@ from redpacket.node.ledger import (
     to_ms,
 )
 from redpacket.node.packet import PACKET_SELECT
+from redpacket.node.redis_keys import packet_keys
 from redpacket.node.shard import MOVING, now_ms
 
 log = logging.getLogger("redpacket.node.handoff")

@@ -15,9 +15,15 @@ from typing import Any
 
 import aiomysql
 
+from redpacket.core.ids import IdGenerator
 from redpacket.node.ledger import to_datetime
 
 GRANT_REF = "dev"  # the one grant of a dev starting balance per user
+# Transaction ids are shown to users (``GET /v1/me/wallet/transactions``) and must survive a
+# move of the wallet verbatim, so they are snowflakes, unique across shards and ordered in
+# time (a user's list stays ordered by id after a move), not each shard's AUTO_INCREMENT.
+# Made under the wallet's row lock, so one user's ids grow with their balance_after chain.
+TXN_IDS = IdGenerator()
 
 
 class InsufficientFunds(Exception):
@@ -46,21 +52,28 @@ class Book:
         return self.wallets[uid].balance
 
     def post(self, uid: int, kind: str, ref: str, amount: int, packet_id: int | None) -> int:
-        """Add one transaction (signed cents); the balance after it."""
+        """Add one transaction (signed cents); the balance after it (its id: :attr:`last_id`)."""
         wallet = self.wallets[uid]
         after = wallet.balance + amount
         if after < 0:
             raise InsufficientFunds(wallet.balance)
         wallet.balance, wallet.changed = after, True
-        self.rows.append((uid, kind, ref, amount, packet_id, after, to_datetime(self.now_ms)))
+        self.rows.append(
+            (TXN_IDS.next_id(), uid, kind, ref, amount, packet_id, after, to_datetime(self.now_ms))
+        )
         return after
+
+    @property
+    def last_id(self) -> int:
+        """The id of the transaction posted last."""
+        return int(self.rows[-1][0])
 
     async def write(self) -> None:
         """The transactions (one multi-row insert) and the changed balances."""
         if self.rows:
             await self.cur.executemany(
-                "INSERT INTO wallet_txn (uid, kind, ref, amount, red_packet_id, balance_after, "
-                "create_time) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                "INSERT INTO wallet_txn (id, uid, kind, ref, amount, red_packet_id, balance_after, "
+                "create_time) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
                 self.rows,
             )
         changed = [(uid, w.balance, int(w.granted), to_datetime(self.now_ms))

@@ -1,4 +1,4 @@
-"""The node's wallet calls (lines of ``node/handlers.py CALLS``), made by the gateway
+"""The node's wallet calls (entries of ``node/handlers.py CALLS``), made by the gateway
 (gateway/wallet.py, gateway/handlers.py create_packet) and by other nodes' hold sweepers.
 
 A user's wallet calls are answered by the shard that owns ``user:<uid>``; any other node says
@@ -8,15 +8,18 @@ there; they are checked again here (positive cents), as every node input is.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 
 from redpacket.core.amounts import refuse_unknown_fields
-from redpacket.core.errors import ApiError, bad_request
+from redpacket.core.errors import ApiError, bad_request, unavailable
 from redpacket.core.ids import parse_packet_id, parse_uid
-from redpacket.node.calls import Call, Reply, reply
+from redpacket.node.calls import Call, Handler, Reply, reply
 from redpacket.node.shard import now_ms
 from redpacket.node.wallet.abandon import ask_here
 from redpacket.node.wallet.book import InsufficientFunds
@@ -24,6 +27,10 @@ from redpacket.node.wallet.debits import HoldRequest
 from redpacket.node.wallet.store import HoldConflict, TopupConflict
 
 MAX_CENTS = 10**15  # far above any real balance, far below BIGINT
+# how long a wallet call of a user whose wallet a rebalance is bringing here waits for it
+# (wallets move first, a few hundred users per second at least) before 503: inside the
+# gateway's node timeout (2 s)
+ARRIVAL_WAIT_S = 1.5
 
 
 def cents(body: dict[str, Any], field: str, *, minimum: int = 1) -> int:
@@ -56,27 +63,35 @@ def insufficient(balance: int) -> ApiError:
     )
 
 
-@contextlib.contextmanager
-def kept_here(call: Call, uid: int):  # type: ignore[no-untyped-def]
-    """Inside: this node keeps the user's wallet (a fence being set waits for the block)."""
+@contextlib.asynccontextmanager
+async def kept_here(call: Call, uid: int) -> AsyncIterator[None]:
+    """Inside: this node keeps the user's wallet, all of it (a fence being set waits for the
+    block). A wallet a rebalance is bringing here is not all here until imported: its calls
+    wait for it a moment, then get 503 (retry), or a replayed top-up would be credited again
+    or answered differently."""
     placement = call.shard.placement
     with placement.admitting() if placement is not None else contextlib.nullcontext():
         if (err := call.history.elsewhere(uid)) is not None:
             raise err
+        arriving = getattr(placement, "wallet_arriving", None)
+        if arriving is not None:
+            deadline = time.monotonic() + ARRIVAL_WAIT_S
+            while await arriving(uid):
+                if time.monotonic() >= deadline:
+                    raise unavailable("this user's wallet is moving here; retry")
+                await asyncio.sleep(0.05)
         yield
 
 
 async def hold(call: Call) -> Reply:
-    body = call.json()
+    body = call.args
     refuse_unknown_fields(
         body, frozenset({"create_token", "uid", "amount", "red_packet_id", "starting_balance"})
     )
     uid, token, amount = user_of(body.get("uid")), token_of(body), cents(body, "amount")
-    packet_id = parse_uid(body.get("red_packet_id"))
-    if packet_id is None:
-        raise bad_request("invalid_id", "red_packet_id must be a positive 64-bit integer")
+    packet_id = parse_packet_id(body.get("red_packet_id"))
     starting = cents(body, "starting_balance", minimum=0)
-    with kept_here(call, uid):
+    async with kept_here(call, uid):
         try:
             held = await call.history.debits.hold(
                 HoldRequest(token, uid, amount, packet_id, starting)
@@ -89,35 +104,36 @@ async def hold(call: Call) -> Reply:
 
 
 async def confirm(call: Call) -> Reply:
-    body = call.json()
+    body = call.args
     refuse_unknown_fields(body, frozenset({"create_token", "uid"}))
-    with kept_here(call, user_of(body.get("uid"))):
+    async with kept_here(call, user_of(body.get("uid"))):
         state = await call.history.wallets.confirm(token_of(body))
     return reply({"state": state})
 
 
 async def abandon_create(call: Call) -> Reply:
     """The packet's shard: does the packet of this hold exist? If not, it never will."""
-    packet_id = parse_packet_id(call.params["id"])
-    body = call.json()
-    refuse_unknown_fields(body, frozenset({"create_token"}))
+    body = call.args
+    refuse_unknown_fields(body, frozenset({"id", "create_token"}))
+    packet_id = parse_packet_id(body["id"])
     outcome = await ask_here(call.shard, packet_id, token_of(body), now_ms())
     return reply({"outcome": outcome})
 
 
 async def wallet(call: Call) -> Reply:
-    uid = user_of(call.params["uid"])
-    refuse_unknown_fields(call.query, frozenset({"starting_balance", "pending"}))
-    raw = call.query.get("starting_balance", "0")
+    args = call.args
+    uid = user_of(args.get("uid"))
+    refuse_unknown_fields(args, frozenset({"uid", "starting_balance", "pending"}))
+    raw = str(args.get("starting_balance", "0"))
     if not (raw.isascii() and raw.isdigit() and len(raw) <= 15):
         raise bad_request("invalid_field", "starting_balance must be cents")
-    pending = [p for p in call.query.get("pending", "").split(",") if p]
+    pending = [p for p in str(args.get("pending", "")).split(",") if p]
     if len(pending) > 1000 or not all(
         p.isascii() and p.isdigit() and len(p) <= 19 for p in pending
     ):
         raise bad_request("invalid_field", "pending must be red packet ids, comma separated")
     wallets = call.history.wallets
-    with kept_here(call, uid):
+    async with kept_here(call, uid):
         balance, updated_ms = await wallets.balance(uid, now_ms(), int(raw))
         applied = await wallets.applied(uid, [int(p) for p in pending])
     return reply(
@@ -126,17 +142,19 @@ async def wallet(call: Call) -> Reply:
 
 
 async def transactions(call: Call) -> Reply:
-    uid = user_of(call.params["uid"])
-    refuse_unknown_fields(call.query, frozenset({"limit", "cursor"}))
-    raw_limit = call.query.get("limit", "20")
+    args = call.args
+    uid = user_of(args.get("uid"))
+    refuse_unknown_fields(args, frozenset({"uid", "limit", "cursor"}))
+    raw_limit = str(args.get("limit", "20"))
     if not (raw_limit.isascii() and raw_limit.isdigit() and 1 <= int(raw_limit) <= 100):
         raise ApiError(
             400, "invalid_field", "limit must be an integer from 1 to 100", extra={"field": "limit"}
         )
-    cursor = call.query.get("cursor")
+    cursor = args.get("cursor")
+    cursor = None if cursor is None else str(cursor)
     if cursor is not None and not (cursor.isascii() and cursor.isdigit() and len(cursor) <= 19):
         raise bad_request("invalid_cursor", "cursor is not one this API returned")
-    with kept_here(call, uid):
+    async with kept_here(call, uid):
         rows, more = await call.history.wallets.transactions(
             uid, int(raw_limit), int(cursor) if cursor else None
         )
@@ -145,7 +163,7 @@ async def transactions(call: Call) -> Reply:
 
 async def incoming(call: Call) -> Reply:
     """Shares of this user committed here whose credit is still in this node's outbox."""
-    uid = user_of(call.params["uid"])
+    uid = user_of(call.args.get("uid"))
     async with call.history.connection() as conn, conn.cursor() as cur:
         await cur.execute(
             "SELECT red_packet_id, payload FROM history_outbox WHERE uid = %s "
@@ -159,7 +177,7 @@ async def incoming(call: Call) -> Reply:
 
 
 async def topup(call: Call) -> Reply:
-    body = call.json()
+    body = call.args
     refuse_unknown_fields(
         body, frozenset({"uid", "topup_id", "amount", "body_sha256", "starting_balance"})
     )
@@ -170,7 +188,7 @@ async def topup(call: Call) -> Reply:
     if not (isinstance(digest, str) and len(digest) == 64):
         raise bad_request("invalid_field", "body_sha256 must be 64 hex digits")
     starting = cents(body, "starting_balance", minimum=0)
-    with kept_here(call, uid):
+    async with kept_here(call, uid):
         try:
             result, replayed = await call.history.wallets.topup(
                 uid, topup_id, amount, digest, now_ms=now_ms(), starting=starting
@@ -182,12 +200,12 @@ async def topup(call: Call) -> Reply:
     return reply({**result, "replayed": replayed}, status=200 if replayed else 201)
 
 
-WALLET_CALLS = [
-    ("POST", "/internal/v1/wallets/holds", hold),
-    ("POST", "/internal/v1/wallets/holds/confirm", confirm),
-    ("POST", "/internal/v1/packets/{id}/abandon", abandon_create),
-    ("POST", "/internal/v1/wallets/topups", topup),
-    ("GET", "/internal/v1/users/{uid}/wallet", wallet),
-    ("GET", "/internal/v1/users/{uid}/wallet/transactions", transactions),
-    ("GET", "/internal/v1/users/{uid}/incoming", incoming),
-]
+WALLET_CALLS: dict[str, Handler] = {
+    "hold": hold,
+    "confirm_hold": confirm,
+    "abandon_create": abandon_create,
+    "topup": topup,
+    "wallet": wallet,
+    "transactions": transactions,
+    "incoming": incoming,
+}

@@ -20,33 +20,23 @@ import asyncio
 import contextlib
 import logging
 
-import aiohttp
-import orjson
-
-from redpacket.core.errors import ApiError
 from redpacket.node.history import UserHistory
 from redpacket.node.shard import now_ms
-from redpacket.node.wallet.abandon import ask_here
-from redpacket.sharding.ring import NodeSpec
+from redpacket.nodeclient.client import NodeClient
 
 log = logging.getLogger("redpacket.node.wallet")
-
-NODE_SECRET_HEADER = "X-Redpacket-Node-Secret"
-MAX_HOPS = 4
 
 
 class HoldSweeper:
     def __init__(
         self,
         history: UserHistory,
-        session: aiohttp.ClientSession,
-        secret: str,
+        client: NodeClient,
         *,
         timeout_s: float,
     ) -> None:
         self.history = history
-        self.session = session
-        self.secret = secret
+        self.client = client
         self.timeout_ms = int(timeout_s * 1000)
         self.interval_s = max(0.2, min(timeout_s / 3, 10.0))
 
@@ -82,38 +72,7 @@ class HoldSweeper:
         return settled
 
     async def _ask(self, packet_id: int, token: str) -> str:
-        """The packet owner's answer, following packet_moved."""
-        ring = self.history.ring
-        ring.refresh()
-        node = self._owner(packet_id)
-        for _ in range(MAX_HOPS):
-            if node is None or node.name == self.history.name:
-                try:
-                    return await ask_here(self.history.shard, packet_id, token, now_ms())
-                except ApiError as err:
-                    if err.code != "packet_moved" or not err.extra:
-                        raise
-                    name, url = str(err.extra["owner"]), str(err.extra.get("owner_url", ""))
-                    node = ring.node(name) or NodeSpec(name, url.rstrip("/"))
-                    continue
-            async with self.session.post(
-                f"{node.url}/internal/v1/packets/{packet_id}/abandon",
-                data=orjson.dumps({"create_token": token}),
-                headers={NODE_SECRET_HEADER: self.secret, "Content-Type": "application/json"},
-            ) as resp:
-                answer = orjson.loads(await resp.read())
-            if resp.status == 200:
-                return str(answer["outcome"])
-            error = answer.get("error", {})
-            if resp.status != 421 or error.get("code") != "packet_moved":
-                raise RuntimeError(f"{node.name} answered {resp.status}: {error}")
-            name, url = str(error.get("owner", "")), str(error.get("owner_url", ""))
-            node = ring.node(name) or NodeSpec(name, url.rstrip("/"))
-        raise RuntimeError(f"packet {packet_id} moved too many times")
-
-    def _owner(self, packet_id: int) -> NodeSpec | None:
-        doc = self.history.ring.doc
-        if doc is None:
-            return None
-        route = doc.previous if doc.previous is not None else doc
-        return route.ring().owner(packet_id)
+        """The packet owner's answer (this node's own table when it is the owner), following
+        packet_moved."""
+        self.history.ring.refresh()
+        return await self.client.abandon_create(packet_id, token)

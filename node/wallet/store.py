@@ -181,14 +181,18 @@ class Wallets:
     async def topup(
         self, uid: int, topup_id: str, amount: int, digest: str, *, now_ms: int, starting: int
     ) -> tuple[dict[str, Any], bool]:
-        """Credit a top-up once: ``(result, replayed)``. Raises TopupConflict for a topup_id
+        """Credit a top-up once: ``(result, replayed)``. A replay answers the first result,
+        kept in ``wallet_topup`` (and moved with it, node/handoff/wallets.py), never one
+        recomputed from wherever its transaction is now. Raises TopupConflict for a topup_id
         seen with another body."""
         async with transaction(self.ledger) as cur:
             book = await open_book(cur, [uid], now_ms, starting)
             await cur.execute(
-                "SELECT t.body_sha256, x.id, x.balance_after, x.create_time FROM wallet_topup t "
-                "JOIN wallet_txn x ON x.uid = t.uid AND x.kind = 'topup' AND x.ref = t.topup_id "
-                "WHERE t.topup_id = %s FOR UPDATE",
+                # top-ups from before migration 0004 kept no answer: their transaction's
+                "SELECT t.body_sha256, COALESCE(t.txn_id, x.id), "
+                "COALESCE(t.balance_after, x.balance_after), t.create_time FROM wallet_topup t "
+                "LEFT JOIN wallet_txn x ON x.uid = t.uid AND x.kind = 'topup' "
+                "AND x.ref = t.topup_id WHERE t.topup_id = %s FOR UPDATE",
                 (topup_id,),
             )
             found = await cur.fetchone()
@@ -200,17 +204,12 @@ class Wallets:
                     topup_id, uid, amount, txn_id=found[1], after=found[2], when=found[3]
                 ), True
             after = book.post(uid, "topup", topup_id, amount, None)
+            txn_id, when = book.last_id, to_datetime(now_ms)
             await book.write()
             await cur.execute(
-                "SELECT id, create_time FROM wallet_txn WHERE uid = %s AND kind = 'topup' "
-                "AND ref = %s",
-                (uid, topup_id),
-            )
-            txn_id, when = await cur.fetchone()
-            await cur.execute(
-                "INSERT INTO wallet_topup (topup_id, uid, amount, body_sha256, create_time) "
-                "VALUES (%s, %s, %s, %s, %s)",
-                (topup_id, uid, amount, digest, when),
+                "INSERT INTO wallet_topup (topup_id, uid, amount, body_sha256, create_time, "
+                "txn_id, balance_after) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                (topup_id, uid, amount, digest, when, txn_id, after),
             )
         return _topup_json(topup_id, uid, amount, txn_id=txn_id, after=after, when=when), False
 

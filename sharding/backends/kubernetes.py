@@ -233,6 +233,14 @@ class KubernetesBackend:
                 )
             await asyncio.sleep(self.poll_s)
 
+    async def _draining(self) -> list[int]:
+        """The ordinals of shards an older ring version still names but the newest does not
+        (``remove --drain``: they stop once their last packet is refunded), highest first."""
+        doc = await self.read_ring()
+        newest = {n.name for n in doc.nodes}
+        names = {n.name for n in doc.all_nodes()} - newest
+        return sorted((int(m.group(1)) for m in map(SHARD_NAME.match, names) if m), reverse=True)
+
     async def start_node(self, name: str, url: str | None, weight: int) -> NodeSpec:
         ordinal = _ordinal(name)
         node_sts = self.names.node_statefulset
@@ -242,6 +250,14 @@ class KubernetesBackend:
                 f"StatefulSet {node_sts} runs {replicas} shard(s): the next one is "
                 f"shard-{replicas}, not {name}"
             )
+        below = [d for d in await self._draining() if d < ordinal]
+        if below:  # a pod above a draining one would leave it unable to ever stop
+            raise BackendError(
+                f"shard-{below[0]} is draining, and a StatefulSet only shrinks from its highest "
+                f"pod: with {name} above it, it could never stop. Add {name} once "
+                f"`redpacket rebalance retire` has stopped shard-{below[0]} (or after "
+                f"`redpacket rebalance remove --move --node shard-{below[0]}`)"
+            )
         for sts in self._statefulsets():  # the stores first, then the node: all together
             if await self._replicas(sts) < ordinal + 1:
                 await self._scale(sts, ordinal + 1)
@@ -249,7 +265,17 @@ class KubernetesBackend:
         return NodeSpec(name, (url or self.node_url(ordinal)).rstrip("/"), weight)
 
     async def check_stop(self, name: str) -> None:
+        """Only the highest pod can go, and none while one above it is still draining (a
+        drained shard stops later, by ``retire``: it must still be the highest then)."""
         ordinal = _ordinal(name)
+        above = [d for d in await self._draining() if d > ordinal]
+        if above:
+            raise BackendError(
+                f"shard-{above[0]} is still draining (it stops once its last red packet has "
+                "expired and been refunded: `redpacket rebalance retire`), and a StatefulSet "
+                f"only shrinks from its highest pod: remove {name} after that (or after "
+                f"`redpacket rebalance remove --move --node shard-{above[0]}`)"
+            )
         replicas = await self._replicas(self.names.node_statefulset)
         if ordinal < replicas - 1:
             raise BackendError(

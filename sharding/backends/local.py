@@ -19,10 +19,9 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from redpacket.cli.devcluster import cluster_dir, load_state
+from redpacket.nodeclient.wire import NODE_SECRET_HEADER
 from redpacket.sharding.backends import BackendError
 from redpacket.sharding.ring import NodeSpec, RingDoc
-
-SECRET_HEADER = "X-Redpacket-Node-Secret"
 
 
 class LocalBackend:
@@ -47,7 +46,7 @@ class LocalBackend:
             async with (
                 aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session,
                 session.request(
-                    method, url, json=body, headers={SECRET_HEADER: self.node_secret}
+                    method, url, json=body, headers={NODE_SECRET_HEADER: self.node_secret}
                 ) as resp,
             ):
                 answer = await resp.json(content_type=None)

@@ -1,4 +1,5 @@
-"""Moving users' idempotency keys to the user's new owner (``user:<uid>`` on the ring)."""
+"""Moving users' own data off a node: their idempotency keys and their history (我的红包), to
+the owner of ``user:<uid>`` on the new ring."""
 
 from __future__ import annotations
 
@@ -92,10 +93,12 @@ class KeyMoves:
         """Up to ``limit`` users with history here (uid order), each with their rows as the
         events that would rebuild them anywhere: ``[uid, event, red_packet_id, payload]``."""
         async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
-            await cur.execute(
-                "SELECT uid FROM user_received WHERE uid > %s UNION "
-                "SELECT uid FROM user_sent WHERE uid > %s ORDER BY uid LIMIT %s",
-                (after_uid, after_uid, limit),
+            await cur.execute(  # each side a loose index scan: a plain UNION of the two
+                # tables sorted every row of both per page (150,000 rows: past the timeout)
+                "SELECT uid FROM ((SELECT DISTINCT uid FROM user_received WHERE uid > %s "
+                "ORDER BY uid LIMIT %s) UNION (SELECT DISTINCT uid FROM user_sent "
+                "WHERE uid > %s ORDER BY uid LIMIT %s)) u ORDER BY uid LIMIT %s",
+                (after_uid, limit, after_uid, limit, limit),
             )
             uids = [int(r[0]) for r in await cur.fetchall()]
             if not uids:

@@ -1,9 +1,13 @@
-"""The gateway's end of the link: node calls multiplexed on a few long-lived WebSockets.
+"""The caller's end of the link: node calls multiplexed on a few long-lived WebSockets.
 
 Per (gateway process, node) a :class:`NodeLink` keeps ``connections`` WebSockets open to
 the node's ``/internal/v1/link`` (the node secret is presented once, at the upgrade). A
 call is a frame with a call id; the frames of one loop tick leave in one message and one
 write (``core/frames.py``); replies come back in any order and each wakes its caller.
+
+A call is its name and a map of msgpack values when the node accepted the link's
+subprotocol (``LINK_PROTOCOL``) at the upgrade; a node of 0.1.0 did not, and gets the call
+as method, path, query and JSON body, as it expects (a rolling upgrade meets both).
 
 What the HTTP hop gave stays: a deadline per call (a late answer is dropped, the caller
 gets 503 ``unavailable``), at most ``max_inflight`` calls per connection (callers beyond
@@ -21,28 +25,28 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
 import msgpack
+import orjson
 from aiohttp import WSMsgType
 
-from redpacket.core.frames import CONTROL_ID, GOAWAY, LINK_PATH, FrameWriter, pack, unpacker
+from redpacket.core.frames import (
+    CONTROL_ID,
+    GOAWAY,
+    LINK_PATH,
+    LINK_PROTOCOL,
+    FrameWriter,
+    pack,
+    unpacker,
+)
+from redpacket.nodeclient.wire import NODE_SECRET_HEADER, ROUTES, NodeDown, Route
 
-log = logging.getLogger("redpacket.gateway.link")
+log = logging.getLogger("redpacket.nodeclient.link")
 
-NODE_SECRET_HEADER = "X-Redpacket-Node-Secret"
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 2.0
-
-
-class LinkDown(Exception):
-    """The call could not be made or was lost with its connection; ``kind`` says how."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind  # "connect", "closed", "timeout" or "auth"
 
 
 class _Connection:
@@ -52,6 +56,7 @@ class _Connection:
         self.writer: FrameWriter | None = None
         self.pending: dict[int, asyncio.Future[list[Any]]] = {}
         self.draining = False
+        self.named = False  # the node takes calls by name (it accepted LINK_PROTOCOL)
         self.ids = itertools.count(1)
 
     @property
@@ -67,6 +72,7 @@ class _Connection:
                 ws = await link.session.ws_connect(
                     link.url + LINK_PATH,
                     headers={NODE_SECRET_HEADER: link.secret},
+                    protocols=(LINK_PROTOCOL,),
                     max_msg_size=link.max_message_bytes,
                     autoclose=True,
                     autoping=True,
@@ -76,13 +82,13 @@ class _Connection:
                 kind = "auth" if exc.status == 401 else "connect"
                 if kind == "auth":
                     log.error("shard %s refused the gateway's node secret", link.name)
-                link.connect_failed(LinkDown(kind, f"shard {link.name}: {exc.status}"))
+                link.connect_failed(NodeDown(kind, f"shard {link.name}: {exc.status}"))
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                link.connect_failed(LinkDown("connect", f"shard {link.name}: {exc}"))
+                link.connect_failed(NodeDown("connect", f"shard {link.name}: {exc}"))
             else:
                 delay = BACKOFF_FIRST_S
-                try:
-                    await self._serve(ws)
+                try:  # its own task: a message wakes the connection alone, not this loop too
+                    await asyncio.ensure_future(self._serve(ws))
                 except Exception:  # this loop is the link's only way back: it must not end
                     log.exception("link to shard %s failed unexpectedly", link.name)
                 continue  # a connection that worked is replaced at once
@@ -93,6 +99,7 @@ class _Connection:
         writer = FrameWriter(ws.send_bytes, self.link.max_message_bytes)
         writer_task = asyncio.create_task(writer.run())
         self.ws, self.writer, self.draining = ws, writer, False
+        self.named = ws.protocol == LINK_PROTOCOL
         self.link.connected()
         frames = unpacker(self.link.max_message_bytes * 2)
         pending = self.pending
@@ -129,7 +136,7 @@ class _Connection:
                 await writer_task
             with contextlib.suppress(aiohttp.ClientError, OSError):
                 await ws.close()
-            lost = LinkDown("closed", f"connection to shard {self.link.name} was lost")
+            lost = NodeDown("closed", f"connection to shard {self.link.name} was lost")
             for future in pending.values():
                 if not future.done():
                     future.set_exception(lost)
@@ -152,11 +159,12 @@ class NodeLink:
     ) -> None:
         self.name, self.url, self.session, self.secret = name, url.rstrip("/"), session, secret
         self.max_message_bytes = max_message_bytes
+        self.routes: dict[str, Route] = ROUTES  # for nodes that take calls by path only
         self._conns = [_Connection(self) for _ in range(connections)]
         self._slots = asyncio.Semaphore(connections * max_inflight)
         self._tasks: list[asyncio.Task[None]] = []
         self._up: asyncio.Future[None] | None = None  # resolved by the first attempt
-        self.last_error: LinkDown | None = None
+        self.last_error: NodeDown | None = None
         self._calls = 0  # calls under way (waiting for a slot or an answer)
         self._idle: asyncio.Event | None = None  # set when _calls drops to 0 (retire waits)
         self.retired = False
@@ -170,7 +178,7 @@ class NodeLink:
         if self._up is not None and not self._up.done():
             self._up.set_result(None)
 
-    def connect_failed(self, error: LinkDown) -> None:
+    def connect_failed(self, error: NodeDown) -> None:
         self.last_error = error
         if self._up is not None and not self._up.done():
             self._up.set_result(None)
@@ -183,36 +191,22 @@ class NodeLink:
         return best
 
     async def call(
-        self,
-        method: str,
-        path: str,
-        query: Mapping[str, str] | None,
-        body: bytes | None,
-        *,
-        rid: str,
-        timeout_s: float,
-    ) -> list[Any]:
-        """``[call_id, status, body, retry_after]``, or :class:`LinkDown`."""
+        self, name: str, args: dict[str, Any], *, rid: str, timeout_s: float
+    ) -> tuple[int, Any, Any]:
+        """The node's reply to call ``name`` with ``args``: ``(status, body, retry_after)``,
+        the body a value (or JSON bytes from a node of 0.1.0); or :class:`NodeDown`."""
         if self.retired:
-            raise LinkDown("connect", f"shard {self.name} has left the ring")
+            raise NodeDown("connect", f"shard {self.name} has left the ring")
         self._calls += 1
         try:
-            return await self._call(method, path, query, body, rid=rid, timeout_s=timeout_s)
+            _, status, body, retry_after = await self._call(name, args, rid, timeout_s)
+            return status, body, retry_after
         finally:
             self._calls -= 1
             if not self._calls and self._idle is not None:
                 self._idle.set()
 
-    async def _call(
-        self,
-        method: str,
-        path: str,
-        query: Mapping[str, str] | None,
-        body: bytes | None,
-        *,
-        rid: str,
-        timeout_s: float,
-    ) -> list[Any]:
+    async def _call(self, name: str, args: dict[str, Any], rid: str, timeout_s: float) -> list[Any]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         if self._up is None:
@@ -225,25 +219,28 @@ class NodeLink:
                     await asyncio.wait_for(asyncio.shield(self._up), timeout_s)
             conn = self._pick()
             if conn is None:  # down: fail fast, the supervisors keep reconnecting
-                raise self.last_error or LinkDown("connect", f"shard {self.name} is unavailable")
+                raise self.last_error or NodeDown("connect", f"shard {self.name} is unavailable")
         slots = self._slots
         if slots.locked():  # backpressure: wait for a slot, within this call's deadline
             try:
                 async with asyncio.timeout_at(deadline):
                     await slots.acquire()
             except TimeoutError:
-                raise LinkDown("timeout", f"shard {self.name} is saturated") from None
+                raise NodeDown("timeout", f"shard {self.name} is saturated") from None
             conn = self._pick()
             if conn is None:
                 slots.release()
-                raise LinkDown("connect", f"shard {self.name} is unavailable")
+                raise NodeDown("connect", f"shard {self.name} is unavailable")
         else:
             await slots.acquire()
         call_id = next(conn.ids)
         future: asyncio.Future[list[Any]] = loop.create_future()
         conn.pending[call_id] = future
         assert conn.writer is not None
-        conn.writer.put(pack([call_id, method, path, query, body, rid]))
+        if conn.named:
+            conn.writer.put(pack([call_id, name, args, rid]))
+        else:
+            conn.writer.put(pack([call_id, *_by_path(self.routes[name], args), rid]))
         timer = loop.call_at(deadline, _expire, conn.pending, call_id, future)
         try:
             return await future
@@ -267,12 +264,18 @@ class NodeLink:
                 await task
 
 
+def _by_path(route: Route, args: dict[str, Any]) -> tuple[str, str, Any, bytes | None]:
+    """``method, path, query, body`` of the call frame a node of 0.1.0 reads."""
+    path, query, body = route.request(args)
+    return route.method, path, query, orjson.dumps(body) if body is not None else None
+
+
 def _expire(
     pending: dict[int, asyncio.Future[list[Any]]], call_id: int, future: asyncio.Future[list[Any]]
 ) -> None:
     pending.pop(call_id, None)
     if not future.done():
-        future.set_exception(LinkDown("timeout", "no answer in time"))
+        future.set_exception(NodeDown("timeout", "no answer in time"))
 
 
 class Links:
