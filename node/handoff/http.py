@@ -5,12 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import pymysql
 from aiohttp import web
 
 from redpacket.core.body import read_json_object
 from redpacket.core.errors import bad_request, json_response
-from redpacket.core.errors import unavailable as unavailable_error
 from redpacket.core.ids import parse_packet_id, parse_uid
 from redpacket.node.handoff.batch import MAX_BATCH, PacketBatches
 from redpacket.node.handoff.fence import Fence
@@ -62,39 +60,34 @@ async def _step(request: web.Request, step: str) -> web.Response:
     handoff = request.app[HANDOFF]
     packet_id = parse_packet_id(request.match_info["id"])
     body = await _body(request)
-    try:
-        if step == "export":
-            return json_response(
-                await handoff.packets.export(
-                    packet_id, _name(body, "to"), _int(body, "ring_version")
-                )
+    if step == "export":
+        return json_response(
+            await handoff.packets.export(packet_id, _name(body, "to"), _int(body, "ring_version"))
+        )
+    if step == "import":
+        try:
+            payload = body["export"]
+            if int(payload["packet"]["red_packet_id"]) != packet_id:
+                raise ValueError("packet id mismatch")
+            state = await handoff.packets.import_(
+                payload, _name(body, "from"), _int(body, "ring_version")
             )
-        if step == "import":
-            try:
-                payload = body["export"]
-                if int(payload["packet"]["red_packet_id"]) != packet_id:
-                    raise ValueError("packet id mismatch")
-                state = await handoff.packets.import_(
-                    payload, _name(body, "from"), _int(body, "ring_version")
-                )
-            except (KeyError, TypeError, ValueError) as exc:
-                raise bad_request("invalid_field", f"malformed export: {exc}") from None
-        elif step == "activate":
-            state = await handoff.packets.activate(packet_id)
-        elif step == "finish":
-            url = body.get("owner_url", "")
-            state = await handoff.packets.finish(
-                packet_id,
-                _name(body, "owner"),
-                url if isinstance(url, str) else "",
-                _int(body, "ring_version"),
-            )
-        elif step == "abort":
-            state = await handoff.packets.abort(packet_id)
-        else:
-            state = await handoff.packets.discard(packet_id)
-    except pymysql.err.OperationalError as exc:
-        raise unavailable_error(f"the shard's database refused: {exc.args[:1]}") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise bad_request("invalid_field", f"malformed export: {exc}") from None
+    elif step == "activate":
+        state = await handoff.packets.activate(packet_id)
+    elif step == "finish":
+        url = body.get("owner_url", "")
+        state = await handoff.packets.finish(
+            packet_id,
+            _name(body, "owner"),
+            url if isinstance(url, str) else "",
+            _int(body, "ring_version"),
+        )
+    elif step == "abort":
+        state = await handoff.packets.abort(packet_id)
+    else:
+        state = await handoff.packets.discard(packet_id)
     return json_response({"state": state})
 
 
@@ -102,10 +95,7 @@ def _ids(body: dict[str, Any]) -> list[int]:
     raw = body.get("ids")
     if not isinstance(raw, list) or not 0 < len(raw) <= MAX_BATCH:
         raise bad_request("invalid_field", f"ids must be a list of 1 to {MAX_BATCH} packet ids")
-    ids = [parse_uid(i) for i in raw]  # same range as a user id: 1..2^63-1
-    if any(i is None for i in ids):
-        raise bad_request("invalid_field", "ids must be packet ids")
-    return list(dict.fromkeys(i for i in ids if i is not None))
+    return list(dict.fromkeys(parse_packet_id(i) for i in raw))
 
 
 async def batch_step(request: web.Request) -> web.Response:
@@ -113,35 +103,30 @@ async def batch_step(request: web.Request) -> web.Response:
     batches = request.app[HANDOFF].batches
     step = request.match_info["step"]
     body = await read_json_object(request)
-    try:
-        if step == "export":
-            results = await batches.export(
-                _ids(body), _name(body, "to"), _int(body, "ring_version")
+    if step == "export":
+        results = await batches.export(_ids(body), _name(body, "to"), _int(body, "ring_version"))
+    elif step == "import":
+        exports = body.get("exports")
+        if not isinstance(exports, list) or not 0 < len(exports) <= MAX_BATCH:
+            raise bad_request("invalid_field", "exports must be a list of exports")
+        try:
+            results = await batches.import_(
+                exports, _name(body, "from"), _int(body, "ring_version")
             )
-        elif step == "import":
-            exports = body.get("exports")
-            if not isinstance(exports, list) or not 0 < len(exports) <= MAX_BATCH:
-                raise bad_request("invalid_field", "exports must be a list of exports")
-            try:
-                results = await batches.import_(
-                    exports, _name(body, "from"), _int(body, "ring_version")
-                )
-            except (KeyError, TypeError, ValueError, IndexError) as exc:
-                raise bad_request("invalid_field", f"malformed export: {exc}") from None
-        elif step == "activate":
-            results = await batches.activate(_ids(body))
-        elif step == "finish":
-            url = body.get("owner_url", "")
-            results = await batches.finish(
-                _ids(body),
-                _name(body, "owner"),
-                url if isinstance(url, str) else "",
-                _int(body, "ring_version"),
-            )
-        else:
-            raise bad_request("invalid_step", f"no batched handoff step {step!r}")
-    except pymysql.err.OperationalError as exc:
-        raise unavailable_error(f"the shard's database refused: {exc.args[:1]}") from None
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise bad_request("invalid_field", f"malformed export: {exc}") from None
+    elif step == "activate":
+        results = await batches.activate(_ids(body))
+    elif step == "finish":
+        url = body.get("owner_url", "")
+        results = await batches.finish(
+            _ids(body),
+            _name(body, "owner"),
+            url if isinstance(url, str) else "",
+            _int(body, "ring_version"),
+        )
+    else:
+        raise bad_request("invalid_step", f"no batched handoff step {step!r}")
     return json_response({"results": {str(i): r for i, r in results.items()}})
 
 
