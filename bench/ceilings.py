@@ -31,6 +31,8 @@ import orjson
 import redis.asyncio as aioredis
 
 from redpacket.core.env import REDIS_PASSWORD_FILE, password_from_file
+from redpacket.node.counters import load_args
+from redpacket.node.packet import PacketRow
 
 # Not under rp:{...}: a node's reconciler scans rp:{*}:pending and must never see these keys.
 CEILING_TAG = "bench:{lua-ceiling}"
@@ -76,15 +78,17 @@ async def lua_ceiling(redis_url: str, duration_s: float, clients: int = 50) -> d
         load_sha = await client.script_load(_script("load.lua"))
         now_ms = int(time.time() * 1000)
         await client.delete(*CEILING_KEYS)
-        # load.lua: mode, total_amount, total_packet, remaining_amount, remaining_packet,
-        # expire_at_ms, drop_at_ms, kind, amount_each, receiver: a lucky packet that cannot
-        # run out or expire during the run
-        amount = 1000 * HUGE_SHARES
-        hour = now_ms + 3_600_000
-        await client.evalsha(
-            load_sha, 3, *CEILING_KEYS, "create", amount, HUGE_SHARES, amount, HUGE_SHARES,
-            hour, hour, "lucky", "", "",
+        # a lucky packet that cannot run out or expire during the run, loaded by load.lua
+        # with the arguments the node gives it (node/counters.py load_args)
+        amount, hour = 1000 * HUGE_SHARES, now_ms + 3_600_000
+        ceiling = PacketRow(
+            red_packet_id=1, uid=1, total_amount=amount, total_packet=HUGE_SHARES,
+            greeting="", create_token="bench-ceiling", kind="lucky", amount_each=None,
+            receiver_uid=None, remaining_amount=amount, remaining_packet=HUGE_SHARES,
+            status="active", create_time_ms=now_ms, expire_time_ms=hour,
         )  # fmt: skip
+        args = load_args(ceiling, {}, replace=False, drop_at_ms=hour)
+        await client.evalsha(load_sha, 3, *CEILING_KEYS, *args)
         details = orjson.dumps([now_ms, "bench-user", "https://img.example/bench.png"]).decode()
         command = [
             "EVALSHA", open_sha, "3", *CEILING_KEYS,

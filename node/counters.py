@@ -111,7 +111,7 @@ def claim_details(claim: Claim) -> bytes:
     return orjson.dumps([claim.claimed_at_ms, claim.nick_name, claim.img_url])
 
 
-def _load_args(
+def load_args(
     packet: PacketRow, claims: dict[int, int], replace: bool, drop_at_ms: int
 ) -> list[int | str]:
     """ARGV of load.lua for a packet as MySQL has it.
@@ -178,7 +178,7 @@ class Counters:
         drop_at_ms: int,
     ) -> bool:
         """Load a packet as MySQL has it; ``replace`` also discards claims MySQL never got."""
-        args = _load_args(packet, claims, replace, drop_at_ms)
+        args = load_args(packet, claims, replace, drop_at_ms)
         return bool(await self._load(keys=packet_keys(packet.red_packet_id), args=args))
 
     async def load_many(
@@ -189,7 +189,7 @@ class Counters:
             self._batch.run(
                 self._load,
                 list(packet_keys(packet.red_packet_id)),
-                _load_args(packet, claims, replace, packet.expire_time_ms + drop_after_s * 1000),
+                load_args(packet, claims, replace, packet.expire_time_ms + drop_after_s * 1000),
             )
             for packet, claims in packets
         ]
