@@ -37,7 +37,6 @@ from redpacket.node.ledger import (
     GuardFailed,
     IdCollision,
     Ledger,
-    LedgerUnavailable,
 )
 from redpacket.node.packet import Claim, PacketRow, PacketTerms, terms_of
 from redpacket.node.redis_keys import packet_keys
@@ -179,8 +178,6 @@ class Shard:
             raise ApiError(
                 409, "create_abandoned", "this create was abandoned; retry with a new request"
             ) from None
-        except LedgerUnavailable:
-            raise unavailable("the shard's database is unavailable") from None
         if created:
             with contextlib.suppress(Exception):  # Redis missing it is repaired on first use
                 await self.counters.load(
@@ -252,8 +249,6 @@ class Shard:
     async def _committed(self, commit: asyncio.Future[int]) -> int:
         try:
             return await asyncio.shield(commit)
-        except LedgerUnavailable:
-            raise unavailable("the shard's database did not commit; retry") from None
         except GuardFailed:
             raise unavailable("the shard is repairing this red packet; retry") from None
 
@@ -344,15 +339,12 @@ class Shard:
         if replace:
             await self.counters.freeze(packet_id, True)
         await self.quiesce(packet_id)
-        try:
-            packet = await self.ledger.get_packet(packet_id)
-            if packet is None:
-                raise await self.absent(packet_id)
-            if packet.status == MOVING:
-                raise await self.moving(packet_id)
-            claims = await self.ledger.committed_claims(packet_id)
-        except LedgerUnavailable:
-            raise unavailable("the shard's database is unavailable") from None
+        packet = await self.ledger.get_packet(packet_id)  # LedgerUnavailable: 503 (calls.py)
+        if packet is None:
+            raise await self.absent(packet_id)
+        if packet.status == MOVING:
+            raise await self.moving(packet_id)
+        claims = await self.ledger.committed_claims(packet_id)
         await self.counters.load(packet, claims, replace=replace, drop_at_ms=self._drop_at(packet))
         self.admission.forget(packet_id)
         return packet
@@ -371,10 +363,7 @@ class Shard:
         async with self.packet_lock(packet_id):
             if not await self.counters.is_frozen(packet_id):
                 return True
-            try:
-                packet = await self.ledger.get_packet(packet_id)
-            except LedgerUnavailable:
-                raise unavailable("the shard's database is unavailable") from None
+            packet = await self.ledger.get_packet(packet_id)
             if packet is None or packet.status == MOVING:
                 return False
             log.warning(

@@ -310,3 +310,30 @@ async def test_a_fenced_node_places_each_create_by_the_version_of_its_id(fresh_n
     )
     assert (status, body["live"]) == (200, 1), body
     assert (await node.call("DELETE", "/internal/v1/handoff/ring"))[0] == 200
+
+
+async def test_a_call_arriving_after_the_fence_is_lifted_is_sent_on_not_answered_404(
+    fresh_node: Any,
+) -> None:
+    """A call routed by a change's transition ring can reach an old owner after the change
+    ended and the fence was lifted (chaos seed 1: grabs held behind a paused Redis). For a
+    packet the change's ring gives to another node, the answer is still packet_moved to it;
+    404 stays for what this node should hold and does not."""
+    node = await fresh_node()
+    me, other = node.spec(), NodeSpec("shard-x", "http://127.0.0.1:9")
+    doc = RingDoc(9, (me, other))
+    async with HandoffClient(node.secret) as client:
+        assert (await client.fence(me, doc))["node"] == me.name
+    assert (await node.call("DELETE", "/internal/v1/handoff/ring"))[0] == 200  # lifted
+    ids = [IdGenerator(5).next_id() + i * 4096 for i in range(40)]
+    answers = Counter()
+    for packet_id in ids:
+        status, body = await node.call(
+            "POST", f"/internal/v1/packets/{packet_id}/grab", {"uid": "7"}
+        )
+        if packet_owner(doc, packet_id).name == "shard-x":
+            assert (status, body["error"]["owner"]) == (421, "shard-x"), body
+        else:
+            assert (status, body["error"]["code"]) == (404, "not_found"), body
+        answers[status] += 1
+    assert answers[421] and answers[404], answers

@@ -131,10 +131,16 @@ class Fence:
     def packet_owner_elsewhere(self, packet_id: int) -> NodeSpec | None:
         """The owner the fence ring gives a packet (by the version that places it, so a
         packet created after a version's ``since_ms`` belongs to that version's owner), if
-        that is another node; else None."""
-        if self.fence is None:
+        that is another node; else None.
+
+        Once the fence is lifted the ring of that change (``settled``) still answers: a call
+        routed by the transition ring may arrive after the lift (chaos seed 1: grabs that
+        waited behind this node's paused Redis reached it just after a `rebalance add`
+        ended, for packets created on the new shard, and were answered 404)."""
+        doc = self.fence if self.fence is not None else self.settled
+        if doc is None:
             return None
-        owner = packet_owner(self.fence, packet_id)
+        owner = packet_owner(doc, packet_id)
         return None if owner.name == self.name else owner
 
     async def existing_for_create(self, packet_id: int) -> PacketRow | None:
