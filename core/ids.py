@@ -121,8 +121,11 @@ class PublicIds:
     characters, where tag = HMAC-SHA256(id key, those 8 bytes)[:8]. 64 bits nobody can
     predict from other ids without the key, so a packet is found only by those given its id.
 
-    ``legacy_before_ms``: decimal ids of release 0.1.0 are still accepted for packets whose
-    snowflake time is before this (a rolling upgrade); 0 accepts none."""
+    ``legacy_before_ms``: packets whose snowflake time is before this keep the decimal ids of
+    release 0.1.0: they are accepted, and given, in that form (tagged ids are accepted too).
+    Given as well, because during a rolling upgrade a gateway of the previous release may
+    serve the next call of a client a new gateway answered: set it past the end of the
+    gateway roll, then back to that moment (docs/deploy.md, "Upgrades"); 0: none."""
 
     def __init__(self, key: bytes, legacy_before_ms: int = 0) -> None:
         if len(key) < 16:
@@ -134,6 +137,8 @@ class PublicIds:
         return hmac.new(self._key, body, hashlib.sha256).digest()[:_TAG_BYTES]
 
     def format(self, packet_id: int) -> str:
+        if IdGenerator.timestamp_ms(packet_id) < self._legacy_before_ms:
+            return str(packet_id)  # a 0.1.0 gateway, still in the roll, can parse only these
         body = packet_id.to_bytes(8, "big")
         return base64.urlsafe_b64encode(body + self._tag(body)).decode().rstrip("=")
 

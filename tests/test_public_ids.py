@@ -63,6 +63,20 @@ def test_legacy_decimal_ids_only_before_the_setting() -> None:
     assert made_ms > EPOCH_MS
 
 
+def test_packets_before_the_legacy_setting_are_given_decimal_ids_a_0_1_0_gateway_parses() -> None:
+    """During a gateway roll from 0.1.0, a client answered by a new gateway may call an old
+    one next: packets made before the setting get the decimal id both understand."""
+    snowflake = IdGenerator(5).next_id()
+    made_ms = IdGenerator.timestamp_ms(snowflake)
+    during_roll = PublicIds(derive_id_key("n" * 32), made_ms + 60_000)
+    assert during_roll.format(snowflake) == str(snowflake)
+    assert during_roll.parse(str(snowflake)) == snowflake
+    after_roll = PublicIds(derive_id_key("n" * 32), made_ms)  # set back to the roll's end
+    tagged = after_roll.format(snowflake)
+    assert len(tagged) == 22 and after_roll.parse(tagged) == snowflake
+    assert during_roll.parse(tagged) == snowflake  # a tagged id stays valid either way
+
+
 async def test_a_bad_tag_is_answered_exactly_like_an_unknown_packet(cluster: Cluster) -> None:
     real = await cluster.create(1, 100, 1)
     raw = base64.urlsafe_b64decode(real + "==")
