@@ -127,17 +127,23 @@ async def create_many(cluster: Cluster, count: int, amount: int, shares: int) ->
     return ids
 
 
+async def keyed_create(cluster: Cluster, uid: int) -> tuple[int, Any]:
+    """One create with the user's Idempotency-Key (``key-<uid>``): a retry gets the same
+    packet, wherever the key moved with its user."""
+    return await cluster.call(
+        "POST",
+        "/v1/red-packets",
+        uid,
+        {"total_amount": 300, "total_packet": 3},
+        headers={"Idempotency-Key": f"key-{uid}"},
+    )
+
+
 async def keyed_creates(cluster: Cluster, uids: range) -> dict[int, str]:
     """Creates with an Idempotency-Key (the key lives with its user, and moves with them)."""
     keyed = {}
     for uid in uids:
-        status, body = await cluster.call(
-            "POST",
-            "/v1/red-packets",
-            uid,
-            {"total_amount": 300, "total_packet": 3},
-            headers={"Idempotency-Key": f"key-{uid}"},
-        )
+        status, body = await keyed_create(cluster, uid)
         assert status == 201, body
         keyed[uid] = body["red_packet_id"]
     return keyed
@@ -332,13 +338,7 @@ async def test_scale_2_to_3_to_2_under_an_open_load(make_cluster: Any) -> None:
         assert info["status"] == "refunded"
     # idempotency keys followed their users: a retried create gets the same packet
     for uid, packet_id in keyed.items():
-        status, body = await cluster.call(
-            "POST",
-            "/v1/red-packets",
-            uid,
-            {"total_amount": 300, "total_packet": 3},
-            headers={"Idempotency-Key": f"key-{uid}"},
-        )
+        status, body = await keyed_create(cluster, uid)
         assert (status, body["red_packet_id"]) == (201, packet_id)
     print(f"2 -> 3 -> 2 with {len(load.observed)} opens took {time.monotonic() - started:.1f}s")
 

@@ -24,6 +24,7 @@ from tests.test_rebalance import (
     Load,
     create_many,
     database_exists,
+    keyed_create,
     keyed_creates,
     kill_when,
     packets_by_node,
@@ -40,13 +41,7 @@ async def assert_keys_and_history_follow_users(cluster: Cluster, keyed: dict[int
     """A retried create gets the same packet, and the sender's history lists it: both are on
     the user's owner in the newest ring, wherever the packet lives."""
     for uid, packet_id in keyed.items():
-        status, body = await cluster.call(
-            "POST",
-            "/v1/red-packets",
-            uid,
-            {"total_amount": 300, "total_packet": 3},
-            headers={"Idempotency-Key": f"key-{uid}"},
-        )
+        status, body = await keyed_create(cluster, uid)
         assert (status, body["red_packet_id"]) == (201, packet_id), body
 
         async def listed(uid: int = uid, packet_id: str = packet_id) -> bool:
