@@ -136,7 +136,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app[BODY_READ_TIMEOUT_S] = settings.body_read_timeout_s
     app.on_response_prepare.append(secure_headers)
     json_parser_errors()
-    app[AUTH] = Authenticator(settings.jwt_secret)
+    app[AUTH] = Authenticator(settings.jwt_secret, settings.token_cache_size)
     app[IDS] = IdGenerator(settings.generator_id)
     app[FINISHED] = FinishedPackets(settings.finished_cache_size, settings.finished_ttl_s)
     app[CREATE_LIMIT] = RateLimiter(settings.create_per_s, settings.create_burst)

@@ -128,7 +128,14 @@ def verify_hs256(token: str, key: bytes, now: float) -> dict[str, Any]:
 
 
 class Authenticator:
-    def __init__(self, secret: str, cache_size: int = 100_000) -> None:
+    """Verifies bearer tokens, remembering the last ``cache_size`` verified (least recently
+    used evicted first). The bound, not the token's ``exp``, is what keeps the cache small: the
+    crowd of a sold-out packet is new users who send a token twice (grab, then open) and never
+    again, so a cache of a few seconds of them serves as well as one of minutes, and a cache
+    of 100,000 held ~200 MiB of the gateway's memory for nothing (docs/benchmarks.md). A user
+    of the app touches their entry with every call, so they keep it."""
+
+    def __init__(self, secret: str, cache_size: int = 16_384) -> None:
         self._secret = secret
         self._key = secret.encode()
         self._cache: OrderedDict[str, tuple[User, float]] = OrderedDict()
@@ -141,6 +148,7 @@ class Authenticator:
         now = time.time()
         cached = self._cache.get(token)
         if cached is not None and cached[1] > now:
+            self._cache.move_to_end(token)
             return cached[0]
         try:
             claims = verify_hs256(token, self._key, now)
@@ -156,8 +164,11 @@ class Authenticator:
         return user
 
     def _remember(self, token: str, user: User, exp: float) -> None:
+        if self._cache_size <= 0:
+            return
         self._cache[token] = (user, exp)
-        if len(self._cache) > self._cache_size:
+        self._cache.move_to_end(token)
+        while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
 
 

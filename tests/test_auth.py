@@ -70,3 +70,57 @@ def test_the_fast_path_agrees_with_pyjwt(kind: str) -> None:
         got = None
     assert got == expected
     assert (got is not None) == kind.startswith("good")
+
+
+def _counting_verifies(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The tokens the authenticator verified afresh (the real verifier still runs)."""
+    from redpacket.gateway import auth
+
+    verified: list[str] = []
+    real = auth.verify_hs256
+
+    def counted(token: str, key: bytes, now: float) -> dict:
+        verified.append(token)
+        return real(token, key, now)
+
+    monkeypatch.setattr(auth, "verify_hs256", counted)
+    return verified
+
+
+def test_a_crowd_of_new_users_does_not_push_out_a_user_who_keeps_calling(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from redpacket.gateway.auth import Authenticator, mint_token
+
+    verified = _counting_verifies(monkeypatch)
+    auth = Authenticator(SECRET, cache_size=4)
+    regular = "Bearer " + mint_token(SECRET, 1)
+    assert auth.user(regular).uid == 1
+    for uid in range(2, 40):  # the crowd: each new user grabs, then opens
+        crowd = "Bearer " + mint_token(SECRET, uid)
+        assert auth.user(crowd).uid == uid
+        assert auth.user(crowd).uid == uid
+        assert auth.user(regular).uid == 1
+    assert verified.count(regular[7:]) == 1  # verified once, then always remembered
+    assert len(verified) == 1 + 38  # each of the crowd verified once, not twice
+
+
+def test_the_token_cache_holds_at_most_its_bound_and_zero_turns_it_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from redpacket.gateway.auth import Authenticator, mint_token
+
+    verified = _counting_verifies(monkeypatch)
+    tokens = ["Bearer " + mint_token(SECRET, uid) for uid in range(1, 11)]
+    bounded = Authenticator(SECRET, cache_size=3)
+    for token in tokens:
+        bounded.user(token)
+    for token in tokens[-3:]:  # the last three are remembered
+        bounded.user(token)
+    assert len(verified) == 10
+    bounded.user(tokens[0])  # the first was evicted long ago
+    assert len(verified) == 11
+    off = Authenticator(SECRET, cache_size=0)
+    off.user(tokens[0])
+    off.user(tokens[0])
+    assert len(verified) == 13
