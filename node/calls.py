@@ -29,7 +29,7 @@ from redpacket.core.errors import ApiError, bad_request, parse_json_object, unav
 from redpacket.core.logs import request_id
 from redpacket.core.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from redpacket.node.history import HISTORY, UserHistory
-from redpacket.node.ledger import LedgerUnavailable
+from redpacket.node.ledger import LedgerUnavailable, ValueRefused
 from redpacket.node.settings import NodeSettings
 from redpacket.node.shard import Shard
 from redpacket.nodeclient.client import Answer
@@ -92,6 +92,9 @@ async def run_call(handler: Handler, call: Call, where: str) -> Reply:
         return error_reply(err)
     except STORE_ERRORS as exc:
         return error_reply(store_unavailable(where, exc))
+    except ValueRefused as exc:  # a value that does not fit its column: the same every time
+        log.warning("the ledger refused a value on %s: %s", where, exc)
+        return error_reply(ApiError(422, "value_refused", "the ledger refused a value"))
     except Exception:
         log.exception("unhandled error on %s", where)
         return error_reply(ApiError(500, "internal_error", "internal error"))

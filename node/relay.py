@@ -7,7 +7,12 @@ primary keys, node/history.py), so a relay killed between apply and delete only 
 work. Rows for users this node owns are applied locally, in the same way.
 
 An event its destination refuses for what it holds (not for being down) becomes a dead
-letter (node/deadletters.py): the relay never blocks behind it.
+letter (node/deadletters.py): the relay never blocks behind it. A batch that fails for one
+event is split in halves until that event is alone, so the others are delivered in the same
+pass. A 500 (a bug at the destination, not a verdict on the event) is retried like an
+outage, and only an event that alone still gets 500 after a grace (60 s,
+``REDPACKET_RELAY_SERVER_ERROR_GRACE_S``) is set aside: a money event (a credit, a refund)
+is not buried for a fault fixed by a restart.
 
 Metrics: ``redpacket_history_outbox_backlog`` (rows waiting),
 ``redpacket_history_lag_seconds`` (from the commit that wrote a row to its apply) and
@@ -64,14 +69,18 @@ class Relay:
         *,
         batch: int = 500,
         idle_s: float = 0.05,
+        server_error_grace_s: float,
     ) -> None:
         self.history = history
         self.client = client
         self.batch = batch
         self.idle_s = idle_s
+        self.server_error_grace_s = server_error_grace_s
         self._ring_checked = 0.0
         self._dead_counted = 0.0
         self._pass = asyncio.Lock()  # the background loop and drain() never overlap
+        # outbox id -> when it first got a 500 alone (monotonic s); bounded by the failing rows
+        self._failing_since: dict[int, float] = {}
 
     async def run(self) -> None:
         while True:
@@ -167,6 +176,9 @@ class Relay:
             now = now_ms()
             for row_id in done:
                 HISTORY_LAG.observe(max(0.0, (now - written[row_id]) / 1000))
+        if self._failing_since:
+            for row_id in (*done, *dead):
+                self._failing_since.pop(row_id, None)
         more = len(rows) == self.batch
         OUTBOX_BACKLOG.set(await self._backlog() if more else len(rows) - len(done) - len(dead))
         return len(done), more and bool(done or dead)
@@ -198,19 +210,22 @@ class Relay:
     ) -> list[int]:
         """Apply ``ids`` on ``node`` (None: here), following packet_moved for moved users.
 
-        A batch refused for its content is sent again one event at a time, so only the event
-        that is refused alone becomes a dead letter and the others are delivered now."""
+        A batch refused for its content, or failing with a 500, is split in halves and each
+        half sent again, so only the event that fails alone is held back (a dead letter if
+        refused, retried next pass if a 500) and the others are delivered now."""
         pending = ids
         done: list[int] = []
         for _ in range(MAX_MOVED_HOPS):
             try:
                 away = await self._apply_on(node, [events[i] for i in pending])
-            except Refused as exc:
-                if len(pending) == 1:
-                    dead[pending[0]] = str(exc)
+            except (Refused, ServerFailed) as exc:
+                if len(pending) > 1:
+                    half = len(pending) // 2
+                    for part in (pending[:half], pending[half:]):
+                        done += await self._send(node, part, events, dead)
                     return done
-                for row_id in pending:
-                    done += await self._send(node, [row_id], events, dead)
+                if isinstance(exc, Refused) or self._failing_too_long(pending[0]):
+                    dead[pending[0]] = str(exc)
                 return done
             except Exception as exc:
                 log.warning("history delivery to %s failed: %s", node.name if node else "self", exc)
@@ -230,6 +245,14 @@ class Relay:
             pending = [i for i in pending if away[events[i][0]][0] == owner_name]
         return done
 
+    def _failing_too_long(self, row_id: int) -> bool:
+        """Whether the event ``row_id``, answered 500 alone again now, has been for longer
+        than the grace: a bug that stays, not a fault that a restart or a retry clears."""
+        now = time.monotonic()
+        first = self._failing_since.setdefault(row_id, now)
+        log.warning("history event %s answered 500 (failing for %.0f s)", row_id, now - first)
+        return now - first >= self.server_error_grace_s
+
     async def _apply_on(
         self, node: NodeSpec | None, batch: list[Event]
     ) -> dict[int, tuple[str, str]]:
@@ -240,6 +263,9 @@ class Relay:
         if answer.status in REFUSED_STATUSES:  # a dead letter says where it was refused
             where = f"{node.name} answered" if node is not None else "refused here:"
             raise Refused(f"{where} {answer.status}: {answer.error}")
+        if answer.status == 500:
+            where = f"{node.name} answered" if node is not None else "failed here:"
+            raise ServerFailed(f"{where} 500: {answer.error}")
         if answer.status != 200:
             where = node.name if node is not None else "this node"
             raise RuntimeError(f"{where} answered {answer.status}: {answer.error}")
@@ -251,10 +277,15 @@ class Refused(Exception):
     """The destination refused the events for what they hold: sending them again will not help."""
 
 
-# A shard that answers these refuses the content (400 a malformed row, 413 too large, 422, 500
-# a row its database refused); 503, 502, 421 and connection errors are outages, retried. This
-# node's own table answers the same way (node/calls.py maps a store that is down to 503).
-REFUSED_STATUSES = frozenset({400, 413, 422, 500})
+class ServerFailed(Exception):
+    """The destination failed with a 500: a bug there, which may or may not be the event's."""
+
+
+# A shard that answers these refuses the content (400 a malformed row, 413 too large, 422 a
+# value its database refused); 503, 502, 421 and connection errors are outages, retried; a 500
+# is retried too, and set aside only after the grace. This node's own table answers the same
+# way (node/calls.py maps a store that is down to 503, a refused value to 422).
+REFUSED_STATUSES = frozenset({400, 413, 422})
 DEAD_LETTERS_RECOUNT_S = 10.0
 
 
@@ -276,9 +307,14 @@ async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
         timeout_s=5.0,
         local_name=settings.name,
         local=CALLS.local(Call(app[SHARD], settings, history, {})),
-        pass_server_errors=True,  # a 500 is a refused batch (REFUSED_STATUSES)
+        pass_server_errors=True,  # a 500 is retried, set aside after the grace (ServerFailed)
     )
-    relay = Relay(history, client, idle_s=settings.history_relay_idle_s)
+    relay = Relay(
+        history,
+        client,
+        idle_s=settings.history_relay_idle_s,
+        server_error_grace_s=settings.relay_server_error_grace_s,
+    )
     task = asyncio.create_task(relay.run())
     app[RELAY] = relay
     holds = HoldSweeper(history, client, timeout_s=settings.wallet_hold_timeout_s)

@@ -56,6 +56,8 @@ class NodeSettings:
     ring_file: str = ""  # the ring, to find the shard owning a user's history ("": this one)
     # how long the history relay sleeps when its outbox is empty (half that after a delivery)
     history_relay_idle_s: float = 0.1
+    # an event its destination keeps answering 500 (a bug there) is set aside after this
+    relay_server_error_grace_s: float = 60.0
     # a create's hold still open this long is asked about (node/wallet/holds.py)
     wallet_hold_timeout_s: float = 30.0
     # a file of milliseconds added to the node's clock (core/clock.py): chaos runs only
@@ -124,6 +126,9 @@ class NodeSettings:
             ring_file=env_str(env, "REDPACKET_RING_FILE", cls.ring_file),
             history_relay_idle_s=env_float(
                 env, "REDPACKET_HISTORY_RELAY_IDLE_S", cls.history_relay_idle_s
+            ),
+            relay_server_error_grace_s=env_float(
+                env, "REDPACKET_RELAY_SERVER_ERROR_GRACE_S", cls.relay_server_error_grace_s
             ),
             wallet_hold_timeout_s=env_float(
                 env, "REDPACKET_WALLET_HOLD_TIMEOUT_S", cls.wallet_hold_timeout_s
