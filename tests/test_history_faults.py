@@ -274,9 +274,7 @@ async def test_users_shard_mysql_cut_backs_the_outbox_up_then_it_drains(
         assert status == 200, page
         pages[uid] = page["records"]
     assert_received_once(pages, observed)
-    status, page = await packets_node.call(
-        "GET", f"/internal/v1/users/{sender}/sent", limit="100"
-    )
+    status, page = await packets_node.call("GET", f"/internal/v1/users/{sender}/sent", limit="100")
     assert status == 200 and page["count"] == 6
     assert all(p["status"] == "sold_out" and p["opened_packet"] == 10 for p in page["packets"])
 
