@@ -18,7 +18,8 @@ import orjson
 from redpacket.bench import procstats
 from redpacket.bench.cluster import Target
 from redpacket.bench.httpclient import HttpError, RawConnection
-from redpacket.bench.loadgen import LIVE_FIELDS, LIVE_FINISHED, Mint, WorkerJob, worker_main
+from redpacket.bench.job import LIVE_FIELDS, LIVE_FINISHED, Mint, WorkerJob
+from redpacket.bench.loadgen import worker_main
 from redpacket.bench.profile import Profiler
 from redpacket.bench.scenarios import Shape, shape_of
 from redpacket.bench.stats import PhaseResult

@@ -30,7 +30,7 @@ from typing import Any
 from redpacket.bench import ceilings, funding, history
 from redpacket.bench.cluster import Target, mysql_settings, start_target, stop_target
 from redpacket.bench.commits import commit_stats, node_metrics
-from redpacket.bench.loadgen import Mint
+from redpacket.bench.job import Mint
 from redpacket.bench.phases import (
     create_packet,
     machine_busy,

@@ -11,7 +11,7 @@
   sold-out answers), and phase 2's latecomers hammer the same packet.
 
 Identities of the crowd are minted by the load generator's workers before they report
-ready, outside the measured window (``loadgen.Mint``), so minting costs no measured CPU.
+ready, outside the measured window (``bench/job.py Mint``), so minting costs no measured CPU.
 """
 
 from __future__ import annotations

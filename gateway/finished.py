@@ -6,6 +6,11 @@ gateway asks the owning node for them once (only after every claim has committed
 remembered winner is always a committed one) and from then on answers every grab and open
 for that packet itself: winners get their amount (``replayed: true`` / ``already_opened``),
 everybody else the final reason. Bounded in size and held for a short TTL.
+
+Expired entries leave as new ones come, oldest first (one TTL for all, so insertion order is
+expiry order), not only when someone asks for them: the crowd of a 10-share packet never
+asks again once it is sold out, and entries waiting for a read that never comes filled the
+cache to its bound (the gateway's memory grew all through a bench's phase).
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ class FinishedPackets:
         self._ttl_s = ttl_s
         self.learning: dict[int, asyncio.Task[None]] = {}  # winners being fetched, by packet
 
+    def __len__(self) -> int:
+        return len(self._entries)
+
     def get(self, packet_id: int) -> Finished | None:
         entry = self._entries.get(packet_id)
         if entry is None:
@@ -45,12 +53,16 @@ class FinishedPackets:
         if self._max_entries <= 0:
             return
         self.forget(packet_id)
-        self._entries[packet_id] = Finished(reason, winners, time.monotonic() + self._ttl_s)
+        now = time.monotonic()
+        self._entries[packet_id] = Finished(reason, winners, now + self._ttl_s)
         self._winners += len(winners)
-        while self._entries and (
-            len(self._entries) > self._max_entries or self._winners > self._max_winners
+        entries = self._entries
+        while entries and (
+            len(entries) > self._max_entries
+            or self._winners > self._max_winners
+            or next(iter(entries.values())).until < now
         ):
-            _, oldest = self._entries.popitem(last=False)
+            _, oldest = entries.popitem(last=False)
             self._winners -= len(oldest.winners)
 
     def forget(self, packet_id: int) -> None:

@@ -3,6 +3,8 @@ a sold-out packet can carry a hundred winners, so a packet count alone bounds no
 
 from __future__ import annotations
 
+import time
+
 from redpacket.gateway.finished import FinishedPackets
 from redpacket.node.admission import Admission
 
@@ -26,6 +28,16 @@ def test_the_gateway_forgets_expired_entries() -> None:
     memory = FinishedPackets(max_entries=10, ttl_s=-1, max_winners=100)
     memory.remember(1, "expired", winners(10))
     assert memory.get(1) is None
+
+
+def test_expired_entries_leave_as_new_ones_come_even_if_nobody_asks_for_them() -> None:
+    memory = FinishedPackets(max_entries=1000, ttl_s=0.05, max_winners=10_000)
+    for packet_id in range(1, 101):  # the crowd's packets: sold out, never asked about again
+        memory.remember(packet_id, "sold_out", winners(10))
+    time.sleep(0.06)
+    memory.remember(101, "sold_out", winners(10))
+    assert len(memory) == 1  # the hundred expired ones are gone, not waiting for a read
+    assert memory.get(101) is not None
 
 
 def test_node_admission_evicts_idle_gates_past_its_winner_budget_but_never_busy_ones() -> None:
