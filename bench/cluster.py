@@ -65,9 +65,12 @@ def _ring_nodes(ring_file: str) -> list[NodeSpec]:
     return RingDoc.load(Path(ring_file)).all_nodes()  # every version's shards, draining ones too
 
 
-async def start_target(args: argparse.Namespace, starting_balance_cents: int) -> Target:
-    """Our own cluster starts every user with ``starting_balance_cents`` (or the dev
-    cluster's default, if more); the others keep theirs (bench/funding.py tops up)."""
+async def start_target(args: argparse.Namespace) -> Target:
+    """Our own cluster, or the one named by ``--cluster`` or ``--url``. Our own has no
+    starting balance, as in production: a dev cluster's starting balance is a ``grant`` to
+    every user at their first wallet row, which under the real crowd (every opener new) is
+    one more wallet transaction per open that production never writes. Its senders are
+    funded by signed top-ups instead (bench/funding.py), the production path."""
     from redpacket.cli.devcluster import DevCluster, load_state
 
     payments = args.payments_secret or os.environ.get("REDPACKET_PAYMENTS_SECRET", "")
@@ -105,7 +108,7 @@ async def start_target(args: argparse.Namespace, starting_balance_cents: int) ->
     cluster = DevCluster(
         name=args.name, shards=args.shards, port=0, var=args.var, db_prefix=prefix, quiet=True
     )
-    cluster.starting_balance = max(cluster.starting_balance, starting_balance_cents)
+    cluster.starting_balance = 0  # production has none: the senders get top-ups
     if args.gateway_workers > 1:
         if not hasattr(cluster, "gateway_workers"):
             raise SystemExit("redpacket bench: this DevCluster cannot run several gateways")

@@ -4,11 +4,12 @@ sender dry would measure 402s instead of creates.
 The budget is an upper bound, per sender, of what the run can spend: the packets it could
 create (phase 1 and the open-loop phase at ``OPENS_PER_S_BOUND`` opens/s, far above what one
 box reaches, over the fewest shares a packet draws, plus the stock created ahead) times the
-amount of the biggest packet. The bench's own cluster starts every user with it (the dev
-cluster's starting balance, a ``grant``); a running local cluster whose starting balance is
-smaller, or a gateway by ``--url`` with ``--payments-secret``, gets a signed top-up per
-sender through the payment webhook (``POST /v1/wallet/topups``), which the conservation check
-counts like any top-up. Without either, the run says so and its 402s are counted.
+amount of the biggest packet. Unless the cluster's starting balance already covers it (a
+running dev cluster's), each sender gets a signed top-up through the payment webhook
+(``POST /v1/wallet/topups``), which the conservation check counts like any top-up: the bench's
+own cluster (which has no starting balance, bench/cluster.py), a running local cluster, or a
+gateway by ``--url`` with ``--payments-secret``. Without a secret, the run says so and its
+402s are counted.
 """
 
 from __future__ import annotations

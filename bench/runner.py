@@ -240,7 +240,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         say(f"redpacket bench: starting a local cluster (scenario {shape.scenario})")
         lift_limits_for(shape)
     budget = funding.budget_cents(args, shape)
-    target = await start_target(args, starting_balance_cents=budget)
+    target = await start_target(args)
     try:
         host, port = target.host_port
         say(f"minting {args.latecomers} tokens for the sold-out crowd ...")
