@@ -11,21 +11,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
-import random
-import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
-from urllib.parse import unquote, urlsplit
+from typing import Any
 
-import aiomysql
 import asyncmy
-import asyncmy.errors
-import pymysql
 
-from redpacket.core.env import MYSQL_PASSWORD_FILE, password_from_file
 from redpacket.node import outbox
+from redpacket.node.ledger_errors import (
+    INTEGRITY_ERRORS,
+    CreateAbandoned,
+    GuardFailed,
+    IdCollision,
+    LedgerError,
+    LedgerRefused,
+    LedgerUnavailable,
+    LockConflict,
+    ValueRefused,
+    is_duplicate,
+    ledger_error,
+    retry_lock_conflicts,
+)
+from redpacket.node.mysql import (
+    MysqlTarget,
+    connect_one,
+    create_pool,
+    ensure_database,
+    parse_mysql_url,
+)
 from redpacket.node.packet import (
     MS_TO_TIME,
     PACKET_COLUMNS,
@@ -44,7 +56,8 @@ from redpacket.node.packet import (
 )
 
 # The ledger's API. The packet's types and the time conversions are defined in
-# node/packet.py (which both this module and node/outbox.py import) and offered here too.
+# node/packet.py (which both this module and node/outbox.py import), the errors in
+# node/ledger_errors.py and the connections in node/mysql.py; all are offered here too.
 __all__ = [
     "PACKET_COLUMNS",
     "PACKET_PLACEHOLDERS",
@@ -71,153 +84,6 @@ __all__ = [
     "to_datetime",
     "to_ms",
 ]
-
-
-# "CREATE ... IF NOT EXISTS" on something that exists is the normal case for an idempotent
-# migration (node/migrations), not news: keep PyMySQL from printing a warning for it.
-warnings.filterwarnings(
-    "ignore", message=r".*(already exists|database exists)", category=pymysql.Warning
-)
-
-P = ParamSpec("P")
-T = TypeVar("T")
-
-# Lock conflicts: the batch path falls back to one claim at a time, the single path retries.
-LOCK_CODES = {1205, 1213}
-
-
-class LedgerError(Exception):
-    """MySQL failed or refused a statement. The ledger's callers see only this family, never
-    the driver's errors: :meth:`Ledger.connection` translates them where they leave it."""
-
-    def __init__(self, message: str, code: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code  # MySQL's error number, when it gave one
-
-
-class LedgerUnavailable(LedgerError):
-    """MySQL did not commit; the caller answers 503 and Redis keeps the claim for the reconciler."""
-
-
-class LockConflict(LedgerUnavailable):
-    """InnoDB rolled the transaction back to break a deadlock or a lock wait: trying it again
-    is safe (:func:`retry_lock_conflicts`); if retries do not help, the ledger is unavailable."""
-
-
-class LedgerRefused(LedgerError):
-    """MySQL refused the statement for the values it carries (too long for a column, a
-    duplicate key, a failed CHECK): sending it again unchanged will not help."""
-
-
-class ValueRefused(LedgerRefused):
-    """A value does not fit its column (``1406 Data too long``, an invalid string)."""
-
-
-class GuardFailed(Exception):
-    """The guarded update found the packet unable to take the claim (refunded, or counters short).
-
-    Only possible when Redis and MySQL have diverged; the node then rebuilds Redis from MySQL.
-    """
-
-
-class IdCollision(Exception):
-    """A create reused an existing red_packet_id with a different creation token."""
-
-
-class CreateAbandoned(Exception):
-    """A create whose hold the wallet's sweeper released (node/wallet/abandon.py): refused."""
-
-
-@dataclass(frozen=True)
-class MysqlTarget:
-    host: str
-    port: int
-    user: str
-    password: str
-    database: str
-
-
-def parse_mysql_url(url: str) -> MysqlTarget:
-    """``mysql://user:password@host:port/database``; the database part may be empty."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("mysql", "mariadb"):
-        raise ValueError(f"not a mysql:// URL: {url!r}")
-    return MysqlTarget(
-        host=parts.hostname or "127.0.0.1",
-        port=parts.port or 3306,
-        user=unquote(parts.username or "root"),
-        # the password: in the URL, or in the file REDPACKET_MYSQL_PASSWORD_FILE names
-        password=unquote(parts.password or "") or password_from_file(MYSQL_PASSWORD_FILE) or "",
-        database=parts.path.lstrip("/"),
-    )
-
-
-# The driver's errors, of the ledger's pool (asyncmy) and of the tools' connections (PyMySQL).
-# They are told apart by MySQL's error number: the two drivers file some numbers under
-# different classes (1054 is an OperationalError to asyncmy).
-_DRIVER_ERRORS = (asyncmy.errors.MySQLError, pymysql.err.MySQLError)
-_CLOSED_ERRORS = (asyncmy.errors.InterfaceError, pymysql.err.InterfaceError)  # used when closed
-_INTEGRITY_ERRORS = (asyncmy.errors.IntegrityError, pymysql.err.IntegrityError)
-# "MySQL is not there right now": too many connections, shutting down, aborted, interrupted,
-# killed, idle disconnect; and every client-side error (2000-2999: cannot connect, gone
-# away, lost during query, ...).
-_DOWN_CODES = {1040, 1053, 1077, 1152, 1317, 1927, 4031}
-# A value that does not fit its column: out of range, truncated, incorrect, too long.
-_VALUE_CODES = {1264, 1265, 1292, 1366, 1367, 1406}
-
-
-def ledger_error(exc: BaseException) -> LedgerError | None:
-    """The ledger's error for a failure of the driver or the network; None for anything else
-    (the ledger's own errors, GuardFailed, a bug)."""
-    if isinstance(exc, (TimeoutError, OSError, EOFError)):  # the network (EOF: a cut read)
-        return LedgerUnavailable(str(exc) or type(exc).__name__)
-    if not isinstance(exc, _DRIVER_ERRORS):
-        return None
-    code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
-    if code in LOCK_CODES:
-        return LockConflict(str(exc), code)
-    if (
-        isinstance(exc, _CLOSED_ERRORS)
-        or code is None
-        or code in _DOWN_CODES
-        or 2000 <= code < 3000
-    ):
-        return LedgerUnavailable(str(exc), code)
-    if code in _VALUE_CODES:
-        return ValueRefused(str(exc), code)
-    return LedgerRefused(str(exc), code)  # duplicates, failed checks, bad statements
-
-
-# New users' first wallet rows are inserted side by side (next-key locks): 50 concurrent
-# creates by new senders lost a hold to three deadlocks in a row once (a 503 to a create).
-LOCK_CONFLICT_ATTEMPTS = 6
-
-
-def retry_lock_conflicts(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-    """Run a one-transaction method again when InnoDB picked it as a deadlock victim.
-
-    Deadlocks are part of InnoDB's normal life under concurrency; the transaction was rolled
-    back whole, so trying it again is safe. The last conflict is raised as it is: a
-    LedgerUnavailable.
-    """
-
-    @functools.wraps(method)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        for attempt in range(LOCK_CONFLICT_ATTEMPTS):
-            try:
-                return await method(*args, **kwargs)
-            except LockConflict:
-                if attempt == LOCK_CONFLICT_ATTEMPTS - 1:
-                    raise
-                # jittered and growing: two victims retrying in step would meet again
-                await asyncio.sleep(random.uniform(0.0, 0.005 * 2**attempt))
-        raise AssertionError("unreachable")
-
-    return wrapper
-
-
-def _is_duplicate(exc: BaseException) -> bool:
-    return isinstance(exc, _INTEGRITY_ERRORS) and exc.args[0] == 1062
 
 
 _PACKET_AND_BEST = (
@@ -250,7 +116,7 @@ class Ledger:
     async def connect(cls, url: str, pool_size: int = 8, timeout_s: float = 5.0) -> Ledger:
         target = parse_mysql_url(url)
         try:
-            pool = await _create_pool(target, pool_size, timeout_s)
+            pool = await create_pool(target, pool_size, timeout_s)
         except Exception as exc:
             if (mapped := ledger_error(exc)) is None:
                 raise
@@ -311,9 +177,9 @@ class Ledger:
                 await outbox.write(cur, [outbox.sent(row)])
                 await conn.commit()
                 return row, True
-            except _INTEGRITY_ERRORS as exc:
+            except INTEGRITY_ERRORS as exc:
                 await conn.rollback()
-                if not _is_duplicate(exc):
+                if not is_duplicate(exc):
                     raise
             except BaseException:
                 with contextlib.suppress(Exception):
@@ -589,67 +455,3 @@ class Ledger:
             )
             await conn.commit()
         return int(deleted)
-
-
-async def _create_pool(target: MysqlTarget, pool_size: int, timeout_s: float) -> asyncmy.Pool:
-    """The node's pool: asyncmy, whose protocol and escaping are compiled (Cython). Measured
-    against aiomysql on the group commit: about a third less client CPU per claim
-    (docs/benchmarks.md "Node levers"). Tools keep aiomysql/PyMySQL (:func:`connect_one`)."""
-    return await asyncmy.create_pool(
-        host=target.host,
-        port=target.port,
-        user=target.user,
-        password=target.password,
-        database=target.database,
-        minsize=1,
-        maxsize=pool_size,
-        autocommit=False,
-        charset="utf8mb4",
-        connect_timeout=timeout_s,
-        init_command="SET time_zone = '+00:00'",
-        pool_recycle=300,
-    )
-
-
-async def connect_one(url: str, *, with_database: bool = True) -> aiomysql.Connection:
-    """One unpooled autocommit connection to the server (and database) of a mysql:// URL,
-    for tools and tests that read a shard's ledger directly."""
-    target = parse_mysql_url(url)
-    return await aiomysql.connect(
-        host=target.host,
-        port=target.port,
-        user=target.user,
-        password=target.password,
-        db=target.database if with_database and target.database else None,
-        charset="utf8mb4",
-        connect_timeout=5,
-        autocommit=True,
-    )
-
-
-async def ensure_database(url: str) -> None:
-    """Create the shard's database if missing: one database per shard, made by its first
-    migration (node/migrations/runner.py).
-
-    An existing database is left alone, so a user without the CREATE privilege (a managed
-    MySQL with a database made for us) works too.
-    """
-    target = parse_mysql_url(url)
-    if not target.database:
-        return
-    try:
-        (await connect_one(url)).close()
-        return
-    except pymysql.err.OperationalError as exc:
-        if not exc.args or exc.args[0] != 1049:  # 1049: unknown database
-            raise
-    conn = await connect_one(url, with_database=False)
-    try:
-        async with conn.cursor() as cur:
-            await cur.execute(
-                "CREATE DATABASE IF NOT EXISTS `"
-                + target.database.replace("`", "``")
-                + "` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
-            )
-    finally:
-        conn.close()
