@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from redpacket.cli.devcluster import free_ports
+from redpacket.cli.children import free_ports
 from redpacket.gateway.app import create_app as create_gateway_app
 from redpacket.gateway.auth import mint_token
 from redpacket.gateway.settings import GatewaySettings

@@ -110,7 +110,7 @@ async def naive_phase(
     duration_s = args.naive_duration
     if duration_s <= 0 or target.cluster is None or not target.mysql_server or shape.finite:
         return None
-    from redpacket.cli.devcluster import free_ports
+    from redpacket.cli.children import free_ports
 
     await wait_quiet(args, "the naive peer")
     database = f"{target.databases[0].rsplit('_shard_', 1)[0]}_naive"
@@ -188,7 +188,7 @@ async def trivial_phase(
     """The trivial-handler ceiling, driven by phase 2's load generator."""
     if args.ceiling_duration <= 0:
         return None
-    from redpacket.cli.devcluster import free_ports
+    from redpacket.cli.children import free_ports
 
     await wait_quiet(args, "the trivial ceiling")
     port = free_ports(1)[0]

@@ -25,7 +25,7 @@ import orjson
 from aiohttp import web
 
 from redpacket.bench.procstats import cpu_s
-from redpacket.cli.devcluster import free_ports
+from redpacket.cli.children import free_ports
 from redpacket.cli.serve import new_event_loop
 from redpacket.core.frames import LINK_PATH
 from redpacket.node.app import node_auth_middleware

@@ -20,7 +20,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from redpacket.chaos.proxy import TcpProxy
-from redpacket.cli.devcluster import Child, DevCluster, ShardPlan
+from redpacket.cli.children import Child
+from redpacket.cli.devcluster import DevCluster, ShardPlan
 from redpacket.node.ledger import connect_one, parse_mysql_url
 from redpacket.sharding.ring import NodeSpec, RingDoc
 

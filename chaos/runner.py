@@ -22,7 +22,7 @@ from redpacket.chaos.load import Client, Load, Outcomes, discover_api
 from redpacket.chaos.nemesis import FaultRecord, Nemesis
 from redpacket.chaos.schedule import Schedule, draw
 from redpacket.chaos.verdict import Verdict, judge
-from redpacket.cli.devcluster import ALL_SHARDS_READY, answers_ready
+from redpacket.cli.children import ALL_SHARDS_READY, answers_ready
 from redpacket.core.env import SettingsError
 from redpacket.core.ids import snowflake_of
 from redpacket.sharding.ring import NodeSpec, Ring, RingDoc

@@ -24,13 +24,8 @@ import aiohttp
 from tqdm import tqdm
 
 from redpacket.cli.check import Observed, check_shards
-from redpacket.cli.devcluster import (
-    ALL_SHARDS_READY,
-    DevCluster,
-    Unmet,
-    answers_ready,
-    load_state,
-)
+from redpacket.cli.children import ALL_SHARDS_READY, answers_ready
+from redpacket.cli.devcluster import DevCluster, Unmet, load_state
 from redpacket.cli.wallet import send_topup
 from redpacket.core.ids import snowflake_of
 from redpacket.gateway.auth import mint_token

@@ -29,9 +29,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
 from aiohttp import web
 
+from redpacket.cli.children import (
+    ALL_SHARDS_READY,
+    Child,
+    answers_ready,
+    free_ports,
+    redis_server_argv,
+)
 from redpacket.core.env import SettingsError
 from redpacket.node.ledger import connect_one, parse_mysql_url
 from redpacket.node.migrations.runner import migrate
@@ -43,19 +49,6 @@ DEFAULT_MYSQL_URL = "mysql://root@127.0.0.1:3306"
 
 class Unmet(SettingsError):
     """Something the cluster needs is missing; the message says what to install or start."""
-
-
-def free_ports(count: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            socks.append(sock)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 def cluster_dir(var: str, name: str) -> Path:
@@ -109,103 +102,6 @@ def payments_secret_for(cluster: str, var: str) -> str:
 def jwt_secret_for(cluster: str, var: str) -> str:
     """REDPACKET_JWT_SECRET if set, else the secret of the local cluster."""
     return os.environ.get("REDPACKET_JWT_SECRET") or load_state(var, cluster)["jwt_secret"]
-
-
-ALL_SHARDS_READY = "/readyz/shards"  # the gateway's "every shard is up" (its /readyz is itself)
-
-
-async def answers_ready(url: str, timeout_s: float, path: str = "/readyz") -> bool:
-    """Poll ``url``+``path`` until it answers 200; False if it has not within ``timeout_s``.
-    A gateway is polled on :data:`ALL_SHARDS_READY`, a node on /readyz."""
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as session:
-        while True:
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                async with session.get(url + path, timeout=aiohttp.ClientTimeout(total=2)) as resp:
-                    if resp.status == 200:
-                        return True
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(0.2)
-
-
-def redis_server_argv(port: int, data_dir: Path, password: str = "") -> list[str]:
-    """A redis-server for one shard: loopback only, nothing on disk (the node rebuilds
-    from MySQL), and a password when given (``redpacket dev up`` always gives one). The
-    password goes in a 0600 config file in ``data_dir``, not on the command line that
-    every local user can read in ``ps``."""
-    config: list[str] = []
-    if password:
-        conf = data_dir / "redis-auth.conf"
-        conf.touch(mode=0o600)
-        conf.chmod(0o600)
-        conf.write_text(f'requirepass "{password}"\n')
-        config = [str(conf)]
-    return [
-        "redis-server",
-        *config,
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        str(data_dir),
-        "--protected-mode",
-        "no",
-    ]
-
-
-def _linux_parent_death_signal() -> None:
-    """Children die with the supervisor even if it is SIGKILLed (Linux only)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-@dataclass
-class Child:
-    """One supervised process."""
-
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    log_path: Path
-    proc: asyncio.subprocess.Process | None = None
-    restarts: int = 0
-    retired: bool = False  # stopped on purpose (a shard removed): not restarted
-
-    async def start(self) -> None:
-        log = self.log_path.open("ab")
-        try:
-            self.proc = await asyncio.create_subprocess_exec(
-                *self.argv,
-                env=self.env,
-                stdout=log,
-                stderr=log,
-                stdin=asyncio.subprocess.DEVNULL,
-                start_new_session=True,
-                preexec_fn=_linux_parent_death_signal,
-            )
-        finally:
-            log.close()
-
-    async def stop(self, timeout_s: float = 10.0) -> None:
-        if self.proc is None or self.proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.terminate()
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self.proc.wait()
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-            await self.proc.wait()
 
 
 @dataclass

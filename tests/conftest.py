@@ -30,7 +30,7 @@ from aiohttp import web
 
 from redpacket.chaos.proxy import TcpProxy
 from redpacket.cli.check import Observed, Report, check_shards
-from redpacket.cli.devcluster import free_ports, redis_server_argv
+from redpacket.cli.children import free_ports, redis_server_argv
 from redpacket.core.ids import IdGenerator, PublicIds, derive_id_key, snowflake_of
 from redpacket.gateway.auth import mint_token
 from redpacket.node.app import create_app as create_node_app

@@ -10,7 +10,7 @@ from typing import Any
 
 import jwt
 
-from redpacket.cli.devcluster import free_ports
+from redpacket.cli.children import free_ports
 from redpacket.core.ids import snowflake_of
 from tests.conftest import Cluster, sql
 

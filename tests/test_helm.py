@@ -1030,7 +1030,7 @@ async def test_pre_rollback_hook_refuses_fewer_shards_than_run(
 
     from aiohttp import web
 
-    from redpacket.cli.devcluster import free_ports
+    from redpacket.cli.children import free_ports
     from redpacket.sharding.ring import NodeSpec
     from tests.test_kubernetes_backend import FakeKube
 

@@ -20,7 +20,7 @@ from aiohttp import web
 from kubernetes import client as k8s
 
 from redpacket.cli.check import Observed, check_shards
-from redpacket.cli.devcluster import free_ports
+from redpacket.cli.children import free_ports
 from redpacket.core.ids import snowflake_of
 from redpacket.sharding.backends import BackendError
 from redpacket.sharding.backends.kubernetes import KubernetesBackend, KubernetesNames

@@ -19,7 +19,7 @@ import pytest_asyncio
 from aiohttp import web
 
 from redpacket.chaos.proxy import TcpProxy
-from redpacket.cli.devcluster import free_ports
+from redpacket.cli.children import free_ports
 from redpacket.core.errors import ApiError
 from redpacket.core.frames import LINK_PATH
 from redpacket.node.app import node_auth_middleware

@@ -19,7 +19,7 @@ from typing import Any
 import pytest_asyncio
 
 from redpacket.cli.check import Observed, check_shards
-from redpacket.cli.devcluster import free_ports
+from redpacket.cli.children import free_ports
 from redpacket.core.ids import snowflake_of
 from redpacket.sharding.rebalance import Rebalancer
 from redpacket.sharding.ring import NodeSpec, RingDoc

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from redpacket.cli.devcluster import free_ports
+from redpacket.cli.children import free_ports
 from redpacket.nodeclient.wire import ROUTES
 from redpacket.sharding.ring import RingDoc, route_user
 from tests.conftest import sql

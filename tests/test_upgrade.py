@@ -40,7 +40,7 @@ import pytest
 import pytest_asyncio
 
 from redpacket.cli.check import Observed, check_shards
-from redpacket.cli.devcluster import free_ports
+from redpacket.cli.children import free_ports
 from redpacket.gateway.auth import mint_token
 from redpacket.node.migrations.runner import code_version
 from redpacket.sharding.ring import RingDoc

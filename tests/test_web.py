@@ -29,7 +29,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from redpacket.cli.devcluster import free_ports
+from redpacket.cli.children import free_ports
 from redpacket.core.ids import snowflake_of
 from redpacket.gateway.app import create_app
 from redpacket.gateway.settings import GatewaySettings
