@@ -46,8 +46,24 @@ def _wallets(w: dict[str, Any] | None) -> str:
 
 
 def render_table(r: dict[str, Any]) -> str:
+    """The run as the terminal shows it: rates and latencies, ratios, where the CPU went,
+    health, and the verdict on the targets."""
+    return "\n".join(_rates(r) + _ratios(r) + _processes(r) + _health(r) + _verdicts(r))
+
+
+def _row(name: str, per_s: Any, stats: dict[str, Any] | None) -> str:
+    stats = stats or {}
+    return (
+        f"{name:34}{_fmt(per_s):>11}{_fmt(stats.get('p50_ms'), 2):>9}"
+        f"{_fmt(stats.get('p99_ms'), 2):>9}{_fmt(stats.get('p999_ms'), 2):>10}"
+        f"{_fmt(stats.get('count')):>10}"
+    )
+
+
+def _rates(r: dict[str, Any]) -> list[str]:
     lat = r["latency_ms"]
     cfg = r["config"]
+    lua = r["lua_ceiling"]
     lines = [
         "",
         f"redpacket bench  commit {r['commit']}"
@@ -57,54 +73,42 @@ def render_table(r: dict[str, Any]) -> str:
         f"{cfg['workers']} load worker(s), {cfg['client']} client",
         "",
         f"{'':34}{'per s':>11}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}{'count':>10}",
+        _row("ceiling: open.lua EVALSHA", lua.get("per_s"), lua),
+        _row("ceiling: trivial aiohttp handler", r["trivial_ceiling_per_s"], lat.get("trivial")),
+        _row("phase 1: grab", r["grabs_per_s"], lat["grab"]),
+        _row("phase 1: open (committed, 200)", r["opens_per_s"], lat["open"]),
+        _row("phase 1: create", r["creates_per_s"], lat["create"]),
     ]
-
-    def row(name: str, per_s: Any, stats: dict[str, Any] | None) -> str:
-        stats = stats or {}
-        return (
-            f"{name:34}{_fmt(per_s):>11}{_fmt(stats.get('p50_ms'), 2):>9}"
-            f"{_fmt(stats.get('p99_ms'), 2):>9}{_fmt(stats.get('p999_ms'), 2):>10}"
-            f"{_fmt(stats.get('count')):>10}"
-        )
-
-    lua = r["lua_ceiling"]
+    if nv := r.get("naive_peer"):
+        lines += [
+            _row("reference: naive peer, open", nv["opens_per_s"], nv["latency_ms"]["open"]),
+            _row("  naive peer, create", nv["creates_per_s"], nv["latency_ms"]["create"]),
+        ]
+    if ol := r.get("open_loop"):
+        lines += [
+            _row(
+                f"open loop @ {ol['rate_per_s']:,.0f} pairs/s: grab",
+                ol["grabs_per_s"],
+                ol["latency_ms"]["grab"],
+            ),
+            _row("  open (committed, from due time)", ol["opens_per_s"], ol["latency_ms"]["open"]),
+            _row("  grab+open pair, from arrival", None, ol["latency_ms"]["pair"]),
+            f"  open p99 first 10 s {_fmt(ol['open_p99_first_10s_ms'], 1)} ms, last 10 s "
+            f"{_fmt(ol['open_p99_last_10s_ms'], 1)} ms: "
+            f"x{_fmt(ol['open_p99_last_over_first'], 2)}"
+            f" ({'flat' if ol['flat'] else 'GROWING'}; target <= 1.2)",
+        ]
     lines += [
-        row("ceiling: open.lua EVALSHA", lua.get("per_s"), lua),
-        row("ceiling: trivial aiohttp handler", r["trivial_ceiling_per_s"], lat.get("trivial")),
-        row("phase 1: grab", r["grabs_per_s"], lat["grab"]),
-        row("phase 1: open (committed, 200)", r["opens_per_s"], lat["open"]),
-        row("phase 1: create", r["creates_per_s"], lat["create"]),
-        *(
-            [
-                row("reference: naive peer, open", nv["opens_per_s"], nv["latency_ms"]["open"]),
-                row("  naive peer, create", nv["creates_per_s"], nv["latency_ms"]["create"]),
-            ]
-            if (nv := r.get("naive_peer"))
-            else []
-        ),
-        *(
-            [
-                row(
-                    f"open loop @ {ol['rate_per_s']:,.0f} pairs/s: grab",
-                    ol["grabs_per_s"],
-                    ol["latency_ms"]["grab"],
-                ),
-                row(
-                    "  open (committed, from due time)", ol["opens_per_s"], ol["latency_ms"]["open"]
-                ),
-                row("  grab+open pair, from arrival", None, ol["latency_ms"]["pair"]),
-                f"  open p99 first 10 s {_fmt(ol['open_p99_first_10s_ms'], 1)} ms, last 10 s "
-                f"{_fmt(ol['open_p99_last_10s_ms'], 1)} ms: "
-                f"x{_fmt(ol['open_p99_last_over_first'], 2)}"
-                f" ({'flat' if ol['flat'] else 'GROWING'}; target <= 1.2)",
-            ]
-            if (ol := r.get("open_loop"))
-            else []
-        ),
-        row("phase 2: sold-out rejections", r["rejections_per_s"], lat["reject"]),
-        row("  of which grab", None, lat["reject_grab"]),
-        row("  of which open (410)", None, lat["reject_open"]),
+        _row("phase 2: sold-out rejections", r["rejections_per_s"], lat["reject"]),
+        _row("  of which grab", None, lat["reject_grab"]),
+        _row("  of which open (410)", None, lat["reject_open"]),
         "",
+    ]
+    return lines
+
+
+def _ratios(r: dict[str, Any]) -> list[str]:
+    lines = [
         f"open_ratio   {_fmt(r['open_ratio'], 4)}  (opens/s / Lua ceiling; target >= 0.10)",
         f"reject_ratio {_fmt(r['reject_ratio'], 4)}  (rejections/s / trivial ceiling;"
         " target >= 0.6)",
@@ -120,6 +124,12 @@ def render_table(r: dict[str, Any]) -> str:
         lines.append("errors: " + ", ".join(f"{k} x{v}" for k, v in r["errors"].items()))
     else:
         lines.append("errors: none")
+    return lines
+
+
+def _processes(r: dict[str, Any]) -> list[str]:
+    """Where the CPU went: the load generator, every process, per committed pair."""
+    lines = []
     for phase, gen in r["loadgen"].items():
         if gen is None:
             continue
@@ -156,12 +166,17 @@ def render_table(r: dict[str, Any]) -> str:
                 f"BUSY outside the benchmark ({phase}): "
                 + ", ".join(f"{o['name']} (pid {o['pid']}) {o['cores']:.2f}" for o in others)
             )
-    for name, v in r["node_rss"].items():
-        lines.append(
-            f"{name} RSS: {v['start_kib'] / 1024:.1f} MiB at start, "
-            f"{v['after_warmup_kib'] / 1024:.1f} after warm-up, {v['end_kib'] / 1024:.1f} at end"
-            f" ({'flat' if v['flat'] else 'GROWING'})"
-        )
+    return lines
+
+
+def _health(r: dict[str, Any]) -> list[str]:
+    """Memory, restarts, the group commit, history, MySQL's settings, and the box."""
+    lines = [
+        f"{name} RSS: {v['start_kib'] / 1024:.1f} MiB at start, "
+        f"{v['after_warmup_kib'] / 1024:.1f} after warm-up, {v['end_kib'] / 1024:.1f} at end"
+        f" ({'flat' if v['flat'] else 'GROWING'})"
+        for name, v in r["node_rss"].items()
+    ]
     if any(r["restarts"].values()):
         lines.append(f"RESTARTS during the run: {r['restarts']}")
     gc = r.get("group_commit") or {}
@@ -188,12 +203,16 @@ def render_table(r: dict[str, Any]) -> str:
     busy = r["machine"].get("busy_before_start_cores")
     if busy is not None and busy > 0.2:
         lines.append(f"WARNING: {busy:.2f} cores were busy before the run started")
+    return lines
+
+
+def _verdicts(r: dict[str, Any]) -> list[str]:
     t = r["targets"]
 
     def verdict(ok: bool | None) -> str:
         return "n/a" if ok is None else ("met" if ok else "MISSED")
 
-    lines += [
+    return [
         "targets: "
         f"opens >= 0.10 x Lua {verdict(t['open_ratio_ge_0.10'])}; "
         f"open p99 < 50 ms ({t['open_p99_measured_in'].replace('_', ' ')}) "
@@ -201,10 +220,8 @@ def render_table(r: dict[str, Any]) -> str:
         f"rejections >= 0.6 x trivial {verdict(t['reject_ratio_ge_0.6'])}; "
         f"node memory flat {verdict(t['node_memory_flat'])}",
         f"invariant check: {r['check'].get('summary', r['check'].get('skipped', '-'))}",
+        *(f"note: {note}" for note in r["notes"]),
     ]
-    for note in r["notes"]:
-        lines.append(f"note: {note}")
-    return "\n".join(lines)
 
 
 def plot(r: dict[str, Any], path: Path) -> None:
