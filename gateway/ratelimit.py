@@ -3,6 +3,11 @@
 In memory, per gateway replica: with R replicas behind a load balancer a user gets at most
 R times the configured rate. That is the point of it (stop one client hammering), not an
 exact global quota; docs/reliability.md says so.
+
+A bucket that has refilled to its burst is the same as no bucket, so buckets leave as soon
+as they are full again (oldest use first): the limiter holds the users of the last
+``burst / per_s`` seconds (2 s by default), not every user seen. The crowd opens once each,
+and a bucket per opener kept up to ``max_users`` had the gateway's memory grow all run.
 """
 
 from __future__ import annotations
@@ -45,7 +50,16 @@ class RateLimiter:
                 "too many requests; slow down",
                 headers={"Retry-After": str(retry_after)},
             )
-        self._buckets[uid] = (tokens - 1, now)
-        self._buckets.move_to_end(uid)
-        if len(self._buckets) > self._max_users:
-            self._buckets.popitem(last=False)
+        buckets = self._buckets
+        buckets[uid] = (tokens - 1, now)
+        buckets.move_to_end(uid)
+        for _ in range(2):  # at most two a call: O(1), and more leave than a crowd adds
+            if not buckets:
+                break
+            oldest, (left, used) = next(iter(buckets.items()))  # least recently used
+            if len(buckets) <= self._max_users and left + (now - used) * self._per_s < self._burst:
+                break
+            del buckets[oldest]  # full again (or past the bound): as if never seen
+
+    def __len__(self) -> int:
+        return len(self._buckets)
