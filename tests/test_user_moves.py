@@ -13,7 +13,7 @@ from typing import Any
 
 from redpacket.bench.rebalance import seed_packets
 from redpacket.sharding.client import HandoffClient
-from redpacket.sharding.rebalance.pacer import Pacer
+from redpacket.sharding.rebalance.pacer import LEAST, Pacer, Window
 from redpacket.sharding.rebalance.users import UserMover
 from redpacket.sharding.ring import RingDoc, user_key
 from tests.conftest import Cluster, sql
@@ -139,3 +139,23 @@ async def test_users_history_copied_while_their_packets_are_opened_merges_like_o
     assert not load.mismatches, load.mismatches[:10]
     await assert_keys_and_history_follow_users(cluster, keyed)
     await cluster.check(load.observed, allow_unfunded=True)  # seeded packets
+
+
+def test_the_users_window_halves_on_a_slow_batch_and_grows_back_by_one_per_window() -> None:
+    """AIMD on the round trip per row (sharding/rebalance/pacer.py): a batch over twice the
+    best seen halves the batches in flight, down to a duty cycle under one; batches in time
+    add one batch per window of them, up to --concurrency."""
+    window = Window(4)
+    assert window.limit == 2  # half of --concurrency to begin with
+    window.record(0.1, 1000)  # the best: 0.1 ms per row
+    window.record(0.1, 1000)
+    window.record(0.1, 1000)
+    assert 3 <= window.limit <= 4
+    for _ in range(6):
+        window.record(1.0, 1000)  # ten times slower: the nodes are busy
+    assert window.limit == LEAST and window.backoffs == 6
+    for _ in range(40):
+        window.record(0.1, 1000)
+    assert window.limit == 4
+    window.record(0.015, 10)  # a small batch is judged as FLOOR_ROWS rows: not slow
+    assert window.limit == 4 and window.backoffs == 6

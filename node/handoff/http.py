@@ -226,7 +226,7 @@ async def list_users(request: web.Request) -> web.Response:
     limit = min(max(_int(query, "limit", 1000), 1), 10_000)
     page_rows = min(max(_int(query, "page_rows", 10_000), 1), 100_000)
     batch_rows = min(max(_int(query, "batch_rows", 1000), 1), page_rows)
-    batches, nxt, users = await handoff.users.leaving(
+    batches, nxt, users, counted = await handoff.users.leaving(
         _int(query, "after_uid", 0), limit, page_rows, batch_rows
     )
     return _msgpack(
@@ -234,6 +234,7 @@ async def list_users(request: web.Request) -> web.Response:
             "node": handoff.name,
             "next": nxt,
             "users": users,
+            "counted": counted,  # users whose rows were counted (the caller sizes the next page)
             "batches": [[b.owner, b.uids, b.counts, b.arrays] for b in batches],
         }
     )

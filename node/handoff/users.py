@@ -85,8 +85,9 @@ class UserMoves:
 
     async def leaving(
         self, after_uid: int, limit: int, page_rows: int, batch_rows: int
-    ) -> tuple[list[Batch], int | None, int]:
-        """``(batches, next uid or None, users looked at)``: the users after ``after_uid`` (at
+    ) -> tuple[list[Batch], int | None, int, int]:
+        """``(batches, next uid or None, users taken, users counted)``: the users after
+        ``after_uid`` (at
         most ``limit``), those leaving grouped per new owner in batches of at most
         ``batch_rows`` rows (a user with more goes alone), until ``page_rows`` leaving rows
         are taken. Users who stay cost a count in an index, never a read of their rows."""
@@ -103,7 +104,7 @@ class UserMoves:
                     batch.arrays[shape.table] = array
                     batch.counts[shape.table] = int(count)
             await conn.rollback()
-        return batches, counts[seen - 1][0] if seen and more else None, seen
+        return batches, counts[seen - 1][0] if seen and more else None, seen, len(counts)
 
     def _group(
         self, counts: list[tuple[int, int]], page_rows: int, batch_rows: int

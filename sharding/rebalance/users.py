@@ -30,7 +30,10 @@ USER_PAGE = 1000  # users (or wallets) listed per call
 # MySQL's time in one transaction, which opens' commits queue behind
 USER_BATCH_ROWS = 1000
 USER_PAGE_ROWS = 4000  # leaving rows per listing call (its batches go at once)
-USERS_LISTED = 5000  # users looked at per listing call (those staying cost an index count)
+# users counted per listing call (a scan of their keys in each table's primary key): it
+# follows how many a page takes, since a page stops at USER_PAGE_ROWS leaving rows and the
+# users counted beyond it are counted again by the next call (heavy users: a few dozen)
+USERS_LISTED = (20, 500, 5000)  # least, first, most
 KEY_PAGE = 2000  # keys listed per call by --dry-run's count
 
 
@@ -66,13 +69,13 @@ class UserMover:
         batch_rows = min(USER_BATCH_ROWS, max(10, int(self.rate) // 5)) if self.rate else None
 
         async def one(node: NodeSpec) -> None:
-            after, sending = 0, None
+            after, sending, limit = 0, None, USERS_LISTED[1]
             try:
                 while True:
                     page = await self.client.users_page(
                         node,
                         after,
-                        limit=USERS_LISTED,
+                        limit=limit,
                         page_rows=USER_PAGE_ROWS,
                         batch_rows=batch_rows or USER_BATCH_ROWS,
                     )
@@ -82,6 +85,7 @@ class UserMover:
                     if page.get("next") is None:
                         break
                     after = int(page["next"])
+                    limit = _next_limit(limit, int(page["users"]), int(page["counted"]))
                 await sending
             finally:
                 if sending is not None and not sending.done():
@@ -188,6 +192,14 @@ class UserMover:
                 for i in range(0, len(users), WALLET_BATCH)
             )
         )
+
+
+def _next_limit(limit: int, taken: int, counted: int) -> int:
+    """Users to count in the next listing: a quarter more than the last page took when it
+    stopped short of what was counted, twice as many when it took them all."""
+    least, _, most = USERS_LISTED
+    wanted = limit * 2 if taken >= counted else taken + taken // 4 + 1
+    return max(least, min(most, wanted))
 
 
 async def _pages(
