@@ -33,8 +33,8 @@ class Pacer:
 SLOWER = 2.0
 LEAST = 0.25  # below one batch in flight: a batch, then a pause of three times its length
 # the best round trip seen drifts up by this much per batch, so that one lucky batch early
-# on does not keep the window shut for the rest of the move
-DRIFT = 1.005
+# on does not keep the window shut for the rest of the move (doubles in 35 batches)
+DRIFT = 1.02
 FLOOR_ROWS = 100  # small batches are judged as if this big (their round trip is overhead)
 
 
@@ -55,6 +55,7 @@ class Window:
         self.limit = float(max(1, self.most // 2))  # grows to ``most`` if the nodes keep up
         self.best_s_per_row: float | None = None
         self.backoffs = 0  # halvings (the report and the bench say how often)
+        self._since_cut = 0  # batches back since the last halving
         self._in_flight = 0
         self._changed = asyncio.Condition()
 
@@ -81,9 +82,14 @@ class Window:
         """Adjust the window to one batch's round trip."""
         cost = elapsed_s / max(rows, FLOOR_ROWS)
         best = self.best_s_per_row
+        self._since_cut += 1
         if best is not None and cost > SLOWER * best:
-            self.limit = max(LEAST, self.limit / 2)
-            self.backoffs += 1
+            # once per window, as TCP: the batches in flight when it halved were slowed by
+            # the same moment of contention, and would cut it again for one cause
+            if self._since_cut > self.limit and self.limit > LEAST:
+                self.limit = max(LEAST, self.limit / 2)
+                self.backoffs += 1
+                self._since_cut = 0
         else:
             self.limit = min(float(self.most), self.limit + 1 / max(1.0, self.limit))
         self.best_s_per_row = cost if best is None else min(cost, best * DRIFT)
