@@ -178,7 +178,7 @@ class HandoffClient:
             after_uid, after_key = answer["next"]
 
     async def wallets(self, node: NodeSpec, page: int = 200) -> AsyncIterator[dict[str, Any]]:
-        """Every user's wallet on a node (node/handoff/wallets.py)."""
+        """The wallets of the users a node's fence gives away (node/handoff/wallets.py)."""
         after = "0"
         while True:
             answer = await self.request(

@@ -24,7 +24,7 @@ from redpacket.sharding.rebalance.plan import RebalanceError
 from redpacket.sharding.ring import NodeSpec, Ring, user_key
 
 WALLET_BATCH = 100  # users per wallet import (one transaction; the users wait for it)
-USER_PAGE = 1000  # users (or wallets) listed per call
+USER_PAGE = 1000  # wallets looked at per listing call (the node lists those leaving only)
 # leaving users' rows per batch (one transaction on each node: their keys and history). The
 # rows stay inside MySQL, so a batch costs the nodes' event loops almost nothing; its size is
 # MySQL's time in one transaction, which opens' commits queue behind
@@ -157,7 +157,7 @@ class UserMover:
 
         async def one(node: NodeSpec) -> None:
             await _pages(
-                self.client.wallets(node, page=WALLET_BATCH),
+                self.client.wallets(node, page=USER_PAGE),
                 lambda page: self._flush_wallets(node, page, target, flush),
             )
 
