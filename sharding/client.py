@@ -286,11 +286,11 @@ class HandoffClient:
         return await self.request(node, "GET", f"{H}/users", params=params)
 
     async def import_users(
-        self, node: NodeSpec, uids: Sequence[int], arrays: dict[str, Any]
+        self, node: NodeSpec, uids: Sequence[int], counts: dict[str, int], arrays: dict[str, Any]
     ) -> tuple[list[list[Any]], list[str]]:
         """Merge a batch into its users' new owner: ``(keys bound there to something else,
-        uids it refused)``."""
-        body = {"uids": list(uids), "arrays": arrays}
+        uids it refused)``. ``counts``: rows per table, as listed."""
+        body = {"uids": list(uids), "counts": counts, "arrays": arrays}
         answer = await self.request(node, "POST", f"{H}/users", body=body, packed=True)
         return list(answer.get("clashes", [])), list(answer.get("refused", []))
 

@@ -247,11 +247,13 @@ async def import_users(request: web.Request) -> web.Response:
         body = msgpack.unpackb(await read_body(request), raw=False)
         uids = [int(u) for u in body["uids"]]
         arrays = {t.table: body["arrays"].get(t.table) for t in USER_TABLES}
+        keys = body.get("counts", {}).get("idempotency_key")
+        keys = None if keys is None else int(keys)
         if not all(a is None or isinstance(a, str) for a in arrays.values()):
             raise ValueError("arrays must be JSON text")
     except (msgpack.UnpackException, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise bad_request("invalid_body", f"malformed users batch: {exc}") from None
-    clashes, refused = await handoff.users.import_(request.app[HISTORY], uids, arrays)
+    clashes, refused = await handoff.users.import_(request.app[HISTORY], uids, arrays, keys)
     return json_response(
         {"clashes": [[str(u), k] for u, k in clashes], "refused": [str(u) for u in refused]}
     )

@@ -130,10 +130,15 @@ class UserMoves:
 
     @retry_lock_conflicts
     async def import_(
-        self, history: UserHistory, uids: list[int], arrays: dict[str, Any]
+        self,
+        history: UserHistory,
+        uids: list[int],
+        arrays: dict[str, Any],
+        keys: int | None = None,
     ) -> tuple[list[tuple[int, str]], list[int]]:
         """Merge a batch of users' rows: ``(keys bound here to something else, uids refused)``.
-        A batch with a user another node keeps is refused whole."""
+        A batch with a user another node keeps is refused whole. ``keys``: how many key rows
+        the batch holds (listed with them): when all of them are new here, none can clash."""
         placement = self.shard.placement
         guard = placement.admitting() if placement is not None else contextlib.nullcontext()
         with guard:  # a fence being set waits for this import
@@ -144,9 +149,10 @@ class UserMoves:
                 try:
                     clashes: list[tuple[int, str]] = []
                     if arrays.get(KEYS.table):
-                        await cur.execute(KEYS.merge_json(), (arrays[KEYS.table],))
-                        await cur.execute(_CLASHES, (arrays[KEYS.table],))
-                        clashes = [(int(u), str(k)) for u, k in await cur.fetchall()]
+                        inserted = await cur.execute(KEYS.merge_json(), (arrays[KEYS.table],))
+                        if keys is None or inserted < keys:  # some were here: which, and how
+                            await cur.execute(_CLASHES, (arrays[KEYS.table],))
+                            clashes = [(int(u), str(k)) for u, k in await cur.fetchall()]
                     await merge_json(cur, arrays)
                     await conn.commit()
                 except BaseException:

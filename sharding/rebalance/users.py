@@ -108,7 +108,9 @@ class UserMover:
             rows = sum(counts.values())
             await self.pacer.wait(len(batch_uids))
             async with self.window.slot(rows):
-                clashes, refused = await self.client.import_users(nodes[owner], batch_uids, arrays)
+                clashes, refused = await self.client.import_users(
+                    nodes[owner], batch_uids, counts, arrays
+                )
             if refused:
                 raise RebalanceError(f"{owner} refused the keys and history of users {refused}")
             keep.extend(clashes)
