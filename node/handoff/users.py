@@ -87,10 +87,9 @@ class UserMoves:
         self, after_uid: int, limit: int, page_rows: int, batch_rows: int
     ) -> tuple[list[Batch], int | None, int, int]:
         """``(batches, next uid or None, users taken, users counted)``: the users after
-        ``after_uid`` (at
-        most ``limit``), those leaving grouped per new owner in batches of at most
-        ``batch_rows`` rows (a user with more goes alone), until ``page_rows`` leaving rows
-        are taken. Users who stay cost a count in an index, never a read of their rows."""
+        ``after_uid`` (at most ``limit``), those leaving grouped per new owner in batches of
+        at most ``batch_rows`` rows (a user with more goes alone), until ``page_rows`` leaving
+        rows are taken. Users who stay cost a count in an index, never a read of their rows."""
         async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
             await cur.execute(_PAGE, (*[after_uid, limit] * len(USER_TABLES), limit))
             counts = [(int(u), int(n)) for u, n in await cur.fetchall()]
