@@ -56,9 +56,12 @@ async def seed_packets(
     shares: int = 10,
     amount: int = 1000,
     sender_base: int = 1_000_000,
+    received: int = 0,
 ) -> list[int]:
     """Write ``count`` fresh red packets (and their senders' history) into their owners'
-    ledgers, as ``doc`` places them; their ids, oldest first."""
+    ledgers, as ``doc`` places them; their ids, oldest first. ``received``: each sender also
+    took that many shares of the seeded packets (``user_received`` rows: a New-Year user sent
+    a few and opened about ten), so a user moves ``2 * sent + received`` rows."""
     ids = IdGenerator(secrets.randbelow(1024))
     now_ms = int(time.time() * 1000)
     packets: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
@@ -85,7 +88,9 @@ async def seed_packets(
         )
         made.append(packet_id)
     wallets, grants = _seed_wallets(doc, ids, range(sender_base, sender_base + senders), now_ms)
+    shares_taken = _seed_received(doc, made, range(sender_base, sender_base + senders), received)
     await asyncio.gather(
+        *(_insert(urls[name], _RECEIVED_SQL, rows) for name, rows in shares_taken.items()),
         *(_insert(urls[name], _PACKET_SQL, rows) for name, rows in packets.items()),
         *(_insert(urls[name], _SENT_SQL, rows) for name, rows in sent.items()),
         *(_insert(urls[name], _KEY_SQL, rows) for name, rows in keys.items()),
@@ -110,6 +115,31 @@ def _seed_wallets(
     return wallets, grants
 
 
+def _seed_received(
+    doc: RingDoc, packets: list[int], uids: range, per_user: int, amount: int = 100
+) -> dict[str, list[tuple[Any, ...]]]:
+    """``per_user`` shares taken by each of ``uids``, of packets picked at random, on each
+    user's owner (the rows the relay would have merged there)."""
+    rows: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
+    if not per_user or not packets:
+        return rows
+    rng = random.Random(len(packets))
+    ring = doc.ring()
+    for uid in uids:
+        owner = ring.owner_of_key(user_key(uid)).name
+        for packet_id in set(rng.sample(packets, min(per_user, len(packets)))):
+            when = IdGenerator.timestamp_ms(packet_id)
+            rows[owner].append(
+                (uid, packet_id, year_of(when), uid + 1, f"user{uid + 1}", "", "lucky", amount,
+                 0, to_datetime(when))
+            )  # fmt: skip
+    return rows
+
+
+_RECEIVED_SQL = (
+    "INSERT INTO user_received (uid, red_packet_id, year, sender_uid, sender_nick, sender_img, "
+    "kind, amount, luckiest, create_time) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
 _PACKET_SQL = f"INSERT INTO red_packet_info ({PACKET_COLUMNS}) VALUES ({PACKET_PLACEHOLDERS})"
 _SENT_SQL = (
     "INSERT INTO user_sent (uid, red_packet_id, year, kind, total_amount, total_packet, "
@@ -244,12 +274,13 @@ async def run_bench(
     packets: int,
     senders: int,
     phase_s: float,
+    received: int = 0,
 ) -> dict[str, Any]:
     """Seed, then measure opens for ``phase_s`` before, during and after one ring change
     (``mode``: add-no-move, add or remove) made by ``rebalancer`` (a Rebalancer)."""
     doc = await rebalancer.backend.read_ring()
     started = time.monotonic()
-    seeded = await seed_packets(doc, packets, senders=senders)
+    seeded = await seed_packets(doc, packets, senders=senders, received=received)
     seed_s = time.monotonic() - started
     probe = Probe(state["gateway"]["url"], state["jwt_secret"], seeded)
     load = asyncio.ensure_future(probe.run())
@@ -276,6 +307,8 @@ async def run_bench(
         "node": node,
         "exit_code": rc,
         "seeded_packets": packets,
+        # rows a seeded sender moves: a key and a user_sent row per packet, plus its shares
+        "rows_per_user": round(2 * packets / senders + received, 1) if senders else None,
         "seeded_per_s": round(packets / seed_s) if seed_s else None,
         "change_s": round(change_ended - change_started, 2),
         "first_create_on_new_shard_s": first_on(on_new, probe.creates, change_started),

@@ -31,7 +31,8 @@ from redpacket.core.cursors import encode_cursor
 from redpacket.core.errors import ApiError
 from redpacket.node.ledger import Ledger, retry_lock_conflicts, to_datetime, to_ms
 from redpacket.node.outbox import RECEIVED, SENT
-from redpacket.node.packet import MS_TO_TIME, many_rows
+from redpacket.node.packet import many_rows
+from redpacket.node.rowshape import TIME, RowShape
 from redpacket.node.shard import Shard, moved
 from redpacket.node.wallet.credits import apply_credits
 from redpacket.node.wallet.debits import HoldQueue
@@ -268,23 +269,40 @@ def _iso(value: dt.datetime) -> str:
     return value.replace(tzinfo=dt.UTC).isoformat(timespec="milliseconds")
 
 
-# One multi-row merge per table (times as epoch ms, converted by the server: node/packet.py).
-_MERGE_RECEIVED = (
-    "INSERT INTO user_received (uid, red_packet_id, year, sender_uid, sender_nick, sender_img, "
-    "kind, amount, luckiest, create_time) VALUES {rows} "
-    "ON DUPLICATE KEY UPDATE luckiest = GREATEST(luckiest, VALUES(luckiest))"
-)
-_RECEIVED_ROW = f"(%s, %s, %s, %s, %s, %s, %s, %s, %s, {MS_TO_TIME})"
-_MERGE_SENT = (
-    "INSERT INTO user_sent (uid, red_packet_id, year, kind, total_amount, total_packet, "
-    "opened_packet, opened_amount, refunded_amount, greeting, create_time, expire_time) "
-    "VALUES {rows} ON DUPLICATE KEY UPDATE "
+# The columns of each table as they travel (times as epoch ms, converted by the server:
+# node/packet.py) and THE merge rule of each: the relay's apply (VALUES lists, below) and a
+# rebalance's import of whole users (``merge_json``, JSON arrays) share both.
+_RECEIVED = RowShape(
+    "user_received",
+    (("uid", "BIGINT"), ("red_packet_id", "BIGINT"), ("year", "SMALLINT"),
+     ("sender_uid", "BIGINT"), ("sender_nick", "VARCHAR(64)"), ("sender_img", "VARCHAR(512)"),
+     ("kind", "VARCHAR(16)"), ("amount", "INT"), ("luckiest", "TINYINT"),
+     ("create_time", TIME)),
+    "luckiest = GREATEST(luckiest, VALUES(luckiest))",
+)  # fmt: skip
+_SENT = RowShape(
+    "user_sent",
+    (("uid", "BIGINT"), ("red_packet_id", "BIGINT"), ("year", "SMALLINT"),
+     ("kind", "VARCHAR(16)"), ("total_amount", "INT"), ("total_packet", "INT"),
+     ("opened_packet", "INT"), ("opened_amount", "INT"), ("refunded_amount", "INT"),
+     ("greeting", "VARCHAR(255)"), ("create_time", TIME), ("expire_time", TIME)),
+    # opened counts and the refund only grow: the later state wins, an old one changes nothing
     "opened_amount = IF(VALUES(opened_packet) > opened_packet, "
     "                   VALUES(opened_amount), opened_amount), "
     "opened_packet = GREATEST(opened_packet, VALUES(opened_packet)), "
-    "refunded_amount = GREATEST(refunded_amount, VALUES(refunded_amount))"
-)
-_SENT_ROW = f"(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, {MS_TO_TIME}, {MS_TO_TIME})"
+    "refunded_amount = GREATEST(refunded_amount, VALUES(refunded_amount))",
+)  # fmt: skip
+HISTORY_TABLES = (_RECEIVED, _SENT)  # what a user's history is, table by table
+_MERGE_RECEIVED, _RECEIVED_ROW = _RECEIVED.merge_values(), _RECEIVED.placeholders()
+_MERGE_SENT, _SENT_ROW = _SENT.merge_values(), _SENT.placeholders()
+
+
+async def merge_json(cur: aiomysql.Cursor, arrays: dict[str, str | None]) -> None:
+    """Merge users' rows listed elsewhere as JSON arrays (``{table: RowShape.list_json()}``)
+    by the same rules as the relay's apply: one statement per table, no Python per row."""
+    for shape in HISTORY_TABLES:
+        if arrays.get(shape.table):
+            await cur.execute(shape.merge_json(), (arrays[shape.table],))
 
 
 def _received_row(event: Event) -> tuple[Any, ...]:

@@ -159,6 +159,7 @@ async def _bench(rebalancer: Rebalancer, args: argparse.Namespace) -> int:
         packets=args.packets,
         senders=args.senders,
         phase_s=args.phase_s,
+        received=args.received,
     )
     print(report_json(report))
     return int(report["exit_code"])
@@ -274,6 +275,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--packets", type=int, default=100_000, help="seeded first (default 100000)")
     p.add_argument("--senders", type=int, default=2000, help="users who sent them")
     p.add_argument("--phase-s", type=float, default=5.0, help="seconds measured before and after")
+    p.add_argument(
+        "--received",
+        type=int,
+        default=0,
+        help="shares each sender took (user_received rows, seeded; default 0)",
+    )
     _versions(p)
     _common(p, dry_run=False)
     p = actions.add_parser("status", help="the ring, and how many packets each node holds")

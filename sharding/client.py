@@ -14,13 +14,15 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import aiohttp
+import msgpack
 
 from redpacket.nodeclient.client import Answer
 from redpacket.nodeclient.http import HttpTransport
-from redpacket.nodeclient.wire import NodeDown
+from redpacket.nodeclient.wire import NODE_SECRET_HEADER, NodeDown
 from redpacket.sharding.ring import NodeSpec, RingDoc
 
 H = "/internal/v1/handoff"
+MSGPACK = "application/msgpack"  # users' rows travel as msgpack (node/handoff/users.py)
 
 
 class NodeError(Exception):
@@ -58,20 +60,19 @@ class HandoffClient:
         *,
         body: Any = None,
         params: Mapping[str, str] | None = None,
+        packed: bool = False,
     ) -> dict[str, Any]:
-        assert self._http is not None, "use HandoffClient as an async context manager"
+        """One call, retried with backoff while the node says "try again". ``packed``: the
+        body goes as msgpack (the answer is decoded by its content type either way)."""
         delay = 0.1
         for attempt in range(self._attempts):
             last = attempt == self._attempts - 1
             try:
-                reply = await self._http.request(
-                    node.url, method, path, params=params, body=body, timeout_s=self._timeout_s
-                )
+                answer = await self._once(node, method, path, body, params=params, packed=packed)
             except NodeDown as exc:
                 if last:
                     raise NodeError(node.name, 0, "unreachable", str(exc) or "timeout") from None
             else:
-                answer = Answer.decode(*reply)
                 if answer.ok:
                     return answer.data if isinstance(answer.data, dict) else {}
                 if answer.status not in (500, 502, 503, 504) or last:
@@ -84,6 +85,41 @@ class HandoffClient:
             await asyncio.sleep(delay * (1 + random.random()))
             delay = min(delay * 2, 2.0)
         raise AssertionError("unreachable")
+
+    async def _once(
+        self,
+        node: NodeSpec,
+        method: str,
+        path: str,
+        body: Any,
+        *,
+        params: Mapping[str, str] | None,
+        packed: bool,
+    ) -> Answer:
+        assert self._http is not None, "use HandoffClient as an async context manager"
+        if not packed:
+            reply = await self._http.request(
+                node.url, method, path, params=params, body=body, timeout_s=self._timeout_s
+            )
+            status, raw, retry_after = reply
+            if status < 400 and raw[:1] not in (b"{", b"["):  # a msgpack answer
+                return Answer.decode(status, msgpack.unpackb(raw, raw=False), retry_after)
+            return Answer.decode(*reply)
+        headers = {NODE_SECRET_HEADER: self._secret, "Content-Type": MSGPACK}
+        try:
+            async with self._http.session.request(
+                method,
+                node.url + path,
+                data=msgpack.packb(body, use_bin_type=True),
+                params=params,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=self._timeout_s),
+            ) as resp:
+                return Answer.decode(resp.status, await resp.read(), None)
+        except TimeoutError:
+            raise NodeDown("timeout", f"{node.url} did not answer in time") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise NodeDown("connect", f"{node.url}: {exc}") from None
 
     # -- who and what ---------------------------------------------------------------------
 
@@ -141,28 +177,8 @@ class HandoffClient:
                 return
             after_uid, after_key = answer["next"]
 
-    async def history(self, node: NodeSpec, page: int = 200) -> AsyncIterator[list[Any]]:
-        """Every user with history on a node: ``[uid, events]`` (node/handoff/user_data.py)."""
-        after = "0"
-        while True:
-            answer = await self.request(
-                node, "GET", f"{H}/history", params={"after_uid": after, "limit": str(page)}
-            )
-            for row in answer["users"]:
-                yield row
-            if answer.get("next") is None:
-                return
-            after = answer["next"]
-
-    async def apply_history(self, node: NodeSpec, events: Sequence[list[Any]]) -> dict[str, Any]:
-        """Merge events into the users' history on ``node``: ``{uid: [owner, url]}`` refused."""
-        answer = await self.request(
-            node, "POST", "/internal/v1/history/events", body={"events": list(events)}
-        )
-        return dict(answer.get("moved", {}))
-
     async def wallets(self, node: NodeSpec, page: int = 200) -> AsyncIterator[dict[str, Any]]:
-        """Every user's wallet on a node (node/handoff/wallets.py)."""
+        """The wallets of the users a node's fence gives away (node/handoff/wallets.py)."""
         after = "0"
         while True:
             answer = await self.request(
@@ -191,10 +207,6 @@ class HandoffClient:
 
     async def release_wallets(self, node: NodeSpec, uids: Sequence[str]) -> int:
         answer = await self.request(node, "POST", f"{H}/wallets/release", body={"uids": list(uids)})
-        return int(answer.get("deleted", 0))
-
-    async def release_history(self, node: NodeSpec, uids: Sequence[str]) -> int:
-        answer = await self.request(node, "POST", f"{H}/history/release", body={"uids": list(uids)})
         return int(answer.get("deleted", 0))
 
     # -- the steps of one packet ----------------------------------------------------------
@@ -258,14 +270,33 @@ class HandoffClient:
         answer = await self.request(node, "POST", f"{H}/batches/{step}", body=body)
         return {int(pid): result for pid, result in answer["results"].items()}
 
-    # -- idempotency keys -----------------------------------------------------------------
+    # -- users' keys and history (node/handoff/users.py) -------------------------------------
 
-    async def import_keys(self, node: NodeSpec, rows: Sequence[list[Any]]) -> list[list[str]]:
-        answer = await self.request(node, "POST", f"{H}/idempotency-keys", body={"keys": rows})
-        return list(answer.get("conflicts", []))
+    async def users_page(
+        self, node: NodeSpec, after: int, *, limit: int, page_rows: int, batch_rows: int
+    ) -> dict[str, Any]:
+        """A page of the node's users after uid ``after``: ``{"next", "users", "batches":
+        [[owner, uids, rows per table, JSON arrays per table]]}`` for those leaving."""
+        params = {
+            "after_uid": str(after),
+            "limit": str(limit),
+            "page_rows": str(page_rows),
+            "batch_rows": str(batch_rows),
+        }
+        return await self.request(node, "GET", f"{H}/users", params=params)
 
-    async def release_keys(self, node: NodeSpec, rows: Sequence[list[Any]]) -> int:
-        answer = await self.request(
-            node, "POST", f"{H}/idempotency-keys/release", body={"keys": rows}
-        )
+    async def import_users(
+        self, node: NodeSpec, uids: Sequence[int], counts: dict[str, int], arrays: dict[str, Any]
+    ) -> tuple[list[list[Any]], list[str]]:
+        """Merge a batch into its users' new owner: ``(keys bound there to something else,
+        uids it refused)``. ``counts``: rows per table, as listed."""
+        body = {"uids": list(uids), "counts": counts, "arrays": arrays}
+        answer = await self.request(node, "POST", f"{H}/users", body=body, packed=True)
+        return list(answer.get("clashes", [])), list(answer.get("refused", []))
+
+    async def release_users(
+        self, node: NodeSpec, uids: Sequence[int], keep: Sequence[list[Any]]
+    ) -> int:
+        body = {"uids": [str(u) for u in uids], "keep": list(keep)}
+        answer = await self.request(node, "POST", f"{H}/users/release", body=body)
         return int(answer.get("deleted", 0))

@@ -1,10 +1,12 @@
 """Handing red packets (and users' keys) between shard nodes: the node's half of a rebalance.
 
 One module per concept: ``fence.py`` (the fence and tombstones), ``packets.py`` (the per-packet
-steps), ``user_data.py`` (users' idempotency keys and history), ``http.py`` (the handoff API).
+steps), ``batch.py`` (the same steps for a batch), ``users.py`` (users' idempotency keys and
+history, moved by users), ``user_data.py`` (keys listed for a dry run), ``wallets.py`` (users'
+wallets), ``http.py`` (the handoff API).
 
 The protocol, with a sequence diagram, is in docs/rebalancing.md. The orchestrator
-(``sharding/rebalance.py``) takes each packet that changes owner through these steps, each
+(``sharding/rebalance/``) takes each packet that changes owner through these steps, each
 one an idempotent call on one node, so a rebalance killed anywhere is finished (or undone)
 by running it again: export, import, activate and finish (or abort and discard to roll
 back), each described at the top of ``packets.py``.

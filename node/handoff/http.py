@@ -5,15 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 from aiohttp import web
 
-from redpacket.core.body import read_json_object
+from redpacket.core.body import read_body, read_json_object
 from redpacket.core.errors import bad_request, json_response
 from redpacket.core.ids import parse_packet_id, parse_uid
 from redpacket.node.handoff.batch import MAX_BATCH, PacketBatches
 from redpacket.node.handoff.fence import Fence
 from redpacket.node.handoff.packets import PacketMoves
 from redpacket.node.handoff.user_data import KeyMoves
+from redpacket.node.handoff.users import USER_TABLES, UserMoves
+from redpacket.node.history import HISTORY
 from redpacket.node.relay import RELAY
 from redpacket.node.shard import Shard
 from redpacket.sharding.ring import RingDoc, RingError
@@ -27,6 +30,7 @@ class Handoff:
     packets: PacketMoves
     keys: KeyMoves
     batches: PacketBatches
+    users: UserMoves
 
     @property
     def name(self) -> str:
@@ -206,59 +210,69 @@ async def list_keys(request: web.Request) -> web.Response:
     )
 
 
-def _key_rows(body: dict[str, Any]) -> list[list[Any]]:
-    rows = body.get("keys")
-    if not isinstance(rows, list) or not all(isinstance(r, list) and len(r) >= 4 for r in rows):
-        raise bad_request("invalid_field", "keys must be a list of rows")
-    for row in rows:
-        if parse_uid(row[0]) is None or parse_uid(row[3]) is None:
-            raise bad_request("invalid_field", "every key row needs a uid and a packet id")
-    return rows
+MSGPACK = "application/msgpack"
 
 
-async def import_keys(request: web.Request) -> web.Response:
-    handoff = request.app[HANDOFF]
-    rows = _key_rows(await read_json_object(request))
-    try:
-        parsed = [(int(u), str(k), str(h), int(p), int(t)) for u, k, h, p, t, *_ in rows]
-    except (TypeError, ValueError):
-        raise bad_request("invalid_field", "malformed key rows") from None
-    conflicts = await handoff.keys.import_keys(parsed)
-    return json_response(
-        {"imported": len(parsed) - len(conflicts), "conflicts": [[str(u), k] for u, k in conflicts]}
-    )
+def _msgpack(value: Any) -> web.Response:
+    return web.Response(body=msgpack.packb(value, use_bin_type=True), content_type=MSGPACK)
 
 
-async def release_keys(request: web.Request) -> web.Response:
-    handoff = request.app[HANDOFF]
-    rows = _key_rows(await read_json_object(request))
-    parsed = [(int(u), str(k), str(h), int(p)) for u, k, h, p, *_ in rows]
-    return json_response({"deleted": await handoff.keys.release_keys(parsed)})
-
-
-async def list_history(request: web.Request) -> web.Response:
+async def list_users(request: web.Request) -> web.Response:
+    """A page of this node's users and, for those its fence gives away, their keys and history
+    in batches per new owner (node/handoff/users.py), as msgpack: the rows are JSON arrays
+    MySQL built, passed on as they are."""
     handoff = request.app[HANDOFF]
     query = dict(request.query)
-    limit = min(max(_int(query, "limit", 200), 1), 2000)
-    users = await handoff.keys.history(_int(query, "after_uid", 0), limit)
-    return json_response(
+    limit = min(max(_int(query, "limit", 1000), 1), 10_000)
+    page_rows = min(max(_int(query, "page_rows", 10_000), 1), 100_000)
+    batch_rows = min(max(_int(query, "batch_rows", 1000), 1), page_rows)
+    batches, nxt, users, counted = await handoff.users.leaving(
+        _int(query, "after_uid", 0), limit, page_rows, batch_rows
+    )
+    return _msgpack(
         {
             "node": handoff.name,
-            "users": [[str(uid), events] for uid, events in users],
-            "next": str(users[-1][0]) if len(users) == limit else None,
+            "next": nxt,
+            "users": users,
+            "counted": counted,  # users whose rows were counted (the caller sizes the next page)
+            "batches": [[b.owner, b.uids, b.counts, b.arrays] for b in batches],
         }
     )
 
 
-async def release_history(request: web.Request) -> web.Response:
+async def import_users(request: web.Request) -> web.Response:
+    """Merge a batch of users listed by their old owner (msgpack ``{"uids", "arrays"}``)."""
+    handoff = request.app[HANDOFF]
+    try:
+        body = msgpack.unpackb(await read_body(request), raw=False)
+        uids = [int(u) for u in body["uids"]]
+        arrays = {t.table: body["arrays"].get(t.table) for t in USER_TABLES}
+        keys = body.get("counts", {}).get("idempotency_key")
+        keys = None if keys is None else int(keys)
+        if not all(a is None or isinstance(a, str) for a in arrays.values()):
+            raise ValueError("arrays must be JSON text")
+    except (msgpack.UnpackException, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise bad_request("invalid_body", f"malformed users batch: {exc}") from None
+    clashes, refused = await handoff.users.import_(request.app[HISTORY], uids, arrays, keys)
+    return json_response(
+        {"clashes": [[str(u), k] for u, k in clashes], "refused": [str(u) for u in refused]}
+    )
+
+
+async def release_users(request: web.Request) -> web.Response:
     handoff = request.app[HANDOFF]
     body = await read_json_object(request)
-    uids = (
-        [parse_uid(u) for u in body.get("uids", [])] if isinstance(body.get("uids"), list) else []
-    )
+    raw_uids, raw_keep = body.get("uids"), body.get("keep", [])
+    if not isinstance(raw_uids, list) or not isinstance(raw_keep, list):
+        raise bad_request("invalid_field", "uids and keep must be lists")
+    uids = [parse_uid(u) for u in raw_uids]
+    try:
+        keep = [(int(u), str(k)) for u, k in raw_keep]
+    except (TypeError, ValueError):
+        raise bad_request("invalid_field", "keep must be a list of [uid, key]") from None
     if not uids or any(u is None for u in uids):
         raise bad_request("invalid_field", "uids must be a list of user ids")
-    return json_response({"deleted": await handoff.keys.release_history([u for u in uids if u])})
+    return json_response({"deleted": await handoff.users.release([u for u in uids if u], keep)})
 
 
 async def drain_outbox(request: web.Request) -> web.Response:
@@ -285,10 +299,9 @@ ROUTES = [
     web.post(f"{PREFIX}/packets/{{id}}/discard", _step_handler("discard")),
     web.post(f"{PREFIX}/batches/{{step}}", batch_step),
     web.get(f"{PREFIX}/idempotency-keys", list_keys),
-    web.post(f"{PREFIX}/idempotency-keys", import_keys),
-    web.post(f"{PREFIX}/idempotency-keys/release", release_keys),
-    web.get(f"{PREFIX}/history", list_history),
-    web.post(f"{PREFIX}/history/release", release_history),
+    web.get(f"{PREFIX}/users", list_users),
+    web.post(f"{PREFIX}/users", import_users),
+    web.post(f"{PREFIX}/users/release", release_users),
     web.post(f"{PREFIX}/outbox/drain", drain_outbox),
 ]
 
@@ -299,4 +312,4 @@ async def start(shard: Shard, name: str) -> Handoff:
     await fence.load()
     shard.placement = fence
     packets = PacketMoves(fence)
-    return Handoff(fence, packets, KeyMoves(fence), PacketBatches(packets))
+    return Handoff(fence, packets, KeyMoves(fence), PacketBatches(packets), UserMoves(fence))

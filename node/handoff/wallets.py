@@ -43,14 +43,19 @@ class WalletMoves:
         self.fence = fence
         self.ledger = fence.shard.ledger
 
-    async def wallets(self, after_uid: int, limit: int) -> list[User]:
+    async def wallets(self, after_uid: int, limit: int) -> tuple[list[User], int | None]:
+        """The wallets of the next ``limit`` users here that the fence gives away (those
+        staying cost a read of their uid, no more), and the uid to list from next (None: the
+        last page)."""
         async with self.ledger.connection() as conn, conn.cursor() as cur:
             await cur.execute(
                 "SELECT uid, granted FROM wallet WHERE uid > %s ORDER BY uid LIMIT %s",
                 (after_uid, limit),
             )
+            scanned = list(await cur.fetchall())
             users = {int(u): {"uid": str(u), "granted": bool(g), "txns": [], "holds": [],
-                              "topups": []} for u, g in await cur.fetchall()}  # fmt: skip
+                              "topups": []} for u, g in scanned
+                     if self.fence.owner_elsewhere(user_key(int(u))) is not None}  # fmt: skip
             if users:
                 marks = ", ".join(["%s"] * len(users))
                 await cur.execute(
@@ -86,7 +91,7 @@ class WalletMoves:
                          None if after is None else int(after)]
                     )  # fmt: skip
             await conn.rollback()
-        return list(users.values())
+        return list(users.values()), int(scanned[-1][0]) if len(scanned) == limit else None
 
     @retry_lock_conflicts
     async def import_wallets(self, users: list[User]) -> list[int]:
@@ -219,10 +224,8 @@ async def list_wallets(request: web.Request) -> web.Response:
     raw_limit = query.get("limit", "200")
     if after is None or not (raw_limit.isdigit() and 1 <= int(raw_limit) <= 2000):
         raise bad_request("invalid_field", "after_uid and limit must be numbers")
-    users = await _moves(request).wallets(after, int(raw_limit))
-    return json_response(
-        {"users": users, "next": users[-1]["uid"] if len(users) == int(raw_limit) else None}
-    )
+    users, nxt = await _moves(request).wallets(after, int(raw_limit))
+    return json_response({"users": users, "next": None if nxt is None else str(nxt)})
 
 
 async def import_wallets(request: web.Request) -> web.Response:

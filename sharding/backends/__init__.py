@@ -1,7 +1,7 @@
 """Where shards run: the infrastructure step of a rebalance, behind one small protocol.
 
 The orchestration (what moves, in which order, when the ring changes) is in
-``sharding/rebalance.py`` and is the same for every backend; a backend only starts and stops
+``sharding/rebalance/`` and is the same for every backend; a backend only starts and stops
 a shard's processes and stores and publishes the ring document where the gateways read it.
 """
 
