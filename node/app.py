@@ -35,6 +35,7 @@ from redpacket.node.link import LinkServer
 from redpacket.node.migrations.runner import SchemaMismatch, check_database
 from redpacket.node.reconciler import Reconciler
 from redpacket.node.relay import relay_ctx
+from redpacket.node.rowshape import MAX_JSON_BYTES
 from redpacket.node.settings import NodeSettings
 from redpacket.node.shard import Shard
 from redpacket.node.sweeper import Sweeper
@@ -168,9 +169,10 @@ def create_app(settings: NodeSettings) -> web.Application:
             node_auth_middleware(settings.node_secret),
             store_errors_middleware,
         ],
-        # history batches (relay, rebalance) are larger than any gateway call; the secret is
-        # checked before a handler reads a body
-        client_max_size=max(settings.max_body_bytes, 4 * 1024 * 1024),
+        # history batches (relay, rebalance) are larger than any gateway call, and a users'
+        # move carries at least one whole user, however many rows (node/rowshape.py); the
+        # secret is checked before a handler reads a body
+        client_max_size=max(settings.max_body_bytes, MAX_JSON_BYTES),
     )
     app[SETTINGS] = settings
     clock.use_offset_file(settings.clock_offset_file)

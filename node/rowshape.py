@@ -16,8 +16,10 @@ from redpacket.node.packet import MS_TO_TIME, time_to_ms
 
 TIME = "TIME_MS"  # a DATETIME(3) column that travels as epoch ms (node/packet.py)
 # a batch's JSON array is built like a GROUP_CONCAT: its length is capped by this (64 MiB,
-# well past any batch; the default 1 MiB would cut a batch of long rows short)
-_MAX_JSON = 64 * 1024 * 1024
+# well past any batch; the default 1 MiB would cut a batch of long rows short). A batch holds
+# at least one whole user, so this is also what a node accepts in one request (node/app.py):
+# one user's rows up to it (about 200,000 history rows) move in one batch.
+MAX_JSON_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ class RowShape:
         values = ", ".join(time_to_ms(n) if kind == TIME else n for n, kind in self.fields)
         order = ", ".join(self.key)
         return (
-            f"SET STATEMENT group_concat_max_len = {_MAX_JSON} FOR "
+            f"SET STATEMENT group_concat_max_len = {MAX_JSON_BYTES} FOR "
             f"SELECT COUNT(*), JSON_ARRAYAGG(JSON_ARRAY({values}) ORDER BY {order}) "
             f"FROM {self.table} WHERE {where}"
         )

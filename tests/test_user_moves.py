@@ -167,3 +167,37 @@ def test_the_users_window_halves_on_a_slow_batch_and_grows_back_by_one_per_windo
     cuts = window.backoffs
     window.record(0.015, 10)  # a small batch is judged as FLOOR_ROWS rows: not slow
     assert window.limit == 4 and window.backoffs == cuts
+
+
+async def test_a_user_with_more_rows_than_the_old_request_cap_moves_whole(
+    fresh_node: Any,
+) -> None:
+    """A batch holds at least one whole user: a user with 25,000 history rows (about 8 MiB as
+    they travel, past the 4 MiB a node used to accept in one request) moves in one batch
+    instead of failing the change."""
+    a, b = [
+        replace(node, secret=SECRET)
+        for node in [
+            await fresh_node(REDPACKET_NODE_NAME=name, REDPACKET_NODE_SECRET=SECRET)
+            for name in ("shard-a", "shard-b")
+        ]
+    ]
+    doc = RingDoc(2, (a.spec(), b.spec()))
+    uid = next(u for u in range(1, 400) if doc.ring().owner_of_key(user_key(u)).name == "shard-b")
+    await sql(  # MariaDB's sequence engine: 25,000 shares this user took, long display fields
+        a.settings.mysql_url,
+        "INSERT INTO user_received (uid, red_packet_id, year, sender_uid, sender_nick, "
+        "sender_img, kind, amount, luckiest, create_time) SELECT %s, seq, 2026, seq, "
+        "REPEAT('新', 60), CONCAT('https://img.example/', REPEAT('x', 150)), 'lucky', 1, 0, "
+        "NOW(3) FROM seq_1_to_25000",
+        (uid,),
+    )
+    async with HandoffClient(SECRET) as client:
+        for node in (a, b):
+            await client.fence(node.spec(), doc)
+        mover = UserMover(client, concurrency=2, rate=0, pacer=Pacer(0))
+        done = await mover.move_users({"shard-a": a.spec(), "shard-b": b.spec()})
+    assert done.users == 1, done
+    count = "SELECT COUNT(*), COALESCE(SUM(amount), 0) FROM user_received WHERE uid = %s"
+    assert await sql(b.settings.mysql_url, count, (uid,)) == [(25_000, 25_000)]
+    assert await sql(a.settings.mysql_url, count, (uid,)) == [(0, 0)]
