@@ -229,10 +229,13 @@ async def test_remove_move_killed_then_rolled_back_then_resumed_under_load(
     assert [n.name for n in doc.nodes] == ["shard-0", "shard-1"] and not doc.older
     assert shard_2.mysql and not await database_exists(shard_2.mysql)
     # A killed move leaves its batch frozen until the next command: opens of those packets
-    # get 503 "moving" after the gateway's retry window (as with single handoffs); nothing
-    # else fails but the node timeouts of a box this loaded (printed)
+    # get 503 "moving" after the gateway's retry window (as with single handoffs), or, on a
+    # slow box, 503 "being rebuilt" when a packet frozen, thawed by the rollback and loaded
+    # again outlasts an open's attempts; nothing else fails but the node timeouts of a box
+    # this loaded (printed). Every 503 is a retry: the mismatches and the checker below say
+    # no share was lost or given twice.
     assert set(load.statuses) <= {200, 410, 503}, (load.statuses, load.messages)
-    allowed = {"red packet is moving between shards; retry"}
+    allowed = {"red packet is moving between shards; retry", "red packet is being rebuilt; retry"}
     timeouts = {m for m in load.messages if m.endswith("did not answer in time")}
     assert set(load.messages) <= allowed | timeouts, load.messages
     print(f"opens: {load.statuses}, failures: {load.messages}")
