@@ -169,6 +169,20 @@ def _processes(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _gateway_rss(rss_kib: dict[str, dict[str, list[list[float]]]]) -> list[str]:
+    """The gateway's RSS at the end of each phase: it grows while its caches fill (verified
+    tokens, finished packets, rate-limit buckets), then stays within their bounds."""
+    ends = [
+        f"{samples[-1][1] / 1024:.1f} after {phase.replace('_', ' ')}"
+        for phase, by_name in rss_kib.items()
+        if (samples := by_name.get("gateway"))
+    ]
+    first = next((s[0][1] for p in rss_kib.values() if (s := p.get("gateway"))), None)
+    if first is None:
+        return []
+    return [f"gateway RSS: {first / 1024:.1f} MiB at start, " + ", ".join(ends)]
+
+
 def _health(r: dict[str, Any]) -> list[str]:
     """Memory, restarts, the group commit, history, MySQL's settings, and the box."""
     lines = [
@@ -177,6 +191,7 @@ def _health(r: dict[str, Any]) -> list[str]:
         f" ({'flat' if v['flat'] else 'GROWING'})"
         for name, v in r["node_rss"].items()
     ]
+    lines.extend(_gateway_rss(r.get("rss_kib") or {}))
     if any(r["restarts"].values()):
         lines.append(f"RESTARTS during the run: {r['restarts']}")
     gc = r.get("group_commit") or {}
