@@ -157,15 +157,16 @@ class Ledger:
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[asyncmy.cursors.Cursor]:
         """A cursor in one transaction: committed when the block ends, rolled back when an
-        exception leaves it. The way every write of a node goes to MySQL, so that no path can
-        forget the commit (and lose a write) or the rollback (and leave its locks to whoever
-        gets the connection next). The rollback's own failure is swallowed: the connection is
-        closed right after (:meth:`connection`) and the block's error is the one that tells
-        what happened; it leaves, like every driver error, as the ledger's.
+        exception leaves it. Every write of a node goes through here, so none can forget its
+        commit (the pool would close the connection and MySQL drop the write, silently). The
+        rollback's own failure is swallowed: the connection is closed next anyway
+        (:meth:`connection`), and the block's error is the one that says what happened; it
+        leaves, like every driver error, as the ledger's.
 
-        A block that finds it must not write (a duplicate, a claim already committed) undoes
-        what it did with ``await cur.connection.rollback()`` and leaves; the commit at the
-        end then commits nothing."""
+        A block that finds it must not write after all (a duplicate, a claim committed
+        before) undoes what it did with ``await cur.connection.rollback()`` and returns; the
+        commit at the end then commits nothing. An error the block means to survive (a
+        duplicate key) is caught inside it: one that leaves closes the connection."""
         async with self.connection() as conn, conn.cursor() as cur:
             try:
                 yield cur
@@ -177,11 +178,11 @@ class Ledger:
 
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[asyncmy.cursors.Cursor]:
-        """A cursor for reads that ends with a rollback. The pool's connections do not
-        autocommit, so the first SELECT opens a transaction and its snapshot (REPEATABLE
-        READ): left open, the connection's next user would read that old snapshot, and
-        InnoDB could not purge the row versions behind it. On an exception the connection is
-        closed instead (:meth:`connection`), which ends the transaction too."""
+        """A cursor for reads; the block ends with a rollback. The pool's connections do not
+        autocommit, so the first SELECT opens a transaction (and its snapshot), and asyncmy's
+        pool closes a connection handed back inside one: without the rollback every read
+        would cost a new connection. On an exception the connection is closed anyway
+        (:meth:`connection`)."""
         async with self.connection() as conn, conn.cursor() as cur:
             yield cur
             await conn.rollback()
