@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiomysql
+import asyncmy
 from aiohttp import web
 
 from redpacket.core.clock import now_ms, now_utc
@@ -79,11 +80,17 @@ class UserHistory:
         self.debits = HoldQueue(shard.ledger)  # creates' holds, batched per user
         self._settled: tuple[RingDoc, Ring] | None = None
 
+    # Ledger.read and Ledger.transaction, within history's share of the shard's pool.
+
     @contextlib.asynccontextmanager
-    async def connection(self) -> AsyncIterator[aiomysql.Connection]:
-        """A connection of the shard's pool, within history's share of it."""
-        async with self._slots, self.ledger.connection() as conn:
-            yield conn
+    async def read(self) -> AsyncIterator[asyncmy.cursors.Cursor]:
+        async with self._slots, self.ledger.read() as cur:
+            yield cur
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[asyncmy.cursors.Cursor]:
+        async with self._slots, self.ledger.transaction() as cur:
+            yield cur
 
     # -- where a user lives ---------------------------------------------------------------
 
@@ -139,24 +146,18 @@ class UserHistory:
         # in key order: two relays applying to the same users lock rows in the same order
         received = sorted(_received_row(e) for e in events if e[1] == RECEIVED)
         sent = sorted(_sent_row(e) for e in events if e[1] == SENT)
-        async with self.connection() as conn, conn.cursor() as cur:
-            try:
-                if received:
-                    await cur.execute(
-                        _MERGE_RECEIVED.format(rows=many_rows(_RECEIVED_ROW, len(received))),
-                        [v for row in received for v in row],
-                    )
-                if sent:
-                    await cur.execute(
-                        _MERGE_SENT.format(rows=many_rows(_SENT_ROW, len(sent))),
-                        [v for row in sent for v in row],
-                    )
-                await apply_credits(cur, events, int(time.time() * 1000))
-                await conn.commit()
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await conn.rollback()
-                raise
+        async with self.transaction() as cur:
+            if received:
+                await cur.execute(
+                    _MERGE_RECEIVED.format(rows=many_rows(_RECEIVED_ROW, len(received))),
+                    [v for row in received for v in row],
+                )
+            if sent:
+                await cur.execute(
+                    _MERGE_SENT.format(rows=many_rows(_SENT_ROW, len(sent))),
+                    [v for row in sent for v in row],
+                )
+            await apply_credits(cur, events, int(time.time() * 1000))
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -224,12 +225,11 @@ class UserHistory:
             args += [when, when, after[1]]
         rows_sql += " ORDER BY create_time DESC, red_packet_id DESC LIMIT %s"
         args.append(limit + 1)
-        async with self.connection() as conn, conn.cursor() as cur:
+        async with self.read() as cur:
             await cur.execute(summary_sql, (uid, year))
             summary = await cur.fetchone()
             await cur.execute(rows_sql, args)
             rows = list(await cur.fetchall())
-            await conn.rollback()
         return summary, rows
 
 

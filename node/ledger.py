@@ -154,10 +154,42 @@ class Ledger:
         finally:
             self._pool.release(conn)
 
-    async def ping(self) -> None:
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[asyncmy.cursors.Cursor]:
+        """A cursor in one transaction: committed when the block ends, rolled back when an
+        exception leaves it. Every write of a node goes through here, so none can forget its
+        commit (the pool would close the connection and MySQL drop the write, silently). The
+        rollback's own failure is swallowed: the connection is closed next anyway
+        (:meth:`connection`), and the block's error is the one that says what happened; it
+        leaves, like every driver error, as the ledger's.
+
+        A block that finds it must not write after all (a duplicate, a claim committed
+        before) undoes what it did with ``await cur.connection.rollback()`` and returns; the
+        commit at the end then commits nothing. An error the block means to survive (a
+        duplicate key) is caught inside it: one that leaves closes the connection."""
         async with self.connection() as conn, conn.cursor() as cur:
-            await cur.execute("SELECT 1")
+            try:
+                yield cur
+                await conn.commit()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await conn.rollback()
+                raise
+
+    @contextlib.asynccontextmanager
+    async def read(self) -> AsyncIterator[asyncmy.cursors.Cursor]:
+        """A cursor for reads; the block ends with a rollback. The pool's connections do not
+        autocommit, so the first SELECT opens a transaction (and its snapshot), and asyncmy's
+        pool closes a connection handed back inside one: without the rollback every read
+        would cost a new connection. On an exception the connection is closed anyway
+        (:meth:`connection`)."""
+        async with self.connection() as conn, conn.cursor() as cur:
+            yield cur
             await conn.rollback()
+
+    async def ping(self) -> None:
+        async with self.read() as cur:
+            await cur.execute("SELECT 1")
 
     # -- packets ------------------------------------------------------------------------
 
@@ -166,7 +198,7 @@ class Ledger:
         """Insert a packet: ``(row, created)``; a retry with the same token gets the first row."""
         from redpacket.node.wallet.abandon import refuse_abandoned  # imports this module
 
-        async with self.connection() as conn, conn.cursor() as cur:
+        async with self.transaction() as cur:
             try:
                 await refuse_abandoned(cur, row.red_packet_id)  # raises CreateAbandoned
                 await cur.execute(
@@ -175,16 +207,11 @@ class Ledger:
                     packet_values(row),
                 )
                 await outbox.write(cur, [outbox.sent(row)])
-                await conn.commit()
-                return row, True
-            except INTEGRITY_ERRORS as exc:
-                await conn.rollback()
-                if not is_duplicate(exc):
+                return row, True  # committed as the block ends
+            except INTEGRITY_ERRORS as exc:  # caught inside: an error that leaves closes the
+                if not is_duplicate(exc):  # connection, and a retried create is no failure
                     raise
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await conn.rollback()
-                raise
+                await cur.connection.rollback()
         existing = await self.get_packet(row.red_packet_id)
         if existing is None or existing.create_token != row.create_token:
             raise IdCollision(row.red_packet_id)
@@ -192,7 +219,7 @@ class Ledger:
 
     async def get_packet(self, packet_id: int) -> PacketRow | None:
         """The packet, with its 手气最佳 record once decided (one query, a join on the key)."""
-        async with self.connection() as conn, conn.cursor() as cur:
+        async with self.read() as cur:
             await cur.execute(
                 f"SELECT {_PACKET_AND_BEST} FROM red_packet_info i LEFT JOIN red_packet_record r "
                 "ON r.red_packet_id = i.red_packet_id AND r.uid = i.luckiest_uid "
@@ -200,7 +227,6 @@ class Ledger:
                 (packet_id,),
             )
             row = await cur.fetchone()
-            await conn.rollback()
         if not row:
             return None
         packet = packet_from_row(row[:PACKET_WIDTH])
@@ -211,13 +237,12 @@ class Ledger:
         return packet
 
     async def committed_claims(self, packet_id: int) -> dict[int, int]:
-        async with self.connection() as conn, conn.cursor() as cur:
+        async with self.read() as cur:
             await cur.execute(
                 "SELECT uid, amount FROM red_packet_record WHERE red_packet_id = %s",
                 (packet_id,),
             )
             rows = await cur.fetchall()
-            await conn.rollback()
         return {uid: amount for uid, amount in rows}
 
     # -- claims -------------------------------------------------------------------------
@@ -257,22 +282,16 @@ class Ledger:
             f"  AND remaining_amount - {case} >= remaining_packet - {case}"
         )
         update_args = [*args_n, *args_s, *args_n, *packet_ids, *args_n, *args_s, *args_n]
-        async with self.connection() as conn, conn.cursor() as cur:
-            try:
-                changed = await cur.execute(update_sql, update_args)
-                if changed != len(packet_ids):
-                    raise GuardFailed(packet_ids)
-                await cur.execute(
-                    _INSERT_RECORDS + many_rows(_RECORD_ROW, len(claims)),
-                    [v for c in claims for v in _record_values(c)],
-                )
-                events = await outbox.claim_events(cur, claims, packet_ids)
-                await outbox.write(cur, events)
-                await conn.commit()
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await conn.rollback()
-                raise
+        async with self.transaction() as cur:
+            changed = await cur.execute(update_sql, update_args)
+            if changed != len(packet_ids):
+                raise GuardFailed(packet_ids)
+            await cur.execute(
+                _INSERT_RECORDS + many_rows(_RECORD_ROW, len(claims)),
+                [v for c in claims for v in _record_values(c)],
+            )
+            events = await outbox.claim_events(cur, claims, packet_ids)
+            await outbox.write(cur, events)
 
     @retry_lock_conflicts
     async def commit_one(self, claim: Claim) -> tuple[int, bool]:
@@ -282,37 +301,30 @@ class Ledger:
         packet; if the uid already has a record, the update is rolled back and that record
         wins.
         """
-        async with self.connection() as conn, conn.cursor() as cur:
-            try:
-                changed = await cur.execute(
-                    "UPDATE red_packet_info "
-                    "SET status = IF(remaining_packet = 1, 'sold_out', status), "
-                    "    remaining_amount = remaining_amount - %s, "
-                    "    remaining_packet = remaining_packet - 1 "
-                    "WHERE red_packet_id = %s AND status = 'active' AND remaining_packet >= 1 "
-                    "  AND remaining_amount - %s >= remaining_packet - 1",
-                    (claim.amount, claim.red_packet_id, claim.amount),
-                )
-                await cur.execute(
-                    "SELECT amount FROM red_packet_record WHERE red_packet_id = %s AND uid = %s",
-                    (claim.red_packet_id, claim.uid),
-                )
-                existing = await cur.fetchone()
-                if existing is not None:
-                    await conn.rollback()
-                    return int(existing[0]), False
-                if changed != 1:
-                    await conn.rollback()
-                    raise GuardFailed([claim.red_packet_id])
-                await cur.execute(_INSERT_RECORDS + _RECORD_ROW, _record_values(claim))
-                events = await outbox.claim_events(cur, [claim], [claim.red_packet_id])
-                await outbox.write(cur, events)
-                await conn.commit()
-                return claim.amount, True
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await conn.rollback()
-                raise
+        async with self.transaction() as cur:
+            changed = await cur.execute(
+                "UPDATE red_packet_info "
+                "SET status = IF(remaining_packet = 1, 'sold_out', status), "
+                "    remaining_amount = remaining_amount - %s, "
+                "    remaining_packet = remaining_packet - 1 "
+                "WHERE red_packet_id = %s AND status = 'active' AND remaining_packet >= 1 "
+                "  AND remaining_amount - %s >= remaining_packet - 1",
+                (claim.amount, claim.red_packet_id, claim.amount),
+            )
+            await cur.execute(
+                "SELECT amount FROM red_packet_record WHERE red_packet_id = %s AND uid = %s",
+                (claim.red_packet_id, claim.uid),
+            )
+            existing = await cur.fetchone()
+            if existing is not None:
+                await cur.connection.rollback()  # undo the update
+                return int(existing[0]), False
+            if changed != 1:
+                raise GuardFailed([claim.red_packet_id])  # rolled back as it leaves
+            await cur.execute(_INSERT_RECORDS + _RECORD_ROW, _record_values(claim))
+            events = await outbox.claim_events(cur, [claim], [claim.red_packet_id])
+            await outbox.write(cur, events)
+            return claim.amount, True
 
     # -- reads --------------------------------------------------------------------------
 
@@ -331,16 +343,15 @@ class Ledger:
             args += [after[0], after[0], after[1]]
         sql += " ORDER BY create_time DESC, uid DESC LIMIT %s"
         args.append(limit)
-        async with self.connection() as conn, conn.cursor() as cur:
+        async with self.read() as cur:
             await cur.execute(sql, args)
             rows = await cur.fetchall()
-            await conn.rollback()
         return [RecordRow(*r[:5], luckiest=bool(r[5])) for r in rows]
 
     # -- expiry -------------------------------------------------------------------------
 
     async def expired_active(self, before_ms: int, limit: int) -> list[int]:
-        async with self.connection() as conn, conn.cursor() as cur:
+        async with self.read() as cur:
             await cur.execute(
                 "SELECT red_packet_id FROM red_packet_info "
                 f"WHERE status = 'active' AND expire_time <= {MS_TO_TIME} "
@@ -348,7 +359,6 @@ class Ledger:
                 (before_ms, limit),
             )
             rows = await cur.fetchall()
-            await conn.rollback()
         return [r[0] for r in rows]
 
     @retry_lock_conflicts
@@ -365,45 +375,38 @@ class Ledger:
         and running it again refunds exactly once. ``between_steps`` lets a test break the
         connection between the two writes.
         """
-        async with self.connection() as conn, conn.cursor() as cur:
-            try:
-                await cur.execute(
-                    f"SELECT uid, remaining_amount, status, {time_to_ms('expire_time')} "
-                    "FROM red_packet_info WHERE red_packet_id = %s FOR UPDATE",
-                    (packet_id,),
-                )
-                row = await cur.fetchone()
-                if row is None or row[2] != "active" or row[3] > now_ms or row[1] <= 0:
-                    await conn.rollback()
-                    return None
-                uid, amount = row[0], row[1]
-                await cur.execute(
-                    "INSERT INTO red_packet_refund (red_packet_id, uid, amount, create_time) "
-                    f"VALUES (%s, %s, %s, {MS_TO_TIME})",
-                    (packet_id, uid, amount, now_ms),
-                )
-                if between_steps is not None:
-                    await between_steps(conn)
-                await cur.execute(
-                    "UPDATE red_packet_info SET status = 'refunded' WHERE red_packet_id = %s",
-                    (packet_id,),
-                )
-                states = await outbox.packet_states(cur, [packet_id])
-                await outbox.write(cur, [outbox.sent(states[packet_id], int(amount))])
-                await conn.commit()
-                return int(amount)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await conn.rollback()
-                raise
+        async with self.transaction() as cur:
+            await cur.execute(
+                f"SELECT uid, remaining_amount, status, {time_to_ms('expire_time')} "
+                "FROM red_packet_info WHERE red_packet_id = %s FOR UPDATE",
+                (packet_id,),
+            )
+            row = await cur.fetchone()
+            if row is None or row[2] != "active" or row[3] > now_ms or row[1] <= 0:
+                await cur.connection.rollback()
+                return None
+            uid, amount = row[0], row[1]
+            await cur.execute(
+                "INSERT INTO red_packet_refund (red_packet_id, uid, amount, create_time) "
+                f"VALUES (%s, %s, %s, {MS_TO_TIME})",
+                (packet_id, uid, amount, now_ms),
+            )
+            if between_steps is not None:
+                await between_steps(cur.connection)
+            await cur.execute(
+                "UPDATE red_packet_info SET status = 'refunded' WHERE red_packet_id = %s",
+                (packet_id,),
+            )
+            states = await outbox.packet_states(cur, [packet_id])
+            await outbox.write(cur, [outbox.sent(states[packet_id], int(amount))])
+            return int(amount)
 
     async def refund_of(self, packet_id: int) -> int | None:
-        async with self.connection() as conn, conn.cursor() as cur:
+        async with self.read() as cur:
             await cur.execute(
                 "SELECT amount FROM red_packet_refund WHERE red_packet_id = %s", (packet_id,)
             )
             row = await cur.fetchone()
-            await conn.rollback()
         return int(row[0]) if row else None
 
     # -- idempotency keys ---------------------------------------------------------------
@@ -423,7 +426,7 @@ class Ledger:
 
         A binding made before ``expired_before_ms`` has outlived the key's lifetime: it is
         treated as unused (replaced), whether or not the purge has removed it yet."""
-        async with self.connection() as conn, conn.cursor() as cur:
+        async with self.transaction() as cur:
             await cur.execute(
                 "DELETE FROM idempotency_key WHERE uid = %s AND idem_key = %s "
                 f"AND create_time < {MS_TO_TIME}",
@@ -441,17 +444,15 @@ class Ledger:
                 (uid, key),
             )
             row = await cur.fetchone()
-            await conn.commit()
         return int(row[0]), str(row[1])
 
     async def purge_idempotency_keys(self, expired_before_ms: int, batch: int) -> int:
         """Delete up to ``batch`` keys made before ``expired_before_ms`` (oldest first, by
         index): one short transaction, so the purge never holds locks for long."""
-        async with self.connection() as conn, conn.cursor() as cur:
+        async with self.transaction() as cur:
             deleted = await cur.execute(
                 f"DELETE FROM idempotency_key WHERE create_time < {MS_TO_TIME} "
                 "ORDER BY create_time LIMIT %s",
                 (expired_before_ms, batch),
             )
-            await conn.commit()
         return int(deleted)

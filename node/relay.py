@@ -126,18 +126,16 @@ class Relay:
             self._ring_checked = time.monotonic()
         if time.monotonic() - self._dead_counted > DEAD_LETTERS_RECOUNT_S:
             # `redpacket dead-letters retry` (another process) changes the count too
-            async with self.history.connection() as conn, conn.cursor() as cur:
+            async with self.history.read() as cur:
                 DEAD_LETTERS.set(await deadletters.count(cur))
-                await conn.rollback()
             self._dead_counted = time.monotonic()
-        async with self.history.connection() as conn, conn.cursor() as cur:
+        async with self.history.read() as cur:
             await cur.execute(
                 "SELECT id, uid, event, red_packet_id, payload, "
                 f"{time_to_ms('create_time')} FROM history_outbox ORDER BY id LIMIT %s",
                 (self.batch,),
             )
             rows = await cur.fetchall()
-            await conn.rollback()
         if not rows:
             OUTBOX_BACKLOG.set(0)
             return 0, False
@@ -159,7 +157,7 @@ class Relay:
             if kept_id in dead:
                 dead.update((row_id, dead[kept_id]) for row_id in row_ids)
         if done or dead:
-            async with self.history.connection() as conn, conn.cursor() as cur:
+            async with self.history.transaction() as cur:
                 if done:
                     await cur.execute(
                         "DELETE FROM history_outbox WHERE id IN ("
@@ -170,7 +168,6 @@ class Relay:
                 if dead:
                     await deadletters.bury(cur, dead)
                     DEAD_LETTERS.set(await deadletters.count(cur))
-                await conn.commit()
             for row_id, why in dead.items():
                 log.error("history event %s is a dead letter: %s", row_id, why)
             now = now_ms()
@@ -184,10 +181,9 @@ class Relay:
         return len(done), more and bool(done or dead)
 
     async def _backlog(self) -> int:
-        async with self.history.connection() as conn, conn.cursor() as cur:
+        async with self.history.read() as cur:
             await cur.execute("SELECT COUNT(*) FROM history_outbox")
             (count,) = await cur.fetchone()
-            await conn.rollback()
         return int(count)
 
     async def _deliver(self, events: dict[int, Event], dead: dict[int, str]) -> list[int]:

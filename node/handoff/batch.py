@@ -90,7 +90,7 @@ class PacketBatches:
             yield
 
     async def _held(self, ids: Sequence[int]) -> dict[int, Held]:
-        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+        async with self.shard.ledger.read() as cur:
             await cur.execute(
                 "SELECT i.red_packet_id, i.status, i.create_token, h.direction, h.peer, "
                 "h.prior_status FROM red_packet_info i LEFT JOIN red_packet_handoff h "
@@ -98,7 +98,6 @@ class PacketBatches:
                 tuple(ids),
             )
             rows = await cur.fetchall()
-            await conn.rollback()
         return {int(row[0]): Held(*row[1:]) for row in rows}
 
     async def _singly(self, ids: Iterable[int], step: Any, *args: Any) -> dict[int, dict[str, Any]]:
@@ -165,14 +164,13 @@ class PacketBatches:
 
     async def _committed(self, ids: list[int]) -> dict[int, dict[int, int]]:
         """The claims MySQL holds for each packet (``{packet: {uid: amount}}``)."""
-        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+        async with self.shard.ledger.read() as cur:
             await cur.execute(
                 "SELECT red_packet_id, uid, amount FROM red_packet_record "
                 f"WHERE red_packet_id IN ({_in(ids)})",
                 tuple(ids),
             )
             rows = await cur.fetchall()
-            await conn.rollback()
         found: dict[int, dict[int, int]] = {}
         for packet_id, uid, amount in rows:
             found.setdefault(int(packet_id), {})[int(uid)] = int(amount)
@@ -203,33 +201,26 @@ class PacketBatches:
         self, ids: list[int], to: str, ring_version: int
     ) -> tuple[dict[int, PacketRow], dict[int, list[list[Any]]], dict[int, list[Any]]]:
         """One transaction: the batch's MySQL copies made inert, and read."""
-        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
-            try:
+        async with self.shard.ledger.transaction() as cur:
+            await cur.execute(
+                f"SELECT {PACKET_SELECT} FROM red_packet_info "
+                f"WHERE red_packet_id IN ({_in(ids)}) AND status <> %s FOR UPDATE",
+                (*ids, MOVING),
+            )
+            packets = {p.red_packet_id: p for p in map(packet_from_row, await cur.fetchall())}
+            found = sorted(packets)
+            if found:
+                created = to_datetime(now_ms())
+                await cur.executemany(_HANDOFF_SQL, [
+                    (i, "out", to, packets[i].status, ring_version, created) for i in found
+                ])  # fmt: skip
                 await cur.execute(
-                    f"SELECT {PACKET_SELECT} FROM red_packet_info "
-                    f"WHERE red_packet_id IN ({_in(ids)}) AND status <> %s FOR UPDATE",
-                    (*ids, MOVING),
+                    f"UPDATE red_packet_info SET status = %s WHERE red_packet_id IN ({_in(found)})",
+                    (MOVING, *found),
                 )
-                packets = {p.red_packet_id: p for p in map(packet_from_row, await cur.fetchall())}
-                found = sorted(packets)
-                if found:
-                    created = to_datetime(now_ms())
-                    await cur.executemany(_HANDOFF_SQL, [
-                        (i, "out", to, packets[i].status, ring_version, created) for i in found
-                    ])  # fmt: skip
-                    await cur.execute(
-                        "UPDATE red_packet_info SET status = %s "
-                        f"WHERE red_packet_id IN ({_in(found)})",
-                        (MOVING, *found),
-                    )
-                    records, refunds = await _read_rows(cur, found)
-                else:
-                    records, refunds = {}, {}
-                await conn.commit()
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await conn.rollback()
-                raise
+                records, refunds = await _read_rows(cur, found)
+            else:
+                records, refunds = {}, {}
         return packets, records, refunds
 
     async def _redis_states(self, ids: list[int]) -> dict[int, dict[str, Any] | None]:
@@ -292,22 +283,16 @@ class PacketBatches:
     ) -> list[int]:
         ids = [p.red_packet_id for p, _, _ in batch]
         created = to_datetime(now_ms())
-        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
-            try:
-                await cur.execute(
-                    "SELECT red_packet_id FROM red_packet_info "
-                    f"WHERE red_packet_id IN ({_in(ids)}) FOR UPDATE",
-                    tuple(ids),
-                )
-                taken = {int(r[0]) for r in await cur.fetchall()}
-                batch = [b for b in batch if b[0].red_packet_id not in taken]
-                if batch:
-                    await _insert_staged(cur, batch, peer, ring_version, created)
-                await conn.commit()
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await conn.rollback()
-                raise
+        async with self.shard.ledger.transaction() as cur:
+            await cur.execute(
+                "SELECT red_packet_id FROM red_packet_info "
+                f"WHERE red_packet_id IN ({_in(ids)}) FOR UPDATE",
+                tuple(ids),
+            )
+            taken = {int(r[0]) for r in await cur.fetchall()}
+            batch = [b for b in batch if b[0].red_packet_id not in taken]
+            if batch:
+                await _insert_staged(cur, batch, peer, ring_version, created)
         return [p.red_packet_id for p, _, _ in batch]
 
     async def activate(self, ids: Sequence[int]) -> dict[int, Any]:
@@ -327,31 +312,25 @@ class PacketBatches:
     @retry_lock_conflicts
     async def _restore(self, ids: list[int]) -> list[int]:
         """One transaction, the batch's commit point: staged copies become the packets."""
-        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
-            try:
+        async with self.shard.ledger.transaction() as cur:
+            await cur.execute(
+                "SELECT red_packet_id FROM red_packet_handoff "
+                f"WHERE red_packet_id IN ({_in(ids)}) AND direction = 'in' FOR UPDATE",
+                tuple(ids),
+            )
+            found = sorted(int(r[0]) for r in await cur.fetchall())
+            if found:
+                marks = _in(found)
                 await cur.execute(
-                    "SELECT red_packet_id FROM red_packet_handoff "
-                    f"WHERE red_packet_id IN ({_in(ids)}) AND direction = 'in' FOR UPDATE",
-                    tuple(ids),
+                    "UPDATE red_packet_info i JOIN red_packet_handoff h "
+                    "ON h.red_packet_id = i.red_packet_id SET i.status = h.prior_status "
+                    f"WHERE i.red_packet_id IN ({marks}) AND i.status = %s",
+                    (*found, MOVING),
                 )
-                found = sorted(int(r[0]) for r in await cur.fetchall())
-                if found:
-                    marks = _in(found)
+                for table in ("red_packet_handoff", "red_packet_tombstone"):
                     await cur.execute(
-                        "UPDATE red_packet_info i JOIN red_packet_handoff h "
-                        "ON h.red_packet_id = i.red_packet_id SET i.status = h.prior_status "
-                        f"WHERE i.red_packet_id IN ({marks}) AND i.status = %s",
-                        (*found, MOVING),
+                        f"DELETE FROM {table} WHERE red_packet_id IN ({marks})", tuple(found)
                     )
-                    for table in ("red_packet_handoff", "red_packet_tombstone"):
-                        await cur.execute(
-                            f"DELETE FROM {table} WHERE red_packet_id IN ({marks})", tuple(found)
-                        )
-                await conn.commit()
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await conn.rollback()
-                raise
         return found
 
     async def _load_redis(self, ids: list[int]) -> dict[int, dict[str, Any]]:
@@ -374,13 +353,12 @@ class PacketBatches:
     async def _rows_for_load(
         self, ids: list[int]
     ) -> tuple[list[PacketRow], dict[int, dict[int, int]]]:
-        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+        async with self.shard.ledger.read() as cur:
             await cur.execute(
                 f"SELECT {PACKET_SELECT} FROM red_packet_info WHERE red_packet_id IN ({_in(ids)})",
                 tuple(ids),
             )
             packets = [packet_from_row(r) for r in await cur.fetchall()]
-            await conn.rollback()
         return packets, await self._committed(ids)
 
     # -- finish (old owner) ---------------------------------------------------------------
@@ -416,7 +394,7 @@ class PacketBatches:
         self, ids: list[int], owner: str, owner_url: str, ring_version: int
     ) -> None:
         created = to_datetime(now_ms())
-        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+        async with self.shard.ledger.transaction() as cur:
             await cur.executemany(
                 "INSERT INTO red_packet_tombstone "
                 "(red_packet_id, owner, owner_url, ring_version, create_time) "
@@ -424,26 +402,19 @@ class PacketBatches:
                 "owner_url = VALUES(owner_url), ring_version = VALUES(ring_version)",
                 [(i, owner, owner_url, ring_version, created) for i in ids],
             )
-            await conn.commit()
 
     @retry_lock_conflicts
     async def _delete_copies(self, ids: list[int]) -> None:
-        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
-            try:
-                for table in (
-                    "red_packet_record",
-                    "red_packet_refund",
-                    "red_packet_info",
-                    "red_packet_handoff",
-                ):
-                    await cur.execute(
-                        f"DELETE FROM {table} WHERE red_packet_id IN ({_in(ids)})", tuple(ids)
-                    )
-                await conn.commit()
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await conn.rollback()
-                raise
+        async with self.shard.ledger.transaction() as cur:
+            for table in (
+                "red_packet_record",
+                "red_packet_refund",
+                "red_packet_info",
+                "red_packet_handoff",
+            ):
+                await cur.execute(
+                    f"DELETE FROM {table} WHERE red_packet_id IN ({_in(ids)})", tuple(ids)
+                )
 
 
 async def _read_rows(

@@ -67,14 +67,13 @@ class Fence:
 
     async def load(self) -> None:
         """Read the fence and whether any tombstone exists (the schema is applied already)."""
-        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+        async with self.shard.ledger.read() as cur:
             await cur.execute("SELECT ring_json FROM shard_ring WHERE id = 1")
             row = await cur.fetchone()
             await cur.execute("SELECT 1 FROM red_packet_tombstone LIMIT 1")
             self.has_tombstones = await cur.fetchone() is not None
             await cur.execute("SELECT ring_version, from_json FROM wallet_incoming WHERE id = 1")
             incoming = await cur.fetchone()
-            await conn.rollback()
         if incoming is not None:
             with contextlib.suppress(RingError, orjson.JSONDecodeError):
                 doc = RingDoc.parse(orjson.loads(incoming[1]))
@@ -159,14 +158,13 @@ class Fence:
         owner = self.owner_elsewhere(user_key(uid))
         if owner is None:
             return None
-        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+        async with self.shard.ledger.read() as cur:
             await cur.execute(
                 "SELECT red_packet_id, request_hash FROM idempotency_key "
                 "WHERE uid = %s AND idem_key = %s",
                 (uid, key),
             )
             row = await cur.fetchone()
-            await conn.rollback()
         if row is None:
             raise moved(owner.name, owner.url)
         return int(row[0]), str(row[1])
@@ -180,13 +178,12 @@ class Fence:
                 f"this node is fenced with ring version {self.fence.version} > {doc.version}"
             )
         body = orjson.dumps(doc.settled().as_dict()).decode()
-        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+        async with self.shard.ledger.transaction() as cur:
             await cur.execute(
                 "INSERT INTO shard_ring (id, version, ring_json) VALUES (1, %s, %s) "
                 "ON DUPLICATE KEY UPDATE version = VALUES(version), ring_json = VALUES(ring_json)",
                 (doc.version, body),
             )
-            await conn.commit()
         self._set_fence(doc.settled())
         # wait for what started before the fence (it may not have seen it); not for later ones
         self._epoch += 1
@@ -200,11 +197,10 @@ class Fence:
 
     async def clear_fence(self) -> None:
         """The change is over and every gateway routes by its ring: stop redirecting."""
-        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+        async with self.shard.ledger.transaction() as cur:
             await cur.execute("DELETE FROM shard_ring WHERE id = 1")
             await cur.execute("DELETE FROM wallet_incoming")
             await cur.execute("DELETE FROM wallet_arrival")
-            await conn.commit()
         self.incoming = None
         if self.fence is not None:
             self.settled = self.fence
@@ -218,7 +214,7 @@ class Fence:
         no call of theirs is ever answered here from a wallet that is not all here yet (a
         top-up replay answered 201 a second time, a balance read as empty)."""
         body = orjson.dumps(moving_from.settled().as_dict()).decode()
-        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+        async with self.shard.ledger.transaction() as cur:
             if self.incoming is None or self.incoming[0] != version:  # another change's marks
                 await cur.execute("DELETE FROM wallet_arrival")
             await cur.execute(
@@ -227,15 +223,13 @@ class Fence:
                 "from_json = VALUES(from_json)",
                 (version, body),
             )
-            await conn.commit()
         self.incoming = (version, moving_from.settled().ring())
 
     async def wallets_in(self) -> None:
         """The rebalance tool imported every arriving wallet: serve all users again."""
-        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+        async with self.shard.ledger.transaction() as cur:
             await cur.execute("DELETE FROM wallet_incoming")
             await cur.execute("DELETE FROM wallet_arrival")
-            await conn.commit()
         self.incoming = None
 
     async def wallet_arriving(self, uid: int) -> bool:
@@ -245,25 +239,23 @@ class Fence:
         version, moving_from = self.incoming
         if moving_from.owner_of_key(user_key(uid)).name == self.name:
             return False  # the user was here already
-        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+        async with self.shard.ledger.read() as cur:
             await cur.execute(
                 "SELECT 1 FROM wallet_arrival WHERE uid = %s AND ring_version = %s", (uid, version)
             )
             arrived = await cur.fetchone() is not None
-            await conn.rollback()
         return not arrived
 
     # -- reads ----------------------------------------------------------------------------
 
     async def tombstone(self, packet_id: int) -> Tombstone | None:
-        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+        async with self.shard.ledger.read() as cur:
             await cur.execute(
                 "SELECT owner, owner_url, ring_version FROM red_packet_tombstone "
                 "WHERE red_packet_id = %s",
                 (packet_id,),
             )
             row = await cur.fetchone()
-            await conn.rollback()
         return Tombstone(str(row[0]), str(row[1]), int(row[2])) if row else None
 
     def current(self, ring_version: int) -> None:

@@ -153,7 +153,7 @@ class PacketMoves:
         )
 
     async def held(self, packet_id: int) -> Held | None:
-        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+        async with self.shard.ledger.read() as cur:
             await cur.execute(
                 "SELECT i.status, i.create_token, h.direction, h.peer, h.prior_status "
                 "FROM red_packet_info i LEFT JOIN red_packet_handoff h "
@@ -161,12 +161,11 @@ class PacketMoves:
                 (packet_id,),
             )
             row = await cur.fetchone()
-            await conn.rollback()
         return Held(*row) if row else None
 
     async def inventory(self, after: int, limit: int) -> list[tuple[int, str, str | None]]:
         """``(packet id, "active" | "out" | "in", peer)`` of the packets held here, by id."""
-        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+        async with self.shard.ledger.read() as cur:
             await cur.execute(
                 "SELECT i.red_packet_id, h.direction, h.peer FROM red_packet_info i "
                 "LEFT JOIN red_packet_handoff h ON h.red_packet_id = i.red_packet_id "
@@ -174,21 +173,19 @@ class PacketMoves:
                 (after, limit),
             )
             rows = await cur.fetchall()
-            await conn.rollback()
         return [(int(pid), direction or "active", peer) for pid, direction, peer in rows]
 
     async def live(self, from_id: int, before_id: int) -> int:
         """How many packets with ``from_id <= id < before_id`` are still live here: not yet
         expired, or expired but not settled (an active one awaits its refund; a moving one is
         in a handoff). A ring version retires once none of its packets is live anywhere."""
-        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+        async with self.shard.ledger.read() as cur:
             await cur.execute(
                 "SELECT COUNT(*) FROM red_packet_info WHERE red_packet_id >= %s "
                 "AND red_packet_id < %s AND (status IN ('active', %s) OR expire_time > %s)",
                 (from_id, before_id, MOVING, to_datetime(now_ms())),
             )
             (count,) = await cur.fetchone()
-            await conn.rollback()
         return int(count)
 
     # -- export (old owner) ---------------------------------------------------------------
@@ -258,69 +255,61 @@ class PacketMoves:
         self, packet_id: int, to: str, ring_version: int
     ) -> tuple[PacketRow, list[list[Any]], list[Any] | None]:
         """One transaction: make the MySQL copy inert and read it (packet, records, refund)."""
-        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
-            try:
+        async with self.shard.ledger.transaction() as cur:
+            await cur.execute(
+                f"SELECT {PACKET_SELECT} FROM red_packet_info WHERE red_packet_id = %s FOR UPDATE",
+                (packet_id,),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                raise HandoffConflict("the packet vanished during its export")
+            packet = packet_from_row(row)
+            if packet.status != MOVING:
                 await cur.execute(
-                    f"SELECT {PACKET_SELECT} FROM red_packet_info "
-                    "WHERE red_packet_id = %s FOR UPDATE",
+                    "INSERT INTO red_packet_handoff (red_packet_id, direction, peer, "
+                    "prior_status, ring_version, create_time) "
+                    "VALUES (%s, 'out', %s, %s, %s, %s)",
+                    (packet_id, to, packet.status, ring_version, to_datetime(now_ms())),
+                )
+                await cur.execute(
+                    "UPDATE red_packet_info SET status = %s WHERE red_packet_id = %s",
+                    (MOVING, packet_id),
+                )
+                prior = packet.status
+            else:
+                await cur.execute(
+                    "UPDATE red_packet_handoff SET peer = %s, ring_version = %s "
+                    "WHERE red_packet_id = %s AND direction = 'out'",
+                    (to, ring_version, packet_id),
+                )
+                await cur.execute(
+                    "SELECT prior_status FROM red_packet_handoff "
+                    "WHERE red_packet_id = %s AND direction = 'out'",
                     (packet_id,),
                 )
-                row = await cur.fetchone()
-                if row is None:
-                    raise HandoffConflict("the packet vanished during its export")
-                packet = packet_from_row(row)
-                if packet.status != MOVING:
-                    await cur.execute(
-                        "INSERT INTO red_packet_handoff (red_packet_id, direction, peer, "
-                        "prior_status, ring_version, create_time) "
-                        "VALUES (%s, 'out', %s, %s, %s, %s)",
-                        (packet_id, to, packet.status, ring_version, to_datetime(now_ms())),
-                    )
-                    await cur.execute(
-                        "UPDATE red_packet_info SET status = %s WHERE red_packet_id = %s",
-                        (MOVING, packet_id),
-                    )
-                    prior = packet.status
-                else:
-                    await cur.execute(
-                        "UPDATE red_packet_handoff SET peer = %s, ring_version = %s "
-                        "WHERE red_packet_id = %s AND direction = 'out'",
-                        (to, ring_version, packet_id),
-                    )
-                    await cur.execute(
-                        "SELECT prior_status FROM red_packet_handoff "
-                        "WHERE red_packet_id = %s AND direction = 'out'",
-                        (packet_id,),
-                    )
-                    found = await cur.fetchone()
-                    if found is None:
-                        raise HandoffConflict("the packet is inert here but not exported")
-                    prior = str(found[0])
-                await cur.execute(
-                    "SELECT uid, amount, nick_name, img_url, create_time FROM red_packet_record "
-                    "WHERE red_packet_id = %s ORDER BY id",
-                    (packet_id,),
-                )
-                records = [
-                    [str(uid), amount, nick, img, to_ms(when)]
-                    for uid, amount, nick, img, when in await cur.fetchall()
-                ]
-                await cur.execute(
-                    "SELECT uid, amount, create_time FROM red_packet_refund "
-                    "WHERE red_packet_id = %s",
-                    (packet_id,),
-                )
-                found_refund = await cur.fetchone()
-                refund = (
-                    [str(found_refund[0]), found_refund[1], to_ms(found_refund[2])]
-                    if found_refund
-                    else None
-                )
-                await conn.commit()
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await conn.rollback()
-                raise
+                found = await cur.fetchone()
+                if found is None:
+                    raise HandoffConflict("the packet is inert here but not exported")
+                prior = str(found[0])
+            await cur.execute(
+                "SELECT uid, amount, nick_name, img_url, create_time FROM red_packet_record "
+                "WHERE red_packet_id = %s ORDER BY id",
+                (packet_id,),
+            )
+            records = [
+                [str(uid), amount, nick, img, to_ms(when)]
+                for uid, amount, nick, img, when in await cur.fetchall()
+            ]
+            await cur.execute(
+                "SELECT uid, amount, create_time FROM red_packet_refund WHERE red_packet_id = %s",
+                (packet_id,),
+            )
+            found_refund = await cur.fetchone()
+            refund = (
+                [str(found_refund[0]), found_refund[1], to_ms(found_refund[2])]
+                if found_refund
+                else None
+            )
         return dataclasses.replace(packet, status=prior), records, refund
 
     async def _redis_state(self, packet_id: int) -> dict[str, Any] | None:
@@ -361,39 +350,32 @@ class PacketMoves:
             if held.create_token != packet.create_token:
                 raise HandoffConflict("another packet with this id is live here")
             return "active"  # activated before: nothing to do
-        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
-            try:
-                if held is not None:  # a stale staged copy, or this node's own inert one
-                    for statement in _DELETE_COPY:
-                        await cur.execute(statement, (pid,))
-                await cur.execute(
-                    f"INSERT INTO red_packet_info ({PACKET_COLUMNS}) "
-                    f"VALUES ({PACKET_PLACEHOLDERS})",
-                    packet_values(packet, MOVING),
+        async with self.shard.ledger.transaction() as cur:
+            if held is not None:  # a stale staged copy, or this node's own inert one
+                for statement in _DELETE_COPY:
+                    await cur.execute(statement, (pid,))
+            await cur.execute(
+                f"INSERT INTO red_packet_info ({PACKET_COLUMNS}) VALUES ({PACKET_PLACEHOLDERS})",
+                packet_values(packet, MOVING),
+            )
+            if records:
+                await cur.executemany(
+                    "INSERT INTO red_packet_record "
+                    "(red_packet_id, uid, amount, nick_name, img_url, create_time) "
+                    "VALUES (%s, %s, %s, %s, %s, %s)",
+                    [(pid, u, a, n, i, to_datetime(ms)) for u, a, n, i, ms in records],
                 )
-                if records:
-                    await cur.executemany(
-                        "INSERT INTO red_packet_record "
-                        "(red_packet_id, uid, amount, nick_name, img_url, create_time) "
-                        "VALUES (%s, %s, %s, %s, %s, %s)",
-                        [(pid, u, a, n, i, to_datetime(ms)) for u, a, n, i, ms in records],
-                    )
-                if refund is not None:
-                    await cur.execute(
-                        "INSERT INTO red_packet_refund (red_packet_id, uid, amount, create_time) "
-                        "VALUES (%s, %s, %s, %s)",
-                        (pid, refund[0], refund[1], to_datetime(refund[2])),
-                    )
+            if refund is not None:
                 await cur.execute(
-                    "INSERT INTO red_packet_handoff (red_packet_id, direction, peer, "
-                    "prior_status, ring_version, create_time) VALUES (%s, 'in', %s, %s, %s, %s)",
-                    (pid, peer, packet.status, ring_version, to_datetime(now_ms())),
+                    "INSERT INTO red_packet_refund (red_packet_id, uid, amount, create_time) "
+                    "VALUES (%s, %s, %s, %s)",
+                    (pid, refund[0], refund[1], to_datetime(refund[2])),
                 )
-                await conn.commit()
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await conn.rollback()
-                raise
+            await cur.execute(
+                "INSERT INTO red_packet_handoff (red_packet_id, direction, peer, "
+                "prior_status, ring_version, create_time) VALUES (%s, 'in', %s, %s, %s, %s)",
+                (pid, peer, packet.status, ring_version, to_datetime(now_ms())),
+            )
         return "staged"
 
     async def activate(self, packet_id: int) -> str:
@@ -425,39 +407,32 @@ class PacketMoves:
     @retry_lock_conflicts
     async def _restore(self, packet_id: int, direction: str) -> None:
         """One transaction: status back from 'moving', handoff row and any tombstone gone."""
-        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
-            try:
+        async with self.shard.ledger.transaction() as cur:
+            await cur.execute(
+                "SELECT prior_status FROM red_packet_handoff "
+                "WHERE red_packet_id = %s AND direction = %s FOR UPDATE",
+                (packet_id, direction),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                raise HandoffConflict(f"no '{direction}' handoff of this packet here")
+            await cur.execute(
+                "UPDATE red_packet_info SET status = %s WHERE red_packet_id = %s AND status = %s",
+                (row[0], packet_id, MOVING),
+            )
+            await cur.execute(
+                "DELETE FROM red_packet_handoff WHERE red_packet_id = %s", (packet_id,)
+            )
+            if direction == "in":
                 await cur.execute(
-                    "SELECT prior_status FROM red_packet_handoff "
-                    "WHERE red_packet_id = %s AND direction = %s FOR UPDATE",
-                    (packet_id, direction),
+                    "SELECT 1 FROM red_packet_tombstone WHERE red_packet_id = %s",
+                    (packet_id,),
                 )
-                row = await cur.fetchone()
-                if row is None:
-                    raise HandoffConflict(f"no '{direction}' handoff of this packet here")
-                await cur.execute(
-                    "UPDATE red_packet_info SET status = %s "
-                    "WHERE red_packet_id = %s AND status = %s",
-                    (row[0], packet_id, MOVING),
-                )
-                await cur.execute(
-                    "DELETE FROM red_packet_handoff WHERE red_packet_id = %s", (packet_id,)
-                )
-                if direction == "in":
+                if await cur.fetchone():  # the packet came back: it lives here again
                     await cur.execute(
-                        "SELECT 1 FROM red_packet_tombstone WHERE red_packet_id = %s",
+                        "DELETE FROM red_packet_tombstone WHERE red_packet_id = %s",
                         (packet_id,),
                     )
-                    if await cur.fetchone():  # the packet came back: it lives here again
-                        await cur.execute(
-                            "DELETE FROM red_packet_tombstone WHERE red_packet_id = %s",
-                            (packet_id,),
-                        )
-                await conn.commit()
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await conn.rollback()
-                raise
 
     # -- finish, abort, discard -----------------------------------------------------------
 
@@ -489,7 +464,7 @@ class PacketMoves:
     async def _write_tombstone(
         self, packet_id: int, owner: str, owner_url: str, ring_version: int
     ) -> None:
-        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+        async with self.shard.ledger.transaction() as cur:
             await cur.execute(
                 "INSERT INTO red_packet_tombstone "
                 "(red_packet_id, owner, owner_url, ring_version, create_time) "
@@ -497,27 +472,20 @@ class PacketMoves:
                 "owner_url = VALUES(owner_url), ring_version = VALUES(ring_version)",
                 (packet_id, owner, owner_url, ring_version, to_datetime(now_ms())),
             )
-            await conn.commit()
 
     @retry_lock_conflicts
     async def _delete_copy(self, packet_id: int, direction: str | None = None) -> None:
-        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
-            try:
-                if direction is not None:
-                    await cur.execute(
-                        "SELECT 1 FROM red_packet_handoff "
-                        "WHERE red_packet_id = %s AND direction = %s FOR UPDATE",
-                        (packet_id, direction),
-                    )
-                    if await cur.fetchone() is None:
-                        raise HandoffConflict(f"no '{direction}' handoff of this packet here")
-                for statement in _DELETE_COPY:
-                    await cur.execute(statement, (packet_id,))
-                await conn.commit()
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await conn.rollback()
-                raise
+        async with self.shard.ledger.transaction() as cur:
+            if direction is not None:
+                await cur.execute(
+                    "SELECT 1 FROM red_packet_handoff "
+                    "WHERE red_packet_id = %s AND direction = %s FOR UPDATE",
+                    (packet_id, direction),
+                )
+                if await cur.fetchone() is None:
+                    raise HandoffConflict(f"no '{direction}' handoff of this packet here")
+            for statement in _DELETE_COPY:
+                await cur.execute(statement, (packet_id,))
 
     async def abort(self, packet_id: int) -> str:
         """Undo an export: the packet is live here again (only before the commit point)."""

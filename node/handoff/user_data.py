@@ -17,7 +17,7 @@ class KeyMoves:
     async def keys(
         self, after: tuple[int, str], limit: int
     ) -> list[tuple[int, str, str, int, int]]:
-        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+        async with self.shard.ledger.read() as cur:
             await cur.execute(
                 "SELECT uid, idem_key, request_hash, red_packet_id, create_time "
                 "FROM idempotency_key WHERE uid > %s OR (uid = %s AND idem_key > %s) "
@@ -25,5 +25,4 @@ class KeyMoves:
                 (after[0], after[0], after[1], limit),
             )
             rows = await cur.fetchall()
-            await conn.rollback()
         return [(int(u), str(k), str(h), int(p), to_ms(t)) for u, k, h, p, t in rows]

@@ -90,7 +90,7 @@ class UserMoves:
         ``after_uid`` (at most ``limit``), those leaving grouped per new owner in batches of
         at most ``batch_rows`` rows (a user with more goes alone), until ``page_rows`` leaving
         rows are taken. Users who stay cost a count in an index, never a read of their rows."""
-        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
+        async with self.shard.ledger.read() as cur:
             await cur.execute(_PAGE, (*[after_uid, limit] * len(USER_TABLES), limit))
             counts = [(int(u), int(n)) for u, n in await cur.fetchall()]
             batches, seen = self._group(counts, page_rows, batch_rows)
@@ -102,7 +102,6 @@ class UserMoves:
                     count, array = await cur.fetchone()
                     batch.arrays[shape.table] = array
                     batch.counts[shape.table] = int(count)
-            await conn.rollback()
         return batches, counts[seen - 1][0] if seen and more else None, seen, len(counts)
 
     def _group(
@@ -144,20 +143,14 @@ class UserMoves:
             refused = [u for u in uids if history.elsewhere(u) is not None]
             if refused:
                 return [], refused
-            async with history.connection() as conn, conn.cursor() as cur:
-                try:
-                    clashes: list[tuple[int, str]] = []
-                    if arrays.get(KEYS.table):
-                        inserted = await cur.execute(KEYS.merge_json(), (arrays[KEYS.table],))
-                        if keys is None or inserted < keys:  # some were here: which, and how
-                            await cur.execute(_CLASHES, (arrays[KEYS.table],))
-                            clashes = [(int(u), str(k)) for u, k in await cur.fetchall()]
-                    await merge_json(cur, arrays)
-                    await conn.commit()
-                except BaseException:
-                    with contextlib.suppress(Exception):
-                        await conn.rollback()
-                    raise
+            async with history.transaction() as cur:
+                clashes: list[tuple[int, str]] = []
+                if arrays.get(KEYS.table):
+                    inserted = await cur.execute(KEYS.merge_json(), (arrays[KEYS.table],))
+                    if keys is None or inserted < keys:  # some were here: which, and how
+                        await cur.execute(_CLASHES, (arrays[KEYS.table],))
+                        clashes = [(int(u), str(k)) for u, k in await cur.fetchall()]
+                await merge_json(cur, arrays)
         return clashes, []
 
     @retry_lock_conflicts
@@ -173,17 +166,11 @@ class UserMoves:
             keep_sql = " AND (uid, idem_key) NOT IN (" + ", ".join(["(%s, %s)"] * len(keep)) + ")"
             keep_args = [v for pair in keep for v in pair]
         deleted = 0
-        async with self.shard.ledger.connection() as conn, conn.cursor() as cur:
-            try:
-                for shape in USER_TABLES:
-                    extra = keep_sql if shape is KEYS else ""
-                    args = [*leaving, *keep_args] if shape is KEYS else leaving
-                    deleted += await cur.execute(
-                        f"DELETE FROM {shape.table} WHERE uid IN ({marks}){extra}", args
-                    )
-                await conn.commit()
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await conn.rollback()
-                raise
+        async with self.shard.ledger.transaction() as cur:
+            for shape in USER_TABLES:
+                extra = keep_sql if shape is KEYS else ""
+                args = [*leaving, *keep_args] if shape is KEYS else leaving
+                deleted += await cur.execute(
+                    f"DELETE FROM {shape.table} WHERE uid IN ({marks}){extra}", args
+                )
         return deleted

@@ -32,7 +32,6 @@ from redpacket.node.handoff.http import HANDOFF, PREFIX
 from redpacket.node.ledger import retry_lock_conflicts, to_datetime, to_ms
 from redpacket.node.shard import now_ms
 from redpacket.node.wallet.book import TXN_IDS, open_book
-from redpacket.node.wallet.store import transaction
 from redpacket.sharding.ring import RingDoc, RingError, user_key
 
 User = dict[str, Any]  # {"uid", "granted", "txns": [...], "holds": [...], "topups": [...]}
@@ -47,7 +46,7 @@ class WalletMoves:
         """The wallets of the next ``limit`` users here that the fence gives away (those
         staying cost a read of their uid, no more), and the uid to list from next (None: the
         last page)."""
-        async with self.ledger.connection() as conn, conn.cursor() as cur:
+        async with self.ledger.read() as cur:
             await cur.execute(
                 "SELECT uid, granted FROM wallet WHERE uid > %s ORDER BY uid LIMIT %s",
                 (after_uid, limit),
@@ -90,7 +89,6 @@ class WalletMoves:
                         [topup_id, int(amount), digest, to_ms(when), tid and str(tid),
                          None if after is None else int(after)]
                     )  # fmt: skip
-            await conn.rollback()
         return list(users.values()), int(scanned[-1][0]) if len(scanned) == limit else None
 
     @retry_lock_conflicts
@@ -102,7 +100,7 @@ class WalletMoves:
         mine = [u for u in users if int(u["uid"]) not in refused]
         if not mine:
             return refused
-        async with transaction(self.ledger) as cur:
+        async with self.ledger.transaction() as cur:
             book = await open_book(cur, [int(u["uid"]) for u in mine], now_ms())
             marks = ", ".join(["%s"] * len(book.wallets))
             await cur.execute(
@@ -194,7 +192,7 @@ class WalletMoves:
             return 0
         marks = ", ".join(["%s"] * len(leaving))
         deleted = 0
-        async with transaction(self.ledger) as cur:
+        async with self.ledger.transaction() as cur:
             for table in ("wallet_txn", "wallet_hold", "wallet_topup", "wallet"):
                 deleted += await cur.execute(f"DELETE FROM {table} WHERE uid IN ({marks})", leaving)
         return deleted

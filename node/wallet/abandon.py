@@ -18,7 +18,6 @@ create committed before it (InnoDB's snapshot starts at the first read).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 
 import aiomysql
@@ -42,26 +41,20 @@ async def abandon(ledger: Ledger, packet_id: int, token: str, now_ms: int) -> st
     """``created`` (the packet exists with this token), ``other`` (the id holds another
     create's packet) or ``abandoned`` (it does not, and now never will)."""
     when = dt.datetime(1970, 1, 1) + dt.timedelta(milliseconds=now_ms)
-    async with ledger.connection() as conn, conn.cursor() as cur:
-        try:
-            await cur.execute(
-                "INSERT IGNORE INTO create_abandoned (red_packet_id, create_token, create_time) "
-                "VALUES (%s, %s, %s)",
-                (packet_id, token, when),
-            )
-            await cur.execute(
-                "SELECT create_token FROM red_packet_info WHERE red_packet_id = %s", (packet_id,)
-            )
-            row = await cur.fetchone()
-            if row is not None:
-                await conn.rollback()  # no tombstone next to a packet: its retries replay
-                return "created" if row[0] == token else "other"
-            await conn.commit()
-            return "abandoned"
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await conn.rollback()
-            raise
+    async with ledger.transaction() as cur:
+        await cur.execute(
+            "INSERT IGNORE INTO create_abandoned (red_packet_id, create_token, create_time) "
+            "VALUES (%s, %s, %s)",
+            (packet_id, token, when),
+        )
+        await cur.execute(
+            "SELECT create_token FROM red_packet_info WHERE red_packet_id = %s", (packet_id,)
+        )
+        row = await cur.fetchone()
+        if row is not None:
+            await cur.connection.rollback()  # no tombstone next to a packet: its retries replay
+            return "created" if row[0] == token else "other"
+        return "abandoned"
 
 
 async def ask_here(shard: Shard, packet_id: int, token: str, now_ms: int) -> str:

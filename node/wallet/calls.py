@@ -164,14 +164,13 @@ async def transactions(call: Call) -> Reply:
 async def incoming(call: Call) -> Reply:
     """Shares of this user committed here whose credit is still in this node's outbox."""
     uid = user_of(call.args.get("uid"))
-    async with call.history.connection() as conn, conn.cursor() as cur:
+    async with call.history.read() as cur:
         await cur.execute(
             "SELECT red_packet_id, payload FROM history_outbox WHERE uid = %s "
             "AND event = 'received' LIMIT 1000",
             (uid,),
         )
         rows = await cur.fetchall()
-        await conn.rollback()
     shares = {str(pid): int(orjson.loads(p)["amount"]) for pid, p in rows}
     return reply({"shares": shares})
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from redpacket.node.ledger import Ledger, retry_lock_conflicts, to_datetime
 from redpacket.node.wallet.book import InsufficientFunds, open_book
-from redpacket.node.wallet.store import HELD, Hold, HoldConflict, transaction
+from redpacket.node.wallet.store import HELD, Hold, HoldConflict
 
 MAX_BATCH = 200
 
@@ -79,7 +79,7 @@ class HoldQueue:
     async def _hold_all(self, requests: list[HoldRequest], now_ms: int) -> list[Outcome]:
         uid = requests[0].uid
         tokens = sorted({r.token for r in requests})
-        async with transaction(self.ledger) as cur:
+        async with self.ledger.transaction() as cur:
             book = await open_book(cur, [uid], now_ms, max(r.starting for r in requests))
             await cur.execute(
                 "SELECT create_token, uid, amount, red_packet_id, state FROM wallet_hold "

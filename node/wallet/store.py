@@ -9,12 +9,8 @@ a hold by its create token, a top-up by its topup_id, a release by the hold it r
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
-
-import aiomysql
 
 from redpacket.node.ledger import Ledger, retry_lock_conflicts, to_datetime, to_ms
 from redpacket.node.wallet.book import Book, iso, open_book
@@ -41,19 +37,6 @@ class Hold:
     balance: int  # the wallet's balance after the hold (or now, for a replay)
 
 
-@contextlib.asynccontextmanager
-async def transaction(ledger: Ledger) -> AsyncIterator[aiomysql.Cursor]:
-    """A cursor in a transaction that commits at the end of the block, or rolls back."""
-    async with ledger.connection() as conn, conn.cursor() as cur:
-        try:
-            yield cur
-            await conn.commit()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await conn.rollback()
-            raise
-
-
 class Wallets:
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
@@ -62,11 +45,10 @@ class Wallets:
 
     async def balance(self, uid: int, now_ms: int, starting_balance: int) -> tuple[int, int]:
         """``(balance, updated_ms)``; the first read of a dev cluster grants the starting one."""
-        async with self.ledger.connection() as conn, conn.cursor() as cur:
+        async with self.ledger.read() as cur:
             await cur.execute("SELECT balance, granted, update_time FROM wallet WHERE uid = %s",
                               (uid,))  # fmt: skip
             row = await cur.fetchone()
-            await conn.rollback()
         if row is not None and (row[1] or starting_balance <= 0):
             return int(row[0]), to_ms(row[2])
         if starting_balance <= 0:
@@ -76,7 +58,7 @@ class Wallets:
 
     @retry_lock_conflicts
     async def _granted(self, uid: int, now_ms: int, starting_balance: int) -> Book:
-        async with transaction(self.ledger) as cur:
+        async with self.ledger.transaction() as cur:
             book = await open_book(cur, [uid], now_ms, starting_balance)
             await book.write()
         return book
@@ -86,14 +68,13 @@ class Wallets:
         if not packet_ids:
             return set()
         marks = ", ".join(["%s"] * len(packet_ids))
-        async with self.ledger.connection() as conn, conn.cursor() as cur:
+        async with self.ledger.read() as cur:
             await cur.execute(
                 "SELECT red_packet_id FROM wallet_txn WHERE uid = %s AND kind = 'receive' "
                 f"AND ref IN ({marks})",
                 [uid, *(str(p) for p in packet_ids)],
             )
             rows = await cur.fetchall()
-            await conn.rollback()
         return {int(r[0]) for r in rows}
 
     async def transactions(
@@ -108,10 +89,9 @@ class Wallets:
             args.append(before_id)
         sql += " ORDER BY id DESC LIMIT %s"
         args.append(limit + 1)
-        async with self.ledger.connection() as conn, conn.cursor() as cur:
+        async with self.ledger.read() as cur:
             await cur.execute(sql, args)
             rows = list(await cur.fetchall())
-            await conn.rollback()
         page = [
             {
                 "id": str(tid),
@@ -129,7 +109,7 @@ class Wallets:
 
     async def confirm(self, token: str) -> str | None:
         """The packet exists: the hold is spent. Its state afterwards (None: no such hold)."""
-        async with transaction(self.ledger) as cur:
+        async with self.ledger.transaction() as cur:
             await cur.execute(
                 "UPDATE wallet_hold SET state = 'sent' WHERE create_token = %s AND state = 'held'",
                 (token,),
@@ -142,7 +122,7 @@ class Wallets:
     async def release(self, token: str, now_ms: int) -> str | None:
         """The packet will never exist: give the money back (a ``refund`` with ref
         ``release:<token>``). Idempotent; the hold's state afterwards."""
-        async with transaction(self.ledger) as cur:
+        async with self.ledger.transaction() as cur:
             await cur.execute("SELECT uid FROM wallet_hold WHERE create_token = %s", (token,))
             row = await cur.fetchone()
             if row is None:
@@ -165,14 +145,13 @@ class Wallets:
 
     async def stale_holds(self, before_ms: int, limit: int) -> list[tuple[str, int, int]]:
         """Holds still open since before ``before_ms``: ``(create token, red packet id, uid)``."""
-        async with self.ledger.connection() as conn, conn.cursor() as cur:
+        async with self.ledger.read() as cur:
             await cur.execute(
                 "SELECT create_token, red_packet_id, uid FROM wallet_hold "
                 "WHERE state = 'held' AND create_time < %s ORDER BY create_time LIMIT %s",
                 (to_datetime(before_ms), limit),
             )
             rows = await cur.fetchall()
-            await conn.rollback()
         return [(str(t), int(p), int(u)) for t, p, u in rows]
 
     # -- top-ups ----------------------------------------------------------------------------
@@ -185,7 +164,7 @@ class Wallets:
         kept in ``wallet_topup`` (and moved with it, node/handoff/wallets.py), never one
         recomputed from wherever its transaction is now. Raises TopupConflict for a topup_id
         seen with another body."""
-        async with transaction(self.ledger) as cur:
+        async with self.ledger.transaction() as cur:
             book = await open_book(cur, [uid], now_ms, starting)
             await cur.execute(
                 # top-ups from before migration 0004 kept no answer: their transaction's

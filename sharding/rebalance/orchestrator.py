@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from redpacket.core.ids import IdGenerator
 from redpacket.sharding.backends import Backend
@@ -154,21 +154,17 @@ class Rebalancer:
         return new_version(doc, nodes, note, now_ms() + int(self.settle_s * 1000))
 
     async def resume(self, dry_run: bool = False) -> int:
-        async with self.backend.lock(), self.client:
-            doc = await self.backend.read_ring()
-            if doc.previous is None:
-                self.say(f"ring v{doc.version} has no change in progress: nothing to resume")
-                return 0
+        async def carry_on(doc: RingDoc) -> int:
             self.say(f"resuming {doc.note or 'the change'} (ring v{doc.version})")
             return await self._complete(doc, dry_run, rollback=doc.note.startswith("rollback"))
 
+        return await self._in_progress("resume", carry_on)
+
     async def rollback(self, dry_run: bool = False) -> int:
         """Undo an interrupted change: every packet goes back to its owner in the old ring."""
-        async with self.backend.lock(), self.client:
-            doc = await self.backend.read_ring()
-            if doc.previous is None:
-                self.say(f"ring v{doc.version} has no change in progress: nothing to roll back")
-                return 0
+
+        async def undo(doc: RingDoc) -> int:
+            assert doc.previous is not None
             if doc.note.startswith("rollback"):
                 self.say(f"resuming the interrupted {doc.note} (ring v{doc.version})")
                 return await self._complete(doc, dry_run, rollback=True)
@@ -176,6 +172,19 @@ class Rebalancer:
             back = rollback_of(doc, note)
             self.say(f"rolling back ring v{doc.version} to the nodes of v{doc.previous.version}")
             return await self._complete(back, dry_run, rollback=True)
+
+        return await self._in_progress("roll back", undo)
+
+    async def _in_progress(self, what: str, step: Callable[[RingDoc], Awaitable[int]]) -> int:
+        """``step`` on the ring of the change in progress, under the rebalance lock; with no
+        change in progress, say there is nothing to do (``what``: resume, roll back) and
+        succeed: both commands are safe to run again after they finished."""
+        async with self.backend.lock(), self.client:
+            doc = await self.backend.read_ring()
+            if doc.previous is None:
+                self.say(f"ring v{doc.version} has no change in progress: nothing to {what}")
+                return 0
+            return await step(doc)
 
     async def status(self) -> int:
         async with self.client:
