@@ -149,24 +149,25 @@ async def test_users_history_copied_while_their_packets_are_opened_merges_like_o
 def test_the_users_window_halves_when_the_opens_p99_is_over_budget_and_grows_back() -> None:
     """AIMD on the nodes' open p99 (sharding/rebalance/pacer.py): a reading over the budget
     times the baseline halves the batches in flight, at most once per span of readings, down
-    to a duty cycle under one; readings within it add a batch per span, up to --concurrency.
+    to a duty cycle under one; readings within it add a batch each, up to --concurrency.
     A slow batch by itself no longer means anything: only the opens' latency does."""
     window = Window(4, budget=2.0)
     assert window.limit == 4  # no baseline yet: nothing to pace by
     window.set_baseline(0.005)  # the opens' p99 before users move: 5 ms
     assert window.limit == 2 and window.threshold_s == 0.010  # half of --concurrency
-    for _ in range(SPAN_READINGS * 2):
-        window.reading(0.008, opens=500)  # within 2 x 5 ms
+    for _ in range(2):
+        window.reading(0.008, opens=500)  # within 2 x 5 ms: a batch more each
     assert window.limit == 4
     window.reading(0.0125, opens=500)  # over 10 ms: the nodes' opens wait behind the move
     assert window.limit == 2 and window.backoffs == 1
-    window.reading(0.0125, opens=500)  # the same span's opens: no second cut
+    for _ in range(SPAN_READINGS - 1):
+        window.reading(0.0125, opens=500)  # the same span's opens: no second cut
     assert window.limit == 2 and window.backoffs == 1
     for _ in range(40):
         window.reading(0.030, opens=500)
     assert window.limit == LEAST and window.backoffs == 4  # 2 -> 1 -> 0.5 -> 0.25
     window.reading(0.030, opens=5)  # too few opens to judge: a reading like no opens at all
-    assert window.limit > LEAST
+    assert window.limit == 2 * LEAST
     for _ in range(40):
         window.reading(0.009, opens=500)
     assert window.limit == 4 and window.worst_s == 0.030

@@ -43,10 +43,10 @@ class Window:
     Why: a users' batch is work for two nodes that also serve opens, and the opens' p99 is
     what suffers when both are busy, so the p99 is the signal (read from the nodes' open
     histogram, latency.py), against ``budget`` times its baseline taken just before users
-    move. Like TCP's congestion window, the batches in flight grow by one per span of
-    readings within the budget and halve on a reading over it, at most once per span (the
-    readings right after a halving still hold opens from before it); under one batch in
-    flight the window becomes a duty cycle (a batch, then a pause). Without a baseline
+    move. Like TCP's congestion window, the batches in flight grow by one per reading within
+    the budget and halve on a reading over it, at most once per span (the readings right
+    after a halving still hold opens from before it); under one batch in flight the window
+    becomes a duty cycle (a batch, then a pause), which doubles per reading within budget. Without a baseline
     (``budget`` 0, no opens before the move, nodes that do not say) it stays at ``most``.
     ``--rate`` (:class:`Pacer`) still caps the users moved per second on top of this.
     """
@@ -90,8 +90,9 @@ class Window:
                 self.backoffs += 1
                 self._since_cut = 0
             return
-        # one batch per span, or a proportional part of one below a batch in flight
-        self.limit = min(float(self.most), self.limit + min(1.0, self.limit) / SPAN_READINGS)
+        # one batch per reading within budget (doubling under one batch in flight): a users'
+        # move lasts seconds, so a window slow to grow back would cost most of its speed
+        self.limit = min(float(self.most), self.limit + min(1.0, self.limit))
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
