@@ -46,8 +46,9 @@ class Window:
     move. Like TCP's congestion window, the batches in flight grow by one per reading within
     the budget and halve on a reading over it, at most once per span (the readings right
     after a halving still hold opens from before it); under one batch in flight the window
-    becomes a duty cycle (a batch, then a pause), which doubles per reading within budget. Without a baseline
-    (``budget`` 0, no opens before the move, nodes that do not say) it stays at ``most``.
+    becomes a duty cycle (a batch, then a pause), which doubles per reading within budget.
+    Without a baseline (``budget`` 0, no opens before the move, nodes that do not say) it
+    stays at ``most``.
     ``--rate`` (:class:`Pacer`) still caps the users moved per second on top of this.
     """
 
