@@ -206,6 +206,21 @@ def test_the_p99_of_two_reads_of_the_nodes_histograms_is_interpolated_in_its_buc
     assert p99_between(before, before) == (None, 0)
 
 
+async def test_a_node_says_its_open_latency_histogram_to_the_rebalance(fresh_node: Any) -> None:
+    """The signal of the users' window comes from the node's own open histogram (the one
+    /metrics shows), read over the handoff API: opens between two reads are counted there."""
+    node = replace(await fresh_node(REDPACKET_NODE_SECRET=SECRET), secret=SECRET)
+    async with HandoffClient(SECRET) as client:
+        before = await client.open_latency(node.spec())
+        assert before is not None and before[-1][0] == float("inf")
+        for _ in range(3):  # answered (404: no such packet) and timed like any open
+            await node.call("POST", "/internal/v1/packets/1234/open", {"uid": "7"})
+        after = await client.open_latency(node.spec())
+    assert after is not None
+    p99_s, opens = p99_between({"n": before}, {"n": after})
+    assert opens >= 3 and p99_s is not None and p99_s > 0  # other nodes of this process too
+
+
 async def test_a_user_with_more_rows_than_the_old_request_cap_moves_whole(
     fresh_node: Any,
 ) -> None:

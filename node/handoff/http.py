@@ -292,7 +292,9 @@ async def open_latency(request: web.Request) -> web.Response:
     takes the difference to pace users' moves by the opens' p99 (sharding/rebalance/
     latency.py). Read here rather than scraped because the metrics port is not always known
     to the orchestrator (the ring names it for local clusters only)."""
-    buckets = cumulative_buckets(HTTP_LATENCY, service="node", route=CALL_ROUTES["open"].pattern)
+    route = CALL_ROUTES["open"].pattern
+    HTTP_LATENCY.labels("node", route)  # before the first open: every bucket at 0
+    buckets = cumulative_buckets(HTTP_LATENCY, service="node", route=route)
     return json_response(
         {
             "node": request.app[HANDOFF].name,

@@ -43,6 +43,8 @@ class OpenLatency:
     async def baseline(self, span_s: float = BASELINE_S) -> float | None:
         """The opens' p99 over the next ``span_s`` (``None``: no opens, or no node says)."""
         first = await self.read()
+        if not first:  # nodes of a release before this route: nothing to wait for
+            return None
         await asyncio.sleep(span_s)
         p99_s, _ = p99_between(first, await self.read())
         return p99_s

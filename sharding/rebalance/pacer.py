@@ -33,7 +33,7 @@ P99_BUDGET = 2.0  # --p99-budget: the opens' p99 during users' moves, times the 
 # and doubling a p99 of a fraction of a millisecond is no harm worth slowing a move for
 FLOOR_S = 0.0025
 LEAST = 0.25  # below one batch in flight: a batch, then a pause of three times its length
-SPAN_READINGS = 2  # readings a span of opens covers (latency.py): at most one halving per span
+SPAN_READINGS = 4  # readings a span of opens covers (latency.py): at most one halving per span
 LEAST_OPENS = 20  # fewer opens in a reading's span: too few to judge, nothing much to protect
 
 
