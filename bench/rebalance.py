@@ -31,7 +31,7 @@ from typing import Any
 
 import aiohttp
 
-from redpacket.core.ids import IdGenerator, snowflake_of
+from redpacket.core.ids import IdGenerator, PublicIds, derive_id_key, snowflake_of
 from redpacket.gateway.auth import mint_token
 from redpacket.node.history import year_of
 from redpacket.node.ledger import (
@@ -184,6 +184,9 @@ class Probe:
     gateway_url: str
     jwt_secret: str
     packets: list[int]
+    # the gateway takes only the ids it gives (issue 19): raw snowflakes are answered 404 by
+    # the gateway itself, and the opens would never reach a node
+    public_ids: PublicIds
     workers: int = 8
     create_every_s: float = 0.1
     opens: list[tuple[float, float, int]] = field(default_factory=list)  # (at, latency, status)
@@ -201,7 +204,8 @@ class Probe:
         while not self.stop.is_set():
             packet_id, uid = rng.choice(self.packets), rng.randint(1, 50_000)
             started = time.monotonic()
-            url = f"{self.gateway_url}/v1/red-packets/{packet_id}/open"
+            public_id = self.public_ids.format(packet_id)
+            url = f"{self.gateway_url}/v1/red-packets/{public_id}/open"
             try:
                 async with session.post(url, headers=self._auth(uid)) as resp:
                     await resp.read()
@@ -237,6 +241,8 @@ class Probe:
         """p50/p99 (ms) of the opens that started in ``[start, end)``, and how many failed."""
         window = sorted(lat for at, lat, status in self.opens if start <= at < end)
         failed = sum(1 for at, _, status in self.opens if start <= at < end and status >= 500)
+        # opens a node answered with a share (the rest: sold out, already opened, refused)
+        shares = sum(1 for at, _, status in self.opens if start <= at < end and status == 200)
         if not window:
             return {"opens": 0, "failed_5xx": failed}
         pick = lambda q: round(window[min(len(window) - 1, int(q * len(window)))] * 1000, 1)  # noqa: E731
@@ -244,6 +250,7 @@ class Probe:
             "opens": len(window),
             "p50_ms": pick(0.5),
             "p99_ms": pick(0.99),
+            "shares_200": shares,
             "failed_5xx": failed,
         }
 
@@ -282,7 +289,8 @@ async def run_bench(
     started = time.monotonic()
     seeded = await seed_packets(doc, packets, senders=senders, received=received)
     seed_s = time.monotonic() - started
-    probe = Probe(state["gateway"]["url"], state["jwt_secret"], seeded)
+    public_ids = PublicIds(derive_id_key(state["node_secret"]))  # the dev cluster's key
+    probe = Probe(state["gateway"]["url"], state["jwt_secret"], seeded, public_ids)
     load = asyncio.ensure_future(probe.run())
     await asyncio.sleep(phase_s)
     change_started = time.monotonic()

@@ -6,8 +6,9 @@ route templates (``/v1/red-packets/{id}/open``), never concrete ids.
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -63,6 +64,39 @@ SHARD_LATENCY = Histogram(
     ["shard"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
+
+
+def cumulative_buckets(histogram: Histogram, **labels: str) -> list[tuple[float, float]]:
+    """``(upper bound, observations at or under it)`` of one labelled child of ``histogram``,
+    the last bound ``inf``: what a ``/metrics`` scrape shows of it, read in process (the
+    rebalance paces users' moves by the nodes' open latency, docs/rebalancing.md)."""
+    out: list[tuple[float, float]] = []
+    for family in histogram.collect():
+        for sample in family.samples:
+            if not sample.name.endswith("_bucket"):
+                continue
+            if all(sample.labels.get(k) == v for k, v in labels.items()):
+                out.append((float(sample.labels["le"]), sample.value))
+    return sorted(out)
+
+
+def quantile(buckets: Sequence[tuple[float, float]], q: float) -> float | None:
+    """The ``q`` quantile of cumulative ``buckets`` (as :func:`cumulative_buckets`, or the
+    difference of two reads of them), interpolated linearly inside its bucket as Prometheus'
+    ``histogram_quantile`` does; ``None`` without observations. Past the last finite bound it
+    is that bound (the histogram says no more)."""
+    total = buckets[-1][1] if buckets else 0.0
+    if total <= 0:
+        return None
+    rank, lower, below = q * total, 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower
+            inside = count - below
+            return lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)
+        lower, below = bound, count
+    return lower
 
 
 class RequestMetrics:

@@ -20,6 +20,7 @@ from redpacket.core.env import SettingsError
 from redpacket.sharding.backends import Backend, BackendError
 from redpacket.sharding.client import NodeError
 from redpacket.sharding.rebalance import BATCH, CONCURRENCY, RebalanceError, Rebalancer
+from redpacket.sharding.rebalance.pacer import P99_BUDGET
 
 
 def _common(parser: argparse.ArgumentParser, dry_run: bool = True) -> None:
@@ -44,6 +45,13 @@ def _common(parser: argparse.ArgumentParser, dry_run: bool = True) -> None:
         type=float,
         default=0.0,
         help="at most this many packets, and users, per second (0: no cap)",
+    )
+    run.add_argument(
+        "--p99-budget",
+        type=float,
+        default=P99_BUDGET,
+        help="users' moves slow down while the nodes' open p99 is over this many times its "
+        f"value just before (default {P99_BUDGET:g}; 0: off, as fast as --concurrency allows)",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument(
@@ -193,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
         _backend(args),
         concurrency=args.concurrency,
         rate=args.rate,
+        p99_budget=args.p99_budget,
         batch_size=args.batch,
         progress=not args.no_progress,
         gateway_timeout_s=args.gateway_timeout_s,

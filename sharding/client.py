@@ -9,6 +9,7 @@ failed or timed out) are retried with backoff; anything else that is not a 2xx r
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
@@ -300,3 +301,25 @@ class HandoffClient:
         body = {"uids": [str(u) for u in uids], "keep": list(keep)}
         answer = await self.request(node, "POST", f"{H}/users/release", body=body)
         return int(answer.get("deleted", 0))
+
+    # -- the opens' latency (node/handoff/http.py open_latency) -------------------------------
+
+    async def open_latency(self, node: NodeSpec) -> list[tuple[float, float]] | None:
+        """The node's open latency histogram: ``(bound_s, opens at or under it)``, the last
+        bound ``inf``. Tried once: ``None`` if the node did not answer (or predates the
+        route), and the pacing goes on without that read."""
+        try:
+            answer = await self._once(
+                node, "GET", f"{H}/opens/latency", None, params=None, packed=False
+            )
+        except NodeDown:
+            return None
+        data = answer.data
+        if not answer.ok or not isinstance(data, dict):
+            return None
+        try:
+            bounds = [float(b) for b in data["bounds_s"]] + [math.inf]
+            counts = [float(c) for c in data["counts"]]
+        except (KeyError, TypeError, ValueError):
+            return None
+        return list(zip(bounds, counts, strict=True)) if len(bounds) == len(counts) else None

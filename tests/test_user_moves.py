@@ -12,8 +12,10 @@ from dataclasses import replace
 from typing import Any
 
 from redpacket.bench.rebalance import seed_packets
+from redpacket.core.metrics import quantile
 from redpacket.sharding.client import HandoffClient
-from redpacket.sharding.rebalance.pacer import LEAST, Pacer, Window
+from redpacket.sharding.rebalance.latency import p99_between
+from redpacket.sharding.rebalance.pacer import FLOOR_S, LEAST, SPAN_READINGS, Pacer, Window
 from redpacket.sharding.rebalance.users import UserMover
 from redpacket.sharding.ring import RingDoc, user_key
 from tests.conftest import Cluster, sql
@@ -144,29 +146,79 @@ async def test_users_history_copied_while_their_packets_are_opened_merges_like_o
     await cluster.check(load.observed, allow_unfunded=True)  # seeded packets
 
 
-def test_the_users_window_halves_on_a_slow_batch_and_grows_back_by_one_per_window() -> None:
-    """AIMD on the round trip per row (sharding/rebalance/pacer.py): a batch over twice the
-    best seen halves the batches in flight, down to a duty cycle under one; batches in time
-    add one batch per window of them, up to --concurrency."""
-    window = Window(4)
-    assert window.limit == 2  # half of --concurrency to begin with
-    window.record(0.1, 1000)  # the best: 0.1 ms per row
-    window.record(0.1, 1000)
-    window.record(0.1, 1000)
-    assert 3 <= window.limit <= 4
-    window.record(1.0, 1000)  # ten times slower: the nodes are busy
-    assert 1.5 <= window.limit <= 2 and window.backoffs == 1
-    window.record(1.0, 1000)  # slowed by the same moment: no second cut within the window
-    assert window.backoffs == 1
-    for _ in range(20):
-        window.record(1.0, 1000)
-    assert window.limit == LEAST and window.backoffs < 20
-    for _ in range(40):
-        window.record(0.1, 1000)
+def test_the_users_window_halves_when_the_opens_p99_is_over_budget_and_grows_back() -> None:
+    """AIMD on the nodes' open p99 (sharding/rebalance/pacer.py): a reading over the budget
+    times the baseline halves the batches in flight, at most once per span of readings, down
+    to a duty cycle under one; readings within it add a batch each, up to --concurrency.
+    A slow batch by itself no longer means anything: only the opens' latency does."""
+    window = Window(4, budget=2.0)
+    assert window.limit == 4  # no baseline yet: nothing to pace by
+    window.set_baseline(0.005)  # the opens' p99 before users move: 5 ms
+    assert window.limit == 2 and window.threshold_s == 0.010  # half of --concurrency
+    for _ in range(2):
+        window.reading(0.008, opens=500)  # within 2 x 5 ms: a batch more each
     assert window.limit == 4
-    cuts = window.backoffs
-    window.record(0.015, 10)  # a small batch is judged as FLOOR_ROWS rows: not slow
-    assert window.limit == 4 and window.backoffs == cuts
+    window.reading(0.0125, opens=500)  # over 10 ms: the nodes' opens wait behind the move
+    assert window.limit == 2 and window.backoffs == 1
+    for _ in range(SPAN_READINGS - 1):
+        window.reading(0.0125, opens=500)  # the same span's opens: no second cut
+    assert window.limit == 2 and window.backoffs == 1
+    for _ in range(40):
+        window.reading(0.030, opens=500)
+    assert window.limit == LEAST and window.backoffs == 4  # 2 -> 1 -> 0.5 -> 0.25
+    window.reading(0.030, opens=5)  # too few opens to judge: a reading like no opens at all
+    assert window.limit == 2 * LEAST
+    for _ in range(40):
+        window.reading(0.009, opens=500)
+    assert window.limit == 4 and window.worst_s == 0.030
+
+
+def test_the_window_judges_a_tiny_baseline_as_the_floor_and_stays_open_without_budget() -> None:
+    """A baseline under FLOOR_S (the histogram's finest buckets) is judged as FLOOR_S; a
+    budget of 0, or no opens before the move, leaves the window at --concurrency."""
+    window = Window(8, budget=2.0)
+    window.set_baseline(0.0003)
+    assert window.threshold_s == 2 * FLOOR_S
+    window.reading(0.004, opens=500)  # over 2 x 0.3 ms, within 2 x FLOOR_S
+    assert window.backoffs == 0
+    for budget, baseline in ((0.0, 0.005), (2.0, None)):
+        window = Window(8, budget=budget)
+        window.set_baseline(baseline)
+        window.reading(1.0, opens=500)
+        assert window.limit == 8 and window.backoffs == 0
+
+
+def test_the_p99_of_two_reads_of_the_nodes_histograms_is_interpolated_in_its_bucket() -> None:
+    """The opens between two reads, every node together, as Prometheus' histogram_quantile
+    reads them (core/metrics.py ``quantile``); a node missing or restarted is left out."""
+    inf = float("inf")
+
+    def h(*counts: float) -> list[tuple[float, float]]:  # buckets of 5 ms, 10 ms, +Inf
+        return list(zip((0.005, 0.01, inf), counts, strict=True))
+
+    before = {"a": h(100, 100, 100), "b": h(7, 7, 9)}
+    after = {"a": h(150, 195, 200), "b": h(0, 0, 0), "c": h(1, 1, 1)}
+    p99_s, opens = p99_between(before, after)
+    assert opens == 100  # a's alone: b restarted, c was not read before
+    assert p99_s == 0.01  # the 99th of 100 is past the 10 ms bucket: its last finite bound
+    assert quantile(h(50, 95, 100), 0.5) == 0.005
+    assert quantile(h(40, 90, 100), 0.6) == 0.005 + 0.005 * 0.4
+    assert p99_between(before, before) == (None, 0)
+
+
+async def test_a_node_says_its_open_latency_histogram_to_the_rebalance(fresh_node: Any) -> None:
+    """The signal of the users' window comes from the node's own open histogram (the one
+    /metrics shows), read over the handoff API: opens between two reads are counted there."""
+    node = replace(await fresh_node(REDPACKET_NODE_SECRET=SECRET), secret=SECRET)
+    async with HandoffClient(SECRET) as client:
+        before = await client.open_latency(node.spec())
+        assert before is not None and before[-1][0] == float("inf")
+        for _ in range(3):  # answered (404: no such packet) and timed like any open
+            await node.call("POST", "/internal/v1/packets/1234/open", {"uid": "7"})
+        after = await client.open_latency(node.spec())
+    assert after is not None
+    p99_s, opens = p99_between({"n": before}, {"n": after})
+    assert opens >= 3 and p99_s is not None and p99_s > 0  # other nodes of this process too
 
 
 async def test_a_user_with_more_rows_than_the_old_request_cap_moves_whole(

@@ -11,6 +11,7 @@ from aiohttp import web
 from redpacket.core.body import read_body, read_json_object
 from redpacket.core.errors import bad_request, json_response
 from redpacket.core.ids import parse_packet_id, parse_uid
+from redpacket.core.metrics import HTTP_LATENCY, cumulative_buckets
 from redpacket.node.handoff.batch import MAX_BATCH, PacketBatches
 from redpacket.node.handoff.fence import Fence
 from redpacket.node.handoff.packets import PacketMoves
@@ -19,6 +20,7 @@ from redpacket.node.handoff.users import USER_TABLES, UserMoves
 from redpacket.node.history import HISTORY
 from redpacket.node.relay import RELAY
 from redpacket.node.shard import Shard
+from redpacket.nodeclient.wire import ROUTES as CALL_ROUTES
 from redpacket.sharding.ring import RingDoc, RingError
 
 
@@ -284,6 +286,24 @@ async def drain_outbox(request: web.Request) -> web.Response:
     return json_response({"node": request.app[HANDOFF].name, "delivered": delivered, "left": left})
 
 
+async def open_latency(request: web.Request) -> web.Response:
+    """This node's open latency histogram as ``/metrics`` shows it (cumulative counts per
+    bucket, the last one ``+Inf``), on the node's own port: the rebalance reads it twice and
+    takes the difference to pace users' moves by the opens' p99 (sharding/rebalance/
+    latency.py). Read here rather than scraped because the metrics port is not always known
+    to the orchestrator (the ring names it for local clusters only)."""
+    route = CALL_ROUTES["open"].pattern
+    HTTP_LATENCY.labels("node", route)  # before the first open: every bucket at 0
+    buckets = cumulative_buckets(HTTP_LATENCY, service="node", route=route)
+    return json_response(
+        {
+            "node": request.app[HANDOFF].name,
+            "bounds_s": [le for le, _ in buckets[:-1]],  # the last bound is +Inf
+            "counts": [count for _, count in buckets],
+        }
+    )
+
+
 PREFIX = "/internal/v1/handoff"
 ROUTES = [
     web.get(f"{PREFIX}/ring", get_fence),
@@ -303,6 +323,7 @@ ROUTES = [
     web.post(f"{PREFIX}/users", import_users),
     web.post(f"{PREFIX}/users/release", release_users),
     web.post(f"{PREFIX}/outbox/drain", drain_outbox),
+    web.get(f"{PREFIX}/opens/latency", open_latency),
 ]
 
 

@@ -30,8 +30,9 @@ retiring a version whose packets are all settled moves just those. Plain moves g
 
 The modules: ``plan.py`` (the ring documents of a change, and what each packet needs),
 ``packets.py`` (the packets' moves), ``users.py`` (users' wallets, keys and history),
-``pacer.py`` (``--rate`` and the adaptive window of users' batches), ``orchestrator.py``
-(the commands, and the steps above).
+``pacer.py`` (``--rate`` and the window of users' batches), ``latency.py`` (the nodes' open
+p99 that window keeps within ``--p99-budget``), ``orchestrator.py`` (the commands, and the
+steps above).
 """
 
 from redpacket.sharding.rebalance.orchestrator import Rebalancer

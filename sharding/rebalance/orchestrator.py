@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from redpacket.core.ids import IdGenerator
 from redpacket.sharding.backends import Backend
 from redpacket.sharding.client import HandoffClient, NodeError
-from redpacket.sharding.rebalance.pacer import Pacer
+from redpacket.sharding.rebalance.pacer import P99_BUDGET, Pacer, Window
 from redpacket.sharding.rebalance.packets import BATCH, CONCURRENCY, PacketMover, print_pairs
 from redpacket.sharding.rebalance.plan import (
     RebalanceError,
@@ -37,6 +37,7 @@ class Rebalancer:
         *,
         concurrency: int = CONCURRENCY,
         rate: float = 0.0,
+        p99_budget: float = P99_BUDGET,
         batch_size: int = BATCH,
         progress: bool = True,
         gateway_timeout_s: float = 120.0,
@@ -49,6 +50,7 @@ class Rebalancer:
         self.concurrency = max(1, concurrency)
         self.rate = rate
         self.user_pacer = Pacer(rate)  # --rate caps users moved per second too
+        self.p99_budget = p99_budget  # users' batches keep the opens' p99 within it (0: off)
         self.batch_size = max(1, batch_size)
         self.moved_packets = 0  # handoffs carried out (the benchmark reads it)
         self.progress = progress
@@ -280,7 +282,11 @@ class Rebalancer:
 
     def _users(self) -> UserMover:
         return UserMover(
-            self.client, concurrency=self.concurrency, rate=self.rate, pacer=self.user_pacer
+            self.client,
+            concurrency=self.concurrency,
+            rate=self.rate,
+            pacer=self.user_pacer,
+            p99_budget=self.p99_budget,
         )
 
     async def _move_arriving_wallets(self, nodes: dict[str, NodeSpec], target: RingDoc) -> None:
@@ -302,11 +308,11 @@ class Rebalancer:
         mover = self._users()
         done = await mover.move_users(nodes)
         keys, rows = done.rows["idempotency_key"], sum(done.rows.values())
+        window = mover.window
         if done.users:
             self.say(
                 f"moved the idempotency keys and history of {done.users} user(s): {rows} row(s)"
-                f", {keys} of them keys, in {done.batches} batch(es); the window backed off "
-                f"{mover.window.backoffs} time(s)"
+                f", {keys} of them keys, in {done.batches} batch(es); {_pacing(window)}"
             )
         if done.clashes:
             self.say(
@@ -319,7 +325,10 @@ class Rebalancer:
         self.timings["users_s"] = time.monotonic() - started + self.timings.get("wallets_s", 0.0)
         self.timings["keys"] = float(keys)
         self.timings["user_rows"] = float(rows)
-        self.timings["window_backoffs"] = float(mover.window.backoffs)
+        self.timings["window_backoffs"] = float(window.backoffs)
+        if window.baseline_s is not None:
+            self.timings["open_p99_baseline_ms"] = 1000 * window.baseline_s
+            self.timings["open_p99_worst_ms"] = 1000 * window.worst_s
         self.marks["users_end"] = time.monotonic()
 
     async def _retire(self, doc: RingDoc, dry_run: bool) -> int:
@@ -436,3 +445,14 @@ class Rebalancer:
             return 0
         await self._stop_empty(spec)
         return 0
+
+
+def _pacing(window: Window) -> str:
+    """What the users' window did, for the report."""
+    if window.threshold_s is None or window.baseline_s is None:
+        return "not paced by the opens' p99 (no budget, or no opens before the move)"
+    return (
+        f"the opens' p99 was {1000 * window.baseline_s:.1f} ms before, at most "
+        f"{1000 * window.worst_s:.1f} ms during (budget {1000 * window.threshold_s:.1f} ms); "
+        f"the window backed off {window.backoffs} time(s)"
+    )

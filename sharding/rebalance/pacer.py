@@ -1,5 +1,5 @@
-"""How fast a change moves: ``--rate``, a hard cap, and for users' batches a window that adapts
-to how busy the nodes are (docs/rebalancing.md, "Pacing users' moves")."""
+"""How fast a change moves: ``--rate``, a hard cap, and for users' batches a window that keeps
+the opens' p99 within a budget (docs/rebalancing.md, "Pacing users' moves")."""
 
 from __future__ import annotations
 
@@ -28,40 +28,76 @@ class Pacer:
             self._next = max(now, self._next) + self._interval * count
 
 
-# a batch whose round trip per row is over SLOWER times the best seen means the nodes are
-# busy (with opens, mostly): the window halves; otherwise it grows by one batch per window
-SLOWER = 2.0
+P99_BUDGET = 2.0  # --p99-budget: the opens' p99 during users' moves, times the baseline
+# a baseline under this is judged as if it were this: the histogram's finest bucket is 1 ms,
+# and doubling a p99 of a fraction of a millisecond is no harm worth slowing a move for
+FLOOR_S = 0.0025
 LEAST = 0.25  # below one batch in flight: a batch, then a pause of three times its length
-# the best round trip seen drifts up by this much per batch, so that one lucky batch early
-# on does not keep the window shut for the rest of the move (doubles in 35 batches)
-DRIFT = 1.02
-FLOOR_ROWS = 100  # small batches are judged as if this big (their round trip is overhead)
+SPAN_READINGS = 4  # readings a span of opens covers (latency.py): at most one halving per span
+LEAST_OPENS = 20  # fewer opens in a reading's span: too few to judge, nothing much to protect
 
 
 class Window:
-    """How many users' batches are in flight: AIMD on each batch's round trip per row.
+    """How many users' batches are in flight: AIMD on the nodes' own open latency.
 
     Why: a users' batch is work for two nodes that also serve opens, and the opens' p99 is
-    what suffers when both are busy. The round trip of a batch is the signal the orchestrator
-    has without asking the nodes: it grows when their CPU or MySQL is contended. So, like
-    TCP's congestion window, the number of batches in flight grows by one per window of
-    batches that came back in time, and halves on each one that came back slow; under one
-    batch in flight the window becomes a duty cycle (a batch, then a pause). ``--rate``
-    (:class:`Pacer`) still caps the users moved per second on top of this.
+    what suffers when both are busy, so the p99 is the signal (read from the nodes' open
+    histogram, latency.py), against ``budget`` times its baseline taken just before users
+    move. Like TCP's congestion window, the batches in flight grow by one per reading within
+    the budget and halve on a reading over it, at most once per span (the readings right
+    after a halving still hold opens from before it); under one batch in flight the window
+    becomes a duty cycle (a batch, then a pause), which doubles per reading within budget.
+    Without a baseline (``budget`` 0, no opens before the move, nodes that do not say) it
+    stays at ``most``.
+    ``--rate`` (:class:`Pacer`) still caps the users moved per second on top of this.
     """
 
-    def __init__(self, most: int) -> None:
+    def __init__(self, most: int, budget: float = P99_BUDGET) -> None:
         self.most = max(1, most)
-        self.limit = float(max(1, self.most // 2))  # grows to ``most`` if the nodes keep up
-        self.best_s_per_row: float | None = None
+        self.budget = budget
+        self.limit = float(self.most)  # without a baseline: as fast as --concurrency allows
+        self.baseline_s: float | None = None
         self.backoffs = 0  # halvings (the report and the bench say how often)
-        self._since_cut = 0  # batches back since the last halving
+        self.worst_s = 0.0  # the highest p99 read during the move (the report says it)
+        self._since_cut = SPAN_READINGS  # readings since the last halving
         self._in_flight = 0
         self._changed = asyncio.Condition()
 
+    @property
+    def threshold_s(self) -> float | None:
+        """The p99 over which the window halves (``None``: no pacing by latency)."""
+        if self.budget <= 0 or self.baseline_s is None:
+            return None
+        return self.budget * max(self.baseline_s, FLOOR_S)
+
+    def set_baseline(self, p99_s: float | None) -> None:
+        """The opens' p99 before users move; the window starts at half of ``most`` if it
+        paces by latency, and grows from there while the nodes keep up."""
+        self.baseline_s = p99_s
+        self.limit = float(self.most if self.threshold_s is None else max(1, self.most // 2))
+
+    def reading(self, p99_s: float | None, opens: int) -> None:
+        """Adjust the window to one reading of the opens' p99 over the last span."""
+        threshold = self.threshold_s
+        if threshold is None:
+            return
+        self._since_cut += 1
+        judged = p99_s is not None and opens >= LEAST_OPENS
+        if judged:
+            self.worst_s = max(self.worst_s, p99_s or 0.0)
+        if judged and (p99_s or 0.0) > threshold:
+            if self._since_cut >= SPAN_READINGS and self.limit > LEAST:
+                self.limit = max(LEAST, self.limit / 2)
+                self.backoffs += 1
+                self._since_cut = 0
+            return
+        # one batch per reading within budget (doubling under one batch in flight): a users'
+        # move lasts seconds, so a window slow to grow back would cost most of its speed
+        self.limit = min(float(self.most), self.limit + min(1.0, self.limit))
+
     @contextlib.asynccontextmanager
-    async def slot(self, rows: int) -> AsyncIterator[None]:
-        """Hold one of the window's places for a batch of ``rows`` rows."""
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one of the window's places for a batch."""
         async with self._changed:
             await self._changed.wait_for(lambda: self._in_flight < max(1, int(self.limit)))
             self._in_flight += 1
@@ -69,27 +105,14 @@ class Window:
         started = loop.time()
         try:
             yield
-            elapsed_s = loop.time() - started
-            self.record(elapsed_s, rows)
             if self.limit < 1:  # a duty cycle: the nodes get the pause to themselves
-                await asyncio.sleep(elapsed_s * (1 / self.limit - 1))
+                await asyncio.sleep((loop.time() - started) * (1 / self.limit - 1))
         finally:
             async with self._changed:
                 self._in_flight -= 1
                 self._changed.notify_all()
 
-    def record(self, elapsed_s: float, rows: int) -> None:
-        """Adjust the window to one batch's round trip."""
-        cost = elapsed_s / max(rows, FLOOR_ROWS)
-        best = self.best_s_per_row
-        self._since_cut += 1
-        if best is not None and cost > SLOWER * best:
-            # once per window, as TCP: the batches in flight when it halved were slowed by
-            # the same moment of contention, and would cut it again for one cause
-            if self._since_cut > self.limit and self.limit > LEAST:
-                self.limit = max(LEAST, self.limit / 2)
-                self.backoffs += 1
-                self._since_cut = 0
-        else:
-            self.limit = min(float(self.most), self.limit + 1 / max(1.0, self.limit))
-        self.best_s_per_row = cost if best is None else min(cost, best * DRIFT)
+    async def wake(self) -> None:
+        """Let batches waiting for a place look again (the window grew)."""
+        async with self._changed:
+            self._changed.notify_all()

@@ -7,7 +7,8 @@ its leaving users at once, already in batches per new owner with their rows as J
 MySQL built; the orchestrator passes each batch on untouched (msgpack) to the new owner, which
 merges it in one transaction, then releases the page on the old owner in one call. The next
 page is listed while the last one is sent; the batches in flight follow a :class:`Window`
-(AIMD on their round trips) under the ``--rate`` cap.
+(AIMD on the nodes' open p99 against a baseline taken just before, latency.py) under the
+``--rate`` cap.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redpacket.sharding.client import HandoffClient
-from redpacket.sharding.rebalance.pacer import Pacer, Window
+from redpacket.sharding.rebalance.latency import OpenLatency
+from redpacket.sharding.rebalance.pacer import P99_BUDGET, Pacer, Window
 from redpacket.sharding.rebalance.plan import RebalanceError
 from redpacket.sharding.ring import NodeSpec, Ring, user_key
 
@@ -51,20 +53,29 @@ class UserMover:
     """Moves users' wallets, keys and history for one change."""
 
     def __init__(
-        self, client: HandoffClient, *, concurrency: int, rate: float, pacer: Pacer
+        self,
+        client: HandoffClient,
+        *,
+        concurrency: int,
+        rate: float,
+        pacer: Pacer,
+        p99_budget: float = P99_BUDGET,
     ) -> None:
         self.client = client
         self.concurrency = max(1, concurrency)
         self.rate = rate
         self.pacer = pacer  # --rate: users moved per second, wallets and the rest alike
-        self.window = Window(self.concurrency)
+        self.window = Window(self.concurrency, p99_budget)
 
     # -- keys and history ---------------------------------------------------------------------
 
     async def move_users(self, nodes: dict[str, NodeSpec]) -> UsersMoved:
         """Every node's leaving users' keys and history to their new owners (the nodes' fences
-        say who leaves and where to)."""
+        say who leaves and where to), paced by the opens' p99 on those nodes."""
         done = UsersMoved()
+        latency = OpenLatency(self.client, nodes)
+        if self.window.budget > 0:
+            self.window.set_baseline(await latency.baseline())
         # under a --rate cap, batches of about a fifth of a second's worth keep the pace smooth
         batch_rows = min(USER_BATCH_ROWS, max(10, int(self.rate) // 5)) if self.rate else None
 
@@ -91,7 +102,8 @@ class UserMover:
                 if sending is not None and not sending.done():
                     sending.cancel()
 
-        await asyncio.gather(*(one(n) for n in nodes.values()))
+        async with latency.pacing(self.window):
+            await asyncio.gather(*(one(n) for n in nodes.values()))
         return done
 
     async def _send_page(
@@ -105,9 +117,8 @@ class UserMover:
         async def send(
             owner: str, batch_uids: list[int], counts: dict[str, int], arrays: Any
         ) -> None:
-            rows = sum(counts.values())
             await self.pacer.wait(len(batch_uids))
-            async with self.window.slot(rows):
+            async with self.window.slot():
                 clashes, refused = await self.client.import_users(
                     nodes[owner], batch_uids, counts, arrays
                 )
