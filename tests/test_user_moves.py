@@ -14,10 +14,10 @@ from typing import Any
 from redpacket.bench.rebalance import seed_packets
 from redpacket.core.metrics import quantile
 from redpacket.sharding.client import HandoffClient
-from redpacket.sharding.rebalance.latency import p99_between
+from redpacket.sharding.rebalance.latency import READ_TIMEOUT_S, OpenLatency, p99_between
 from redpacket.sharding.rebalance.pacer import FLOOR_S, LEAST, SPAN_READINGS, Pacer, Window
 from redpacket.sharding.rebalance.users import UserMover
-from redpacket.sharding.ring import RingDoc, user_key
+from redpacket.sharding.ring import NodeSpec, RingDoc, user_key
 from tests.conftest import Cluster, sql
 from tests.test_rebalance import Load, keyed_creates, rebalance
 from tests.test_scaleout import assert_keys_and_history_follow_users
@@ -219,6 +219,27 @@ async def test_a_node_says_its_open_latency_histogram_to_the_rebalance(fresh_nod
     assert after is not None
     p99_s, opens = p99_between({"n": before}, {"n": after})
     assert opens >= 3 and p99_s is not None and p99_s > 0  # other nodes of this process too
+
+
+async def test_a_hung_node_is_left_out_of_a_latency_reading_not_waited_for(
+    fresh_node: Any,
+) -> None:
+    """A node that accepts the connection and never answers must not hold the window for the
+    client's whole timeout: its reading is left out after READ_TIMEOUT_S."""
+    node = replace(await fresh_node(REDPACKET_NODE_SECRET=SECRET), secret=SECRET)
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the client gives up and closes
+
+    hung = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = hung.sockets[0].getsockname()[1]
+    async with hung, HandoffClient(SECRET) as client:
+        nodes = {"live": node.spec(), "hung": NodeSpec("hung", f"http://127.0.0.1:{port}")}
+        started = time.monotonic()
+        reads = await OpenLatency(client, nodes).read()
+        waited_s = time.monotonic() - started
+    assert set(reads) == {"live"}
+    assert waited_s < 10 * READ_TIMEOUT_S  # not the client's 30 s
 
 
 async def test_a_user_with_more_rows_than_the_old_request_cap_moves_whole(

@@ -23,6 +23,9 @@ from redpacket.sharding.ring import NodeSpec
 
 BASELINE_S = 1.0  # the baseline is the p99 of the opens of this long, just before users move
 EVERY_S = 0.25  # a reading per node this often while users move (a span: SPAN_READINGS of them)
+# a node slower than this to say is left out of that reading: a hung node must not hold the
+# window where it is for the client's whole timeout (30 s)
+READ_TIMEOUT_S = 1.0
 
 Reads = dict[str, list[tuple[float, float]]]  # node -> its cumulative buckets
 
@@ -37,8 +40,14 @@ class OpenLatency:
     async def read(self) -> Reads:
         """Every node's histogram now (a node that does not answer is left out)."""
         names = list(self.nodes)
-        answers = await asyncio.gather(*(self.client.open_latency(self.nodes[n]) for n in names))
+        answers = await asyncio.gather(*(self._read_one(self.nodes[n]) for n in names))
         return {name: buckets for name, buckets in zip(names, answers, strict=True) if buckets}
+
+    async def _read_one(self, node: NodeSpec) -> list[tuple[float, float]] | None:
+        try:
+            return await asyncio.wait_for(self.client.open_latency(node), READ_TIMEOUT_S)
+        except TimeoutError:
+            return None
 
     async def baseline(self, span_s: float = BASELINE_S) -> float | None:
         """The opens' p99 over the next ``span_s`` (``None``: no opens, or no node says)."""
