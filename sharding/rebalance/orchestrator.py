@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from redpacket.core.ids import IdGenerator
 from redpacket.sharding.backends import Backend
 from redpacket.sharding.client import HandoffClient, NodeError
+from redpacket.sharding.rebalance.latency import OpenLatency
 from redpacket.sharding.rebalance.pacer import P99_BUDGET, Pacer, Window
 from redpacket.sharding.rebalance.packets import BATCH, CONCURRENCY, PacketMover, print_pairs
 from redpacket.sharding.rebalance.plan import (
@@ -26,6 +27,13 @@ from redpacket.sharding.rebalance.plan import (
 )
 from redpacket.sharding.rebalance.users import UserMover
 from redpacket.sharding.ring import NodeSpec, RingDoc
+
+
+class Unread:
+    """The type of :data:`UNREAD`: a change's baseline p99 not read yet."""
+
+
+UNREAD = Unread()
 
 
 class Rebalancer:
@@ -93,12 +101,20 @@ class Rebalancer:
                     return await self._dry_run(doc, self._versioned(doc, [*doc.nodes, spec], ""))
                 return await self._dry_run(doc, transition(doc, [*doc.nodes, spec], ""))
             self.say(f"starting {name} ({self.backend.name} backend) ...")
-            spec = await self.backend.start_node(name, url, weight)
+            # the baseline's second runs while the new shard starts, so that no new packet
+            # waits for it: nothing of the change loads the shards yet (on Kubernetes the
+            # new pods start on their own; locally its process boots on the same cores)
+            spec, baseline_s = await asyncio.gather(
+                self.backend.start_node(name, url, weight), self._baseline(doc.nodes)
+            )
             self.say(f"{name} is ready at {spec.url}")
             nodes = [*doc.nodes, spec]
-            if move:
-                return await self._complete(transition(doc, nodes, f"add {name}"), dry_run)
-            return await self._complete(self._versioned(doc, nodes, f"add {name} (no move)"))
+            change = (
+                transition(doc, nodes, f"add {name}")
+                if move
+                else self._versioned(doc, nodes, f"add {name} (no move)")
+            )
+            return await self._complete(change, baseline_s=baseline_s)
 
     async def remove(self, name: str, dry_run: bool = False, drain: bool = False) -> int:
         """Take a shard out; ``drain``: it places no new packet and stops once the last one it
@@ -132,7 +148,11 @@ class Rebalancer:
             )
             if dry_run:
                 return await self._dry_run(doc, change)
-            return await self._retire_after(await self._complete(change), drain, dry_run)
+            baseline_s = await self._baseline(doc.nodes)
+            if drain:  # placing from a moment after the baseline's second, as a new version
+                change = self._versioned(doc, rest, f"remove {name} (drain)")
+            rc = await self._complete(change, baseline_s=baseline_s)
+            return await self._retire_after(rc, drain, dry_run)
 
     async def _retire_after(self, rc: int, drain: bool, dry_run: bool) -> int:
         """After a drain's new version: retire what has drained already (or within
@@ -210,14 +230,25 @@ class Rebalancer:
 
     # -- one change -----------------------------------------------------------------------
 
-    async def _complete(self, doc: RingDoc, dry_run: bool = False, rollback: bool = False) -> int:
+    async def _complete(
+        self,
+        doc: RingDoc,
+        dry_run: bool = False,
+        rollback: bool = False,
+        baseline_s: float | Unread | None = UNREAD,
+    ) -> int:
         """Carry out the change ``doc`` describes (nodes and versions = the target, previous =
-        the old ring)."""
+        the old ring). ``baseline_s``: the opens' p99 before it (UNREAD: read it now, before
+        anything of the change is done; only for a ring already published or routing as
+        before, as a new version must be fenced as soon as it is published)."""
         assert doc.previous is not None
         nodes = members(doc)
         target = doc.settled()
         if dry_run:
             return await self._dry_run(doc.previous, doc)
+        users_move = doc.previous.nodes != doc.nodes
+        if isinstance(baseline_s, Unread):
+            baseline_s = await self._baseline(nodes.values())
         started = time.monotonic()
         # 2.+3. fence and publish. A change keeps routing by the ring that routed before it, so
         # its transition ring is published first: a crash right after leaves a ring that says
@@ -227,7 +258,6 @@ class Rebalancer:
         if not published and not rollback:
             await self.backend.publish_ring(doc)
             self.say(f"published the transition ring v{doc.version}")
-        users_move = doc.previous.nodes != doc.nodes
         if users_move:  # before the fence: no arriving user is served from half a wallet
             await asyncio.gather(*(self.client.wallets_arriving(n, doc) for n in nodes.values()))
         await self._fence(nodes, doc)
@@ -249,7 +279,7 @@ class Rebalancer:
         # 4b.+4c. users' own data (idempotency keys, then history), if their ring changed
         if users_move:
             self.marks["users"] = time.monotonic()
-            await self._move_users(nodes)
+            await self._move_users(nodes, baseline_s)
         # 5. retire the previous ring
         final = RingDoc(doc.version + 1, doc.nodes, since_ms=doc.since_ms, older=doc.older)
         await self.backend.publish_ring(final)
@@ -301,12 +331,23 @@ class Rebalancer:
         self.moved_wallets = wallets
         self.timings["wallets_s"] = time.monotonic() - started
 
-    async def _move_users(self, nodes: dict[str, NodeSpec]) -> None:
+    async def _baseline(self, nodes: Iterable[NodeSpec]) -> float | None:
+        """The opens' p99 on ``nodes`` over the next second (``None``: not pacing users by
+        latency, or no opens to judge by).
+
+        Why before the change: the users' move is paced against this p99 (users.py), so it
+        is read while nothing of the change loads the nodes yet, and no second of the users'
+        move is spent waiting for it."""
+        if self.p99_budget <= 0:
+            return None
+        return await OpenLatency(self.client, {n.name: n for n in nodes}).baseline()
+
+    async def _move_users(self, nodes: dict[str, NodeSpec], baseline_s: float | None) -> None:
         """Users' idempotency keys and history, together, copied (an idempotent merge) to
-        each user's new owner, then released (users.py)."""
+        each user's new owner, then released (users.py), paced against ``baseline_s``."""
         started = time.monotonic()
         mover = self._users()
-        done = await mover.move_users(nodes)
+        done = await mover.move_users(nodes, baseline_s)
         keys, rows = done.rows["idempotency_key"], sum(done.rows.values())
         window = mover.window
         if done.users:

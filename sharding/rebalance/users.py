@@ -69,13 +69,15 @@ class UserMover:
 
     # -- keys and history ---------------------------------------------------------------------
 
-    async def move_users(self, nodes: dict[str, NodeSpec]) -> UsersMoved:
+    async def move_users(
+        self, nodes: dict[str, NodeSpec], baseline_s: float | None = None
+    ) -> UsersMoved:
         """Every node's leaving users' keys and history to their new owners (the nodes' fences
-        say who leaves and where to), paced by the opens' p99 on those nodes."""
+        say who leaves and where to), paced by the opens' p99 on those nodes against
+        ``baseline_s``, their p99 before the change (``None``: at full ``--concurrency``)."""
         done = UsersMoved()
         latency = OpenLatency(self.client, nodes)
-        if self.window.budget > 0:
-            self.window.set_baseline(await latency.baseline())
+        self.window.set_baseline(baseline_s)
         # under a --rate cap, batches of about a fifth of a second's worth keep the pace smooth
         batch_rows = min(USER_BATCH_ROWS, max(10, int(self.rate) // 5)) if self.rate else None
 
