@@ -248,7 +248,7 @@ class Rebalancer:
             return await self._dry_run(doc.previous, doc)
         users_move = doc.previous.nodes != doc.nodes
         if isinstance(baseline_s, Unread):
-            baseline_s = await self._baseline(nodes.values())
+            baseline_s = await self._baseline(nodes.values()) if users_move else None
         started = time.monotonic()
         # 2.+3. fence and publish. A change keeps routing by the ring that routed before it, so
         # its transition ring is published first: a crash right after leaves a ring that says
