@@ -133,6 +133,8 @@ async def test_users_history_copied_while_their_packets_are_opened_merges_like_o
     rc, out = await rebalance(cluster, "add", "--node", "shard-2", "--no-move")
     assert rc == 0, out
     assert "moved the idempotency keys and history of" in out, out
+    # paced against the opens' p99 read before the change (while shard-2 started)
+    assert "the opens' p99 was" in out, out
     print(out)
     await asyncio.sleep(0.5)
     load.stop.set()
