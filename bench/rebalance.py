@@ -214,6 +214,19 @@ class Probe:
                 status = 599
             self.opens.append((started, time.monotonic() - started, status))
 
+    async def warm(self, at_once: int = 32) -> None:
+        """One grab of every packet the probe opens, so each is in its node's Redis, as a
+        crowd's fresh packets are (a grab loads a packet Redis does not hold)."""
+        slots = asyncio.Semaphore(at_once)
+
+        async def grab(session: aiohttp.ClientSession, packet_id: int) -> None:
+            url = f"{self.gateway_url}/v1/red-packets/{self.public_ids.format(packet_id)}/grab"
+            async with slots, session.post(url, headers=self._auth(1)) as resp:
+                await resp.read()
+
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            await asyncio.gather(*(grab(session, p) for p in self.packets))
+
     async def _creator(self, session: aiohttp.ClientSession) -> None:
         n = 0
         while not self.stop.is_set():
@@ -282,15 +295,23 @@ async def run_bench(
     senders: int,
     phase_s: float,
     received: int = 0,
+    hot: int = 0,
 ) -> dict[str, Any]:
     """Seed, then measure opens for ``phase_s`` before, during and after one ring change
-    (``mode``: add-no-move, add or remove) made by ``rebalancer`` (a Rebalancer)."""
+    (``mode``: add-no-move, add or remove) made by ``rebalancer`` (a Rebalancer). ``hot``:
+    the opens go to the newest ``hot`` seeded packets, grabbed once first so they are in
+    Redis, as a crowd's fresh packets are (0: to every seeded packet, most of them opened
+    for the first time and loaded from MySQL, as after a Redis restart)."""
     doc = await rebalancer.backend.read_ring()
-    started = time.monotonic()
+    seed_started = time.monotonic()
     seeded = await seed_packets(doc, packets, senders=senders, received=received)
-    seed_s = time.monotonic() - started
+    seed_s = time.monotonic() - seed_started
     public_ids = PublicIds(derive_id_key(state["node_secret"]))  # the dev cluster's key
-    probe = Probe(state["gateway"]["url"], state["jwt_secret"], seeded, public_ids)
+    opened = seeded[-hot:] if hot else seeded
+    probe = Probe(state["gateway"]["url"], state["jwt_secret"], opened, public_ids)
+    if hot:
+        await probe.warm()
+    started = time.monotonic()
     load = asyncio.ensure_future(probe.run())
     await asyncio.sleep(phase_s)
     change_started = time.monotonic()
@@ -315,6 +336,7 @@ async def run_bench(
         "node": node,
         "exit_code": rc,
         "seeded_packets": packets,
+        "hot_packets": hot,  # 0: opens of every seeded packet (most loaded from MySQL)
         # rows a seeded sender moves: a key and a user_sent row per packet, plus its shares
         "rows_per_user": round(2 * packets / senders + received, 1) if senders else None,
         "seeded_per_s": round(packets / seed_s) if seed_s else None,

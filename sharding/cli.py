@@ -168,6 +168,7 @@ async def _bench(rebalancer: Rebalancer, args: argparse.Namespace) -> int:
         senders=args.senders,
         phase_s=args.phase_s,
         received=args.received,
+        hot=args.hot,
     )
     print(report_json(report))
     return int(report["exit_code"])
@@ -289,6 +290,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=0,
         help="shares each sender took (user_received rows, seeded; default 0)",
+    )
+    p.add_argument(
+        "--hot",
+        type=int,
+        default=0,
+        help="open only the newest N seeded packets, each grabbed once first so that it is in "
+        "Redis, as a crowd's fresh packets are (default 0: every seeded packet, most opened "
+        "for the first time and loaded from MySQL, as after a Redis restart)",
     )
     _versions(p)
     _common(p, dry_run=False)
