@@ -307,9 +307,9 @@ async def run_bench(
     seeded = await seed_packets(doc, packets, senders=senders, received=received)
     seed_s = time.monotonic() - seed_started
     public_ids = PublicIds(derive_id_key(state["node_secret"]))  # the dev cluster's key
-    opened = seeded[-hot:] if hot else seeded
+    opened = seeded[-hot:] if hot > 0 else seeded
     probe = Probe(state["gateway"]["url"], state["jwt_secret"], opened, public_ids)
-    if hot:
+    if hot > 0:
         await probe.warm()
     started = time.monotonic()
     load = asyncio.ensure_future(probe.run())
