@@ -51,7 +51,8 @@ def _common(parser: argparse.ArgumentParser, dry_run: bool = True) -> None:
         type=float,
         default=P99_BUDGET,
         help="users' moves slow down while the nodes' open p99 is over this many times its "
-        f"value just before (default {P99_BUDGET:g}; 0: off, as fast as --concurrency allows)",
+        f"value before the change (default {P99_BUDGET:g}; 0: off, as fast as --concurrency "
+        "allows)",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument(

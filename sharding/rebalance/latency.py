@@ -21,7 +21,7 @@ from redpacket.sharding.client import HandoffClient
 from redpacket.sharding.rebalance.pacer import SPAN_READINGS, Window
 from redpacket.sharding.ring import NodeSpec
 
-BASELINE_S = 1.0  # the baseline is the p99 of the opens of this long, just before users move
+BASELINE_S = 1.0  # the baseline: the p99 of the opens of this long, before the change begins
 EVERY_S = 0.25  # a reading per node this often while users move (a span: SPAN_READINGS of them)
 # a node slower than this to say is left out of that reading: a hung node must not hold the
 # window where it is for the client's whole timeout (30 s)

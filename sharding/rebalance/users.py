@@ -7,7 +7,7 @@ its leaving users at once, already in batches per new owner with their rows as J
 MySQL built; the orchestrator passes each batch on untouched (msgpack) to the new owner, which
 merges it in one transaction, then releases the page on the old owner in one call. The next
 page is listed while the last one is sent; the batches in flight follow a :class:`Window`
-(AIMD on the nodes' open p99 against a baseline taken just before, latency.py) under the
+(AIMD on the nodes' open p99 against a baseline read before the change, latency.py) under the
 ``--rate`` cap.
 """
 
