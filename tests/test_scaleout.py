@@ -355,7 +355,7 @@ async def test_the_rebalance_bench_times_real_opens_of_warm_packets_through_a_ch
     assert report["hot_packets"] == 300 and report["exit_code"] == 0
     for phase in ("open_before", "open_during", "open_after"):
         assert report[phase]["shares_200"] > 0, (phase, report[phase])
-    # every seeded sender leaving for shard-2 moved, at a measured rate
+    # users (and their keys) moved, at a measured rate
     assert report["users_moved"] > 0 and report["users_per_s"] > 0, report
     assert report["timings_s"]["user_rows"] >= report["timings_s"]["keys"] > 0, report
     await cluster.check(allow_unfunded=True)  # seeded packets are not funded by a wallet

@@ -104,9 +104,13 @@ class Rebalancer:
             # the baseline's second runs while the new shard starts, so that no new packet
             # waits for it: nothing of the change loads the shards yet (on Kubernetes the
             # new pods start on their own; locally its process boots on the same cores)
-            spec, baseline_s = await asyncio.gather(
-                self.backend.start_node(name, url, weight), self._baseline(doc.nodes)
-            )
+            baseline = asyncio.ensure_future(self._baseline(doc.nodes))
+            try:
+                spec = await self.backend.start_node(name, url, weight)
+            except BaseException:  # no read left running once the command has failed
+                baseline.cancel()
+                raise
+            baseline_s = await baseline
             self.say(f"{name} is ready at {spec.url}")
             nodes = [*doc.nodes, spec]
             change = (

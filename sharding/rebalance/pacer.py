@@ -42,9 +42,9 @@ class Window:
 
     Why: a users' batch is work for two nodes that also serve opens, and the opens' p99 is
     what suffers when both are busy, so the p99 is the signal (read from the nodes' open
-    histogram, latency.py), against ``budget`` times its baseline read before the
-    change. Like TCP's congestion window, the batches in flight grow by one per reading within
-    the budget and halve on a reading over it, at most once per span (the readings right
+    histogram, latency.py), against ``budget`` times its baseline read before the change.
+    Like TCP's congestion window, the batches in flight grow by one per reading within the
+    budget and halve on a reading over it, at most once per span (the readings right
     after a halving still hold opens from before it); under one batch in flight the window
     becomes a duty cycle (a batch, then a pause), which doubles per reading within budget.
     Without a baseline (``budget`` 0, no opens before the move, nodes that do not say) it
