@@ -8,6 +8,7 @@ import argparse
 import datetime as dt
 import os
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,22 @@ def _ratio(value: float | None, ceiling: float | None) -> float | None:
     return round(value / ceiling, 4)
 
 
+@dataclass(frozen=True)
+class _Derived:
+    """The figures several sections of the JSON share, computed once from the phases."""
+
+    opens_per_s: float
+    rejections_per_s: float
+    lua_per_s: float | None
+    trivial_per_s: float | None
+    latency_ms: dict[str, dict[str, Any]]
+    open_ratio: float | None
+    reject_ratio: float | None
+    open_loop: dict[str, Any] | None
+    node_rss: dict[str, dict[str, Any]]
+    memory_flat: bool | None
+
+
 def build_results(
     args: argparse.Namespace,
     *,
@@ -86,15 +103,74 @@ def build_results(
     ol_rate: float = 0.0,
     naive: PhaseResult | None = None,
 ) -> dict[str, Any]:
+    """The run's JSON: the keys other tools read first, then the rest (the order is kept)."""
     cpus = os.cpu_count() or 1
     commit, dirty = git_commit()
-    shape = shape_of(args)
-    opens = p1.rate("open")
-    grabs = p1.rate("grab")
-    rejections = p2.rate("reject_grab", "reject_open")
+    d = _derive(args, lua, trivial=trivial, p1=p1, p2=p2, ol=ol, ol_rate=ol_rate)
+    return {
+        # the keys other tools read
+        **_headline(d, p1, p2, ol, commit),
+        # and the rest
+        "commit_dirty": dirty,
+        "started_at": started.isoformat(timespec="seconds"),
+        "machine": {"cpus": cpus, "cpu_model": procstats.cpu_model()},
+        "config": _config(args, target, p1),
+        "mysql": mysql,
+        **_phase1_figures(d, p1),
+        "lua_ceiling": lua,
+        **_ceiling_and_cores(d, cpus, trivial=trivial, p1=p1, p2=p2, ol=ol),
+        **_against_references(d, p1, naive),
+        "create_p99_ms": d.latency_ms["create"]["p99_ms"],
+        **_open_loop_open_ms(d.open_loop),
+        **_cpu_and_memory(d, trivial=trivial, p1=p1, p2=p2, ol=ol),
+        "restarts": target.restarts(),
+        "late_answers_abandoned": p1.late + p2.late,
+        "phase_started_at": {
+            "open_phase": dt.datetime.fromtimestamp(p1.started_at, dt.UTC).isoformat(),
+            "reject_phase": dt.datetime.fromtimestamp(p2.started_at, dt.UTC).isoformat(),
+        },
+        "check": check,
+        "targets": _targets(d),
+        "series": _series(p1, p2, ol),
+        "notes": target.notes,
+    }
+
+
+def _derive(
+    args: argparse.Namespace,
+    lua: dict[str, Any],
+    *,
+    trivial: PhaseResult | None,
+    p1: PhaseResult,
+    p2: PhaseResult,
+    ol: PhaseResult | None,
+    ol_rate: float,
+) -> _Derived:
+    """The rates, ratios, latencies and memory verdicts that more than one section reads."""
+    opens_per_s = p1.rate("open")
+    rejections_per_s = p2.rate("reject_grab", "reject_open")
     lua_per_s = lua.get("per_s")
     trivial_per_s = trivial.rate("reject_grab", "reject_open") if trivial else None
-    lat = {
+    node_rss = _node_rss(p1)
+    return _Derived(
+        opens_per_s=opens_per_s,
+        rejections_per_s=rejections_per_s,
+        lua_per_s=lua_per_s,
+        trivial_per_s=trivial_per_s,
+        latency_ms=_latencies_ms(trivial, p1, p2),
+        open_ratio=_ratio(opens_per_s, lua_per_s),
+        reject_ratio=_ratio(rejections_per_s, trivial_per_s),
+        open_loop=open_loop_results(args, ol, ol_rate, opens_per_s) if ol is not None else None,
+        node_rss=node_rss,
+        memory_flat=all(v.get("flat") for v in node_rss.values()) if node_rss else None,
+    )
+
+
+def _latencies_ms(
+    trivial: PhaseResult | None, p1: PhaseResult, p2: PhaseResult
+) -> dict[str, dict[str, Any]]:
+    """Latency summaries per operation: phase 1's, phase 2's rejections, the trivial server's."""
+    lat: dict[str, dict[str, Any]] = {
         "grab": p1.latency("grab"),
         "open": p1.latency("open"),
         "create": p1.latency("create"),
@@ -104,64 +180,79 @@ def build_results(
     }
     if trivial is not None:
         lat["trivial"] = trivial.latency("reject_grab", "reject_open")
+    return lat
+
+
+def _summed_errors(*phases: PhaseResult | None) -> dict[str, int]:
+    """Every unexpected answer of the phases that ran, added up by operation, status and code."""
     errors: dict[str, int] = {}
-    for phase in (p1, p2, ol):
+    for phase in phases:
         if phase is None:
             continue
         for key, n in phase.errors().items():
             errors[key] = errors.get(key, 0) + n
-    node_rss = {
+    return errors
+
+
+def _node_rss(p1: PhaseResult) -> dict[str, dict[str, Any]]:
+    """Phase 1's memory verdict for each shard's node process (the ones that must stay flat)."""
+    return {
         name: rss_verdict(samples, p1.duration_s)
         for name, samples in p1.rss_kib.items()
         if name.endswith("-node")
     }
-    memory_flat = all(v.get("flat") for v in node_rss.values()) if node_rss else None
-    open_ratio = _ratio(opens, lua_per_s)
-    reject_ratio = _ratio(rejections, trivial_per_s)
-    open_p99 = lat["open"]["p99_ms"]
-    open_loop = open_loop_results(args, ol, ol_rate, opens) if ol is not None else None
-    # the p99 target is the open loop's (at 50% of the maximum), the closed loop's otherwise
-    target_p99 = open_loop["latency_ms"]["open"]["p99_ms"] if open_loop else open_p99
-    results: dict[str, Any] = {
-        # the keys other tools read
-        "opens_per_s": round(opens, 1),
-        "grabs_per_s": round(grabs, 1),
-        "rejections_per_s": round(rejections, 1),
-        "open_p99_ms": open_p99,
-        "reject_p99_ms": lat["reject"]["p99_ms"],
-        "lua_ceiling_per_s": lua_per_s,
-        "trivial_ceiling_per_s": round(trivial_per_s, 1) if trivial_per_s else None,
-        "open_ratio": open_ratio,
-        "reject_ratio": reject_ratio,
-        "errors": errors,
+
+
+def _headline(
+    d: _Derived, p1: PhaseResult, p2: PhaseResult, ol: PhaseResult | None, commit: str
+) -> dict[str, Any]:
+    """The keys other tools read (tests/test_bench.py's KEYS): rates, p99s, ceilings, ratios."""
+    return {
+        "opens_per_s": round(d.opens_per_s, 1),
+        "grabs_per_s": round(p1.rate("grab"), 1),
+        "rejections_per_s": round(d.rejections_per_s, 1),
+        "open_p99_ms": d.latency_ms["open"]["p99_ms"],
+        "reject_p99_ms": d.latency_ms["reject"]["p99_ms"],
+        "lua_ceiling_per_s": d.lua_per_s,
+        "trivial_ceiling_per_s": round(d.trivial_per_s, 1) if d.trivial_per_s else None,
+        "open_ratio": d.open_ratio,
+        "reject_ratio": d.reject_ratio,
+        "errors": _summed_errors(p1, p2, ol),
         "commit": commit,
-        # and the rest
-        "commit_dirty": dirty,
-        "started_at": started.isoformat(timespec="seconds"),
-        "machine": {"cpus": cpus, "cpu_model": procstats.cpu_model()},
-        "config": {
-            "target": "own cluster" if target.cluster is not None else target.url,
-            "shards": len(target.nodes) or None,
-            "gateway_workers": args.gateway_workers if target.cluster is not None else None,
-            "users": args.users,
-            "workers": args.workers,
-            "client": args.client,
-            "scenario": shape.scenario,
-            "initial_packets": shape.initial_packets,
-            "shares": shape.shares,
-            "shares_min": shape.shares_min or shape.shares,
-            "amount": shape.amount,
-            "in_flight": shape.in_flight,
-            "fresh_identities": shape.fresh,
-            "senders": shape.senders,
-            "identities_reused": p1.counts.get("identities_reused", 0),
-            "duration_s": args.duration,
-            "reject_duration_s": args.reject_duration,
-            "latecomers": getattr(args, "latecomers", 0),
-            "ceiling_duration_s": args.ceiling_duration,
-            "rate_limits_lifted": target.cluster is not None,
-        },
-        "mysql": mysql,
+    }
+
+
+def _config(args: argparse.Namespace, target: Target, p1: PhaseResult) -> dict[str, Any]:
+    """What was run against what: the target, the load's shape, the phases' durations."""
+    shape = shape_of(args)
+    return {
+        "target": "own cluster" if target.cluster is not None else target.url,
+        "shards": len(target.nodes) or None,
+        "gateway_workers": args.gateway_workers if target.cluster is not None else None,
+        "users": args.users,
+        "workers": args.workers,
+        "client": args.client,
+        "scenario": shape.scenario,
+        "initial_packets": shape.initial_packets,
+        "shares": shape.shares,
+        "shares_min": shape.shares_min or shape.shares,
+        "amount": shape.amount,
+        "in_flight": shape.in_flight,
+        "fresh_identities": shape.fresh,
+        "senders": shape.senders,
+        "identities_reused": p1.counts.get("identities_reused", 0),
+        "duration_s": args.duration,
+        "reject_duration_s": args.reject_duration,
+        "latecomers": getattr(args, "latecomers", 0),
+        "ceiling_duration_s": args.ceiling_duration,
+        "rate_limits_lifted": target.cluster is not None,
+    }
+
+
+def _phase1_figures(d: _Derived, p1: PhaseResult) -> dict[str, Any]:
+    """Every latency, the percentiles as flat keys, and phase 1's counts of what happened."""
+    lat = d.latency_ms
+    return {
         "latency_ms": lat,
         "open_p50_ms": lat["open"]["p50_ms"],
         "open_p999_ms": lat["open"]["p999_ms"],
@@ -176,9 +267,22 @@ def build_results(
         "sold_out_packets": len(p1.sold_out),
         # boss: the openers who came after the last share (can_open false, or 410)
         "phase1_sold_out_answers": p1.count("grab_cannot_open", "open_sold_out"),
-        "lua_ceiling": lua,
+    }
+
+
+def _ceiling_and_cores(
+    d: _Derived,
+    cpus: int,
+    *,
+    trivial: PhaseResult | None,
+    p1: PhaseResult,
+    p2: PhaseResult,
+    ol: PhaseResult | None,
+) -> dict[str, Any]:
+    """The trivial server's ceiling, and the cores the load generator and each process used."""
+    return {
         "trivial_ceiling": {
-            "per_s": round(trivial_per_s, 1) if trivial_per_s else None,
+            "per_s": round(d.trivial_per_s, 1) if d.trivial_per_s else None,
             "loadgen": trivial.loadgen(cpus) if trivial else None,
             "process_cores": trivial.process_cpu() if trivial else None,
             "what": "one aiohttp process on uvloop, constant JSON for grab (200) and open (410),"
@@ -195,19 +299,43 @@ def build_results(
             "open_loop": ol.process_cpu() if ol else None,
             "reject_phase": p2.process_cpu(),
         },
-        "open_loop": open_loop,
-        "naive_peer": naive_results(naive, opens),
-        "naive_ratio": _ratio(opens, naive.rate("open")) if naive else None,
-        "box_cpu_us_per_committed_open": box_cpu_us(p1, opens),
-        "create_p99_ms": lat["create"]["p99_ms"],
+    }
+
+
+def _against_references(d: _Derived, p1: PhaseResult, naive: PhaseResult | None) -> dict[str, Any]:
+    """Phase 1 set beside the open loop, the naive peer and the whole box's CPU."""
+    return {
+        "open_loop": d.open_loop,
+        "naive_peer": naive_results(naive, d.opens_per_s),
+        "naive_ratio": _ratio(d.opens_per_s, naive.rate("open")) if naive else None,
+        "box_cpu_us_per_committed_open": box_cpu_us(p1, d.opens_per_s),
+    }
+
+
+def _open_loop_open_ms(open_loop: dict[str, Any] | None) -> dict[str, Any]:
+    """The open loop's open percentiles as flat keys (None when there was no open loop)."""
+    return {
         "open_loop_open_p50_ms": open_loop["latency_ms"]["open"]["p50_ms"] if open_loop else None,
         "open_loop_open_p99_ms": open_loop["latency_ms"]["open"]["p99_ms"] if open_loop else None,
         "open_loop_open_p999_ms": open_loop["latency_ms"]["open"]["p999_ms"] if open_loop else None,
+    }
+
+
+def _cpu_and_memory(
+    d: _Derived,
+    *,
+    trivial: PhaseResult | None,
+    p1: PhaseResult,
+    p2: PhaseResult,
+    ol: PhaseResult | None,
+) -> dict[str, Any]:
+    """What each committed open cost in CPU, who else was busy, and the processes' memory."""
+    return {
         # CPU µs each process spent per committed grab+open pair in phase 1 (capacity.md)
         "cpu_us_per_committed_open": {
-            name: round(cores / opens * 1e6, 1)
+            name: round(cores / d.opens_per_s * 1e6, 1)
             for name, cores in p1.process_cpu().items()
-            if opens and name != "machine"
+            if d.opens_per_s and name != "machine"
         },
         "other_processes": {
             "trivial_ceiling": trivial.others if trivial else None,
@@ -215,38 +343,42 @@ def build_results(
             "open_loop": ol.others if ol else None,
             "reject_phase": p2.others,
         },
-        "node_rss": node_rss,
-        "memory_flat": memory_flat,
+        "node_rss": d.node_rss,
+        "memory_flat": d.memory_flat,
         "rss_kib": {
             "open_phase": p1.rss_kib,
             "open_loop": ol.rss_kib if ol else {},
             "reject_phase": p2.rss_kib,
         },
-        "restarts": target.restarts(),
-        "late_answers_abandoned": p1.late + p2.late,
-        "phase_started_at": {
-            "open_phase": dt.datetime.fromtimestamp(p1.started_at, dt.UTC).isoformat(),
-            "reject_phase": dt.datetime.fromtimestamp(p2.started_at, dt.UTC).isoformat(),
-        },
-        "check": check,
-        "targets": {
-            "open_ratio_ge_0.10": open_ratio is not None and open_ratio >= TARGET_OPEN_RATIO,
-            "open_p99_lt_50ms": target_p99 is not None and target_p99 < TARGET_OPEN_P99_MS,
-            "open_p99_measured_in": "open_loop" if open_loop else "open_phase",
-            "reject_ratio_ge_0.6": reject_ratio is not None and reject_ratio >= TARGET_REJECT_RATIO,
-            "node_memory_flat": memory_flat,
-        },
-        "series": {
-            "open_phase": {
-                "open": p1.series(["open"]),
-                "grab": p1.series(["grab"]),
-            },
-            "reject_phase": {"reject": p2.series(["reject_grab", "reject_open"])},
-            "open_loop": {"open": ol.series(["open"]), "pair": ol.series(["pair"])} if ol else None,
-        },
-        "notes": target.notes,
     }
-    return results
+
+
+def _targets(d: _Derived) -> dict[str, Any]:
+    """The issue's targets, each judged met or not (see the TARGET_* constants)."""
+    # the p99 target is the open loop's (at 50% of the maximum), the closed loop's otherwise
+    open_loop = d.open_loop
+    target_p99 = (
+        open_loop["latency_ms"]["open"]["p99_ms"] if open_loop else d.latency_ms["open"]["p99_ms"]
+    )
+    return {
+        "open_ratio_ge_0.10": d.open_ratio is not None and d.open_ratio >= TARGET_OPEN_RATIO,
+        "open_p99_lt_50ms": target_p99 is not None and target_p99 < TARGET_OPEN_P99_MS,
+        "open_p99_measured_in": "open_loop" if open_loop else "open_phase",
+        "reject_ratio_ge_0.6": d.reject_ratio is not None and d.reject_ratio >= TARGET_REJECT_RATIO,
+        "node_memory_flat": d.memory_flat,
+    }
+
+
+def _series(p1: PhaseResult, p2: PhaseResult, ol: PhaseResult | None) -> dict[str, Any]:
+    """Per-second rate and latency of each phase, for the plot."""
+    return {
+        "open_phase": {
+            "open": p1.series(["open"]),
+            "grab": p1.series(["grab"]),
+        },
+        "reject_phase": {"reject": p2.series(["reject_grab", "reject_open"])},
+        "open_loop": {"open": ol.series(["open"]), "pair": ol.series(["pair"])} if ol else None,
+    }
 
 
 def box_cpu_us(phase: PhaseResult, opens_per_s: float) -> float | None:
