@@ -148,10 +148,45 @@ async def progress(
 
 
 async def chaos(args: argparse.Namespace) -> dict[str, Any]:
+    """One run, in its phases: start the cluster, the load and its probes; load and faults
+    together, then heal; judge; the result. The cluster and its databases go whatever
+    happens (``_tear_down``), so a failed run leaves nothing behind."""
     schedule = the_schedule(args)
     seconds = schedule.seconds  # a window of a long schedule runs for its own length
+    cluster = _new_cluster(args)
+    say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    say(f"chaos: {len(schedule.faults)} faults scheduled over {seconds:g}s; starting cluster")
+    client: Client | None = None
+    try:
+        await cluster.up()
+        # made here, not in _start_load, so that _tear_down closes it if discovery fails
+        client = Client(cluster.gateway_url, cluster.jwt_secret)
+        load, probes = await _start_load(args, cluster, client)
+        say(f"chaos: kinds {list(load.api.kinds)}, history {load.api.history}; probes {probes}")
+        nemesis, load_seconds = await _load_under_faults(args, cluster, schedule, load, probes)
+        say("chaos: load stopped, everything healed; judging")
+        records = nemesis.records
+        verdict, doc, last_heal_s = await _judge_run(args, cluster, load, records)
+        return _result(
+            args,
+            schedule,
+            load,
+            records,
+            load_seconds=load_seconds,
+            verdict=verdict,
+            doc=doc,
+            last_heal_s=last_heal_s,
+        )
+    finally:
+        await _tear_down(args, cluster, client)
+
+
+def _new_cluster(args: argparse.Namespace) -> ChaosCluster:
+    """The cluster under test, not started: its settings are set first (``cluster_env``) as
+    its processes read them when they start; fresh databases (a new prefix), so that no run
+    judges another's packets; quiet, as the progress bar owns the terminal."""
     cluster_env(args.lifetime)
-    cluster = ChaosCluster(
+    return ChaosCluster(
         name=args.name or f"chaos-{args.seed}",
         shards=args.shards,
         port=0,
@@ -161,92 +196,138 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
         quiet=True,
         starting_balance=STARTING_BALANCE,
     )
-    say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    say(f"chaos: {len(schedule.faults)} faults scheduled over {seconds:g}s; starting cluster")
-    client: Client | None = None
-    try:
-        await cluster.up()
-        client = Client(cluster.gateway_url, cluster.jwt_secret)
-        api = await discover_api(client)
-        outcomes = Outcomes()
-        load = Load(
-            client,
-            api,
-            args.seed,
-            args.users,
-            outcomes,
-            think_s=args.think,
-            payments_secret=cluster.payments_secret,
-            starting_balance=cluster.starting_balance,
-        )
-        base = [p.spec() for p in cluster.plans]
-        probes = await make_probes(load, base, f"shard-{args.shards}")
-        say(f"chaos: kinds {list(api.kinds)}, history {api.history}; probes {probes}")
-        t0 = time.monotonic()
-        outcomes.started = t0
-        nemesis = Nemesis(cluster, schedule, make_probe(load, probes), t0)
-        done = asyncio.Event()
-        shown = asyncio.create_task(progress(args, outcomes, nemesis, t0, done))
-        hurt = asyncio.create_task(nemesis.run())
-        load.deadline = t0 + seconds + NEMESIS_GRACE_S
-        pressing = asyncio.create_task(load.run())
-        await asyncio.sleep(seconds)
-        # A heal that is late (a rebalance slowed down by the other faults) happens under
-        # load too: the load runs on until the nemesis is done, for NEMESIS_GRACE_S at most.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(hurt), NEMESIS_GRACE_S)
-        load.stop.set()
-        load_seconds = time.monotonic() - t0
-        await pressing
-        done.set()
-        await shown
-        if not hurt.done():
-            hurt.cancel()
-        await nemesis.heal_all()
-        say("chaos: load stopped, everything healed; judging")
-        await answers_ready(cluster.gateway_url, 120, ALL_SHARDS_READY)
-        doc = RingDoc.load(cluster.ring_file)
-        nodes = doc.all_nodes()  # every version's shards, a draining one too
-        records = nemesis.records
-        last_heal_s = max((r.healed_at for r in records if r.healed_at is not None), default=0.0)
-        verdict: Verdict = await judge(
-            load,
-            nodes,
-            time.monotonic() + args.lifetime + 90,
-            last_heal_s=last_heal_s,
-            liveness_s=args.liveness_s,
-        )
-        violations, harness = judge_faults(records, load_seconds)
-        violations = list(verdict.violations) + violations
-        return {
-            "command": replay_command(args),
-            "seed": args.seed,
-            "seconds": seconds,
-            "shards": args.shards,
-            "users": args.users,
-            "lifetime_s": args.lifetime,
-            "load_seconds": round(load_seconds, 2),
-            "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "commit": _git_commit(),
-            "api": {"kinds": list(api.kinds), "history": api.history},
-            "operations": reports.operations(outcomes.ops),
-            "faults": reports.fault_summary(records),
-            "fault_log": [r.as_dict() for r in records],
-            "violations": violations,
-            "harness": harness,
-            "last_heal_s": round(last_heal_s, 2),
-            "verdict": verdict.as_dict() | {"violations": len(verdict.violations)},
-            "final_ring": {"version": doc.version, "nodes": [n.name for n in doc.nodes]},
-            "timeline": {str(s): dict(c) for s, c in sorted(outcomes.per_second.items())},
-            "schedule": schedule.as_dict(),
-        }
-    finally:
-        if client is not None:
-            await client.close()
-        with contextlib.suppress(Exception):
-            await cluster.down()
-        if not args.keep:
-            await cluster.drop_databases()
+
+
+async def _start_load(
+    args: argparse.Namespace, cluster: ChaosCluster, client: Client
+) -> tuple[Load, dict[str, str]]:
+    """The load, shaped by what the cluster's API offers (kinds, history), and its probe
+    packets (shard -> packet): made before any fault, while every shard answers, so the
+    nemesis can later ask whether a shard serves again."""
+    api = await discover_api(client)
+    outcomes = Outcomes()
+    load = Load(
+        client,
+        api,
+        args.seed,
+        args.users,
+        outcomes,
+        think_s=args.think,
+        payments_secret=cluster.payments_secret,
+        starting_balance=cluster.starting_balance,
+    )
+    base = [p.spec() for p in cluster.plans]
+    probes = await make_probes(load, base, f"shard-{args.shards}")
+    return load, probes
+
+
+async def _load_under_faults(
+    args: argparse.Namespace,
+    cluster: ChaosCluster,
+    schedule: Schedule,
+    load: Load,
+    probes: dict[str, str],
+) -> tuple[Nemesis, float]:
+    """Run the load and the nemesis together for the schedule's length, stop the load, heal
+    everything; the nemesis (its records say what it did) and the load's length in seconds.
+    Every fault is meant to heal under load, which is why the load waits for a late one."""
+    seconds = schedule.seconds
+    t0 = time.monotonic()
+    load.outcomes.started = t0
+    nemesis = Nemesis(cluster, schedule, make_probe(load, probes), t0)
+    done = asyncio.Event()
+    shown = asyncio.create_task(progress(args, load.outcomes, nemesis, t0, done))
+    hurt = asyncio.create_task(nemesis.run())
+    load.deadline = t0 + seconds + NEMESIS_GRACE_S
+    pressing = asyncio.create_task(load.run())
+    await asyncio.sleep(seconds)
+    # A heal that is late (a rebalance slowed down by the other faults) happens under
+    # load too: the load runs on until the nemesis is done, for NEMESIS_GRACE_S at most.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(hurt), NEMESIS_GRACE_S)
+    load.stop.set()
+    load_seconds = time.monotonic() - t0
+    await pressing
+    done.set()
+    await shown
+    if not hurt.done():
+        hurt.cancel()
+    await nemesis.heal_all()
+    return nemesis, load_seconds
+
+
+async def _judge_run(
+    args: argparse.Namespace, cluster: ChaosCluster, load: Load, records: list[FaultRecord]
+) -> tuple[Verdict, RingDoc, float]:
+    """``(verdict, final ring, last heal in run seconds)``, judged once every shard answers
+    again: the shards of every version of the ring are checked (a draining one too), and
+    liveness is counted from the last heal, from when the system owes answers again."""
+    await answers_ready(cluster.gateway_url, 120, ALL_SHARDS_READY)
+    doc = RingDoc.load(cluster.ring_file)
+    nodes = doc.all_nodes()  # every version's shards, a draining one too
+    last_heal_s = max((r.healed_at for r in records if r.healed_at is not None), default=0.0)
+    verdict: Verdict = await judge(
+        load,
+        nodes,
+        time.monotonic() + args.lifetime + 90,
+        last_heal_s=last_heal_s,
+        liveness_s=args.liveness_s,
+    )
+    return verdict, doc, last_heal_s
+
+
+def _result(
+    args: argparse.Namespace,
+    schedule: Schedule,
+    load: Load,
+    records: list[FaultRecord],
+    *,
+    load_seconds: float,
+    verdict: Verdict,
+    doc: RingDoc,
+    last_heal_s: float,
+) -> dict[str, Any]:
+    """The run's JSON: enough to replay it (command, seed, schedule), what the load and the
+    nemesis did, and every violation, the system's and then the faults' own (the exit
+    status, the table and the plot are all drawn from it)."""
+    violations, harness = judge_faults(records, load_seconds)
+    violations = list(verdict.violations) + violations
+    outcomes, api = load.outcomes, load.api
+    return {
+        "command": replay_command(args),
+        "seed": args.seed,
+        "seconds": schedule.seconds,
+        "shards": args.shards,
+        "users": args.users,
+        "lifetime_s": args.lifetime,
+        "load_seconds": round(load_seconds, 2),
+        "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "commit": _git_commit(),
+        "api": {"kinds": list(api.kinds), "history": api.history},
+        "operations": reports.operations(outcomes.ops),
+        "faults": reports.fault_summary(records),
+        "fault_log": [r.as_dict() for r in records],
+        "violations": violations,
+        "harness": harness,
+        "last_heal_s": round(last_heal_s, 2),
+        "verdict": verdict.as_dict() | {"violations": len(verdict.violations)},
+        "final_ring": {"version": doc.version, "nodes": [n.name for n in doc.nodes]},
+        "timeline": {str(s): dict(c) for s, c in sorted(outcomes.per_second.items())},
+        "schedule": schedule.as_dict(),
+    }
+
+
+async def _tear_down(
+    args: argparse.Namespace, cluster: ChaosCluster, client: Client | None
+) -> None:
+    """Whatever happened: close the client, stop the cluster (a failure to stop is
+    swallowed, so it never hides the run's own error), drop its databases unless --keep."""
+    if client is not None:
+        await client.close()
+    with contextlib.suppress(Exception):
+        await cluster.down()
+    if not args.keep:
+        await cluster.drop_databases()
 
 
 def judge_faults(records: list[FaultRecord], load_seconds: float) -> tuple[list[str], list[str]]:

@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from redpacket.chaos.load import Answer, Client, Load, Outcomes
+from redpacket.chaos.load import Answer, Client, Load, Outcomes, Packet
 from redpacket.chaos.wallets import judge_wallets, resolve_wallets
 from redpacket.cli.check import Observed, check_shards
 from redpacket.core.ids import snowflake_of
@@ -194,56 +194,97 @@ def judge_packets(
         info, records = seen[packet_id]
         verdict.packets += 1
         verdict.records += len(records)
-        by_uid: dict[int, int] = {}
-        for record in records:
-            uid = int(record["uid"])
-            if uid in by_uid:
-                v.append(f"{where}: uid {uid} has two records")
-            by_uid[uid] = int(record["amount"])
+        by_uid = _ledger(where, records, v)
         ledgers[packet_id] = by_uid
-        body = packet.body
-        total = body.get("total_amount") or body["amount_each"] * body["total_packet"]
-        if (info["total_amount"], info["total_packet"]) != (total, body["total_packet"]):
-            v.append(f"{where}: totals {info['total_amount']}/{info['total_packet']} != created")
-        if sum(by_uid.values()) + info["remaining_amount"] != info["total_amount"]:
-            v.append(
-                f"{where}: records {sum(by_uid.values())} + remaining "
-                f"{info['remaining_amount']} != total {info['total_amount']}"
-            )
-        if len(by_uid) + info["remaining_packet"] != info["total_packet"]:
-            v.append(
-                f"{where}: {len(by_uid)} records + {info['remaining_packet']} remaining "
-                f"!= {info['total_packet']} shares"
-            )
-        if any(a < 1 for a in by_uid.values()):
-            v.append(f"{where}: a share below 1 cent")
-        if packet.kind == "equal" and set(by_uid.values()) - {body["amount_each"]}:
-            v.append(f"{where}: equal shares differ: {sorted(set(by_uid.values()))}")
-        if packet.receiver is not None and set(by_uid) - {packet.receiver}:
-            v.append(
-                f"{where}: opened by {sorted(set(by_uid) - {packet.receiver})}, not its receiver"
-            )
-        status = info["status"]
-        if status not in FINAL:
-            v.append(f"{where}: still {status!r} long after it expired")
-        elif status == "sold_out" and info["remaining_packet"] != 0:
-            v.append(f"{where}: sold_out with {info['remaining_packet']} shares left")
-        elif status == "refunded":
-            verdict.refunded += 1
-            if info["remaining_packet"] == 0:
-                v.append(f"{where}: refunded although every share was taken")
-            refund = info.get("refunded_amount")
-            if refund is not None and refund != info["remaining_amount"]:
-                v.append(f"{where}: refunded {refund} != remaining {info['remaining_amount']}")
-        if status == "sold_out":
-            verdict.sold_out += 1
-        if "luckiest" in info:  # 手气最佳, where the API has it: the highest share, once sold out
-            best = info["luckiest"]
-            if packet.kind == "lucky" and status == "sold_out" and by_uid:
-                if best is None or by_uid.get(int(best["uid"])) != max(by_uid.values()):
-                    v.append(f"{where}: luckiest {best} is not the highest share")
-            elif best is not None and (packet.kind != "lucky" or status != "sold_out"):
-                v.append(f"{where}: luckiest {best} although not a sold-out lucky packet")
+        _judge_shares(where, packet, info, by_uid, v)
+        _judge_status(where, info, verdict)
+        _judge_luckiest(where, packet, info, by_uid, v)
+    _judge_answers(out, ledgers, v)
+    v.extend(out.contradictions)
+    return ledgers
+
+
+def _ledger(where: str, records: list[Any], v: list[str]) -> dict[int, int]:
+    """One packet's records as uid -> cents. A uid twice (two shares to one user) is a
+    violation, not an error: the last record wins, and judging goes on."""
+    by_uid: dict[int, int] = {}
+    for record in records:
+        uid = int(record["uid"])
+        if uid in by_uid:
+            v.append(f"{where}: uid {uid} has two records")
+        by_uid[uid] = int(record["amount"])
+    return by_uid
+
+
+def _judge_shares(
+    where: str, packet: Packet, info: dict[str, Any], by_uid: dict[int, int], v: list[str]
+) -> None:
+    """The money adds up: the totals are the ones created, records + remaining = totals (in
+    cents and in shares), and the shares fit the kind (an equal packet's all ``amount_each``,
+    an exclusive packet's opened by its receiver alone)."""
+    body = packet.body
+    total = body.get("total_amount") or body["amount_each"] * body["total_packet"]
+    if (info["total_amount"], info["total_packet"]) != (total, body["total_packet"]):
+        v.append(f"{where}: totals {info['total_amount']}/{info['total_packet']} != created")
+    if sum(by_uid.values()) + info["remaining_amount"] != info["total_amount"]:
+        v.append(
+            f"{where}: records {sum(by_uid.values())} + remaining "
+            f"{info['remaining_amount']} != total {info['total_amount']}"
+        )
+    if len(by_uid) + info["remaining_packet"] != info["total_packet"]:
+        v.append(
+            f"{where}: {len(by_uid)} records + {info['remaining_packet']} remaining "
+            f"!= {info['total_packet']} shares"
+        )
+    if any(a < 1 for a in by_uid.values()):
+        v.append(f"{where}: a share below 1 cent")
+    if packet.kind == "equal" and set(by_uid.values()) - {body["amount_each"]}:
+        v.append(f"{where}: equal shares differ: {sorted(set(by_uid.values()))}")
+    if packet.receiver is not None and set(by_uid) - {packet.receiver}:
+        v.append(f"{where}: opened by {sorted(set(by_uid) - {packet.receiver})}, not its receiver")
+
+
+def _judge_status(where: str, info: dict[str, Any], verdict: Verdict) -> None:
+    """Every packet ends finished, long after it expired: ``sold_out`` with nothing left, or
+    ``refunded`` with something left and the refund the API shows equal to what remained.
+    Counts the refunded and sold-out packets (a run without both tested too little)."""
+    v = verdict.violations
+    status = info["status"]
+    if status not in FINAL:
+        v.append(f"{where}: still {status!r} long after it expired")
+    elif status == "sold_out" and info["remaining_packet"] != 0:
+        v.append(f"{where}: sold_out with {info['remaining_packet']} shares left")
+    elif status == "refunded":
+        verdict.refunded += 1
+        if info["remaining_packet"] == 0:
+            v.append(f"{where}: refunded although every share was taken")
+        refund = info.get("refunded_amount")
+        if refund is not None and refund != info["remaining_amount"]:
+            v.append(f"{where}: refunded {refund} != remaining {info['remaining_amount']}")
+    if status == "sold_out":
+        verdict.sold_out += 1
+
+
+def _judge_luckiest(
+    where: str, packet: Packet, info: dict[str, Any], by_uid: dict[int, int], v: list[str]
+) -> None:
+    """手气最佳, where the API has it: a sold-out lucky packet names the highest share; a
+    packet of another kind, or not sold out, names nobody (no share is luckiest yet)."""
+    if "luckiest" not in info:
+        return
+    status = info["status"]
+    best = info["luckiest"]
+    if packet.kind == "lucky" and status == "sold_out" and by_uid:
+        if best is None or by_uid.get(int(best["uid"])) != max(by_uid.values()):
+            v.append(f"{where}: luckiest {best} is not the highest share")
+    elif best is not None and (packet.kind != "lucky" or status != "sold_out"):
+        v.append(f"{where}: luckiest {best} although not a sold-out lucky packet")
+
+
+def _judge_answers(out: Outcomes, ledgers: dict[str, dict[int, int]], v: list[str]) -> None:
+    """What the clients were told holds in the records: every open answered 200 is there with
+    that amount, and a user answered "no share" has no record (packets the API could not
+    show are already violations of their own, so they are skipped here)."""
     for (packet_id, uid), amount in sorted(out.opened.items()):
         got = ledgers.get(packet_id, {}).get(uid)
         if packet_id in ledgers and got != amount:
@@ -256,8 +297,6 @@ def judge_packets(
             v.append(
                 f"red packet {packet_id}: uid {uid} was answered {code} but has {got} in records"
             )
-    v.extend(out.contradictions)
-    return ledgers
 
 
 async def _pages(client: Client, uid: int, which: str, year: int) -> list[Any] | None:
