@@ -32,8 +32,11 @@ import gc
 import multiprocessing.connection
 import resource
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import orjson
 
 from redpacket.bench.httpclient import (
@@ -361,12 +364,34 @@ async def _fill(supply: Supply, creators: list[ClientConnection], count: int) ->
     await asyncio.gather(*(create(c, n) for c, n in zip(creators, per, strict=True)))
 
 
-async def run_job(
-    job: WorkerJob, pipe: multiprocessing.connection.Connection, live: Any
-) -> dict[str, Any]:
-    slot = job.index * len(LIVE_FIELDS)
-    rec = Recorder(live, slot)
-    session = aiohttp_session(len(job.users) + 4) if job.client == "aiohttp" else None
+@dataclass
+class _Kit:
+    """What a worker makes before its phase and uses all through it; its connections and its
+    aiohttp session are closed when the phase ends, however it ends."""
+
+    rec: Recorder
+    session: aiohttp.ClientSession | None  # --client aiohttp: shared by every connection
+    conns: list[ClientConnection]  # one per virtual user
+    creators: list[ClientConnection]  # the open phase's packet creators (none: no creates)
+    observed: list[tuple[int, int, int]]  # every 200 open, for the invariant checker
+    # the clock: seconds since the phase start, which the parent sets in wall time (until
+    # then, since the kit was made); ``origin[0]`` is reset when the phase starts
+    origin: list[float]
+    clock: Callable[[], float]
+    supply: Supply | None  # the open phase's packets
+    identities: Identities
+    gc_watch: GcWatch
+
+    def close_connections(self) -> None:
+        """Close every socket: a request still waiting on one fails at once (ends a phase)."""
+        for conn in [*self.conns, *self.creators]:
+            conn.close()
+
+
+def _connections(
+    job: WorkerJob, session: aiohttp.ClientSession | None
+) -> tuple[list[ClientConnection], list[ClientConnection]]:
+    """A connection per virtual user, then the creators' (open phase, packets not given)."""
 
     def connection() -> ClientConnection:
         if session is not None:
@@ -377,8 +402,15 @@ async def run_job(
     making = job.mode == "open" and not job.finite
     # the crowd creates a packet per ~12 opens: more connections keep up with it
     creators = [connection() for _ in range(8 if job.in_flight else 2)] if making else []
+    return conns, creators
+
+
+def _make_kit(job: WorkerJob, rec: Recorder) -> _Kit:
+    """Everything the phase needs, made in this order: the connections (not yet connected),
+    the clock, the packet supply and the identities (minted here, outside the window)."""
+    session = aiohttp_session(len(job.users) + 4) if job.client == "aiohttp" else None
+    conns, creators = _connections(job, session)
     observed: list[tuple[int, int, int]] = []
-    # the clock: seconds since the phase start, which the parent sets in wall time
     origin = [time.perf_counter()]
 
     def clock() -> float:
@@ -386,47 +418,119 @@ async def run_job(
 
     supply = Supply(job, rec, clock) if job.mode == "open" else None
     identities = Identities(job.fresh.tokens() if job.fresh else [], job.finite)
-    gc_watch = GcWatch()
+    return _Kit(
+        rec=rec,
+        session=session,
+        conns=conns,
+        creators=creators,
+        observed=observed,
+        origin=origin,
+        clock=clock,
+        supply=supply,
+        identities=identities,
+        gc_watch=GcWatch(),
+    )
+
+
+async def _get_ready(
+    job: WorkerJob, pipe: multiprocessing.connection.Connection, kit: _Kit
+) -> None:
+    """Connect, make the packets open at the start, stop the collector, report ready, then
+    sleep until the wall-clock time at which the parent starts every worker."""
+    await asyncio.gather(*(c.warm() for c in [*kit.conns, *kit.creators]))
+    if kit.supply is not None and kit.creators:
+        await _fill(kit.supply, kit.creators, max(job.initial_packets, job.in_flight))
+    # Everything made so far lives all phase (identities, connections, packets): frozen,
+    # the collector no longer walks it. And no collection runs in the measured window: a
+    # full one took 640 ms in a 60 s open loop (its heap grows with every answer kept), a
+    # pause that delayed the answers then filed as the system's latency. A worker lives
+    # for one phase; what cycles it leaves are collected once the window is over.
+    gc.collect()
+    gc.freeze()
+    gc.callbacks.append(kit.gc_watch)
+    gc.disable()
+    pipe.send(("ready", job.index))
+    # the parent answers with the wall-clock time at which every worker starts
+    _, start_at = await asyncio.get_running_loop().run_in_executor(None, pipe.recv)
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+
+
+async def _wind_down(
+    job: WorkerJob, kit: _Kit, users: list[asyncio.Task[None]], tasks: list[asyncio.Task[None]]
+) -> set[asyncio.Task[None]]:
+    """After the window: the collector back on, no more creates, the answers still in flight
+    waited for (a 200 open must reach the checker), then every connection closed and what
+    still runs (``tasks``: the creators) cancelled. Returns the users' tasks that were late."""
+    gc.enable()
+    gc.callbacks.remove(kit.gc_watch)
+    if kit.supply is not None:
+        kit.supply.stop()
+    _, late = await asyncio.wait(users, timeout=job.drain_s) if users else (set(), set())
+    if job.rate > 0 and late:  # open loop: an arrival never answered is an error
+        kit.rec.counts["error:open-loop:unanswered"] = len(late)
+    if kit.identities.reused:
+        kit.rec.counts["identities_reused"] = kit.identities.reused
+    kit.close_connections()
+    for task in [*late, *tasks]:
+        task.cancel()
+    await asyncio.gather(*late, *tasks, return_exceptions=True)
+    return late
+
+
+def _answer(
+    job: WorkerJob, kit: _Kit, *, cpu_s: float, late: set[asyncio.Task[None]]
+) -> dict[str, Any]:
+    """What the worker sends the parent (merged by PhaseResult.merge): every answer
+    recorded, the 200 opens for the checker, the packets sold out for phase 2, its CPU."""
+    supply = kit.supply
+    sold_out = [p.id.decode() for p in supply.all if p.won == p.shares] if supply else []
+    return {
+        "index": job.index,
+        "times": dict(kit.rec.times),
+        "lats": dict(kit.rec.lats),
+        "counts": dict(kit.rec.counts),
+        "observed": kit.observed,
+        "sold_out": sold_out,
+        "cpu_s": cpu_s,
+        "late": len(late),
+        "packets_created": len(supply.all) if supply and kit.creators else 0,
+        "gc": kit.gc_watch.report(),
+    }
+
+
+async def run_job(
+    job: WorkerJob, pipe: multiprocessing.connection.Connection, live: Any
+) -> dict[str, Any]:
+    """One phase in this worker, from connecting to its answer. The open loop's scheduler
+    (open_loop, woken per arrival) is awaited right here, not through a helper coroutine."""
+    slot = job.index * len(LIVE_FIELDS)
+    kit = _make_kit(job, Recorder(live, slot))
+    rec, supply, clock = kit.rec, kit.supply, kit.clock
     try:
-        await asyncio.gather(*(c.warm() for c in [*conns, *creators]))
-        if supply is not None and creators:
-            await _fill(supply, creators, max(job.initial_packets, job.in_flight))
-        # Everything made so far lives all phase (identities, connections, packets): frozen,
-        # the collector no longer walks it. And no collection runs in the measured window: a
-        # full one took 640 ms in a 60 s open loop (its heap grows with every answer kept), a
-        # pause that delayed the answers then filed as the system's latency. A worker lives
-        # for one phase; what cycles it leaves are collected once the window is over.
-        gc.collect()
-        gc.freeze()
-        gc.callbacks.append(gc_watch)
-        gc.disable()
-        pipe.send(("ready", job.index))
-        # the parent answers with the wall-clock time at which every worker starts
-        _, start_at = await asyncio.get_running_loop().run_in_executor(None, pipe.recv)
-        await asyncio.sleep(max(0.0, start_at - time.time()))
-        origin[0] = time.perf_counter()
+        await _get_ready(job, pipe, kit)
+        kit.origin[0] = time.perf_counter()
         cpu_start = _cpu_s()
         end = job.duration_s
-        tasks = [asyncio.ensure_future(supply.creator(c)) for c in creators] if supply else []
+        tasks = [asyncio.ensure_future(supply.creator(c)) for c in kit.creators] if supply else []
         if supply is not None and job.rate > 0:
             users = await open_loop(
                 job=job,
-                conns=conns,
-                identities=identities,
+                conns=kit.conns,
+                identities=kit.identities,
                 supply=supply,
                 rec=rec,
                 clock=clock,
-                observed=observed,
+                observed=kit.observed,
             )
         else:
             users = _start_users(
                 job,
-                conns=conns,
-                identities=identities,
+                conns=kit.conns,
+                identities=kit.identities,
                 supply=supply,
                 rec=rec,
                 clock=clock,
-                observed=observed,
+                observed=kit.observed,
             )
         for task in users if job.rate <= 0 else []:  # open-loop arrivals count their own
             task.add_done_callback(rec.count_crash)
@@ -435,38 +539,11 @@ async def run_job(
         if clock() < end:  # a finite crowd used up early: the phase is this long
             live[slot + LIVE_FINISHED] = clock()
         cpu_s = _cpu_s() - cpu_start
-        gc.enable()
-        gc.callbacks.remove(gc_watch)
-        if supply is not None:
-            supply.stop()
-        # answers still in flight are waited for (a 200 open must reach the checker)
-        _, late = await asyncio.wait(users, timeout=job.drain_s) if users else (set(), set())
-        if job.rate > 0 and late:  # open loop: an arrival never answered is an error
-            rec.counts["error:open-loop:unanswered"] = len(late)
-        if identities.reused:
-            rec.counts["identities_reused"] = identities.reused
-        for conn in [*conns, *creators]:
-            conn.close()
-        for task in [*late, *tasks]:
-            task.cancel()
-        await asyncio.gather(*late, *tasks, return_exceptions=True)
-        sold_out = [p.id.decode() for p in supply.all if p.won == p.shares] if supply else []
-        return {
-            "index": job.index,
-            "times": dict(rec.times),
-            "lats": dict(rec.lats),
-            "counts": dict(rec.counts),
-            "observed": observed,
-            "sold_out": sold_out,
-            "cpu_s": cpu_s,
-            "late": len(late),
-            "packets_created": len(supply.all) if supply and creators else 0,
-            "gc": gc_watch.report(),
-        }
+        late = await _wind_down(job, kit, users, tasks)
+        return _answer(job, kit, cpu_s=cpu_s, late=late)
     finally:
-        for conn in [*conns, *creators]:
-            conn.close()
-        await close_quietly(session)
+        kit.close_connections()
+        await close_quietly(kit.session)
 
 
 def worker_main(job: WorkerJob, pipe: multiprocessing.connection.Connection, live: Any) -> None:

@@ -10,6 +10,8 @@ import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,17 +98,69 @@ async def run_phase(
 ) -> PhaseResult:
     """One measured phase; ``shape`` says how the open phase makes and picks packets,
     ``fresh`` the identities its pairs take (split between the workers); with ``--profile``
-    a phase named in ``profile`` is sampled by py-spy."""
+    a phase named in ``profile`` is sampled by py-spy. Once every worker has started, each
+    is joined (or killed) however the phase ends."""
     workers = max(1, min(workers or args.workers, len(users)))
     ctx = multiprocessing.get_context("spawn")
     live = ctx.RawArray("d", workers * len(LIVE_FIELDS))
+    jobs = _worker_jobs(
+        args,
+        workers=workers,
+        mode=mode,
+        host=host,
+        port=port,
+        users=users,
+        duration_s=duration_s,
+        senders=senders,
+        packets=packets,
+        crowd=crowd,
+        rate=rate,
+        shape=shape,
+        fresh=fresh,
+    )
+    procs, pipes = _start_workers(ctx, jobs, live)
+    result = PhaseResult(mode, duration_s, workers)
+    try:
+        await _measure(
+            args,
+            result,
+            title=title,
+            pids=pids,
+            profile=profile,
+            procs=procs,
+            pipes=pipes,
+            live=live,
+        )
+    finally:
+        _reap(procs)
+    return result
+
+
+def _worker_jobs(
+    args: argparse.Namespace,
+    *,
+    workers: int,
+    mode: str,
+    host: str,
+    port: int,
+    users: list[tuple[int, bytes]],
+    duration_s: float,
+    senders: list[bytes] | None,
+    packets: list[bytes] | None,
+    crowd: list[bytes] | None,
+    rate: float,
+    shape: Shape | None,
+    fresh: Mint | None,
+) -> Iterator[WorkerJob]:
+    """Each worker's share of the phase: every ``workers``-th user, sender and crowd token,
+    and an even part of the packets made first, of those kept open, of the fresh identities
+    and of the rate. A generator: each job is made as its worker is about to start."""
     groups = [users[w::workers] for w in range(workers)]
-    procs, pipes = [], []
     shape = shape or shape_of(args)
     initial = max(0, shape.initial_packets)
     per_fresh = fresh.count // workers if fresh else 0
     for w, group in enumerate(groups):
-        job = WorkerJob(
+        yield WorkerJob(
             index=w,
             mode=mode,
             host=host,
@@ -128,74 +182,143 @@ async def run_phase(
             crowd=(crowd or [])[w::workers],
             rate=rate / workers,
         )
+
+
+def _start_workers(
+    ctx: multiprocessing.context.SpawnContext, jobs: Iterable[WorkerJob], live: Any
+) -> tuple[list[multiprocessing.process.BaseProcess], list[multiprocessing.connection.Connection]]:
+    """A process per job, started one after the other, each with a pipe (ready, go, done).
+    Our copy of the child's end is closed, so that a worker that dies reads as EOF here."""
+    procs, pipes = [], []
+    for job in jobs:
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=worker_main, args=(job, child, live), name=f"bench-worker-{w}")
+        proc = ctx.Process(
+            target=worker_main, args=(job, child, live), name=f"bench-worker-{job.index}"
+        )
         proc.start()
         child.close()
         procs.append(proc)
         pipes.append(parent)
-    result = PhaseResult(mode, duration_s, workers)
+    return procs, pipes
+
+
+async def _measure(
+    args: argparse.Namespace,
+    result: PhaseResult,
+    *,
+    title: str,
+    pids: dict[str, int],
+    profile: str | None,
+    procs: list[multiprocessing.process.BaseProcess],
+    pipes: list[multiprocessing.connection.Connection],
+    live: Any,
+) -> None:
+    """The measured window, once every worker is ready: start them all at one wall-clock
+    time, watch them meanwhile, and file in ``result`` their merged answers and the CPU and
+    memory every process used."""
+    duration_s, workers = result.duration_s, result.workers
+    await _wait_for(pipes, "ready", timeout_s=120)
+    me = os.getpid()
+    cpu_pids = {**pids, "bench main": me}
+    cpu_before = _read_cpu(cpu_pids)
+    go = time.time() + 0.2
+    result.started_at = go
+    for pipe in pipes:
+        pipe.send(("go", go))
+    out_dir = getattr(args, "profile", None)
+    profiler = Profiler(Path(out_dir) if out_dir and profile else None, profile or "", pids)
+    await profiler.start(duration_s)
+    progress = Progress(title, duration_s, live, workers, args.quiet)
     try:
-        await _wait_for(pipes, "ready", timeout_s=120)
-        me = os.getpid()
-        cpu_pids = {**pids, "bench main": me}
-        cpu_before = {name: procstats.cpu_s(pid) for name, pid in cpu_pids.items()}
-        everyone_before = procstats.all_cpu_s()
-        machine_before = procstats.machine_cpu_s()
-        go = time.time() + 0.2
-        result.started_at = go
-        for pipe in pipes:
-            pipe.send(("go", go))
-        out_dir = getattr(args, "profile", None)
-        profiler = Profiler(Path(out_dir) if out_dir and profile else None, profile or "", pids)
-        await profiler.start(duration_s)
-        progress = Progress(title, duration_s, live, workers, args.quiet)
-        rss: dict[str, list[tuple[float, int]]] = {name: [] for name in pids}
-        next_sample = 0.0
-        try:
-            while (elapsed := time.time() - go) < duration_s:
-                if finished := _finished_at(live, workers):  # a finite crowd used up
-                    duration_s = result.duration_s = finished
-                    break
-                if elapsed >= next_sample:
-                    for name, pid in pids.items():
-                        kib = procstats.rss_kib(pid)
-                        if kib is not None and elapsed >= 0:
-                            rss[name].append((round(elapsed, 2), kib))
-                    next_sample += 1.0 if elapsed >= 0 else 0.0
-                progress.update(max(0.0, elapsed))
-                await asyncio.sleep(min(0.5, max(0.01, duration_s - elapsed)))
+        duration_s, rss = await _watch(
+            go, duration_s, pids=pids, live=live, workers=workers, progress=progress
+        )
+        result.duration_s = duration_s
+        cpu_after = _read_cpu(cpu_pids)
+        progress.update(duration_s)
+    finally:
+        progress.close()
+    for part in await _wait_for(pipes, "done", timeout_s=120):
+        result.merge(part)
+    await profiler.stop()
+    result.profiles, result.profile_note = profiler.files, profiler.note
+    result.rss_kib = {k: v for k, v in rss.items() if v}
+    ours = {*cpu_pids.values(), *(p.pid for p in procs)}
+    _file_cpu(result, cpu_before, cpu_after, ours=ours)
+
+
+async def _watch(
+    go: float,
+    duration_s: float,
+    *,
+    pids: dict[str, int],
+    live: Any,
+    workers: int,
+    progress: Progress,
+) -> tuple[float, dict[str, list[tuple[float, int]]]]:
+    """Until the window closes: each process's RSS every second, the progress line every
+    half second. The window closes early once every worker used up its finite crowd: the
+    phase is then that long. Returns the phase's duration and the RSS series (each ending
+    with a sample at that duration)."""
+    rss: dict[str, list[tuple[float, int]]] = {name: [] for name in pids}
+    next_sample = 0.0
+    while (elapsed := time.time() - go) < duration_s:
+        if finished := _finished_at(live, workers):  # a finite crowd used up
+            duration_s = finished
+            break
+        if elapsed >= next_sample:
             for name, pid in pids.items():
                 kib = procstats.rss_kib(pid)
-                if kib is not None:
-                    rss[name].append((round(duration_s, 2), kib))
-            cpu_after = {name: procstats.cpu_s(pid) for name, pid in cpu_pids.items()}
-            everyone_after = procstats.all_cpu_s()
-            machine_after = procstats.machine_cpu_s()
-            progress.update(duration_s)
-        finally:
-            progress.close()
-        for part in await _wait_for(pipes, "done", timeout_s=120):
-            result.merge(part)
-        await profiler.stop()
-        result.profiles, result.profile_note = profiler.files, profiler.note
-        result.rss_kib = {k: v for k, v in rss.items() if v}
-        result.proc_cpu_s = {
-            name: after - cpu_before[name]
-            for name, after in cpu_after.items()
-            if after is not None and cpu_before.get(name) is not None
-        }
-        if machine_before is not None and machine_after is not None:
-            result.machine_cpu_s = machine_after - machine_before
-        ours = {*cpu_pids.values(), *(p.pid for p in procs)}
-        result.others = _busiest_others(everyone_before, everyone_after, ours, duration_s)
-    finally:
-        for proc in procs:
-            proc.join(timeout=5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-    return result
+                if kib is not None and elapsed >= 0:
+                    rss[name].append((round(elapsed, 2), kib))
+            next_sample += 1.0 if elapsed >= 0 else 0.0
+        progress.update(max(0.0, elapsed))
+        await asyncio.sleep(min(0.5, max(0.01, duration_s - elapsed)))
+    for name, pid in pids.items():
+        kib = procstats.rss_kib(pid)
+        if kib is not None:
+            rss[name].append((round(duration_s, 2), kib))
+    return duration_s, rss
+
+
+@dataclass(frozen=True)
+class _CpuReading:
+    """CPU seconds used so far, read right before and right after the window."""
+
+    by_name: dict[str, float | None]  # each process of the phase, and the bench's own
+    everyone: dict[int, tuple[str, float]]  # every process of the machine, by pid
+    machine_s: float | None  # the whole machine (None: not readable here)
+
+
+def _read_cpu(cpu_pids: dict[str, int]) -> _CpuReading:
+    """One reading, in this order: the named processes, every process, the machine."""
+    by_name = {name: procstats.cpu_s(pid) for name, pid in cpu_pids.items()}
+    everyone = procstats.all_cpu_s()
+    return _CpuReading(by_name, everyone, procstats.machine_cpu_s())
+
+
+def _file_cpu(
+    result: PhaseResult, before: _CpuReading, after: _CpuReading, *, ours: set[int]
+) -> None:
+    """The CPU each named process and the machine used in the window, and the busiest
+    processes that are not ours (``ours``: the phase's, the bench's and its workers')."""
+    result.proc_cpu_s = {
+        name: cpu - before.by_name[name]
+        for name, cpu in after.by_name.items()
+        if cpu is not None and before.by_name.get(name) is not None
+    }
+    if before.machine_s is not None and after.machine_s is not None:
+        result.machine_cpu_s = after.machine_s - before.machine_s
+    result.others = _busiest_others(before.everyone, after.everyone, ours, result.duration_s)
+
+
+def _reap(procs: list[multiprocessing.process.BaseProcess]) -> None:
+    """Every worker is joined, whatever the phase did: one still alive 5 s later is killed."""
+    for proc in procs:
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
 
 
 def _finished_at(live: Any, workers: int) -> float:

@@ -232,121 +232,203 @@ async def check_phase(
     }
 
 
-async def bench(args: argparse.Namespace) -> dict[str, Any]:
-    started = dt.datetime.now(dt.UTC)
-    say = (lambda *_: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    shape = shape_of(args)
-    if not (args.url or args.cluster):
-        say(f"redpacket bench: starting a local cluster (scenario {shape.scenario})")
-        lift_limits_for(shape)
-    budget = funding.budget_cents(args, shape)
-    target = await start_target(args)
-    try:
-        host, port = target.host_port
-        say(f"minting {args.latecomers} tokens for the sold-out crowd ...")
-        ids = _crowds(args, target.jwt_secret, shape)
-        openers, latecomers, senders, crowd = ids.openers, ids.latecomers, ids.senders, ids.crowd
-        # a create debits its sender: fund them for the whole run before any load
-        wallets = await funding.fund_senders(target, ids.sender_uids, budget)
-        mysql = await mysql_settings(target)
-        per_worker = args.users // max(1, args.workers)
-        if shape.scenario == "hot" and shape.shares > per_worker:
-            target.notes.append(
-                f"--shares {shape.shares} > {per_worker} users per load worker: a packet needs "
-                "that many different users, so phase 1 leaves packets partly opened and "
-                f"phase 2 hammers {MIN_SOLD_OUT} small packets sold out for it"
-            )
-        busy_before = await machine_busy(1.0)
-        if busy_before is not None and busy_before > 0.2:
-            say(
-                f"warning: the machine was already busy ({busy_before:.2f} cores) before the "
-                "benchmark started; other work skews every number"
-            )
-
-        lua = await lua_phase(args, target, say)
-        target.refresh_pids()
-        await wait_quiet(args, "phase 1")
-        metrics_before = await node_metrics(target.nodes)
-        history_before = await history.sample(target.nodes)
-        backlog = history.BacklogWatch(target.nodes)
-        backlog.start()
-        boss = (
-            [await create_packet(target, senders[0], shape.shares, shape.amount)]
-            if shape.finite
-            else None
-        )
-        fresh_1 = int(args.fresh_per_s * args.duration) if shape.fresh else 0
-        p1 = await run_phase(
-            args,
-            title=f"phase 1: grab + open ({shape.scenario})",
-            profile="phase1",
-            mode="open",
-            host=host,
-            port=port,
-            users=openers,
-            duration_s=args.duration,
-            pids=target.pids,
-            senders=senders,
-            packets=[p.encode() for p in boss] if boss else None,
-            shape=shape,
-            fresh=ids.fresh(BOSS_USERS if shape.finite else fresh_1) if shape.fresh else None,
-        )
-        commits = commit_stats(metrics_before, await node_metrics(target.nodes))
-        naive = await naive_phase(args, target, shape, ids)
-        # open loop: pairs arrive at a fixed rate, by default half the closed-loop maximum
-        rate = args.rate if args.rate is not None else round(0.5 * p1.rate("open"), 1)
-        if shape.finite:
-            rate = 0.0
-            target.notes.append("boss: no open-loop phase (its one packet is phase 1's)")
-        ol = await open_loop_phase(args, target, shape, ids, rate)
-        await backlog.stop()
-        history_after = await history.drain(target.nodes, timeout_s=10)
-        sold_out, extra = await top_up_sold_out(
-            target, p1.sold_out + (ol.sold_out if ol else []), openers[0], senders[0], MIN_SOLD_OUT
-        )
-        trivial = await trivial_phase(args, latecomers)
-
-        await wait_quiet(args, "phase 2")
-        target.refresh_pids()
-        p2 = await run_phase(
-            args,
-            title="phase 2: sold out",
-            mode="reject",
-            host=host,
-            port=port,
-            users=latecomers,
-            duration_s=args.reject_duration,
-            pids=target.pids,
-            packets=[p.encode() for p in sold_out],
-            crowd=crowd,
+def _note_hot_shares(args: argparse.Namespace, target: Target, shape: Shape) -> None:
+    """The hot shape needs ``shares`` different users per packet in each load worker: say so
+    in the report when a worker has fewer (its numbers then mean something else)."""
+    per_worker = args.users // max(1, args.workers)
+    if shape.scenario == "hot" and shape.shares > per_worker:
+        target.notes.append(
+            f"--shares {shape.shares} > {per_worker} users per load worker: a packet needs "
+            "that many different users, so phase 1 leaves packets partly opened and "
+            f"phase 2 hammers {MIN_SOLD_OUT} small packets sold out for it"
         )
 
-        observed = [*p1.observed, *(ol.observed if ol else []), *extra]
-        check = await check_phase(args, target, observed, say)
-    finally:
-        await stop_target(target, keep=args.keep)
 
+async def _busy_before(say: Any) -> float | None:
+    """Cores the machine kept busy before any load: other work skews every number, so a
+    busy machine is warned about (and the figure reported)."""
+    busy_before = await machine_busy(1.0)
+    if busy_before is not None and busy_before > 0.2:
+        say(
+            f"warning: the machine was already busy ({busy_before:.2f} cores) before the "
+            "benchmark started; other work skews every number"
+        )
+    return busy_before
+
+
+async def closed_loop_phase(
+    args: argparse.Namespace, target: Target, shape: Shape, ids: Crowds, *, host: str, port: int
+) -> PhaseResult:
+    """Phase 1: grab then open, closed loop (the maximum). The boss scenario's one packet is
+    created first, outside the measured window."""
+    boss = (
+        [await create_packet(target, ids.senders[0], shape.shares, shape.amount)]
+        if shape.finite
+        else None
+    )
+    fresh_1 = int(args.fresh_per_s * args.duration) if shape.fresh else 0
+    return await run_phase(
+        args,
+        title=f"phase 1: grab + open ({shape.scenario})",
+        profile="phase1",
+        mode="open",
+        host=host,
+        port=port,
+        users=ids.openers,
+        duration_s=args.duration,
+        pids=target.pids,
+        senders=ids.senders,
+        packets=[p.encode() for p in boss] if boss else None,
+        shape=shape,
+        fresh=ids.fresh(BOSS_USERS if shape.finite else fresh_1) if shape.fresh else None,
+    )
+
+
+def _open_loop_rate(
+    args: argparse.Namespace, target: Target, shape: Shape, p1: PhaseResult
+) -> float:
+    """Pairs/s of the open-loop phase: ``--rate``, by default half phase 1's committed
+    opens/s; none for the boss, whose one packet phase 1 used up."""
+    rate = args.rate if args.rate is not None else round(0.5 * p1.rate("open"), 1)
+    if shape.finite:
+        rate = 0.0
+        target.notes.append("boss: no open-loop phase (its one packet is phase 1's)")
+    return rate
+
+
+async def sold_out_phase(
+    args: argparse.Namespace,
+    target: Target,
+    ids: Crowds,
+    sold_out: list[str],
+    *,
+    host: str,
+    port: int,
+) -> PhaseResult:
+    """Phase 2: the latecomers (or the crowd's never-seen tokens) on sold-out packets, where
+    every answer is a rejection."""
+    await wait_quiet(args, "phase 2")
+    target.refresh_pids()
+    return await run_phase(
+        args,
+        title="phase 2: sold out",
+        mode="reject",
+        host=host,
+        port=port,
+        users=ids.latecomers,
+        duration_s=args.reject_duration,
+        pids=target.pids,
+        packets=[p.encode() for p in sold_out],
+        crowd=ids.crowd,
+    )
+
+
+@dataclass
+class Measured:
+    """What the phases of a run measured, kept until the cluster is stopped and the JSON is
+    built (``_results``)."""
+
+    wallets: dict[str, Any]
+    mysql: dict[str, Any]
+    busy_before: float | None
+    lua: dict[str, Any]
+    p1: PhaseResult
+    commits: dict[str, Any]
+    history_before: history.HistorySample
+    backlog: history.BacklogWatch
+    naive: PhaseResult | None
+    rate: float  # the open loop's pairs/s (0: no open-loop phase)
+    ol: PhaseResult | None
+    history_after: history.HistorySample
+    trivial: PhaseResult | None
+    p2: PhaseResult
+    check: dict[str, Any]
+
+
+async def _run_phases(
+    args: argparse.Namespace, target: Target, shape: Shape, budget: int, say: Any
+) -> Measured:
+    """Every phase of a run in order (the module's docstring), on a started cluster; the
+    caller stops it whatever happens here."""
+    host, port = target.host_port
+    say(f"minting {args.latecomers} tokens for the sold-out crowd ...")
+    ids = _crowds(args, target.jwt_secret, shape)
+    # a create debits its sender: fund them for the whole run before any load
+    wallets = await funding.fund_senders(target, ids.sender_uids, budget)
+    mysql = await mysql_settings(target)
+    _note_hot_shares(args, target, shape)
+    busy_before = await _busy_before(say)
+
+    lua = await lua_phase(args, target, say)
+    target.refresh_pids()
+    await wait_quiet(args, "phase 1")
+    metrics_before = await node_metrics(target.nodes)
+    history_before = await history.sample(target.nodes)
+    backlog = history.BacklogWatch(target.nodes)
+    backlog.start()
+    p1 = await closed_loop_phase(args, target, shape, ids, host=host, port=port)
+    commits = commit_stats(metrics_before, await node_metrics(target.nodes))
+    naive = await naive_phase(args, target, shape, ids)
+    rate = _open_loop_rate(args, target, shape, p1)
+    ol = await open_loop_phase(args, target, shape, ids, rate)
+    await backlog.stop()
+    history_after = await history.drain(target.nodes, timeout_s=10)
+    have = p1.sold_out + (ol.sold_out if ol else [])
+    sold_out, extra = await top_up_sold_out(
+        target, have, ids.openers[0], ids.senders[0], MIN_SOLD_OUT
+    )
+    trivial = await trivial_phase(args, ids.latecomers)
+    p2 = await sold_out_phase(args, target, ids, sold_out, host=host, port=port)
+
+    observed = [*p1.observed, *(ol.observed if ol else []), *extra]
+    check = await check_phase(args, target, observed, say)
+    return Measured(
+        wallets=wallets,
+        mysql=mysql,
+        busy_before=busy_before,
+        lua=lua,
+        p1=p1,
+        commits=commits,
+        history_before=history_before,
+        backlog=backlog,
+        naive=naive,
+        rate=rate,
+        ol=ol,
+        history_after=history_after,
+        trivial=trivial,
+        p2=p2,
+        check=check,
+    )
+
+
+def _results(
+    args: argparse.Namespace, target: Target, run: Measured, started: dt.datetime
+) -> dict[str, Any]:
+    """The run's JSON: build_results' sections, then what only a whole run knows (the load
+    before it, the group commits, the history and credit lag, the wallets, the profiles) and
+    which phases ran on a quiet machine."""
     results = build_results(
         args,
         target=target,
-        lua=lua,
-        trivial=trivial,
-        p1=p1,
-        p2=p2,
-        ol=ol,
-        ol_rate=rate,
-        check=check,
-        mysql=mysql,
+        lua=run.lua,
+        trivial=run.trivial,
+        p1=run.p1,
+        p2=run.p2,
+        ol=run.ol,
+        ol_rate=run.rate,
+        check=run.check,
+        mysql=run.mysql,
         started=started,
-        naive=naive,
+        naive=run.naive,
     )
-    results["machine"]["busy_before_start_cores"] = busy_before
-    results["group_commit"] = commits
-    results["history"] = history.report(history_before, history_after, backlog)
-    results["credit_lag"] = history.credit_lag(history_before, history_after)
-    results["wallets"] = {**wallets, "creates_402": funding.refused(results)}
-    results["profiles"] = [*p1.profiles, *(naive.profiles if naive else [])]
-    for note in (p1.profile_note, naive.profile_note if naive else None):
+    naive = run.naive
+    results["machine"]["busy_before_start_cores"] = run.busy_before
+    results["group_commit"] = run.commits
+    results["history"] = history.report(run.history_before, run.history_after, run.backlog)
+    results["credit_lag"] = history.credit_lag(run.history_before, run.history_after)
+    results["wallets"] = {**run.wallets, "creates_402": funding.refused(results)}
+    results["profiles"] = [*run.p1.profiles, *(naive.profiles if naive else [])]
+    for note in (run.p1.profile_note, naive.profile_note if naive else None):
         if note and note not in results["notes"]:
             results["notes"].append(note)
     # a phase is clean when processes outside the benchmark used under 0.1 core meanwhile
@@ -356,6 +438,24 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         if cores
     }
     return results
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    """One whole run: start (or find) the cluster, run every phase, stop the cluster (or
+    leave it with ``--keep``) whatever happened, then build the JSON."""
+    started = dt.datetime.now(dt.UTC)
+    say = (lambda *_: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    shape = shape_of(args)
+    if not (args.url or args.cluster):
+        say(f"redpacket bench: starting a local cluster (scenario {shape.scenario})")
+        lift_limits_for(shape)
+    budget = funding.budget_cents(args, shape)
+    target = await start_target(args)
+    try:
+        run = await _run_phases(args, target, shape, budget, say)
+    finally:
+        await stop_target(target, keep=args.keep)
+    return _results(args, target, run, started)
 
 
 def run_bench(args: argparse.Namespace) -> int:
