@@ -6,13 +6,20 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
-from redpacket.sharding.ring import user_key
-from tests.conftest import Cluster, sql
+from redpacket.cli.check import check_shards
+from redpacket.sharding.client import HandoffClient
+from redpacket.sharding.rebalance.pacer import Pacer
+from redpacket.sharding.rebalance.users import UserMover
+from redpacket.sharding.ring import RingDoc, user_key
+from tests.conftest import TEST_GRANT, Cluster, sql
 from tests.test_rebalance import rebalance
 from tests.test_wallet import topup, transactions, wallet
 
+SECRET = "wallet-moves-" + "0" * 20
+CHAIN = "SELECT id, kind, balance_after FROM wallet_txn WHERE uid = %s ORDER BY id"
 SENDERS = range(19_001, 19_021)
 OPENERS = range(19_101, 19_141)
 
@@ -115,3 +122,45 @@ async def test_a_topup_replayed_across_a_wallet_move_answers_its_first_result(
         assert (await wallet(cluster, uid))["balance"] == 1250
         assert (await transactions(cluster, uid))["transactions"] == before[uid], uid
     await cluster.check(settle_s=20)
+
+
+async def test_a_moved_transaction_whose_id_is_taken_is_renumbered_with_its_successors(
+    fresh_node: Any,
+) -> None:
+    """Two nodes whose generators drew the same generator id made one transaction id each
+    (here: a sender's grant on a, another user's grant on b). When the sender's wallet moves
+    to b, the grant gets a new id, and so does every later transaction of the sender, in
+    order: the chain still reads by id (the send after the grant, the last ``balance_after``
+    the balance), and the other user's row is untouched."""
+    a, b = [
+        replace(node, secret=SECRET)
+        for node in [
+            await fresh_node(REDPACKET_NODE_NAME=name, REDPACKET_NODE_SECRET=SECRET)
+            for name in ("shard-a", "shard-b")
+        ]
+    ]
+    doc = RingDoc(2, (a.spec(), b.spec()))
+    sender, other = [u for u in range(1, 100) if doc.ring().owner_of_key(user_key(u)).name
+                     == "shard-b"][:2]  # fmt: skip
+    await a.create(1000, 10, uid=sender)  # a keeps every user until fenced: grant, send
+    grant_id, send_id = [r[0] for r in await sql(a.settings.mysql_url, CHAIN, (sender,))]
+    await sql(b.settings.mysql_url, "INSERT INTO wallet VALUES (%s, %s, 1, NOW(3))",
+              (other, TEST_GRANT))  # fmt: skip
+    await sql(b.settings.mysql_url, "INSERT INTO wallet_txn VALUES (%s, %s, 'grant', 'dev', "
+              "%s, NULL, %s, NOW(3))", (grant_id, other, TEST_GRANT, TEST_GRANT))  # fmt: skip
+    async with HandoffClient(SECRET) as client:
+        for node in (a, b):
+            await client.fence(node.spec(), doc)
+        mover = UserMover(client, concurrency=2, rate=0, pacer=Pacer(0))
+        assert await mover.move_wallets({"shard-a": a.spec(), "shard-b": b.spec()}, doc.ring()) == 1
+
+    chain = await sql(b.settings.mysql_url, CHAIN, (sender,))
+    assert [(kind, after) for _, kind, after in chain] == [
+        ("grant", TEST_GRANT),
+        ("send", TEST_GRANT - 1000),
+    ]
+    assert grant_id < chain[0][0] < chain[1][0] and send_id not in {r[0] for r in chain}
+    assert await sql(b.settings.mysql_url, CHAIN, (other,)) == [(grant_id, "grant", TEST_GRANT)]
+    assert await sql(a.settings.mysql_url, CHAIN, (sender,)) == []
+    report = await check_shards([a.spec(), b.spec()], [], settle_s=10)
+    assert report.ok, report.violations

@@ -7,10 +7,12 @@ is final. The import is a merge that a repeated or resumed rebalance can run aga
 transaction goes in unless its reference ``(uid, kind, ref)`` is there already (the new owner
 may have started the user's wallet since the fence: a credit, a hold, a top-up, a dev grant),
 and the balance grows by the transactions that went in. Transactions keep their ids (shown to
-users, snowflakes unique across shards: node/wallet/book.py) and top-ups their first answer
-(``wallet_topup.txn_id``, ``balance_after``: a replay on the new owner answers exactly what the
-first call did). ``balance_after`` stays as it was unless the new owner had rows of the user
-already (a credit delivered since the fence): then the user's chain is summed again by id.
+users, snowflakes: node/wallet/book.py) unless one is taken here already (then the user's
+later ones are renumbered with it, in order: ``_new_txns``), and top-ups keep their first
+answer (``wallet_topup.txn_id``, ``balance_after``: a replay on the new owner answers exactly
+what the first call did). ``balance_after`` stays as it was unless the new owner had rows of
+the user already (a credit delivered since the fence) or ids were renumbered: then the user's
+chain is summed again by id.
 Holds are copied as they are (the new owner's sweeper then settles the holds still open).
 
 The new owner refuses every wallet call of an arriving user (503, retry) from before the fence
@@ -161,7 +163,13 @@ class WalletMoves:
     def _new_txns(
         book: Any, users: list[User], have: set[tuple[int, str, str]], taken: set[int]
     ) -> tuple[list[tuple[Any, ...]], set[int]]:
-        """The rows to insert (ids kept), and the users whose chain must be summed again."""
+        """The rows to insert (ids kept), and the users whose chain must be summed again.
+
+        A transaction keeps the id it was shown with, unless another row here has it already
+        (two nodes' generators drew the same generator id and met in one millisecond): then
+        it and every later one of its user get new ids, in their order, so the user's chain
+        still reads by id (a new id for that one alone would sort it after its successors,
+        its ``balance_after`` out of order: the checker's "last balance_after")."""
         rows, rechain = [], set()
         had = {uid for uid, _, _ in have}
         for user in users:
@@ -169,15 +177,16 @@ class WalletMoves:
             wallet = book.wallets[uid]
             wallet.granted = wallet.granted or bool(user["granted"])
             wallet.changed = True
+            renumbering = False
             for kind, ref, amount, pid, after, ms, *tid in user["txns"]:
                 if (uid, kind, ref) in have:
                     continue  # there already (a repeated import, or the same dev grant)
                 have.add((uid, kind, ref))
                 wallet.balance += int(amount)
-                # the id it was shown with, unless another row has it (two generators met)
-                txn_id = int(tid[0]) if tid and int(tid[0]) not in taken else TXN_IDS.next_id()
+                renumbering = renumbering or not tid or int(tid[0]) in taken
+                txn_id = TXN_IDS.next_id() if renumbering else int(tid[0])
                 taken.add(txn_id)
-                if uid in had:  # summed again once all are in
+                if uid in had or renumbering:  # summed again once all are in
                     rechain.add(uid)
                 rows.append(
                     (txn_id, uid, kind, ref, amount, pid and int(pid), after, to_datetime(ms))

@@ -20,9 +20,11 @@ from redpacket.node.ledger import to_datetime
 
 GRANT_REF = "dev"  # the one grant of a dev starting balance per user
 # Transaction ids are shown to users (``GET /v1/me/wallet/transactions``) and must survive a
-# move of the wallet verbatim, so they are snowflakes, unique across shards and ordered in
-# time (a user's list stays ordered by id after a move), not each shard's AUTO_INCREMENT.
-# Made under the wallet's row lock, so one user's ids grow with their balance_after chain.
+# move of the wallet verbatim, so they are snowflakes, ordered in time (a user's list stays
+# ordered by id after a move), not each shard's AUTO_INCREMENT. Made under the wallet's row
+# lock, so one user's ids grow with their balance_after chain. Two nodes draw the same
+# generator id once in 1,024 pairs; if they also met in a millisecond, a move renumbers the
+# arriving user's transactions from the taken one on (node/handoff/wallets.py).
 TXN_IDS = IdGenerator()
 
 
