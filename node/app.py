@@ -145,13 +145,18 @@ async def stores_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def background_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The reconciler and the refund sweeper, for as long as the node runs."""
+    """The reconciler, the refund sweeper and the open latency's last seconds (read by a
+    rebalance as its baseline), for as long as the node runs."""
     settings = app[SETTINGS]
     shard = app[SHARD]
     reconciler = Reconciler(shard, settings.reconcile_interval_s)
     sweeper = Sweeper(shard, reconciler, settings.sweep_interval_s, settings.refund_grace_s)
     app[SWEEPER] = sweeper
-    tasks = [asyncio.create_task(reconciler.run()), asyncio.create_task(sweeper.run())]
+    tasks = [
+        asyncio.create_task(reconciler.run()),
+        asyncio.create_task(sweeper.run()),
+        asyncio.create_task(app[handoff.HANDOFF].opens.run()),
+    ]
     yield
     for task in tasks:
         task.cancel()

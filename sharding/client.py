@@ -12,11 +12,12 @@ import asyncio
 import math
 import random
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import msgpack
 
+from redpacket.core.metrics import Buckets
 from redpacket.nodeclient.client import Answer
 from redpacket.nodeclient.http import HttpTransport
 from redpacket.nodeclient.wire import NODE_SECRET_HEADER, NodeDown
@@ -32,6 +33,14 @@ class NodeError(Exception):
     def __init__(self, node: str, status: int, code: str, message: str) -> None:
         super().__init__(f"{node}: {status} {code}: {message}")
         self.node, self.status, self.code = node, status, code
+
+
+class OpenHistogram(NamedTuple):
+    """A node's open latency histogram (node/handoff/http.py ``open_latency``): cumulative
+    ``(bound_s, opens at or under it)``, the last bound ``inf``."""
+
+    now: Buckets
+    earlier: Buckets | None  # as it was a few seconds ago (None: the node does not keep it)
 
 
 class HandoffClient:
@@ -304,10 +313,10 @@ class HandoffClient:
 
     # -- the opens' latency (node/handoff/http.py open_latency) -------------------------------
 
-    async def open_latency(self, node: NodeSpec) -> list[tuple[float, float]] | None:
-        """The node's open latency histogram: ``(bound_s, opens at or under it)``, the last
-        bound ``inf``. Tried once: ``None`` if the node did not answer (or predates the
-        route), and the pacing goes on without that read."""
+    async def open_latency(self, node: NodeSpec) -> OpenHistogram | None:
+        """The node's open latency histogram, now and a few seconds ago. Tried once: ``None``
+        if the node did not answer (or predates the route), and the pacing goes on without
+        that read."""
         try:
             answer = await self._once(
                 node, "GET", f"{H}/opens/latency", None, params=None, packed=False
@@ -319,7 +328,14 @@ class HandoffClient:
             return None
         try:
             bounds = [float(b) for b in data["bounds_s"]] + [math.inf]
-            counts = [float(c) for c in data["counts"]]
+            now = _buckets(bounds, data["counts"])
+            earlier = data.get("earlier")  # nodes of 0.1.x keep no earlier reading
+            then = _buckets(bounds, earlier["counts"]) if isinstance(earlier, dict) else None
         except (KeyError, TypeError, ValueError):
             return None
-        return list(zip(bounds, counts, strict=True)) if len(bounds) == len(counts) else None
+        return OpenHistogram(now, then)
+
+
+def _buckets(bounds: list[float], counts: Any) -> Buckets:
+    """``counts`` (one per bound) beside their bounds; ValueError if they do not match."""
+    return list(zip(bounds, [float(c) for c in counts], strict=True))

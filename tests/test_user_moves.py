@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 from redpacket.bench.rebalance import seed_packets
-from redpacket.core.metrics import quantile
+from redpacket.core.metrics import RecentBuckets, quantile
 from redpacket.sharding.client import HandoffClient
 from redpacket.sharding.rebalance.latency import READ_TIMEOUT_S, OpenLatency, p99_between
 from redpacket.sharding.rebalance.pacer import FLOOR_S, LEAST, SPAN_READINGS, Pacer, Window
@@ -210,17 +210,36 @@ def test_the_p99_of_two_reads_of_the_nodes_histograms_is_interpolated_in_its_buc
 
 async def test_a_node_says_its_open_latency_histogram_to_the_rebalance(fresh_node: Any) -> None:
     """The signal of the users' window comes from the node's own open histogram (the one
-    /metrics shows), read over the handoff API: opens between two reads are counted there."""
+    /metrics shows), read over the handoff API: opens between two reads are counted there,
+    and the baseline (the opens since the node's reading of a few seconds ago, here its
+    start) is there at once, without waiting for more opens."""
     node = replace(await fresh_node(REDPACKET_NODE_SECRET=SECRET), secret=SECRET)
     async with HandoffClient(SECRET) as client:
         before = await client.open_latency(node.spec())
-        assert before is not None and before[-1][0] == float("inf")
+        assert before is not None and before.now[-1][0] == float("inf")
         for _ in range(3):  # answered (404: no such packet) and timed like any open
             await node.call("POST", "/internal/v1/packets/1234/open", {"uid": "7"})
         after = await client.open_latency(node.spec())
-    assert after is not None
-    p99_s, opens = p99_between({"n": before}, {"n": after})
+        baseline_s = await OpenLatency(client, {"n": node.spec()}).baseline()
+    assert after is not None and after.earlier is not None
+    p99_s, opens = p99_between({"n": before.now}, {"n": after.now})
     assert opens >= 3 and p99_s is not None and p99_s > 0  # other nodes of this process too
+    _, since_start = p99_between({"n": after.earlier}, {"n": after.now})
+    assert since_start >= 3 and baseline_s is not None and baseline_s > 0
+
+
+def test_a_node_remembers_its_histogram_of_the_last_seconds_only() -> None:
+    """The baseline is the opens of the last few seconds: of a reading per ``every_s``, the
+    node keeps those of the last ``keep_s`` (and one more, the span's start)."""
+    inf = float("inf")
+    counts = [0.0]
+    recent = RecentBuckets(lambda: [(inf, counts[0])], keep_s=2.0, every_s=1.0)
+    for count in (1.0, 2.0, 3.0, 4.0):  # five readings in all: the start's 0, then these
+        counts[0] = count
+        recent.tick()
+    assert recent.earliest()[1] == [(inf, 2.0)]  # 2, 3 and 4 kept
+    counts[0] = 9.0
+    assert recent.now() == [(inf, 9.0)]
 
 
 async def test_a_hung_node_is_left_out_of_a_latency_reading_not_waited_for(

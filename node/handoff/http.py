@@ -11,7 +11,7 @@ from aiohttp import web
 from redpacket.core.body import read_body, read_json_object
 from redpacket.core.errors import bad_request, json_response
 from redpacket.core.ids import parse_packet_id, parse_uid
-from redpacket.core.metrics import HTTP_LATENCY, cumulative_buckets
+from redpacket.core.metrics import HTTP_LATENCY, Buckets, RecentBuckets, cumulative_buckets
 from redpacket.node.handoff.batch import MAX_BATCH, PacketBatches
 from redpacket.node.handoff.fence import Fence
 from redpacket.node.handoff.packets import PacketMoves
@@ -33,6 +33,7 @@ class Handoff:
     keys: KeyMoves
     batches: PacketBatches
     users: UserMoves
+    opens: RecentBuckets  # the open latency histogram's last seconds (open_latency)
 
     @property
     def name(self) -> str:
@@ -286,20 +287,28 @@ async def drain_outbox(request: web.Request) -> web.Response:
     return json_response({"node": request.app[HANDOFF].name, "delivered": delivered, "left": left})
 
 
-async def open_latency(request: web.Request) -> web.Response:
+def open_buckets() -> Buckets:
     """This node's open latency histogram as ``/metrics`` shows it (cumulative counts per
-    bucket, the last one ``+Inf``), on the node's own port: the rebalance reads it twice and
-    takes the difference to pace users' moves by the opens' p99 (sharding/rebalance/
-    latency.py). Read here rather than scraped because the metrics port is not always known
-    to the orchestrator (the ring names it for local clusters only)."""
-    route = CALL_ROUTES["open"].pattern
-    HTTP_LATENCY.labels("node", route)  # before the first open: every bucket at 0
-    buckets = cumulative_buckets(HTTP_LATENCY, service="node", route=route)
+    bucket, the last one ``+Inf``)."""
+    return cumulative_buckets(HTTP_LATENCY.labels("node", CALL_ROUTES["open"].pattern))
+
+
+async def open_latency(request: web.Request) -> web.Response:
+    """The open latency histogram now, and as it was about 5 s ago (``earlier``; since the
+    node started, if that is less), on the node's own port: the rebalance takes the p99 of
+    the opens between the two as its baseline, at once, and paces users' moves by the
+    difference of two reads of ``counts`` (sharding/rebalance/latency.py). Read here rather
+    than scraped because the metrics port is not always known to the orchestrator (the ring
+    names it for local clusters only)."""
+    opens = request.app[HANDOFF].opens
+    buckets = opens.now()
+    age_s, earlier = opens.earliest()
     return json_response(
         {
             "node": request.app[HANDOFF].name,
             "bounds_s": [le for le, _ in buckets[:-1]],  # the last bound is +Inf
             "counts": [count for _, count in buckets],
+            "earlier": {"age_s": round(age_s, 3), "counts": [count for _, count in earlier]},
         }
     )
 
@@ -333,4 +342,11 @@ async def start(shard: Shard, name: str) -> Handoff:
     await fence.load()
     shard.placement = fence
     packets = PacketMoves(fence)
-    return Handoff(fence, packets, KeyMoves(fence), PacketBatches(packets), UserMoves(fence))
+    return Handoff(
+        fence,
+        packets,
+        KeyMoves(fence),
+        PacketBatches(packets),
+        UserMoves(fence),
+        RecentBuckets(open_buckets),
+    )

@@ -1,12 +1,14 @@
-"""The opens' p99 on the nodes of a change, read while users move: the signal of the users'
-:class:`~redpacket.sharding.rebalance.pacer.Window` (docs/rebalancing.md, "Pacing users'
-moves").
+"""The opens' p99 on the nodes of a change: before it (the baseline) and while users move
+(the signal of the users' :class:`~redpacket.sharding.rebalance.pacer.Window`;
+docs/rebalancing.md, "Pacing users' moves").
 
 Each node keeps its open latency in a Prometheus histogram (core/metrics.py
-``HTTP_LATENCY``), cumulative since it started; two reads of it, a moment apart, give the
-opens of that moment. Every node of the change is read (old owners and new: both serve opens
-and both do a batch's work), their differences summed, and the p99 interpolated inside its
-bucket (core/metrics.py ``quantile``).
+``HTTP_LATENCY``), cumulative since it started, and remembers it as it was a few seconds
+ago (``RecentBuckets``). The baseline is the opens between that reading and now, so it is
+read at once, of the seconds before the command; while users move, two reads a moment apart
+give the opens of that moment. Every node of the change is read (old owners and new: both
+serve opens and both do a batch's work), their differences summed, and the p99 interpolated
+inside its bucket (core/metrics.py ``quantile``).
 """
 
 from __future__ import annotations
@@ -17,11 +19,10 @@ from collections import deque
 from collections.abc import AsyncIterator
 
 from redpacket.core.metrics import quantile
-from redpacket.sharding.client import HandoffClient
+from redpacket.sharding.client import HandoffClient, OpenHistogram
 from redpacket.sharding.rebalance.pacer import SPAN_READINGS, Window
 from redpacket.sharding.ring import NodeSpec
 
-BASELINE_S = 1.0  # the baseline: the p99 of the opens of this long, before the change begins
 EVERY_S = 0.25  # a reading per node this often while users move (a span: SPAN_READINGS of them)
 # a node slower than this to say is left out of that reading: a hung node must not hold the
 # window where it is for the client's whole timeout (30 s)
@@ -39,24 +40,26 @@ class OpenLatency:
 
     async def read(self) -> Reads:
         """Every node's histogram now (a node that does not answer is left out)."""
+        return {name: answer.now for name, answer in (await self._read_all()).items()}
+
+    async def baseline(self) -> float | None:
+        """The opens' p99 over the last seconds, as the nodes remember them (``None``: no
+        opens, or no node remembers: nodes of a release before this; see Window)."""
+        answers = await self._read_all()
+        earlier = {n: a.earlier for n, a in answers.items() if a.earlier is not None}
+        p99_s, _ = p99_between(earlier, {n: answers[n].now for n in earlier})
+        return p99_s
+
+    async def _read_all(self) -> dict[str, OpenHistogram]:
         names = list(self.nodes)
         answers = await asyncio.gather(*(self._read_one(self.nodes[n]) for n in names))
-        return {name: buckets for name, buckets in zip(names, answers, strict=True) if buckets}
+        return {name: answer for name, answer in zip(names, answers, strict=True) if answer}
 
-    async def _read_one(self, node: NodeSpec) -> list[tuple[float, float]] | None:
+    async def _read_one(self, node: NodeSpec) -> OpenHistogram | None:
         try:
             return await asyncio.wait_for(self.client.open_latency(node), READ_TIMEOUT_S)
         except TimeoutError:
             return None
-
-    async def baseline(self, span_s: float = BASELINE_S) -> float | None:
-        """The opens' p99 over the next ``span_s`` (``None``: no opens, or no node says)."""
-        first = await self.read()
-        if not first:  # nodes of a release before this route: nothing to wait for
-            return None
-        await asyncio.sleep(span_s)
-        p99_s, _ = p99_between(first, await self.read())
-        return p99_s
 
     @contextlib.asynccontextmanager
     async def pacing(self, window: Window) -> AsyncIterator[None]:

@@ -100,17 +100,10 @@ class Rebalancer:
                 if not move:
                     return await self._dry_run(doc, self._versioned(doc, [*doc.nodes, spec], ""))
                 return await self._dry_run(doc, transition(doc, [*doc.nodes, spec], ""))
+            # read before the new shard starts: locally its process boots on the same cores
+            baseline_s = await self._baseline(doc.nodes)
             self.say(f"starting {name} ({self.backend.name} backend) ...")
-            # the baseline's second runs while the new shard starts, so that no new packet
-            # waits for it: nothing of the change loads the shards yet (on Kubernetes the
-            # new pods start on their own; locally its process boots on the same cores)
-            baseline = asyncio.ensure_future(self._baseline(doc.nodes))
-            try:
-                spec = await self.backend.start_node(name, url, weight)
-            except BaseException:  # no read left running once the command has failed
-                baseline.cancel()
-                raise
-            baseline_s = await baseline
+            spec = await self.backend.start_node(name, url, weight)
             self.say(f"{name} is ready at {spec.url}")
             nodes = [*doc.nodes, spec]
             change = (
@@ -152,10 +145,7 @@ class Rebalancer:
             )
             if dry_run:
                 return await self._dry_run(doc, change)
-            baseline_s = await self._baseline(doc.nodes)
-            if drain:  # placing from a moment after the baseline's second, as a new version
-                change = self._versioned(doc, rest, f"remove {name} (drain)")
-            rc = await self._complete(change, baseline_s=baseline_s)
+            rc = await self._complete(change)
             return await self._retire_after(rc, drain, dry_run)
 
     async def _retire_after(self, rc: int, drain: bool, dry_run: bool) -> int:
@@ -243,8 +233,7 @@ class Rebalancer:
     ) -> int:
         """Carry out the change ``doc`` describes (nodes and versions = the target, previous =
         the old ring). ``baseline_s``: the opens' p99 before it (UNREAD: read it now, before
-        anything of the change is done; only for a ring already published or routing as
-        before, as a new version must be fenced as soon as it is published)."""
+        anything of the change is done)."""
         assert doc.previous is not None
         nodes = members(doc)
         target = doc.settled()
@@ -336,12 +325,12 @@ class Rebalancer:
         self.timings["wallets_s"] = time.monotonic() - started
 
     async def _baseline(self, nodes: Iterable[NodeSpec]) -> float | None:
-        """The opens' p99 on ``nodes`` over the next second (``None``: not pacing users by
-        latency, or no opens to judge by).
+        """The opens' p99 on ``nodes`` over the last seconds, as they remember it (``None``:
+        not pacing users by latency, or no opens to judge by).
 
-        Why before the change: the users' move is paced against this p99 (users.py), so it
-        is read while nothing of the change loads the nodes yet, and no second of the users'
-        move is spent waiting for it."""
+        Why before the change: the users' move is paced against this p99 (users.py). The
+        nodes keep their histogram of a few seconds ago, so it is read at once: no command
+        waits for it, and nothing of the change (not even a new shard's start) is in it."""
         if self.p99_budget <= 0:
             return None
         return await OpenLatency(self.client, {n.name: n for n in nodes}).baseline()
