@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -320,6 +320,18 @@ async def fresh_node(redis_servers: Any, mysql_databases: Any) -> AsyncIterator[
     for runner, handle in made:
         await handle.session.close()
         await runner.cleanup()
+
+
+async def node_pair(fresh_node: Any, secret: str) -> tuple[NodeHandle, NodeHandle, RingDoc]:
+    """Two fresh nodes, ``shard-a`` and ``shard-b``, that share ``secret`` (the orchestrator's
+    one client calls both with it), and the ring of the two (users split between them)."""
+    a, b = [
+        replace(
+            await fresh_node(REDPACKET_NODE_NAME=name, REDPACKET_NODE_SECRET=secret), secret=secret
+        )
+        for name in ("shard-a", "shard-b")
+    ]
+    return a, b, RingDoc(2, (a.spec(), b.spec()))
 
 
 # -- local clusters (the real `redpacket dev up`) --------------------------------------------

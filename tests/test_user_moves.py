@@ -17,8 +17,8 @@ from redpacket.sharding.client import HandoffClient
 from redpacket.sharding.rebalance.latency import READ_TIMEOUT_S, OpenLatency, p99_between
 from redpacket.sharding.rebalance.pacer import FLOOR_S, LEAST, SPAN_READINGS, Pacer, Window
 from redpacket.sharding.rebalance.users import UserMover
-from redpacket.sharding.ring import NodeSpec, RingDoc, user_key
-from tests.conftest import Cluster, sql
+from redpacket.sharding.ring import NodeSpec, user_key
+from tests.conftest import Cluster, node_pair, sql
 from tests.test_rebalance import Load, keyed_creates, rebalance
 from tests.test_scaleout import assert_keys_and_history_follow_users
 
@@ -59,15 +59,8 @@ async def test_a_moved_history_merges_with_newer_events_already_on_the_new_owner
     took newer events of theirs (more opens of their packets, a 手气最佳 flag, a refund) and
     an older one. After the move b holds exactly what one node applying every event would
     hold, a holds nothing of theirs, and a key bound differently on b is kept on both."""
-    a, b = [
-        replace(node, secret=SECRET)  # one secret: the orchestrator's client calls both
-        for node in [
-            await fresh_node(REDPACKET_NODE_NAME=name, REDPACKET_NODE_SECRET=SECRET)
-            for name in ("shard-a", "shard-b")
-        ]
-    ]
+    a, b, doc = await node_pair(fresh_node, SECRET)
     single = await fresh_node(REDPACKET_NODE_NAME="shard-single")
-    doc = RingDoc(2, (a.spec(), b.spec()))
     uids = [u for u in range(1, 400) if doc.ring().owner_of_key(user_key(u)).name == "shard-b"]
     uids = uids[:40]
     before = [e for u in uids for p in range(5) for e in (received(u, 10 * u + p, 100 + p),
@@ -269,14 +262,7 @@ async def test_a_user_with_more_rows_than_the_old_request_cap_moves_whole(
     """A batch holds at least one whole user: a user with 25,000 history rows (about 8 MiB as
     they travel, past the 4 MiB a node used to accept in one request) moves in one batch
     instead of failing the change."""
-    a, b = [
-        replace(node, secret=SECRET)
-        for node in [
-            await fresh_node(REDPACKET_NODE_NAME=name, REDPACKET_NODE_SECRET=SECRET)
-            for name in ("shard-a", "shard-b")
-        ]
-    ]
-    doc = RingDoc(2, (a.spec(), b.spec()))
+    a, b, doc = await node_pair(fresh_node, SECRET)
     uid = next(u for u in range(1, 400) if doc.ring().owner_of_key(user_key(u)).name == "shard-b")
     await sql(  # MariaDB's sequence engine: 25,000 shares this user took, long display fields
         a.settings.mysql_url,

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from dataclasses import replace
 from typing import Any
 
 from redpacket.cli.check import check_shards
 from redpacket.sharding.client import HandoffClient
 from redpacket.sharding.rebalance.pacer import Pacer
 from redpacket.sharding.rebalance.users import UserMover
-from redpacket.sharding.ring import RingDoc, user_key
-from tests.conftest import TEST_GRANT, Cluster, sql
+from redpacket.sharding.ring import user_key
+from tests.conftest import TEST_GRANT, Cluster, node_pair, sql
 from tests.test_rebalance import rebalance
 from tests.test_wallet import topup, transactions, wallet
 
@@ -132,14 +131,7 @@ async def test_a_moved_transaction_whose_id_is_taken_is_renumbered_with_its_succ
     to b, the grant gets a new id, and so does every later transaction of the sender, in
     order: the chain still reads by id (the send after the grant, the last ``balance_after``
     the balance), and the other user's row is untouched."""
-    a, b = [
-        replace(node, secret=SECRET)
-        for node in [
-            await fresh_node(REDPACKET_NODE_NAME=name, REDPACKET_NODE_SECRET=SECRET)
-            for name in ("shard-a", "shard-b")
-        ]
-    ]
-    doc = RingDoc(2, (a.spec(), b.spec()))
+    a, b, doc = await node_pair(fresh_node, SECRET)
     sender, other = [u for u in range(1, 100) if doc.ring().owner_of_key(user_key(u)).name
                      == "shard-b"][:2]  # fmt: skip
     await a.create(1000, 10, uid=sender)  # a keeps every user until fenced: grant, send
