@@ -136,10 +136,17 @@ async def test_a_moved_transaction_whose_id_is_taken_is_renumbered_with_its_succ
                      == "shard-b"][:2]  # fmt: skip
     await a.create(1000, 10, uid=sender)  # a keeps every user until fenced: grant, send
     grant_id, send_id = [r[0] for r in await sql(a.settings.mysql_url, CHAIN, (sender,))]
-    await sql(b.settings.mysql_url, "INSERT INTO wallet VALUES (%s, %s, 1, NOW(3))",
-              (other, TEST_GRANT))  # fmt: skip
-    await sql(b.settings.mysql_url, "INSERT INTO wallet_txn VALUES (%s, %s, 'grant', 'dev', "
-              "%s, NULL, %s, NOW(3))", (grant_id, other, TEST_GRANT, TEST_GRANT))  # fmt: skip
+    await sql(
+        b.settings.mysql_url,
+        "INSERT INTO wallet (uid, balance, granted, update_time) VALUES (%s, %s, 1, NOW(3))",
+        (other, TEST_GRANT),
+    )
+    await sql(
+        b.settings.mysql_url,
+        "INSERT INTO wallet_txn (id, uid, kind, ref, amount, red_packet_id, balance_after, "
+        "create_time) VALUES (%s, %s, 'grant', 'dev', %s, NULL, %s, NOW(3))",
+        (grant_id, other, TEST_GRANT, TEST_GRANT),
+    )
     async with HandoffClient(SECRET) as client:
         for node in (a, b):
             await client.fence(node.spec(), doc)
